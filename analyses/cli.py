@@ -1,0 +1,96 @@
+"""``spatialbias``: the command line. Bad input prints one ``error:`` line and exits 2."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from interp.errors import SpatialBiasError
+
+app = typer.Typer(help="Find, trace and mitigate spatial bias in vision-language models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+probe_app = typer.Typer(help="Build grid probes.", no_args_is_help=True)
+organism_app = typer.Typer(help="The bundled model organism.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
+app.add_typer(organism_app, name="organism")
+
+
+def clean_errors(fn):
+    """Turn the toolkit's own errors into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except SpatialBiasError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpatialBiasError(f"--lambdas {text!r} is not a comma-separated list of numbers, e.g. 0.25,0.5,1") from None
+
+
+@app.command()
+@clean_errors
+def report(model: str = typer.Option("organism", help="'organism', a local checkpoint folder, or a cached hub id "
+                                     "(e.g. llava-hf/llava-1.5-7b-hf)."),
+           out: Path = typer.Option(Path("out/demo"), help="Output folder."),
+           probe: Optional[Path] = typer.Option(None, help="A probe folder (probe.jsonl + images); default: build "
+                                                "a shapes probe in OUT/probe."),
+           n_items: int = typer.Option(300, help="Items in the built probe (each at all 9 positions)."),
+           lambdas: str = typer.Option("0.25,0.5,1,2", help="AGCI λ values, comma separated."),
+           seed: int = typer.Option(0, help="Seed of the built probe and of the bootstrap."),
+           batch_size: int = typer.Option(64, help="Rows per forward."),
+           device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+           progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Evaluate baseline, BaPA and AGCI(λ) on a 3×3 grid probe; write summary.json, figures and index.html."""
+    from analyses import report as rep
+    s = rep.run(model, out, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, batch_size=batch_size,
+                device=device, progress=progress)
+    typer.echo(rep.conclusion(s))
+    typer.echo(f"wrote {out / 'index.html'}, {out / 'summary.json'}, {out / 'figures'}")
+
+
+@probe_app.command("build")
+@clean_errors
+def probe_build(out: Path = typer.Option(..., help="Output folder."),
+                source: str = typer.Option("shapes", help="Image source (now: shapes)."),
+                n: int = typer.Option(300, help="Number of items."),
+                seed: int = typer.Option(0, help="Random seed."),
+                cell_px: int = typer.Option(16, help="Cell size in pixels (16: the organism's 48 px canvas).")):
+    """Build a 3×3 grid probe: every item at all 9 positions over the same background."""
+    from probes.build import shapes_probe
+    if source != "shapes":
+        raise SpatialBiasError(f"unknown --source {source!r}; available: shapes")
+    if n < 1:
+        raise SpatialBiasError(f"--n {n}: need at least one item")
+    typer.echo(f"wrote {shapes_probe(out, n_items=n, seed=seed, cell_px=cell_px)}")
+
+
+@organism_app.command("train")
+@clean_errors
+def organism_train(out: Path = typer.Option(..., help="Output checkpoint folder."),
+                   seed: int = typer.Option(2, help="Seed (the shipped checkpoint: see interp/organism/README.md)."),
+                   threads: int = typer.Option(1, help="torch threads; bit-for-bit reproduction needs the same count."),
+                   max_steps: int = typer.Option(3000, help="Upper bound on steps (training stops at 80% accuracy).")):
+    """Train the model organism from scratch (about a minute on one CPU thread)."""
+    from interp.organism import train as tr
+    model, proc, record = tr.train(tr.TrainConfig(seed=seed, threads=threads, max_steps=max_steps))
+    path = tr.save(model, proc, record, out)
+    typer.echo(f"wrote {path} after {record['steps']} steps (running accuracy {record['running_acc']:.3f}); "
+               f"sha256 {tr.sha256(path / 'model.safetensors')}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

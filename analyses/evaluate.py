@@ -1,0 +1,78 @@
+"""Score a probe under a set of conditions (baseline and interventions) in one pass.
+
+Each batch of probe rows is loaded and preprocessed once and run once per condition, so the
+conditions see identical inputs. Output: a tidy table, one row per (probe row, condition).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from analyses.scoring import AnswerSet, prompt_text
+from interp.interventions import Intervention
+from interp.model import LVLM
+from probes.format import ProbeError, ProbeRow, read_meta, read_rows, resolve_image
+
+Conditions = dict[str, Sequence[Intervention]]
+
+
+def load_image(folder: Path, row: ProbeRow, where: str) -> Image.Image:
+    """Open a row's image as RGB; a missing, truncated or non-image file raises ProbeError."""
+    path = resolve_image(folder, row, where)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ProbeError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e}); "
+                         "replace the file or rebuild the probe") from None
+
+
+def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
+    """Candidates: ``probe.json``'s ``answers``; Yes/No for caption probes; else the answers seen."""
+    if meta.get("answers"):
+        return AnswerSet.build(lvlm.tokenizer, meta["answers"])
+    if all(r.caption is not None for r in rows):
+        return AnswerSet.build(lvlm.tokenizer, ["Yes", "No"])
+    return AnswerSet.build(lvlm.tokenizer, sorted({r.answer for r in rows}))
+
+
+def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch_size: int = 64,
+                progress: bool = True) -> pd.DataFrame:
+    """Run every condition over every probe row.
+
+    Returns columns: ``row`` (line order), ``id``, ``position``, ``cell``, ``answer``,
+    ``condition``, ``pred``, ``correct``, ``p_correct``, ``logit_diff``.
+    """
+    folder = Path(probe_dir)
+    rows = read_rows(folder)
+    meta = read_meta(folder)
+    cands = answer_set(lvlm, rows, meta)
+    # validate every image path before any compute, so a bad probe fails at once
+    probe_file = folder / "probe.jsonl"
+    for i, r in enumerate(rows):
+        resolve_image(folder, r, f"{probe_file} row {i + 1} (id={r.id})")
+    out = []
+    bar = tqdm(total=len(rows) * len(conditions), desc="evaluate", unit="row", disable=not progress)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        images = [load_image(folder, r, f"{probe_file} row {start + j + 1} (id={r.id})") for j, r in enumerate(batch)]
+        inputs = lvlm.inputs(images, [lvlm.prompt(prompt_text(r)) for r in batch])
+        answers = [r.answer for r in batch]
+        for name, ivs in conditions.items():
+            with torch.inference_mode():
+                logits = lvlm.run(inputs, ivs, last_only=True)[:, -1]
+            s = {k: v.cpu().numpy() for k, v in cands.score(logits, answers).items()}
+            for j, r in enumerate(batch):
+                out.append({"row": start + j, "id": r.id, "position": r.position, "cell": r.cell,
+                            "answer": r.answer, "condition": name, "pred": cands.answers[int(s["pred"][j])],
+                            "correct": bool(s["correct"][j]), "p_correct": float(s["p_correct"][j]),
+                            "logit_diff": float(s["logit_diff"][j])})
+            bar.update(len(batch))
+    bar.close()
+    return pd.DataFrame(out)

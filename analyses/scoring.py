@@ -1,0 +1,56 @@
+"""Answer scoring from logits: the probe's candidate answers, read at the answer position."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from interp.errors import SpatialBiasError
+
+PAPER_PROMPT = ("Determine if there is a sub-image in the given image that matches the text following.\n"
+                "Text: {caption}\nThe answer should only contain 'Yes' or 'No', without reasoning process.\n")
+
+
+@dataclass(frozen=True)
+class AnswerSet:
+    """Candidate answers and the first token id of each (what the model must emit first)."""
+    answers: tuple[str, ...]
+    token_ids: tuple[int, ...]
+
+    @classmethod
+    def build(cls, tokenizer, answers) -> "AnswerSet":
+        answers = tuple(answers)
+        ids = []
+        for a in answers:
+            toks = tokenizer.encode(a, add_special_tokens=False)
+            if not toks:
+                raise SpatialBiasError(f"answer {a!r} tokenizes to nothing; check the probe's answers")
+            ids.append(toks[0])
+        if len(set(ids)) != len(ids):
+            raise SpatialBiasError(f"answers {answers} share a first token; give answers that differ in their first token")
+        return cls(answers, tuple(ids))
+
+    def score(self, logits: torch.Tensor, answers: list[str]) -> dict[str, torch.Tensor]:
+        """Score last-position logits (B, V) against the correct answers (B names).
+
+        Returns per row: ``pred`` (index into answers), ``correct`` (bool), ``p_correct``
+        (softmax over the candidate tokens only), ``logit_diff`` (correct logit minus the best
+        other candidate's).
+        """
+        try:
+            target = torch.tensor([self.answers.index(a) for a in answers], device=logits.device)
+        except ValueError:
+            bad = sorted(set(answers) - set(self.answers))
+            raise SpatialBiasError(f"answer(s) {bad} are not among the candidates {self.answers}") from None
+        cand = logits[:, list(self.token_ids)].float()
+        pred = cand.argmax(-1)
+        p = cand.softmax(-1)
+        right = cand.gather(1, target[:, None])[:, 0]
+        others = cand.scatter(1, target[:, None], float("-inf")).max(-1).values
+        return {"pred": pred, "correct": pred == target, "p_correct": p.gather(1, target[:, None])[:, 0],
+                "logit_diff": right - others}
+
+
+def prompt_text(row) -> str:
+    """The text of a probe row as the model sees it: the paper's prompt for captions, else the question."""
+    return PAPER_PROMPT.format(caption=row.caption) if row.caption is not None else row.question

@@ -1,0 +1,13 @@
+"""interp: load an LVLM, run it with interventions at canonical sites.
+
+>>> import interp
+>>> m = interp.load("organism")
+>>> logits = m.run(inputs, interventions=[interp.BaPA()])
+"""
+from interp.errors import SpatialBiasError
+from interp.interventions import AGCI, BaPA, Intervention, agci_inject, bapa_position_ids, from_dict
+from interp.load import load
+from interp.model import LVLM
+
+__all__ = ["AGCI", "BaPA", "Intervention", "LVLM", "SpatialBiasError", "agci_inject", "bapa_position_ids",
+           "from_dict", "load"]

@@ -1,0 +1,30 @@
+"""Registry of architecture adapters, keyed by HF model class name."""
+from __future__ import annotations
+
+import torch
+
+from interp.adapters.base import Adapter
+from interp.adapters.llava import LLAVA
+from interp.errors import SpatialBiasError
+
+ADAPTERS: tuple[Adapter, ...] = (LLAVA,)
+_BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
+
+
+def supported_classes() -> list[str]:
+    return sorted(_BY_CLASS)
+
+
+def for_class(class_name: str) -> Adapter:
+    try:
+        return _BY_CLASS[class_name]
+    except KeyError:
+        raise SpatialBiasError(f"unsupported model class {class_name}; supported: {', '.join(supported_classes())}"
+                               " (open an issue to add an adapter)") from None
+
+
+def for_model(model: torch.nn.Module) -> Adapter:
+    return for_class(type(model).__name__)
+
+
+__all__ = ["Adapter", "ADAPTERS", "for_class", "for_model", "supported_classes"]

@@ -1,0 +1,167 @@
+"""Interventions as small serialisable configs (a sweep is a table of these).
+
+* :class:`BaPA` — Balanced Position Assignment: every image token gets the position id of
+  the image's first token, text after the image continues at +1 (method.md §4). Only the
+  ids fed to the rotary embedding change; mask, cache slots and token order do not.
+* :class:`AGCI` — Adaptive Global Context Injection on the projector output:
+  ``v_i' = v_i + λ (1 − cos(v_i, g)) g`` with ``g`` the mean image token (method.md §5).
+
+An intervention has two hooks into a run: ``prepare(lvlm, inputs)`` may rewrite the model
+inputs (BaPA: ``position_ids``), and ``edits(lvlm)`` returns ``{site: fn}`` output edits at
+canonical sites (AGCI: ``projector``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from interp.errors import SpatialBiasError
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def bapa_position_ids(input_ids: torch.Tensor, image_mask: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
+    """BaPA position ids, per row.
+
+    Args:
+        input_ids: (B, L) token ids (only the shape is used).
+        image_mask: (B, L) bool, True at image tokens; or integer labels (0 = text,
+            k ≥ 1 = image k) to separate images that touch.
+        attention_mask: (B, L) 0/1; left padding is handled per row. None = all ones.
+
+    Returns:
+        (B, L) LongTensor. Real tokens count from 0 at the row's first real token; each image
+        collapses to one slot (all its tokens share the id of its first token ``s``) and the
+        next token gets ``s + 1``. Padding positions get 1 (HF's convention in ``generate``).
+        A row without image tokens gets the ordinary ``0, 1, 2, …`` ids.
+    """
+    if input_ids.dim() != 2 or image_mask.shape != input_ids.shape:
+        raise SpatialBiasError(f"bapa_position_ids: input_ids {tuple(input_ids.shape)} and image_mask "
+                               f"{tuple(image_mask.shape)} must both be (B, L)")
+    labels = image_mask.long() if image_mask.dtype == torch.bool else image_mask.long()
+    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    prev = F.pad(labels, (1, 0))[:, :-1]
+    starts_image = (labels > 0) & (labels != prev)
+    step = real & ((labels == 0) | starts_image)
+    pos = step.long().cumsum(-1) - 1
+    return pos.masked_fill(~real, 1)
+
+
+def agci_inject(image_embeds: torch.Tensor, lam: float,
+                tokens_per_image: int | list[int] | None = None, pooled: bool = False) -> torch.Tensor:
+    """AGCI on image embeddings: ``v' = v + λ (1 − cos(v, g)) g`` with ``g`` the mean image token.
+
+    Args:
+        image_embeds: (n_images, N, D), one row per image; or (T, D) tokens of all images
+            flattened (Qwen's merger output) with ``tokens_per_image`` giving the split.
+        lam: λ ≥ 0; λ = 0 returns the input unchanged.
+        tokens_per_image: for 2-D input, an int (equal split) or a list of counts summing to T;
+            None treats all T tokens as one image.
+        pooled: one ``g`` over every image in the call (the authors' Qwen/LLaVA-NeXT scope)
+            instead of one per image (the default).
+
+    Returns:
+        A tensor of the same shape and dtype. Computed in the input dtype (the LM's dtype).
+    """
+    _check_lambda(lam)
+    if lam == 0:
+        return image_embeds
+    if image_embeds.dim() == 3:
+        groups = list(image_embeds.unbind(0))
+    elif image_embeds.dim() == 2:
+        T = image_embeds.shape[0]
+        if tokens_per_image is None:
+            sizes = [T]
+        elif isinstance(tokens_per_image, int):
+            if tokens_per_image <= 0 or T % tokens_per_image:
+                raise SpatialBiasError(f"agci_inject: {T} tokens do not split into images of {tokens_per_image}")
+            sizes = [tokens_per_image] * (T // tokens_per_image)
+        else:
+            sizes = [int(s) for s in tokens_per_image]
+            if sum(sizes) != T:
+                raise SpatialBiasError(f"agci_inject: tokens_per_image sums to {sum(sizes)}, expected {T}")
+        groups = list(image_embeds.split(sizes, 0))
+    else:
+        raise SpatialBiasError(f"agci_inject: expected (n_images, N, D) or (T, D), got {tuple(image_embeds.shape)}")
+    if pooled:
+        g_all = torch.cat(groups, 0).mean(0)
+    out = []
+    for v in groups:
+        g = g_all if pooled else v.mean(0)
+        w = 1 - F.cosine_similarity(v, g.expand_as(v), dim=-1)
+        out.append(v + lam * w.unsqueeze(-1) * g)
+    return torch.stack(out, 0) if image_embeds.dim() == 3 else torch.cat(out, 0)
+
+
+def _check_lambda(lam: Any) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise SpatialBiasError(f"AGCI λ={lam!r} is out of range; use a finite number ≥ 0 (0 = off, the paper "
+                               "explores 0–1)")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Base class: a named, serialisable config. Subclasses set ``kind``."""
+    kind: ClassVar[str] = "none"
+
+    def prepare(self, lvlm, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+    def edits(self, lvlm) -> dict[str, Edit]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    @property
+    def label(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in asdict(self).items())
+        return f"{self.kind}({args})" if args else self.kind
+
+
+@dataclass(frozen=True)
+class BaPA(Intervention):
+    """All image tokens share one position id; text continues from it + 1 (method.md §4)."""
+    kind: ClassVar[str] = "bapa"
+
+    def prepare(self, lvlm, inputs):
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is None:  # always pass the mask with custom ids (packed-sequence trap)
+            mask = torch.ones_like(ids)
+        return {**inputs, "attention_mask": mask,
+                "position_ids": bapa_position_ids(ids, lvlm.image_mask(ids), mask)}
+
+
+@dataclass(frozen=True)
+class AGCI(Intervention):
+    """Global image context injected into every image token at the projector output."""
+    kind: ClassVar[str] = "agci"
+    lam: float = 0.5
+    pooled: bool = False
+
+    def __post_init__(self):
+        _check_lambda(self.lam)
+
+    def edits(self, lvlm):
+        return {"projector": lambda out: agci_inject(out, self.lam, pooled=self.pooled)}
+
+
+KINDS: dict[str, type[Intervention]] = {c.kind: c for c in (BaPA, AGCI)}
+
+
+def from_dict(d: dict[str, Any]) -> Intervention:
+    """Inverse of :meth:`Intervention.to_dict`."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in KINDS:
+        raise SpatialBiasError(f"unknown intervention kind {kind!r}; known: {', '.join(KINDS)}")
+    try:
+        return KINDS[kind](**d)
+    except TypeError as e:
+        raise SpatialBiasError(f"bad arguments for intervention {kind}: {e}") from None

@@ -1,0 +1,78 @@
+"""``interp.load``: an in-memory HF model, a local checkpoint folder, or a hub id from the
+local HF cache (offline; nothing is downloaded), always through safetensors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interp import adapters
+from interp.errors import SpatialBiasError
+from interp.model import LVLM
+
+ORGANISM_DIR = Path(__file__).parent / "organism" / "checkpoint"
+ALIASES = {"organism": ORGANISM_DIR}
+
+
+def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None = None,
+         device: str | torch.device | None = None, trust_remote_code: bool = False) -> LVLM:
+    """Wrap a model for probing and interventions.
+
+    Args:
+        model_or_path: an HF model object, ``"organism"`` (the bundled checkpoint), a local
+            folder written by ``save_pretrained``, or a hub id already in the local HF cache.
+        processor: the model's processor; loaded from the same place when omitted.
+        dtype / device: passed to ``from_pretrained`` / ``.to``.
+        trust_remote_code: off by default; turning it on lets a checkpoint run its own Python.
+    """
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+        adapter = adapters.for_model(model)
+        if processor is None:
+            src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+            if not src:
+                raise SpatialBiasError(f"{type(model).__name__} was given without a processor and has no "
+                                       "name_or_path to load one from; pass processor=...")
+            processor = _processor(src, trust_remote_code)
+        if device is not None:
+            model = model.to(device)
+        return LVLM(model, processor, adapter, name=type(model).__name__)
+
+    name = str(model_or_path)
+    src = ALIASES.get(name, name)
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        where = "folder" if os.path.isdir(src) else "hub id"
+        raise SpatialBiasError(f"cannot load model {name!r}: {where} has no readable config.json in the local files "
+                               f"({str(e).splitlines()[0][:160]}); pass a local checkpoint folder, or a hub id "
+                               "already in the HF cache (nothing is downloaded)") from None
+    archs = cfg.architectures or []
+    if not archs:
+        raise SpatialBiasError(f"{name}: config.json names no 'architectures'; set it to the model class, e.g. "
+                               f"{adapters.supported_classes()[0]}")
+    adapter = adapters.for_class(archs[0])
+    import transformers
+    cls = getattr(transformers, archs[0])
+    try:
+        model = cls.from_pretrained(src, local_files_only=True, use_safetensors=True, dtype=dtype,
+                                    trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SpatialBiasError(f"cannot load weights of {name!r}: {str(e).splitlines()[0][:200]}; the toolkit "
+                               "loads safetensors weights only") from None
+    if device is not None:
+        model = model.to(device)
+    return LVLM(model, processor if processor is not None else _processor(src, trust_remote_code), adapter, name=name,
+                source=str(src))
+
+
+def _processor(src: Any, trust_remote_code: bool):
+    from transformers import AutoProcessor
+    try:
+        return AutoProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SpatialBiasError(f"cannot load the processor of {src!r}: {str(e).splitlines()[0][:160]}; "
+                               "pass processor=... explicitly") from None
