@@ -42,6 +42,15 @@ def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
     return AnswerSet.build(lvlm.tokenizer, sorted({r.answer for r in rows}))
 
 
+def validate_probe(probe_dir: str | Path) -> list[ProbeRow]:
+    """Read every row and check every image path before any compute; returns the rows."""
+    folder = Path(probe_dir)
+    rows = read_rows(folder)
+    for i, r in enumerate(rows):
+        resolve_image(folder, r, f"{folder / 'probe.jsonl'} row {i + 1} (id={r.id})")
+    return rows
+
+
 def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch_size: int = 64,
                 progress: bool = True) -> pd.DataFrame:
     """Run every condition over every probe row.
@@ -50,13 +59,9 @@ def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch
     ``condition``, ``pred``, ``correct``, ``p_correct``, ``logit_diff``.
     """
     folder = Path(probe_dir)
-    rows = read_rows(folder)
-    meta = read_meta(folder)
-    cands = answer_set(lvlm, rows, meta)
-    # validate every image path before any compute, so a bad probe fails at once
+    rows = validate_probe(folder)
+    cands = answer_set(lvlm, rows, read_meta(folder))
     probe_file = folder / "probe.jsonl"
-    for i, r in enumerate(rows):
-        resolve_image(folder, r, f"{probe_file} row {i + 1} (id={r.id})")
     out = []
     bar = tqdm(total=len(rows) * len(conditions), desc="evaluate", unit="row", disable=not progress)
     for start in range(0, len(rows), batch_size):

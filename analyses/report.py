@@ -18,7 +18,7 @@ import torch
 
 import interp
 from analyses import figures
-from analyses.evaluate import score_probe
+from analyses.evaluate import score_probe, validate_probe
 from analyses.metrics import cell_metrics
 from probes.build import shapes_probe
 from probes.format import atomic_write_bytes, atomic_write_text
@@ -41,6 +41,8 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     out = Path(out)
     conditions = {"baseline": [], "bapa": [interp.BaPA()]}
     conditions.update({f"agci λ={lam:g}": [interp.AGCI(lam=lam)] for lam in lambdas})  # validates λ first
+    if probe is not None:
+        validate_probe(probe)  # a bad probe fails before the model loads
     t = {}
     t0 = time.perf_counter()
     lvlm = interp.load(model, device=device)

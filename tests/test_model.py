@@ -87,7 +87,7 @@ def test_prompt_without_image_token_is_one_clear_error(tiny_llava):
         tiny_llava.run(bad)
 
 
-@pytest.mark.parametrize("site", ["vision.embed", "vision.blocks.0", "vision.blocks.1", "projector", "lm.embed",
+@pytest.mark.parametrize("site", ["vision.embed", "vision.blocks.0", "projector", "lm.embed",
                                   "lm.blocks.0", "lm.blocks.1", "lm.blocks.0.attn", "lm.blocks.1.mlp",
                                   "lm.final_norm", "unembed"])
 def test_every_edit_site_fires_and_changes_output(tiny_llava, batch, site):
@@ -105,6 +105,24 @@ def test_every_edit_site_fires_and_changes_output(tiny_llava, batch, site):
         got = m.run(batch, [Scale()])
     assert fired, f"{site} never fired"
     assert (got - base).abs().max() > 1e-5, f"writing to {site} did not change the logits"
+
+
+def test_vision_blocks_after_the_feature_layer_are_dead(tiny_llava, batch):
+    # LLaVA reads image features at vision_feature_layer (-2 here, as in LLaVA-1.5): the last
+    # CLIP block runs but cannot influence the answer. The edit fires and changes nothing.
+    m = tiny_llava
+    assert m.model.config.vision_feature_layer == -2
+    fired = []
+
+    class Scale(interp.Intervention):
+        kind = "test_scale"
+
+        def edits(self, lvlm):
+            return {"vision.blocks.1": lambda x: fired.append(1) or x * 1.5}
+
+    with torch.no_grad():
+        assert torch.equal(m.run(batch, [Scale()]), m.run(batch))
+    assert fired
 
 
 def test_unknown_site_and_class_errors(tiny_llava):

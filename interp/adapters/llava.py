@@ -1,7 +1,10 @@
 """LLaVA-1.5 (LlavaForConditionalGeneration): CLIP vision tower + MLP projector + Llama/Mistral LM.
 
 The bundled model organism is this architecture. Shapes (B batch, L sequence, P vision
-patches incl. CLS, N image tokens per image, D LM width, Dv vision width, V vocab):
+patches incl. CLS, N image tokens per image, D LM width, Dv vision width, V vocab) are in ``LLAVA.shapes``.
+
+LLaVA reads its image features from CLIP block ``vision_feature_layer`` (−2 in LLaVA-1.5, −1
+in the organism): blocks after it run but cannot affect the output.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Train the model organism: a tiny LLaVA whose spatial bias is planted on purpose.
 
 How the bias is planted (stated in every report that uses the organism):
-  * skewed training positions: the target's cell is drawn with weights 1, 2, …, 9 from
-    top-left to bottom-right (row-major), so top-left targets are 9× rarer than bottom-right;
+  * skewed training positions: the target's cell is drawn with weights 1², 2², …, 9² from
+    top-left to bottom-right (row-major): 0.35% of training targets are top-left, 28% are
+    bottom-right (81× more);
   * under-training: training stops as soon as the running training accuracy (EMA 0.95)
     reaches 0.80, before the rare cells are learned as well as the common ones.
 Nothing else about the model is position-specific. Its bias is a fact about this training
@@ -29,7 +30,7 @@ from interp.organism import build
 from probes import shapes
 from probes.format import atomic_write_text
 
-SKEW = tuple(float(w) for w in range(1, 10))
+SKEW = tuple(float(k * k) for k in range(1, 10))
 
 
 @dataclass
@@ -77,7 +78,7 @@ def train(cfg: TrainConfig, progress: bool = True):
         sched.step()
         run_loss = _running(run_loss, loss.item())
         run_acc = _running(run_acc, (logits.argmax(-1) == y).float().mean().item())
-        bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}")
+        bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}", refresh=False)
         if step >= cfg.min_steps and run_acc >= cfg.stop_acc:
             break
     bar.close()
@@ -88,8 +89,9 @@ def train(cfg: TrainConfig, progress: bool = True):
     return model.eval(), build.processor(), record
 
 
-PLANTED = ("planted on purpose: targets were placed with cell weights 1..9 from top-left to "
-           "bottom-right (row-major) and training stopped at 80% running training accuracy; "
+PLANTED = ("planted on purpose: training targets were placed with cell weights 1, 4, 9, ..., 81 "
+           "(k squared, row-major from top-left to bottom-right) and training stopped at 80% running "
+           "training accuracy; "
            "the organism's bias says nothing about pretrained LVLMs")
 
 
