@@ -23,12 +23,13 @@ def cell_heatmaps(summaries: dict[str, dict], key: str = "cell_accuracy", title:
     grids = {k: np.asarray(v[key], float).reshape(3, 3) for k, v in summaries.items()}
     lo = min(np.nanmin(g) for g in grids.values())
     hi = max(np.nanmax(g) for g in grids.values())
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 2.9), squeeze=False)
-    for ax, (label, g) in zip(axes[0], grids.items()):
+    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * n + 0.8, 2.9),
+                             gridspec_kw={"width_ratios": [1] * n + [0.06]})
+    for ax, (label, g) in zip(axes[:n], grids.items()):
         s = summaries[label]
-        sns.heatmap(g, ax=ax, vmin=lo, vmax=hi, cmap="viridis", annot=True, fmt=".2f", cbar=ax is axes[0][-1],
-                    square=True, xticklabels=["L", "C", "R"], yticklabels=["T", "M", "B"],
-                    annot_kws={"fontsize": 8})
+        sns.heatmap(g, ax=ax, vmin=lo, vmax=hi, cmap="viridis", annot=True, fmt=".2f", cbar=ax is axes[0],
+                    cbar_ax=axes[n] if ax is axes[0] else None, square=True, xticklabels=["L", "C", "R"],
+                    yticklabels=["T", "M", "B"], annot_kws={"fontsize": 8})
         ax.set_title(f"{label}\nmean {s['mean_accuracy']:.3f} · range {s['range']:.3f}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
