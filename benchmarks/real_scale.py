@@ -1,0 +1,132 @@
+"""Real-scale check of the wrapper and the interventions: LLaVA-1.5-7B's shapes, random weights.
+
+Builds ``LlavaForConditionalGeneration`` with LLaVA-1.5-7B's config (CLIP ViT-L/14 at 336 px →
+576 image tokens; Llama-2-7B: 32 layers × 4096) with random weights — no download — and a real
+``LlavaProcessor`` (PIL image processor at 336 px; a small word-level tokenizer). Checks that
+the wrapper with no intervention reproduces HF's logits bit for bit, and times, in one run,
+the bare HF forward against the wrapper with no intervention, BaPA and AGCI (medians over
+repeats after warm-up; the ratios are the result).
+
+    python benchmarks/real_scale.py --device cuda --out OUT          # all 32 layers (GPU)
+    python benchmarks/real_scale.py --device cpu --lm-layers 2 --vision-layers 2 --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(lm_layers: int, vision_layers: int, dtype: torch.dtype, device: str):
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from interp import tiny
+    tok = tiny.tokenizer()
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                          num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                          hidden_act="quick_gelu")
+    tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+                      projector_hidden_act="gelu")
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                               image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token="<image>", chat_template=tiny.LLAVA_CHAT)
+    return model, proc
+
+
+def median_time(fn, repeats: int, warmup: int, device: str) -> float:
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lm-layers", type=int, default=32)
+    ap.add_argument("--vision-layers", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    a = ap.parse_args()
+
+    import interp
+    from interp import tiny
+    dtype = getattr(torch, a.dtype)
+    t0 = time.perf_counter()
+    model, proc = build(a.lm_layers, a.vision_layers, dtype, a.device)
+    build_s = time.perf_counter() - t0
+    m = interp.load(model, proc)
+    texts = ["describe the image ?", "what is this a picture of ?", "what color is the dog ?", "what is this ?"]
+    inputs = m.inputs([tiny.image(400, 500, seed=i) for i in range(a.batch)],
+                      [m.prompt(texts[i % len(texts)]) for i in range(a.batch)])
+    n_img = int(m.image_mask(inputs["input_ids"])[0].sum())
+    with torch.inference_mode():
+        exact = torch.equal(m.run(inputs), model(**inputs).logits)
+        base = m.run(inputs, last_only=True)
+        bapa = m.run(inputs, [interp.BaPA()], last_only=True)
+        agci = m.run(inputs, [interp.AGCI(lam=0.5)], last_only=True)
+        runs = {
+            "hf_forward": lambda: model(**inputs, use_cache=False, logits_to_keep=1).logits,
+            "wrapper_no_intervention": lambda: m.run(inputs, last_only=True),
+            "wrapper_bapa": lambda: m.run(inputs, [interp.BaPA()], last_only=True),
+            "wrapper_agci": lambda: m.run(inputs, [interp.AGCI(lam=0.5)], last_only=True),
+        }
+        times = {k: median_time(f, a.repeats, a.warmup, a.device) for k, f in runs.items()}
+    ref = times["hf_forward"]
+    res = {
+        "model": "LLaVA-1.5-7B config, random weights",
+        "lm_layers": a.lm_layers, "vision_layers": a.vision_layers, "dtype": a.dtype, "batch": a.batch,
+        "seq_len": int(inputs["input_ids"].shape[1]), "image_tokens_per_row": n_img,
+        "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__, "build_s": build_s,
+        "wrapper_equals_hf_bitwise": exact,
+        "bapa_max_abs_logit_change": float((bapa - base).abs().max()),
+        "agci_max_abs_logit_change": float((agci - base).abs().max()),
+        "median_s": times, "ratio_to_hf_forward": {k: v / ref for k, v in times.items()},
+        "repeats": a.repeats, "warmup": a.warmup,
+    }
+    if a.device.startswith("cuda"):
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "real_scale.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    print("\n| run | median s | × HF forward |\n|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {v:.4f} | {v / ref:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
