@@ -22,15 +22,22 @@ LLAVA_CHAT = ("{%- for m in messages -%}{{ m['role'].upper() }}: {% for c in m['
               "{%- endfor -%}{%- endfor -%}{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}")
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+def word_tokenizer(vocab_words, *, pad: str, bos: str, eos: str, unk: str,
+                   special: tuple[str, ...] = ("<image>",)) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over ``vocab_words`` (ids in order) that prepends ``bos``,
+    pads on the left, and keeps ``special`` tokens (e.g. the image token) unsplit."""
+    vocab = {t: i for i, t in enumerate(vocab_words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", padding_side="left")
-    tok.add_tokens(["<image>"], special_tokens=True)
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk,
+                                  padding_side="left")
+    tok.add_tokens(list(special), special_tokens=True)
     return tok
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(SPECIALS + WORDS, pad="<pad>", bos="<s>", eos="</s>", unk="<unk>")
 
 
 def image(h: int = 40, w: int = 48, seed: int = 0) -> Image.Image:

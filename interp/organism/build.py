@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
+from interp.tiny import word_tokenizer
 from probes import shapes
 
 SPECIAL = ("<pad>", "<bos>", "<image>")
@@ -27,14 +27,7 @@ CHAT_TEMPLATE = ("{%- for m in messages -%}{%- for c in m['content'] -%}"
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<bos>",
-                                  unk_token="<pad>", padding_side="left")
-    tok.add_tokens(["<image>"], special_tokens=True)
-    return tok
+    return word_tokenizer(WORDS, pad="<pad>", bos="<bos>", eos="<bos>", unk="<pad>")
 
 
 def processor() -> LlavaProcessor:
