@@ -1,7 +1,8 @@
 """Output edits at canonical sites, applied with plain forward hooks for one run.
 
 The model's own forward runs unchanged; a hook replaces a module's output by ``fn(output)``
-(for tuple outputs, the first element).
+(for tuple outputs, the first element); at an input site (``lm.input``, ``vision.out``) a
+pre-hook replaces the module's first input.
 
 Trap: transformers 5 records ``hidden_states`` with forward hooks of its own (installed on
 first use). An edit hook that runs after them changes the next layer's input but not the
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from interp.adapters import Adapter
+from interp.adapters import INPUT_SITES, Adapter
 
 
 @contextmanager
@@ -31,9 +32,21 @@ def edit_sites(model: torch.nn.Module, adapter: Adapter,
             return fn(out)
         return hook
 
+    def make_pre(fn):
+        def pre_hook(_mod, args, kwargs):
+            if args:
+                return (fn(args[0]),) + tuple(args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, key: fn(kwargs[key])}
+        return pre_hook
+
     try:
         for site, fn in edits.items():
-            handles.append(adapter.module(model, site).register_forward_hook(make(fn), prepend=True))
+            mod = adapter.module(model, site)
+            if site in INPUT_SITES:
+                handles.append(mod.register_forward_pre_hook(make_pre(fn), prepend=True, with_kwargs=True))
+            else:
+                handles.append(mod.register_forward_hook(make(fn), prepend=True))
         yield
     finally:
         for h in handles:

@@ -7,8 +7,8 @@
   ``v_i' = v_i + λ (1 − cos(v_i, g)) g`` with ``g`` the mean image token (method.md §5).
 
 An intervention has two hooks into a run: ``prepare(lvlm, inputs)`` may rewrite the model
-inputs (BaPA: ``position_ids``), and ``edits(lvlm)`` returns ``{site: fn}`` output edits at
-canonical sites (AGCI: ``projector``).
+inputs (BaPA: ``position_ids``), and ``edits(lvlm, inputs)`` returns ``{site: fn}`` edits at
+canonical sites (AGCI: ``lm.input``, the embeddings with the image features scattered in).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class Intervention:
     def prepare(self, lvlm, inputs: dict[str, Any]) -> dict[str, Any]:
         return inputs
 
-    def edits(self, lvlm) -> dict[str, Edit]:
+    def edits(self, lvlm, inputs: dict[str, Any]) -> dict[str, Edit]:
         return {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,23 +124,63 @@ class Intervention:
         return f"{self.kind}({args})" if args else self.kind
 
 
+BAPA_VARIANTS = ("reference", "keep_hw")
+
+
 @dataclass(frozen=True)
 class BaPA(Intervention):
-    """All image tokens share one position id; text continues from it + 1 (method.md §4)."""
+    """All image tokens share one position id; text continues from it + 1 (method.md §4).
+
+    Each image collapses separately; rows are computed from the attention mask (left
+    padding); the mask is always passed with the new ids. On M-RoPE models (Qwen2-VL,
+    Qwen2.5-VL) ``variant="reference"`` (the authors') writes the 1-D scheme into all three
+    rows, so image tokens lose their (row, col) rotary structure; ``variant="keep_hw"`` keeps
+    it: an image token at patch (r, c) gets (t, h, w) = (s, s + r, s + c), text after the image
+    still continues at s + 1 on every row. 1-D models have only the reference variant.
+    """
     kind: ClassVar[str] = "bapa"
+    variant: str = "reference"
+
+    def __post_init__(self):
+        if self.variant not in BAPA_VARIANTS:
+            raise SpatialBiasError(f"BaPA variant {self.variant!r} is unknown; use one of {', '.join(BAPA_VARIANTS)}")
+
+    def position_ids(self, lvlm, inputs) -> torch.Tensor:
+        """(B, L) ids, or (3, B, L) on M-RoPE models."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        imap = lvlm.image_map(inputs)
+        pos = bapa_position_ids(ids, imap.labels(), mask)
+        if lvlm.adapter.rope != "mrope":
+            if self.variant != "reference":
+                raise SpatialBiasError(f"BaPA variant {self.variant!r} needs M-RoPE (Qwen2-VL, Qwen2.5-VL); "
+                                       f"{lvlm.adapter.name} uses 1-D RoPE: use BaPA()")
+            return pos
+        pos = pos.unsqueeze(0).repeat(3, 1, 1)
+        if self.variant == "keep_hw":
+            pos[1] += imap.row.clamp(min=0)
+            pos[2] += imap.col.clamp(min=0)
+        return pos
 
     def prepare(self, lvlm, inputs):
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         if mask is None:  # always pass the mask with custom ids (packed-sequence trap)
             mask = torch.ones_like(ids)
-        return {**inputs, "attention_mask": mask,
-                "position_ids": bapa_position_ids(ids, lvlm.image_mask(ids), mask)}
+        inputs = {**inputs, "attention_mask": mask}
+        return {**inputs, "position_ids": self.position_ids(lvlm, inputs)}
 
 
 @dataclass(frozen=True)
 class AGCI(Intervention):
-    """Global image context injected into every image token at the projector output."""
+    """Global image context injected into every image token as the LM receives it.
+
+    Acts on ``lm.input`` at the image-token positions, which hold the projector (Qwen: merger)
+    output unchanged, so this equals editing the projector output before the scatter. Per image
+    (default) ``g`` is the mean of that image's patch tokens and only they change; with
+    ``pooled=True`` ``g`` is the mean over every image token of the sequence — LLaVA-NeXT's
+    newline tokens included, as in the authors' code — and all of them change.
+    """
     kind: ClassVar[str] = "agci"
     lam: float = 0.5
     pooled: bool = False
@@ -148,8 +188,23 @@ class AGCI(Intervention):
     def __post_init__(self):
         _check_lambda(self.lam)
 
-    def edits(self, lvlm):
-        return {"projector": lambda out: agci_inject(out, self.lam, pooled=self.pooled)}
+    def edits(self, lvlm, inputs):
+        if self.lam == 0:
+            return {}
+        imap = lvlm.image_map(inputs)
+
+        def inject(h: torch.Tensor) -> torch.Tensor:
+            h = h.clone()
+            for b in range(h.shape[0]):
+                if self.pooled:
+                    groups = [imap.is_image[b]]
+                else:
+                    groups = [(imap.image[b] == i) & imap.is_patch[b] for i in range(int(imap.image[b].max()) + 1)]
+                for sel in groups:
+                    if sel.any():
+                        h[b, sel] = agci_inject(h[b, sel], self.lam)
+            return h
+        return {"lm.input": inject}
 
 
 KINDS: dict[str, type[Intervention]] = {c.kind: c for c in (BaPA, AGCI)}

@@ -6,10 +6,11 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from interp import imagemap
 from interp.adapters import Adapter
 from interp.errors import SpatialBiasError
 from interp.hooks import edit_sites
-from interp.interventions import Intervention
+from interp.interventions import Edit, Intervention
 
 
 class LVLM:
@@ -32,33 +33,73 @@ class LVLM:
 
     @property
     def tokenizer(self):
-        return self.processor.tokenizer
+        return getattr(self.processor, "tokenizer", self.processor)
 
     @property
     def image_token(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
-    def prompt(self, text: str) -> str:
-        """One user turn with one image and ``text``, through the processor's chat template
-        (with the generation prompt); ``"<image> text"`` style when there is no template."""
-        if getattr(self.processor, "chat_template", None):
-            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            return self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        return f"{self.image_token}\n{text}"
+    @property
+    def image_marker(self) -> str:
+        """The string a prompt holds where an image goes (``<image>``, ``<|image_pad|>``, ``<start_of_image>``)."""
+        return getattr(self.processor, self.adapter.prompt_marker, None) or self.image_token
 
-    def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Processor inputs for one image per prompt, left padded (the answer is at position −1)."""
-        for p in prompts:
-            if self.image_token not in p:
-                raise SpatialBiasError(f"prompt {p[:60]!r} has no image token {self.image_token!r}; "
-                                       "build prompts with LVLM.prompt(text) or put the token where the image goes")
+    # ---------------------------------------------------------------- inputs
+    def prompt(self, text: str, n_images: int = 1) -> str:
+        """One user turn with ``n_images`` images then ``text``, through the processor's chat
+        template (with the generation prompt); ``"<marker>\\ntext"`` when there is no template."""
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True)
+        return "".join(f"{self.image_marker}\n" for _ in range(n_images)) + text
+
+    def inputs(self, images: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+               prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Processor inputs, left padded (the answer is at position −1).
+
+        ``images``: one image per prompt, or a list of images per prompt (one marker each).
+        """
+        nested = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        if len(nested) != len(prompts):
+            raise SpatialBiasError(f"{len(nested)} image entries for {len(prompts)} prompts; give one per prompt")
+        for p, ims in zip(prompts, nested):
+            if p.count(self.image_marker) != len(ims):
+                raise SpatialBiasError(f"prompt {p[:60]!r} has {p.count(self.image_marker)} image token(s) "
+                                       f"{self.image_marker!r} for {len(ims)} image(s); build prompts with "
+                                       "LVLM.prompt(text) or put one marker where each image goes")
         self.tokenizer.padding_side = "left"
-        enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+        enc = self.processor(images=nested, text=list(prompts), return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool, True at image-token positions."""
         return input_ids == self.image_token_id
+
+    def image_map(self, inputs: dict[str, torch.Tensor]) -> imagemap.ImageTokenMap:
+        """Per position: image index, patch row/col and grid (see :mod:`interp.imagemap`)."""
+        return imagemap.build(self.image_mask(inputs["input_ids"]), self.adapter.image_views(self.model, inputs))
+
+    def default_position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ids HF's forward uses when none are given: (B, L), or (3, B, L) for M-RoPE."""
+        return self.adapter.default_position_ids(self.model, inputs)
+
+    # ---------------------------------------------------------------- running
+    def prepare(self, inputs: dict[str, torch.Tensor],
+                interventions: Sequence[Intervention] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Edit]]:
+        """Apply the interventions' input rewrites; collect their site edits (composed in order)."""
+        inputs = dict(inputs)
+        has_pixels = any(k.startswith("pixel_values") for k in inputs)
+        if has_pixels and not bool(self.image_mask(inputs["input_ids"]).any(-1).all()):
+            raise SpatialBiasError(f"an input row has pixel values but no image token {self.image_token!r}; "
+                                   "build prompts with LVLM.prompt(text)")
+        edits: dict[str, Edit] = {}
+        for iv in interventions:
+            inputs = iv.prepare(self, inputs)
+            for site, fn in iv.edits(self, inputs).items():
+                prev = edits.get(site)
+                edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+        return inputs, edits
 
     def run(self, inputs: dict[str, torch.Tensor], interventions: Sequence[Intervention] = (),
             last_only: bool = False) -> torch.Tensor:
@@ -66,19 +107,45 @@ class LVLM:
 
         With no intervention this is exactly ``model(**inputs)``.
         """
-        inputs = dict(inputs)
-        if "pixel_values" in inputs and not bool(self.image_mask(inputs["input_ids"]).any(-1).all()):
-            raise SpatialBiasError(f"an input row has pixel values but no image token {self.image_token!r}; "
-                                   "build prompts with LVLM.prompt(text)")
-        edits: dict = {}
-        for iv in interventions:
-            inputs = iv.prepare(self, inputs)
-            for site, fn in iv.edits(self).items():
-                prev = edits.get(site)
-                edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+        inputs, edits = self.prepare(inputs, interventions)
         kw = {"logits_to_keep": 1} if last_only else {}
         with edit_sites(self.model, self.adapter, edits):
             return self.model(**inputs, use_cache=False, **kw).logits
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, torch.Tensor], interventions: Sequence[Intervention] = (),
+                 max_new_tokens: int = 8) -> torch.Tensor:
+        """Greedy decoding with a KV cache; returns the new token ids (B, max_new_tokens).
+
+        Position ids are explicit at every step: the prompt's (BaPA's when it is given, else the
+        padding-aware ids of HF's ``generate``), then for decode step k the last prompt token's
+        id + 1 + k on every row — derived from the prompt, no counter. Under BaPA a row of
+        length L with n image tokens in one image decodes from L − n + 1. Site edits (AGCI)
+        act on the prefill only. Rows must be left padded (as :meth:`inputs` makes them).
+        """
+        inputs, edits = self.prepare(inputs, interventions)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"])
+        if not bool(mask[:, -1].all()):
+            raise SpatialBiasError("generate needs left-padded inputs (every row ends with a real token); "
+                                   "build them with LVLM.inputs")
+        pos = inputs.get("position_ids")
+        if pos is None:
+            pos = self.adapter.generation_position_ids(self.model, inputs)
+        inputs = {**inputs, "attention_mask": mask, "position_ids": pos}
+        with edit_sites(self.model, self.adapter, edits):
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        cache, tok = out.cache, out.logits[:, -1].argmax(-1)
+        new, last = [tok], pos[..., -1]
+        for k in range(1, max_new_tokens):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            step_pos = (last + k).unsqueeze(-1)
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos, cache=cache,
+                             use_cache=True)
+            cache, tok = out.cache, out.logits[:, -1].argmax(-1)
+            new.append(tok)
+        return torch.stack(new, 1)
 
     def __repr__(self) -> str:
         return f"LVLM({self.name or type(self.model).__name__}, adapter={self.adapter.name})"

@@ -14,7 +14,9 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+            "<|vision_end|>", "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<|im_start|>",
+            "<|im_end|>")
 WORDS = ("user", "assistant", "describe", "the", "image", "what", "is", "this", "a", "cat", "dog", "red",
          "blue", "picture", "of", "color", ":", "?", ".", ",", "USER", "ASSISTANT", "Yes", "No")
 LLAVA_CHAT = ("{%- for m in messages -%}{{ m['role'].upper() }}: {% for c in m['content'] -%}"
@@ -22,22 +24,26 @@ LLAVA_CHAT = ("{%- for m in messages -%}{{ m['role'].upper() }}: {% for c in m['
               "{%- endfor -%}{%- endfor -%}{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}")
 
 
-def word_tokenizer(vocab_words, *, pad: str, bos: str, eos: str, unk: str,
-                   special: tuple[str, ...] = ("<image>",)) -> PreTrainedTokenizerFast:
+def word_tokenizer(vocab_words, *, pad: str, bos: str, eos: str, unk: str, special: tuple[str, ...] = ("<image>",),
+                   named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over ``vocab_words`` (ids in order) that prepends ``bos``,
-    pads on the left, and keeps ``special`` tokens (e.g. the image token) unsplit."""
+    pads on the left, and keeps ``special`` tokens (e.g. the image token) unsplit. ``named``
+    exposes model-specific tokens as attributes (Gemma3's ``image_token``, ``boi_token``)."""
     vocab = {t: i for i, t in enumerate(vocab_words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk,
-                                  padding_side="left")
+                                  padding_side="left", **({"extra_special_tokens": named} if named else {}))
     tok.add_tokens(list(special), special_tokens=True)
     return tok
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    return word_tokenizer(SPECIALS + WORDS, pad="<pad>", bos="<s>", eos="</s>", unk="<unk>")
+def tokenizer(**extra_special) -> PreTrainedTokenizerFast:
+    """The tiny models' tokenizer; ``extra_special`` names model-specific tokens (Gemma3's
+    ``image_token``, ``boi_token``, ``eoi_token``) so the processor finds them."""
+    return word_tokenizer(SPECIALS + WORDS, pad="<pad>", bos="<s>", eos="</s>", unk="<unk>", special=SPECIALS[4:],
+                          named=extra_special or None)
 
 
 def image(h: int = 40, w: int = 48, seed: int = 0) -> Image.Image:
@@ -66,7 +72,129 @@ def build_llava(seed: int = 0):
     return model, proc
 
 
-BUILDERS = {"llava": build_llava}
+def _text_kw(tok) -> dict:
+    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+
+
+def build_llava_next(seed: int = 0):
+    """LlavaNextForConditionalGeneration: anyres (base view + tiles + image_newline tokens)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=32)
+    tcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, **_text_kw(tok))
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    cfg = LlavaNextConfig(vision_config=vcfg, text_config=tcfg, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_select_strategy="default", vision_feature_layer=-2,
+                          image_grid_pinpoints=pinpoints, image_seq_length=16)
+    cfg.architectures = ["LlavaNextForConditionalGeneration"]
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=pinpoints)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, image_token="<image>", chat_template=LLAVA_CHAT)
+    return model, proc
+
+
+QWEN_CHAT = ("{%- for m in messages -%}<|im_start|> {{ m['role'] }} {% for c in m['content'] -%}"
+             "{%- if c['type'] == 'image' -%}<|vision_start|> <|image_pad|> <|vision_end|> "
+             "{%- elif c['type'] == 'text' -%}{{ c['text'] }} {% endif -%}{%- endfor -%}<|im_end|> {% endfor -%}"
+             "{%- if add_generation_prompt -%}<|im_start|> assistant{%- endif -%}")
+
+
+def _qwen_processor(tok):
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        """Qwen2-VL's processor without the video processor (which needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+
+    ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                  size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT)
+
+
+def _qwen_text(tok) -> dict:
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                **_text_kw(tok))
+
+
+def _qwen_ids(tok) -> dict:
+    c = tok.convert_tokens_to_ids
+    return dict(image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
+                vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
+
+
+def build_qwen2vl(seed: int = 0):
+    """Qwen2VLForConditionalGeneration: M-RoPE (3 position rows), 2×2 patch merger."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    cfg = Qwen2VLConfig(text_config=_qwen_text(tok),
+                        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
+                                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+                        **_qwen_ids(tok))
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    return Qwen2VLForConditionalGeneration(cfg).eval(), _qwen_processor(tok)
+
+
+def build_qwen25vl(seed: int = 0):
+    """Qwen2_5_VLForConditionalGeneration: windowed vision attention, M-RoPE, 2×2 merger."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    cfg = Qwen2_5_VLConfig(text_config=_qwen_text(tok),
+                           vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                              out_hidden_size=64, patch_size=8, spatial_merge_size=2,
+                                              temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]),
+                           **_qwen_ids(tok))
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), _qwen_processor(tok)
+
+
+GEMMA_CHAT = ("{%- for m in messages -%}{{ m['role'] }} {% for c in m['content'] -%}"
+              "{%- if c['type'] == 'image' -%}<start_of_image> {% elif c['type'] == 'text' -%}{{ c['text'] }} "
+              "{%- endif -%}{%- endfor -%}{%- endfor -%}{%- if add_generation_prompt -%} assistant{%- endif -%}")
+
+
+def build_gemma3(seed: int = 0):
+    """Gemma3ForConditionalGeneration: SigLIP + pooled soft tokens (2×2 here, 16×16 in Gemma3),
+    sliding + global attention layers, bidirectional attention among image tokens."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
+    torch.manual_seed(seed)
+    tok = tokenizer(image_token="<image_soft_token>", boi_token="<start_of_image>", eoi_token="<end_of_image>")
+    c = tok.convert_tokens_to_ids
+    vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, vision_use_head=False)
+    tcfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                            **_text_kw(tok))
+    cfg = Gemma3Config(vision_config=vcfg, text_config=tcfg, mm_tokens_per_image=4,
+                       boi_token_index=c("<start_of_image>"), eoi_token_index=c("<end_of_image>"),
+                       image_token_index=c("<image_soft_token>"))
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    # Gemma3's init zeroes mm_input_projection_weight: the image would have no effect at all.
+    with torch.no_grad():
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=GEMMA_CHAT)
+    return model, proc
+
+
+BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
+            "qwen25vl": build_qwen25vl, "gemma3": build_gemma3}
 
 
 def save(model, processor, path: str | Path) -> Path:

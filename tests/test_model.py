@@ -79,7 +79,7 @@ def test_bapa_and_agci_compose(tiny_llava, batch):
 
 
 def test_prompt_without_image_token_is_one_clear_error(tiny_llava):
-    with pytest.raises(SpatialBiasError, match="no image token"):
+    with pytest.raises(SpatialBiasError, match="has 0 image token"):
         tiny_llava.inputs([tiny.image()], ["describe the image ?"])
     bad = dict(tiny_llava.inputs([tiny.image()], [tiny_llava.prompt("what is this ?")]))
     bad["input_ids"] = bad["input_ids"].masked_fill(bad["input_ids"] == tiny_llava.image_token_id, 5)
@@ -97,7 +97,7 @@ def test_every_edit_site_fires_and_changes_output(tiny_llava, batch, site):
     class Scale(interp.Intervention):
         kind = "test_scale"
 
-        def edits(self, lvlm):
+        def edits(self, lvlm, inputs):
             return {site: lambda x: fired.append(tuple(x.shape)) or x * 1.5}
 
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_vision_blocks_after_the_feature_layer_are_dead(tiny_llava, batch):
     class Scale(interp.Intervention):
         kind = "test_scale"
 
-        def edits(self, lvlm):
+        def edits(self, lvlm, inputs):
             return {"vision.blocks.1": lambda x: fired.append(1) or x * 1.5}
 
     with torch.no_grad():

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from interp.adapters.base import Adapter
-from interp.adapters.llava import LLAVA
+from interp.adapters.base import INPUT_SITES, LM_INPUT, Adapter, View
+from interp.adapters.gemma3 import GEMMA3
+from interp.adapters.llava import LLAVA, LLAVA_NEXT
+from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
 from interp.errors import SpatialBiasError
 
-ADAPTERS: tuple[Adapter, ...] = (LLAVA,)
+ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 
 
@@ -27,4 +29,4 @@ def for_model(model: torch.nn.Module) -> Adapter:
     return for_class(type(model).__name__)
 
 
-__all__ = ["Adapter", "ADAPTERS", "for_class", "for_model", "supported_classes"]
+__all__ = ["ADAPTERS", "INPUT_SITES", "LM_INPUT", "Adapter", "View", "for_class", "for_model", "supported_classes"]

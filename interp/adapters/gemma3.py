@@ -1,0 +1,35 @@
+"""Gemma3 (Gemma3ForConditionalGeneration): SigLIP vision tower, a projector that average-pools
+the patches to ``mm_tokens_per_image`` soft tokens (16×16 = 256 in Gemma3), and a Gemma3 LM
+with interleaved sliding-window and global attention layers (two rotary embeddings, both fed
+by the same position ids) and bidirectional attention among the tokens of one image.
+
+A prompt marks the image with ``<start_of_image>`` (the processor's ``boi_token``), which the
+processor expands to ``<start_of_image>`` + soft tokens + ``<end_of_image>``.
+"""
+from __future__ import annotations
+
+import math
+
+from interp.adapters.base import Adapter, View
+from interp.adapters.llava import LM, LM_SHAPES
+
+
+class Gemma3Adapter(Adapter):
+    def image_views(self, model, inputs):
+        side = math.isqrt(model.config.mm_tokens_per_image)
+        return [[View("pooled", side, side)] for _ in range(inputs["pixel_values"].shape[0])]
+
+
+GEMMA3 = Gemma3Adapter(
+    name="gemma3",
+    model_classes=("Gemma3ForConditionalGeneration",),
+    sites={"vision.embed": "model.vision_tower.embeddings",
+           "vision.blocks.{i}": "model.vision_tower.encoder.layers.{i}",
+           "projector": "model.multi_modal_projector", **LM},
+    shapes={"vision.embed": "(n_images, P, Dv)", "vision.blocks.{i}": "(n_images, P, Dv)",
+            "vision.out": "(n_images, P, Dv) what the projector pools",
+            "projector": "(n_images, N, D) pooled soft tokens", **LM_SHAPES,
+            "lm.embed": "(B, L, D) token embeddings (scaled by sqrt(D)) before the image scatter"},
+    n_layers={"vision": "vision_config.num_hidden_layers", "lm": "text_config.num_hidden_layers"},
+    prompt_marker="boi_token",
+)

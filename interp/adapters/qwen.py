@@ -1,0 +1,46 @@
+"""Qwen2-VL and Qwen2.5-VL: a ViT over 14 px (here 8 px) patches, a 2×2 patch merger as the
+projector, and a Qwen2 LM with M-RoPE (three position rows t, h, w).
+
+Vision tensors are flattened over images: T = total patches of the batch, T/4 merged tokens.
+"""
+from __future__ import annotations
+
+from interp.adapters.base import Adapter, View
+from interp.adapters.llava import LM, LM_SHAPES
+
+
+class QwenAdapter(Adapter):
+    def image_views(self, model, inputs):
+        m = model.config.vision_config.spatial_merge_size
+        return [[View("merged", int(t) * int(h) // m, int(w) // m)] for t, h, w in inputs["image_grid_thw"]]
+
+    def default_position_ids(self, model, inputs):
+        """HF's own M-RoPE ids (``get_rope_index``): (3, B, L)."""
+        pos, _ = model.model.get_rope_index(
+            inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=inputs.get("attention_mask"), mm_token_type_ids=inputs.get("mm_token_type_ids"))
+        return pos
+
+    generation_position_ids = default_position_ids
+
+
+SITES = {
+    "vision.embed": "model.visual.patch_embed",
+    "vision.blocks.{i}": "model.visual.blocks.{i}",
+    "projector": "model.visual.merger",
+    **LM,
+}
+SHAPES = {
+    "vision.embed": "(T, Dv) patch embeddings of all images, flattened",
+    "vision.blocks.{i}": "(T, Dv)",
+    "vision.out": "(T, Dv) what the merger reads",
+    "projector": "(T/4, D) merged tokens of all images, flattened in image order",
+    **LM_SHAPES,
+    "lm.rotary": "(cos, sin), each (3, B, L, head_dim) for the t/h/w rows",
+}
+N_LAYERS = {"vision": "vision_config.depth", "lm": "text_config.num_hidden_layers"}
+
+QWEN2_VL = QwenAdapter(name="qwen2vl", model_classes=("Qwen2VLForConditionalGeneration",), sites=SITES,
+                       shapes=SHAPES, n_layers=N_LAYERS, rope="mrope")
+QWEN2_5_VL = QwenAdapter(name="qwen25vl", model_classes=("Qwen2_5_VLForConditionalGeneration",), sites=SITES,
+                         shapes=SHAPES, n_layers=N_LAYERS, rope="mrope")
