@@ -35,7 +35,7 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
             if not src:
                 raise SpatialBiasError(f"{type(model).__name__} was given without a processor and has no "
                                        "name_or_path to load one from; pass processor=...")
-            processor = _processor(src, trust_remote_code)
+            processor = _processor(adapter, src, trust_remote_code)
         if device is not None:
             model = model.to(device)
         return LVLM(model, processor, adapter, name=type(model).__name__)
@@ -65,14 +65,17 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
                                "loads safetensors weights only") from None
     if device is not None:
         model = model.to(device)
-    return LVLM(model, processor if processor is not None else _processor(src, trust_remote_code), adapter, name=name,
-                source=str(src))
+    if processor is None:
+        processor = _processor(adapter, src, trust_remote_code)
+    return LVLM(model, processor, adapter, name=name, source=str(src))
 
 
-def _processor(src: Any, trust_remote_code: bool):
-    from transformers import AutoProcessor
+def _processor(adapter, src: Any, trust_remote_code: bool):
     try:
-        return AutoProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+        proc = adapter.load_processor(src, trust_remote_code)
     except (OSError, ValueError) as e:
         raise SpatialBiasError(f"cannot load the processor of {src!r}: {str(e).splitlines()[0][:160]}; "
                                "pass processor=... explicitly") from None
+    if not hasattr(proc, "image_processor"):
+        raise SpatialBiasError(f"{src!r}: the saved processor has no image processor; pass processor=... explicitly")
+    return proc

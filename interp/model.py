@@ -78,7 +78,9 @@ class LVLM:
 
     def image_map(self, inputs: dict[str, torch.Tensor]) -> imagemap.ImageTokenMap:
         """Per position: image index, patch row/col and grid (see :mod:`interp.imagemap`)."""
-        return imagemap.build(self.image_mask(inputs["input_ids"]), self.adapter.image_views(self.model, inputs))
+        mask = self.image_mask(inputs["input_ids"])
+        views = self.adapter.image_views(self.model, inputs) if bool(mask.any()) else []
+        return imagemap.build(mask, views)
 
     def default_position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ids HF's forward uses when none are given: (B, L), or (3, B, L) for M-RoPE."""

@@ -107,18 +107,12 @@ QWEN_CHAT = ("{%- for m in messages -%}<|im_start|> {{ m['role'] }} {% for c in 
 
 
 def _qwen_processor(tok):
-    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessorPil
 
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        """Qwen2-VL's processor without the video processor (which needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                             chat_template=chat_template, **kwargs)
-
+    from interp.adapters.qwen import image_only_processor
     ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT)
+    return image_only_processor(ip, tok, chat_template=QWEN_CHAT)
 
 
 def _qwen_text(tok) -> dict:

@@ -104,6 +104,11 @@ class Adapter:
                 return int(getattr(cfg, attr))
         raise SpatialBiasError(f"{self.name}: the model config names no image token id")
 
+    def load_processor(self, src: Any, trust_remote_code: bool = False):
+        """The checkpoint's processor (``AutoProcessor``, offline)."""
+        from transformers import AutoProcessor
+        return AutoProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+
     # ---------------------------------------------------------------- images
     def image_views(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[list[View]]:
         """For every image of the batch, in processor order: its token views in sequence order."""

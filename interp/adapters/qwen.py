@@ -9,7 +9,31 @@ from interp.adapters.base import Adapter, View
 from interp.adapters.llava import LM, LM_SHAPES
 
 
+def image_only_processor(image_processor, tokenizer, chat_template=None):
+    """Qwen2-VL's processor without its video processor, which needs torchvision (unusable with
+    the CPU torch here): the class check for ``video_processor=None`` fails otherwise."""
+    from transformers import Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+
+    return Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
 class QwenAdapter(Adapter):
+    def load_processor(self, src, trust_remote_code=False):
+        """AutoProcessor; without torchvision it silently returns the bare tokenizer, so then
+        build the image-only processor from the image processor and tokenizer."""
+        proc = super().load_processor(src, trust_remote_code)
+        if hasattr(proc, "image_processor"):
+            return proc
+        from transformers import AutoImageProcessor, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+        ip = AutoImageProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+        return image_only_processor(ip, tok, chat_template=getattr(tok, "chat_template", None) or _template(src))
+
     def image_views(self, model, inputs):
         m = model.config.vision_config.spatial_merge_size
         return [[View("merged", int(t) * int(h) // m, int(w) // m)] for t, h, w in inputs["image_grid_thw"]]
@@ -22,6 +46,12 @@ class QwenAdapter(Adapter):
         return pos
 
     generation_position_ids = default_position_ids
+
+
+def _template(src) -> str | None:
+    from pathlib import Path
+    p = Path(str(src)) / "chat_template.jinja"
+    return p.read_text() if p.is_file() else None
 
 
 SITES = {

@@ -1,0 +1,276 @@
+"""All five architectures behind one adapter layer: sites, image-token maps, BaPA, AGCI, generate.
+
+References: HF's own forward (exact), HF's ``get_rope_index`` (Qwen's patch rows/cols), HF's
+``generate`` (greedy tokens), and a step-by-step loop without cache.
+"""
+import pytest
+import torch
+
+import interp
+from interp import tiny
+from interp.adapters import INPUT_SITES
+from interp.errors import SpatialBiasError
+from interp.interventions import agci_inject, bapa_position_ids
+
+ARCHS = list(tiny.BUILDERS)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    model, proc = tiny.BUILDERS[request.param]()
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image(seed=0), tiny.image(40, 60, seed=1)],
+                      [m.prompt("describe the image ?"), m.prompt("what is this a picture of ?")])
+    return request.param, m, inputs
+
+
+def logits(m, inputs, ivs=()):
+    with torch.no_grad():
+        return m.run(inputs, ivs)
+
+
+def test_save_load_round_trip(arch, tmp_path):
+    name, m, inputs = arch
+    back = interp.load(str(tiny.save(m.model, m.processor, tmp_path / name)))
+    assert back.adapter is m.adapter
+    again = back.inputs([tiny.image(seed=0), tiny.image(40, 60, seed=1)],
+                        [back.prompt("describe the image ?"), back.prompt("what is this a picture of ?")])
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    assert torch.equal(logits(back, again), logits(m, inputs))
+
+
+def test_no_intervention_and_default_ids_are_hf_exactly(arch):
+    _, m, inputs = arch
+    with torch.no_grad():
+        ref = m.model(**inputs).logits
+        assert torch.equal(m.run(inputs), ref)
+        assert torch.equal(m.model(**inputs, position_ids=m.default_position_ids(inputs)).logits, ref)
+
+
+def test_every_site_fires_has_its_shape_and_writing_changes_logits(arch):
+    name, m, inputs = arch
+    cfg = m.model.config
+    B, L = inputs["input_ids"].shape
+    D = cfg.text_config.hidden_size
+    base = logits(m, inputs)
+    feature_layer = getattr(cfg, "vision_feature_layer", -1)
+    n_vis = m.adapter.layer_count(m.model, "vision")
+    dead = {f"vision.blocks.{i}" for i in range(n_vis) if isinstance(feature_layer, int) and i > n_vis + feature_layer}
+    for site in m.adapter.concrete_sites(m.model):
+        seen = []
+
+        class Probe(interp.Intervention):
+            kind = "probe"
+
+            def edits(self, lvlm, inputs):
+                return {site: lambda x: seen.append(x) or x + torch.linspace(0, 1, x.shape[-1])}  # not undone by a norm
+
+        got = logits(m, inputs, [Probe()])
+        assert seen, f"{name}: {site} never fired"
+        x = seen[0]
+        if site.startswith("lm.") and site != "lm.rotary":
+            assert tuple(x.shape) == (B, L, D), (site, x.shape)
+        if site == "unembed":
+            assert tuple(x.shape) == (B, L, cfg.text_config.vocab_size)
+        if site == "projector":
+            assert x.shape[-1] == D
+        if site in dead:
+            assert torch.equal(got, base), f"{name}: {site} comes after vision_feature_layer and should be dead"
+        else:
+            assert (got - base).abs().max() > 1e-6, f"{name}: writing to {site} did not change the logits"
+
+
+def test_image_map_counts_and_cells(arch):
+    name, m, inputs = arch
+    imap = m.image_map(inputs)
+    assert torch.equal(imap.is_image, m.image_mask(inputs["input_ids"]))
+    cells = imap.cells(3, 3)
+    assert ((cells >= 0) == imap.is_patch).all()
+    for b in range(2):
+        assert int(imap.image[b].max()) == 0  # one image per row
+        big = imap.is_patch[b] & (imap.rows[b] >= 3) & (imap.cols[b] >= 3)
+        if big.any():  # a view of at least 3×3 patches covers every cell
+            assert set(cells[b][big].tolist()) == set(range(9))
+        small = imap.is_patch[b] & (imap.rows[b] == 2) & (imap.cols[b] == 2)
+        if small.any():  # a 2×2 view (gemma3's tiny pooled tokens) lands in the 4 corner cells
+            assert set(cells[b][small].tolist()) == {0, 2, 6, 8}
+    if name == "llava":
+        assert int(imap.is_image[0].sum()) == 16 and int(imap.rows[imap.is_image].max()) == 4
+        # 4×4 patches on a 3×3 grid: rows 0 | 1,2 | 3 (by patch centre)
+        r = imap.row[0][imap.is_patch[0]]
+        c = cells[0][imap.is_patch[0]]
+        assert (c[r == 0] < 3).all() and (c[r == 3] >= 6).all()
+    if name == "llava_next":
+        # HF's own packing: number of tokens per image, newlines excluded from patches
+        with torch.no_grad():
+            feats = m.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                     image_sizes=inputs["image_sizes"])
+        lens = [f.shape[0] for f in (feats.pooler_output if hasattr(feats, "pooler_output") else feats)]
+        assert [int(imap.is_image[b].sum()) for b in range(2)] == lens
+        assert int((imap.is_image & ~imap.is_patch).sum()) > 0
+    if name.startswith("qwen"):
+        # HF's M-RoPE ids: h − start and w − start are the merged patch row and col
+        pos = m.default_position_ids(inputs)
+        for b in range(2):
+            sel = imap.is_image[b]
+            start = pos[0, b][sel][0]
+            assert torch.equal(pos[1, b][sel] - start, imap.row[b][sel])
+            assert torch.equal(pos[2, b][sel] - start, imap.col[b][sel])
+
+
+def test_bapa_ids_logits_and_variants(arch):
+    name, m, inputs = arch
+    iv = interp.BaPA()
+    prepared = iv.prepare(m, inputs)
+    pos = prepared["position_ids"]
+    imap = m.image_map(inputs)
+    flat = pos if pos.dim() == 2 else pos[0]
+    for b in range(2):
+        img = imap.is_image[b]
+        first = int(img.nonzero()[0])
+        s = int(flat[b, first])
+        assert (flat[b][img] == s).all()
+        after = int(img.nonzero()[-1]) + 1
+        assert int(flat[b, after]) == s + 1
+        if pos.dim() == 3:
+            assert (pos[:, b] == flat[b]).all()  # reference variant: one 1-D scheme on all rows
+    with torch.no_grad():
+        want = m.model(**{**inputs, "position_ids": pos}).logits
+    assert torch.equal(logits(m, inputs, [iv]), want)
+    assert (want - logits(m, inputs)).abs().max() > 1e-5
+    if m.adapter.rope == "mrope":
+        kept = interp.BaPA(variant="keep_hw").prepare(m, inputs)["position_ids"]
+        sel = imap.is_image
+        assert torch.equal(kept[0], pos[0])
+        assert torch.equal(kept[1][sel] - pos[1][sel], imap.row[sel])
+        assert torch.equal(kept[2][sel] - pos[2][sel], imap.col[sel])
+        assert (logits(m, inputs, [interp.BaPA(variant="keep_hw")]) - want).abs().max() > 1e-6
+    else:
+        with pytest.raises(SpatialBiasError, match="M-RoPE"):
+            logits(m, inputs, [interp.BaPA(variant="keep_hw")])
+
+
+def test_bapa_left_padding_matches_unpadded_row(arch):
+    _, m, _ = arch
+    img = tiny.image(seed=5)
+    padded = m.inputs([img, tiny.image(seed=6)], [m.prompt("what is this ?"),
+                                                   m.prompt("what is this a picture of the dog ?")])
+    alone = m.inputs([img], [m.prompt("what is this ?")])
+    assert padded["attention_mask"][0, 0] == 0
+    with torch.no_grad():
+        a = m.run(padded, [interp.BaPA()], last_only=True)[0, -1]
+        b = m.run(alone, [interp.BaPA()], last_only=True)[0, -1]
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_bapa_two_images_collapse_separately_and_text_only_is_untouched(arch):
+    name, m, _ = arch
+    two = m.inputs([[tiny.image(seed=1), tiny.image(seed=2)]], [m.prompt("what is this ?", n_images=2)])
+    imap = m.image_map(two)
+    assert int(imap.image.max()) == 1
+    pos = interp.BaPA().prepare(m, two)["position_ids"]
+    flat = pos if pos.dim() == 2 else pos[0]
+    s0 = flat[0][imap.image[0] == 0].unique()
+    s1 = flat[0][imap.image[0] == 1].unique()
+    assert len(s0) == len(s1) == 1 and int(s1) >= int(s0) + 1  # separate slots, even when adjacent
+    text = {k: v for k, v in m.processor.tokenizer(["what is this ?"], return_tensors="pt").items()}
+    p = interp.BaPA().prepare(m, text)["position_ids"]
+    flat = p if p.dim() == 2 else p[0]
+    assert torch.equal(flat[0], torch.arange(text["input_ids"].shape[1]))
+
+
+def test_gemma3_both_rotary_embeddings_see_bapa_ids():
+    model, proc = tiny.build_gemma3()
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image()], [m.prompt("describe the image ?")])
+    seen = []
+    rot = m.adapter.module(model, "lm.rotary")
+    h = rot.register_forward_hook(lambda mod, args, out: seen.append((args[1].clone(), args[2])))
+    try:
+        logits(m, inputs, [interp.BaPA()])
+    finally:
+        h.remove()
+    want = interp.BaPA().prepare(m, inputs)["position_ids"]
+    assert {t for _, t in seen} == {"sliding_attention", "full_attention"}
+    assert all(torch.equal(p, want) for p, _ in seen)
+
+
+def test_agci_on_every_architecture(arch):
+    name, m, inputs = arch
+    base = logits(m, inputs)
+    assert torch.equal(logits(m, inputs, [interp.AGCI(lam=0.0)]), base)
+    got = logits(m, inputs, [interp.AGCI(lam=0.8)])
+    assert (got - base).abs().max() > 1e-5
+    pooled = logits(m, inputs, [interp.AGCI(lam=0.8, pooled=True)])
+    if name == "llava_next":
+        assert (pooled - got).abs().max() > 1e-6  # newline tokens join the pooled mean
+    if name.startswith("qwen"):
+        # equals AGCI applied to the merger output, split by image_grid_thw
+        merge = m.model.config.vision_config.spatial_merge_size ** 2
+        tpi = [int(t * h * w) // merge for t, h, w in inputs["image_grid_thw"]]
+        hk = m.adapter.module(m.model, "projector").register_forward_hook(
+            lambda mod, a, out: agci_inject(out, 0.8, tokens_per_image=tpi))
+        try:
+            with torch.no_grad():
+                ref = m.model(**inputs).logits
+        finally:
+            hk.remove()
+        assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_agci_next_newlines_untouched_per_image_changed_pooled():
+    model, proc = tiny.build_llava_next()
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image(40, 60)], [m.prompt("describe the image ?")])
+    imap = m.image_map(inputs)
+    newline = imap.is_image & ~imap.is_patch
+    for pooled, changes in ((False, False), (True, True)):
+        _, edits = m.prepare(inputs, [interp.AGCI(lam=1.0, pooled=pooled)])
+        h = torch.randn(1, inputs["input_ids"].shape[1], model.config.text_config.hidden_size)
+        out = edits["lm.input"](h)
+        assert torch.equal(out[newline], h[newline]) != changes
+        assert not torch.equal(out[imap.is_patch], h[imap.is_patch])
+        assert torch.equal(out[~imap.is_image], h[~imap.is_image])
+
+
+def test_generate_baseline_equals_hf_generate(arch):
+    name, m, inputs = arch
+    ours = m.generate(inputs, max_new_tokens=4)
+    with torch.no_grad():
+        hf = m.model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert torch.equal(ours, hf[:, inputs["input_ids"].shape[1]:])
+
+
+def test_generate_with_bapa_equals_loop_without_cache(arch):
+    name, m, inputs = arch
+    n = 4
+    ours = m.generate(inputs, [interp.BaPA()], max_new_tokens=n)
+    prepared = interp.BaPA().prepare(m, inputs)
+    pos = prepared["position_ids"]
+    L = inputs["input_ids"].shape[1]
+    n_img = m.image_map(inputs).is_image.sum(-1)
+    real = inputs["attention_mask"].sum(-1)
+    flat = pos if pos.dim() == 2 else pos[0]
+    assert torch.equal(flat[:, -1] + 1, real - n_img + 1)  # first decode id: L − n_img + 1 per row
+    ids, toks = inputs["input_ids"], []
+    for k in range(n):
+        step = torch.cat([pos, (pos[..., -1:] + torch.arange(1, k + 1))], -1) if k else pos
+        full = {**inputs, "input_ids": ids, "position_ids": step,
+                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, k, dtype=torch.long)], 1),
+                **m.adapter.extend_inputs_for_decode(inputs, k)}
+        with torch.no_grad():
+            nxt = m.model(**full).logits[:, -1].argmax(-1)
+        toks.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+    assert torch.equal(ours, torch.stack(toks, 1)), (ours, torch.stack(toks, 1))
+    assert L == inputs["input_ids"].shape[1]
+
+
+def test_unsupported_and_marker_errors():
+    with pytest.raises(SpatialBiasError, match="supported: .*Gemma3ForConditionalGeneration"):
+        interp.load(torch.nn.Linear(2, 2), processor=object())
+    model, proc = tiny.build_gemma3()
+    m = interp.load(model, proc)
+    assert m.image_marker == "<start_of_image>"
+    with pytest.raises(SpatialBiasError, match="has 0 image token"):
+        m.inputs([tiny.image()], ["user describe the image ? assistant"])
