@@ -1,0 +1,91 @@
+"""nnsight tracing on all five architectures: caches against HF's own tensors, writes against
+the hook-based runner, two placements in one batch."""
+import pytest
+import torch
+
+import interp
+from interp import tiny
+from interp.errors import SpatialBiasError
+from interp.tracing import forward_order, patch_rows, trace
+
+
+@pytest.fixture(scope="module", params=list(tiny.BUILDERS))
+def arch(request):
+    model, proc = tiny.BUILDERS[request.param]()
+    m = interp.load(model, proc)
+    img = tiny.image(seed=3)
+    # two placements of one item: same prompt, the image flipped (content moved across cells)
+    inputs = m.inputs([img, img.transpose(0)], [m.prompt("what is this ?")] * 2)
+    return request.param, m, inputs
+
+
+def test_trace_caches_every_site_and_matches_hf(arch):
+    name, m, inputs = arch
+    sites = m.adapter.concrete_sites(m.model)
+    t = trace(m, inputs, cache=sites, to_cpu=True)
+    with torch.no_grad():
+        ref = m.model(**inputs, output_hidden_states=True)
+    assert torch.equal(t.logits, ref.logits)
+    assert set(t.cache) == set(sites)
+    n = m.adapter.layer_count(m.model, "lm")
+    for i in range(n - 1):  # HF's last hidden state has the final norm applied
+        assert torch.equal(t.cache[f"lm.blocks.{i}"], ref.hidden_states[i + 1])
+    assert torch.equal(t.cache["lm.input"], ref.hidden_states[0])
+    assert all(v.device.type == "cpu" for v in t.cache.values() if isinstance(v, torch.Tensor))
+    order = forward_order(m, inputs)
+    assert order.index("projector") < order.index("lm.input") < order.index("lm.blocks.0")
+
+
+def test_image_positions_only(arch):
+    _, m, inputs = arch
+    t = trace(m, inputs, cache=["lm.blocks.0", "projector"], positions="image")
+    n_img = int(m.image_mask(inputs["input_ids"]).sum())
+    assert tuple(t.cache["lm.blocks.0"].shape) == (n_img, m.model.config.text_config.hidden_size)
+    full = trace(m, inputs, cache=["lm.blocks.0"]).cache["lm.blocks.0"]
+    assert torch.equal(t.cache["lm.blocks.0"], full[m.image_mask(inputs["input_ids"])])
+
+
+def test_writes_and_interventions_match_the_runner(arch):
+    _, m, inputs = arch
+    bump = {"lm.blocks.0": lambda x: x + torch.linspace(0, 1, x.shape[-1]),
+            "vision.blocks.0": lambda x: x * 1.1 + torch.linspace(0, 1, x.shape[-1])}
+    t = trace(m, inputs, edits=bump, interventions=[interp.BaPA(), interp.AGCI(lam=0.5)])
+
+    class Bump(interp.Intervention):
+        kind = "bump"
+
+        def edits(self, lvlm, inputs):
+            return bump
+
+    with torch.no_grad():
+        want = m.run(inputs, [interp.BaPA(), interp.AGCI(lam=0.5), Bump()])
+        base = m.run(inputs)
+    assert torch.allclose(t.logits, want, atol=1e-6)
+    assert (t.logits - base).abs().max() > 1e-4
+
+
+def test_two_placements_in_one_batch(arch):
+    _, m, inputs = arch
+    both = trace(m, inputs, cache=["lm.blocks.1", "projector"])
+    one = trace(m, {k: v[1:] if v.shape[0] == 2 else v for k, v in inputs.items()
+                    if k not in ("pixel_values", "image_grid_thw", "image_sizes")} | _second_image(m, inputs),
+                cache=["lm.blocks.1"])
+    assert torch.allclose(both.cache["lm.blocks.1"][1], one.cache["lm.blocks.1"][0], atol=1e-5)
+    # patching row 0's whole residual after the last block into row 1 makes row 1 answer as row 0
+    last = f"lm.blocks.{m.adapter.layer_count(m.model, 'lm') - 1}"
+    p = trace(m, inputs, edits=patch_rows(last, 0, 1))
+    assert torch.equal(p.logits[1], p.logits[0])
+    assert not torch.equal(both.logits[1], both.logits[0])
+
+
+def _second_image(m, inputs):
+    """The image inputs of row 1 alone, re-made by the processor."""
+    img = tiny.image(seed=3).transpose(0)
+    enc = m.inputs([img], [m.prompt("what is this ?")])
+    return {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+
+
+def test_unknown_site_is_one_clear_error(arch):
+    _, m, inputs = arch
+    with pytest.raises(SpatialBiasError, match="unknown site"):
+        trace(m, inputs, cache=["lm.blocks.99"])
