@@ -274,3 +274,25 @@ def test_unsupported_and_marker_errors():
     assert m.image_marker == "<start_of_image>"
     with pytest.raises(SpatialBiasError, match="has 0 image token"):
         m.inputs([tiny.image()], ["user describe the image ? assistant"])
+
+
+@pytest.mark.parametrize("ivs", [[], [interp.BaPA()]], ids=["baseline", "bapa"])
+def test_gemma3_image_tokens_still_attend_bidirectionally(ivs):
+    # A change to the LAST image token at lm.input must reach the FIRST image token after block 0:
+    # only possible through Gemma3's bidirectional image mask, which BaPA must leave intact.
+    from interp.tracing import trace
+    model, proc = tiny.build_gemma3()
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image()], [m.prompt("describe the image ?")])
+    img = m.image_mask(inputs["input_ids"])[0].nonzero().flatten()
+    first, last = int(img[0]), int(img[-1])
+
+    def bump(x):
+        x = x.clone()
+        x[0, last] += 1.0
+        return x
+
+    a = trace(m, inputs, cache=["lm.blocks.0"], interventions=ivs).cache["lm.blocks.0"]
+    b = trace(m, inputs, cache=["lm.blocks.0"], interventions=ivs, edits={"lm.input": bump}).cache["lm.blocks.0"]
+    assert (a[0, first] - b[0, first]).abs().max() > 1e-4
+    assert torch.equal(a[0, :first], b[0, :first])  # text before the image stays causal
