@@ -56,13 +56,51 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            seed: int = typer.Option(0, help="Seed of the built probe and of the bootstrap."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
-           progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Evaluate baseline, BaPA and AGCI(λ) on a 3×3 grid probe; write summary.json, figures and index.html."""
+           progress: bool = typer.Option(True, help="Show progress bars."),
+           causal: bool = typer.Option(True, help="Add the causal analyses (patching, position-id patching, "
+                                       "attention flow, knockout, attribution patching)."),
+           causal_items: int = typer.Option(100, help="Items used by the causal analyses.")):
+    """Evaluate baseline, BaPA and AGCI(λ) on a 3×3 grid probe, localise where the position-dependent
+    difference arises; write summary.json, tables, figures and index.html."""
     from analyses import report as rep
     s = rep.run(model, out, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, batch_size=batch_size,
-                device=device, progress=progress)
+                device=device, progress=progress, causal=causal, causal_items=causal_items)
     typer.echo(rep.conclusion(s))
+    if causal:
+        typer.echo(rep.causal_conclusion(s))
     typer.echo(f"wrote {out / 'index.html'}, {out / 'summary.json'}, {out / 'figures'}")
+
+
+@app.command()
+@clean_errors
+def causal(model: str = typer.Option("organism", help="'organism', a local checkpoint folder, or a cached hub id."),
+           probe: Path = typer.Option(..., help="A grid probe folder (every item at both cells)."),
+           out: Path = typer.Option(Path("out/causal"), help="Output folder."),
+           clean_cell: int = typer.Option(8, min=0, max=8, help="Cell of the clean placement (row-major 0..8)."),
+           corrupt_cell: int = typer.Option(0, min=0, max=8, help="Cell of the corrupt placement."),
+           n_items: int = typer.Option(100, help="Items to use."),
+           lam: float = typer.Option(0.5, help="AGCI λ of the AGCI condition."),
+           batch_size: int = typer.Option(64, help="Rows per forward."),
+           device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+           progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Where does the difference between two placements arise? Activation patching, position-id
+    patching, attention flow, knockout and attribution patching for baseline, BaPA and AGCI."""
+    import json
+
+    import interp
+    from analyses import figures, report as rep
+    from analyses.evaluate import validate_probe
+    from probes.format import atomic_write_text
+    validate_probe(probe)
+    interp.AGCI(lam=lam)
+    lvlm = interp.load(model, device=device)
+    block, figs = rep.causal_section(lvlm, probe, None, [lam], out, n_items, batch_size, progress,
+                                     cells=(clean_cell, corrupt_cell))
+    for stem, fig in figs.items():
+        figures.save(fig, out / "figures", stem)
+    atomic_write_text(out / "attribution.json", json.dumps(block, indent=1, default=float) + "\n")
+    typer.echo(rep.causal_conclusion({"attribution": block}))
+    typer.echo(f"wrote {out / 'attribution.json'}, {out / 'causal'}, {out / 'figures'}")
 
 
 @probe_app.command("build")

@@ -67,3 +67,87 @@ def save(fig, out_dir: str | Path, stem: str) -> list[Path]:
         paths.append(p)
     plt.close(fig)
     return paths
+
+
+def restoration_heatmaps(df, direction: str = "denoise", title: str | None = None, min_gap: float = 0.1):
+    """Layer × site restoration: one panel per condition; rows are sites in forward order,
+    columns token groups. ``df``: :func:`interp.patching.restoration` rows with ``condition``.
+    A condition whose clean − corrupt gap is below ``min_gap`` (logit units) has no gap to
+    restore: its panel is left blank and says so."""
+    d = df[df.direction == direction]
+    conds = list(dict.fromkeys(d.condition))
+    sites = list(dict.fromkeys(d.site))
+    groups = [g for g in ("all", "target", "image", "text", "last") if g in set(d.group)]
+    fig, axes = plt.subplots(1, len(conds) + 1, figsize=(3.0 * len(conds) + 0.8, 0.32 * len(sites) + 1.6),
+                             gridspec_kw={"width_ratios": [1] * len(conds) + [0.06]})
+    for k, (ax, cond) in enumerate(zip(axes[:-1], conds)):
+        piv = d[d.condition == cond].pivot_table(index="site", columns="group", values="restoration")
+        piv = piv.reindex(index=sites, columns=groups)
+        gap = d[d.condition == cond][["clean", "corrupt"]].mean()
+        small = abs(gap["clean"] - gap["corrupt"]) < min_gap
+        if small:
+            piv = piv * float("nan")
+        sns.heatmap(piv, ax=ax, vmin=-0.2, vmax=1.2, cmap="RdBu_r", center=0.5, annot=True, fmt=".2f",
+                    annot_kws={"fontsize": 7}, cbar=k == 0, cbar_ax=axes[-1] if k == 0 else None,
+                    yticklabels=k == 0)
+        note = " (no gap to restore)" if small else ""
+        ax.set_title(f"{cond}\nclean {gap['clean']:.2f} · corrupt {gap['corrupt']:.2f}{note}", fontsize=9)
+        ax.set_xlabel("token group")
+        ax.set_ylabel("site" if k == 0 else "")
+    fig.suptitle(title or f"activation patching ({direction}): normalised restoration", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def flow_target_by_placement(fl):
+    """Attention mass from the last token to the target's own cell, as a 3×3 map over where the
+    target is; one row of panels per condition, one column per layer."""
+    own = fl[fl.cell == fl.target_cell]
+    conds = list(dict.fromkeys(own.condition))
+    layers = sorted(own.layer.unique())
+    vmax = own.mass.max()
+    fig, axes = plt.subplots(len(conds), len(layers), figsize=(2.5 * len(layers) + 0.5, 2.4 * len(conds)),
+                             squeeze=False)
+    for i, cond in enumerate(conds):
+        for j, layer in enumerate(layers):
+            v = own[(own.condition == cond) & (own.layer == layer)].sort_values("target_cell").mass.to_numpy()
+            sns.heatmap(v.reshape(3, 3), ax=axes[i][j], vmin=0, vmax=vmax, cmap="magma", annot=True, fmt=".3f",
+                        annot_kws={"fontsize": 7}, cbar=False, square=True, xticklabels=False, yticklabels=False)
+            axes[i][j].set_title(f"{cond} · layer {layer}", fontsize=8)
+    fig.suptitle("attention from the last token to the target's cell, by target placement", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def flow_layer_cell(fl):
+    """Layer × cell attention mass from the last token (mean over the 9 placements), per condition."""
+    conds = list(dict.fromkeys(fl.condition))
+    fig, axes = plt.subplots(1, len(conds), figsize=(3.6 * len(conds), 2.6), squeeze=False)
+    for ax, cond in zip(axes[0], conds):
+        piv = fl[fl.condition == cond].pivot_table(index="layer", columns="cell", values="mass")
+        sns.heatmap(piv, ax=ax, cmap="magma", annot=True, fmt=".2f", annot_kws={"fontsize": 6}, cbar=False)
+        ax.set_title(cond, fontsize=9)
+    fig.suptitle("attention mass per layer and cell (mean over placements)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def knockout_plot(ko):
+    """Drop of the answer logit difference when question tokens cannot attend to a cell, per layer."""
+    g = sns.catplot(data=ko, x="layers", y="drop", hue="blocked", col="condition", kind="point", height=2.8,
+                    aspect=1.0, dodge=0.2)
+    g.set_axis_labels("knocked-out layer(s)", "drop in logit diff")
+    g.figure.suptitle("attention knockout from the question tokens", fontsize=10, y=1.03)
+    return g.figure
+
+
+def position_patching_plot(pp):
+    """Restoration of the clean−corrupt gap by swapping position ids, all layers and per layer."""
+    fig, ax = plt.subplots(figsize=(5.5, 2.8))
+    sns.barplot(data=pp, x="layers", y="restoration", hue="condition", ax=ax)
+    ax.axhline(1.0, ls="--", color="grey", lw=0.8)
+    ax.set_ylabel("restoration")
+    ax.set_xlabel("layers with swapped ids")
+    ax.set_title("position-id patching: corrupt run with the clean target's ids", fontsize=10)
+    fig.tight_layout()
+    return fig

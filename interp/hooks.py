@@ -2,7 +2,9 @@
 
 The model's own forward runs unchanged; a hook replaces a module's output by ``fn(output)``
 (for tuple outputs, the first element); at an input site (``lm.input``, ``vision.out``) a
-pre-hook replaces the module's first input.
+pre-hook replaces the module's first input; at ``SITE#kwarg`` (e.g.
+``lm.blocks.3#attention_mask``, ``lm.blocks.3#position_embeddings``) a pre-hook replaces that
+keyword argument of the site's module.
 
 Trap: transformers 5 records ``hidden_states`` with forward hooks of its own (installed on
 first use). An edit hook that runs after them changes the next layer's input but not the
@@ -40,8 +42,18 @@ def edit_sites(model: torch.nn.Module, adapter: Adapter,
             return args, {**kwargs, key: fn(kwargs[key])}
         return pre_hook
 
+    def make_kw(fn, key):
+        def kw_hook(_mod, args, kwargs):
+            return args, {**kwargs, key: fn(kwargs.get(key))}
+        return kw_hook
+
     try:
         for site, fn in edits.items():
+            if "#" in site:
+                base, key = site.split("#", 1)
+                mod = adapter.module(model, base)
+                handles.append(mod.register_forward_pre_hook(make_kw(fn, key), prepend=True, with_kwargs=True))
+                continue
             mod = adapter.module(model, site)
             if site in INPUT_SITES:
                 handles.append(mod.register_forward_pre_hook(make_pre(fn), prepend=True, with_kwargs=True))

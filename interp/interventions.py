@@ -220,3 +220,60 @@ def from_dict(d: dict[str, Any]) -> Intervention:
         return KINDS[kind](**d)
     except TypeError as e:
         raise SpatialBiasError(f"bad arguments for intervention {kind}: {e}") from None
+
+
+@dataclass(frozen=True)
+class PositionSwap(Intervention):
+    """Position-id patching: the image tokens of cell ``a`` get the position ids of cell ``b``'s
+    tokens and vice versa (per image, patch by patch in raster order; the cells must hold the
+    same number of patches), in every LM layer or only in ``layers`` = (start, stop).
+
+    Run on the corrupt placement with a = the target's cell there and b = its cell in the clean
+    placement, the target's content is read at the clean target's positions: the direct causal
+    test of the RoPE hypothesis. On M-RoPE models all three rows are swapped.
+    """
+    kind: ClassVar[str] = "position_swap"
+    a: int = 0
+    b: int = 8
+    layers: tuple[int, int] | None = None
+    grid: tuple[int, int] = (3, 3)
+
+    def swapped_ids(self, lvlm, inputs) -> torch.Tensor:
+        pos = inputs.get("position_ids")
+        if pos is None:
+            pos = lvlm.default_position_ids(inputs)
+        pos = pos.clone()
+        imap = lvlm.image_map(inputs)
+        cells = imap.cells(*self.grid)
+        flat = pos if pos.dim() == 2 else pos.permute(1, 2, 0)  # (B, L[, 3])
+        src = flat.clone()
+        for b in range(cells.shape[0]):
+            for img in range(int(imap.image[b].max()) + 1):
+                ia = ((cells[b] == self.a) & (imap.image[b] == img)).nonzero().flatten()
+                ib = ((cells[b] == self.b) & (imap.image[b] == img)).nonzero().flatten()
+                if len(ia) != len(ib):
+                    raise SpatialBiasError(f"cells {self.a} and {self.b} hold {len(ia)} and {len(ib)} patches; "
+                                           "position swap needs equal counts")
+                flat[b, ia], flat[b, ib] = src[b, ib], src[b, ia]
+        return pos
+
+    def prepare(self, lvlm, inputs):
+        mask = inputs.get("attention_mask")
+        inputs = {**inputs, "attention_mask": mask if mask is not None else torch.ones_like(inputs["input_ids"])}
+        if self.layers is None:
+            return {**inputs, "position_ids": self.swapped_ids(lvlm, inputs)}
+        return inputs
+
+    def edits(self, lvlm, inputs):
+        if self.layers is None:
+            return {}
+        pos = self.swapped_ids(lvlm, inputs)
+        like = next(lvlm.model.parameters())
+        out = {}
+        for i in range(*self.layers):
+            rope = lvlm.adapter.rotary(lvlm.model, like, pos, i)
+            out[f"lm.blocks.{i}#position_embeddings"] = lambda _old, r=rope: r
+        return out
+
+
+KINDS["position_swap"] = PositionSwap

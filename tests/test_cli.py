@@ -12,7 +12,8 @@ from analyses.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["report"], ["probe"], ["probe", "build"], ["organism"], ["organism", "train"]])
+@pytest.mark.parametrize("args", [[], ["report"], ["causal"], ["probe"], ["probe", "build"], ["organism"],
+                                  ["organism", "train"]])
 def test_help_on_every_command(args):
     r = runner.invoke(app, args + ["--help"])
     assert r.exit_code == 0 and "Usage" in r.output
@@ -39,6 +40,15 @@ def test_report_end_to_end(tmp_path, small_probe):
         assert (out / "figures" / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
     page = (out / "index.html").read_text()
     assert "planted" in page and "data:image/png;base64," in page
+    a = s["attribution"]
+    assert {"sites", "lm_layers", "restoration", "top_sites", "attribution_patching", "position_patching",
+            "knockout", "flow_to_target_by_placement", "clean_cell", "corrupt_cell"} <= set(a)
+    assert set(a["restoration"]) == {"baseline", "bapa", "agci λ=0.5"}
+    assert -1 <= a["attribution_patching"]["spearman_vs_exact"] <= 1
+    for stem in ("patching_restoration", "position_patching", "attention_flow_target", "knockout"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+    assert (out / "causal" / "activation_patching.parquet").exists()
+    assert "Where the difference comes from" in page and "Position-id patching" in page
 
 
 def one_line_error(r):
@@ -94,3 +104,16 @@ def test_unsupported_model_class(tmp_path):
 def test_console_script_is_installed():
     r = subprocess.run([sys.executable, "-m", "analyses.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "report" in r.stdout
+
+
+def test_causal_command(tmp_path, small_probe):
+    out = tmp_path / "c"
+    r = runner.invoke(app, ["causal", "--probe", str(small_probe), "--out", str(out), "--n-items", "4",
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    a = json.loads((out / "attribution.json").read_text())
+    assert a["clean_cell"] == 8 and a["corrupt_cell"] == 0 and a["n_items"] == 4
+    assert (out / "figures" / "patching_restoration.svg").exists()
+    line = one_line_error(runner.invoke(app, ["causal", "--probe", str(small_probe), "--out", str(tmp_path / "d"),
+                                              "--clean-cell", "3", "--corrupt-cell", "3"]))
+    assert "both 3" in line

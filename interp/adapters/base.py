@@ -115,6 +115,11 @@ class Adapter:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- positions
+    def rotary(self, model: torch.nn.Module, like: torch.Tensor, position_ids: torch.Tensor, layer: int):
+        """(cos, sin) that LM block ``layer`` receives for ``position_ids`` (computed by the
+        model's own rotary module; ``like`` gives dtype and device)."""
+        return self.module(model, "lm.rotary")(like, position_ids)
+
     def default_position_ids(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The ids HF's forward uses when none are passed: (B, L), or (3, B, L) for M-RoPE."""
         ids = inputs["input_ids"]
@@ -135,6 +140,14 @@ class Adapter:
                 v = inputs[k]
                 out[k] = torch.cat([v, v.new_zeros(v.shape[0], n_new)], 1)
         return out
+
+    def select_rows(self, inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+        """The inputs of the given rows (repeats allowed), one image per row: every tensor whose
+        first dimension is the batch (pixel values, image sizes, … included) is indexed."""
+        B = inputs["input_ids"].shape[0]
+        idx = torch.as_tensor(rows, device=inputs["input_ids"].device)
+        return {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v)
+                for k, v in inputs.items()}
 
     def prefill_only_keys(self) -> tuple[str, ...]:
         """Inputs that only the prefill forward takes (dropped on cached decode steps)."""

@@ -15,6 +15,11 @@ from interp.adapters.llava import LM, LM_SHAPES
 
 
 class Gemma3Adapter(Adapter):
+    def rotary(self, model, like, position_ids, layer):
+        """Gemma3 keeps one rotary per layer type (sliding / full attention)."""
+        layer_type = model.config.text_config.layer_types[layer]
+        return self.module(model, "lm.rotary")(like, position_ids, layer_type)
+
     def image_views(self, model, inputs):
         side = math.isqrt(model.config.mm_tokens_per_image)
         return [[View("pooled", side, side)] for _ in range(inputs["pixel_values"].shape[0])]

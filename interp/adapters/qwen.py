@@ -5,7 +5,10 @@ Vision tensors are flattened over images: T = total patches of the batch, T/4 me
 """
 from __future__ import annotations
 
+import torch
+
 from interp.adapters.base import Adapter, View
+from interp.errors import SpatialBiasError
 from interp.adapters.llava import LM, LM_SHAPES
 
 
@@ -46,6 +49,16 @@ class QwenAdapter(Adapter):
         return pos
 
     generation_position_ids = default_position_ids
+
+    def select_rows(self, inputs, rows):
+        """Qwen flattens pixel patches over images: split them by ``image_grid_thw`` (one image per row)."""
+        grid = inputs["image_grid_thw"]
+        if grid.shape[0] != inputs["input_ids"].shape[0]:
+            raise SpatialBiasError("row selection needs exactly one image per row")
+        chunks = inputs["pixel_values"].split(grid.prod(-1).tolist(), 0)
+        out = super().select_rows({k: v for k, v in inputs.items() if k != "pixel_values"}, rows)
+        out["pixel_values"] = torch.cat([chunks[r] for r in rows], 0)
+        return out
 
 
 def _template(src) -> str | None:
