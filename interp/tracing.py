@@ -38,29 +38,45 @@ def _envoy(net, path: str):
     return env
 
 
+def _event(lvlm: LVLM, site: str) -> tuple[str, str]:
+    """("in" | "out", HF module path) of a site: input sites and ``SITE#kwarg`` read the module's inputs."""
+    if "#" in site:
+        return "in", lvlm.adapter.path(site.split("#", 1)[0])
+    return ("in" if site in INPUT_SITES else "out"), lvlm.adapter.path(site)
+
+
 def forward_order(lvlm: LVLM, inputs: dict[str, torch.Tensor]) -> list[str]:
     """Every concrete site in the order the model's forward reaches it (nnsight needs sites
     accessed in that order). Found once per LVLM with a hooked dry run and remembered."""
-    order = getattr(lvlm, "_site_order", None)
-    if order is not None:
-        return order
+    rank = _event_rank(lvlm, inputs)
     sites = lvlm.adapter.concrete_sites(lvlm.model)
-    seen: list[str] = []
+    return sorted(sites, key=lambda s: rank.get(_event(lvlm, s), len(rank)))
+
+
+def _event_rank(lvlm: LVLM, inputs: dict[str, torch.Tensor]) -> dict[tuple[str, str], int]:
+    rank = getattr(lvlm, "_event_rank", None)
+    if rank is not None:
+        return rank
+    seen: dict[tuple[str, str], int] = {}
     handles = []
-    for site in sites:
-        mod = lvlm.adapter.module(lvlm.model, site)
-        if site in INPUT_SITES:
-            handles.append(mod.register_forward_pre_hook(lambda *_a, s=site: seen.append(s) if s not in seen else None))
-        else:
-            handles.append(mod.register_forward_hook(lambda *_a, s=site: seen.append(s) if s not in seen else None))
+    paths = {lvlm.adapter.path(s) for s in lvlm.adapter.concrete_sites(lvlm.model)}
+    for path in paths:
+        mod = lvlm.model.get_submodule(path)
+        handles.append(mod.register_forward_pre_hook(lambda *_a, p=path: _mark(seen, ("in", p))))
+        handles.append(mod.register_forward_hook(lambda *_a, p=path: _mark(seen, ("out", p))))
     try:
         with torch.no_grad():
             lvlm.model(**inputs)
     finally:
         for h in handles:
             h.remove()
-    lvlm._site_order = seen + [s for s in sites if s not in seen]
-    return lvlm._site_order
+    lvlm._event_rank = seen
+    return seen
+
+
+def _mark(seen: dict, event) -> None:
+    """Record an event's first occurrence; returns None so the hook changes nothing."""
+    seen.setdefault(event, len(seen))
 
 
 def _nnsight(lvlm: LVLM):
@@ -79,7 +95,8 @@ def trace(lvlm: LVLM, inputs: dict[str, torch.Tensor], cache: Sequence[str] = ()
     Args:
         cache: concrete site names to save (``lm.blocks.3``, ``projector``, ``lm.input``, …).
         edits: site → ``fn(tensor) -> tensor`` replacing the site's output (input, for
-            ``lm.input`` / ``vision.out``); applied after the interventions' own edits.
+            ``lm.input`` / ``vision.out``; the keyword argument, for ``SITE#kwarg``);
+            applied after the interventions' own edits.
         to_cpu: move cached tensors to the CPU.
         positions: ``"image"`` keeps only image-token positions of (B, L, ·) LM sites.
         grad: keep the autograd graph (for attribution); default runs under no_grad.
@@ -92,31 +109,61 @@ def trace(lvlm: LVLM, inputs: dict[str, torch.Tensor], cache: Sequence[str] = ()
         prev = all_edits.get(site)
         all_edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
     known = set(lvlm.adapter.concrete_sites(lvlm.model))
-    bad = [s for s in list(cache) + list(all_edits) if s not in known]
+    bad = [s for s in list(cache) + list(all_edits) if s.split("#", 1)[0] not in known
+           or ("#" not in s and s not in known)]
     if bad:
         raise SpatialBiasError(f"unknown site(s) {', '.join(bad)} for {lvlm.adapter.name}; "
                                f"see lvlm.adapter.concrete_sites(model)")
-    order = [s for s in forward_order(lvlm, prepared) if s in set(cache) | set(all_edits)]
+    rank = _event_rank(lvlm, prepared)
+    events: dict[tuple[str, str], list[str]] = {}
+    for site in dict.fromkeys(list(cache) + list(all_edits)):
+        events.setdefault(_event(lvlm, site), []).append(site)
     net = _nnsight(lvlm)
     saved: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
         with net.trace(**prepared, use_cache=False):
-            for site in order:
-                env = _envoy(net, lvlm.adapter.path(site))
-                is_input = site in INPUT_SITES
-                value = env.input if is_input else env.output
-                first = value[0] if isinstance(value, tuple) else value
-                if site in all_edits:
-                    first = all_edits[site](first)
-                    new = (first,) + tuple(value[1:]) if isinstance(value, tuple) else first
-                    if is_input:
-                        env.input = new
+            for (kind, path), sites in sorted(events.items(), key=lambda kv: rank.get(kv[0], len(rank))):
+                env = _envoy(net, path)
+                if kind == "out":
+                    value = env.output
+                    first = value[0] if isinstance(value, tuple) else value
+                    site = sites[0]
+                    if site in all_edits:
+                        first = all_edits[site](first)
+                        env.output = (first,) + tuple(value[1:]) if isinstance(value, tuple) else first
+                    if site in cache:
+                        saved[site] = first.save()
+                    continue
+                args, kwargs = env.inputs
+                args, kwargs = tuple(args), dict(kwargs)
+                changed = False
+                for site in sites:
+                    if "#" in site:
+                        key = site.split("#", 1)[1]
+                        if site in all_edits:
+                            kwargs[key] = all_edits[site](kwargs.get(key))
+                            changed = True
+                        if site in cache:
+                            saved[site] = kwargs.get(key).save()
+                        continue
+                    if args:
+                        first = args[0]
                     else:
-                        env.output = new
-                if site in cache:
-                    saved[site] = first.save()
+                        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                        first = kwargs[key]
+                    if site in all_edits:
+                        first = all_edits[site](first)
+                        if args:
+                            args = (first,) + args[1:]
+                        else:
+                            kwargs[key] = first
+                        changed = True
+                    if site in cache:
+                        saved[site] = first.save()
+                if changed:
+                    env.inputs = (args, kwargs)
             out["logits"] = net.output.logits.save()
     result = Trace(logits=out["logits"])
     mask = lvlm.image_mask(prepared["input_ids"]) if positions == "image" else None
@@ -124,7 +171,7 @@ def trace(lvlm: LVLM, inputs: dict[str, torch.Tensor], cache: Sequence[str] = ()
         t = saved[site]
         if mask is not None and site.startswith("lm.") and site != "lm.rotary" and t.shape[:2] == mask.shape:
             t = t[mask]
-        result.cache[site] = t.detach().cpu() if to_cpu else t
+        result.cache[site] = t.detach().cpu() if to_cpu and isinstance(t, torch.Tensor) else t
     return result
 
 

@@ -163,3 +163,22 @@ def small_probe_50(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe50")
     shapes_probe(out, n_items=50, seed=11, progress=False)
     return out
+
+
+def test_knockout_on_gemma3_keeps_the_bidirectional_image_mask():
+    m, clean, corrupt, _, _ = make("gemma3")
+    ko = attention.Knockout(cells=None, query="text")
+    with torch.no_grad():
+        a, b = m.run(clean, [ko]), m.run(corrupt, [ko])
+    assert torch.allclose(a[:, -2:], b[:, -2:], atol=1e-5)  # the question no longer sees the image
+    # image tokens still attend to later image tokens (bidirectional) under the knockout
+    from interp.tracing import trace
+    img = m.image_mask(clean["input_ids"])[0].nonzero().flatten()
+
+    def bump(x):
+        x = x.clone()
+        x[0, int(img[-1])] += 1.0
+        return x
+    h0 = trace(m, clean, cache=["lm.blocks.0"], interventions=[ko]).cache["lm.blocks.0"]
+    h1 = trace(m, clean, cache=["lm.blocks.0"], interventions=[ko], edits={"lm.input": bump}).cache["lm.blocks.0"]
+    assert (h0[0, int(img[0])] - h1[0, int(img[0])]).abs().max() > 1e-4

@@ -89,3 +89,16 @@ def test_unknown_site_is_one_clear_error(arch):
     _, m, inputs = arch
     with pytest.raises(SpatialBiasError, match="unknown site"):
         trace(m, inputs, cache=["lm.blocks.99"])
+
+
+def test_keyword_sites_knockout_and_layer_window_ids_match_the_runner(arch):
+    from interp.attention import Knockout
+    from interp.interventions import PositionSwap
+    _, m, inputs = arch
+    for ivs in ([Knockout(cells=(0, 4), layers=(0, 1), query="text")], [PositionSwap(a=0, b=8, layers=(1, 2))]):
+        t = trace(m, inputs, interventions=ivs, cache=["lm.blocks.0#attention_mask"])
+        with torch.no_grad():
+            want, base = m.run(inputs, ivs), m.run(inputs)
+        assert torch.allclose(t.logits, want, atol=1e-6)
+        assert (want - base).abs().max() > 1e-6
+        assert "lm.blocks.0#attention_mask" in t.cache
