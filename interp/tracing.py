@@ -146,7 +146,8 @@ def trace(lvlm: LVLM, inputs: dict[str, torch.Tensor], cache: Sequence[str] = ()
                             kwargs[key] = all_edits[site](kwargs.get(key))
                             changed = True
                         if site in cache:
-                            saved[site] = kwargs.get(key).save()
+                            v = kwargs.get(key)
+                            saved[site] = v.save() if v is not None else None
                         continue
                     if args:
                         first = args[0]
