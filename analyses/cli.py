@@ -103,6 +103,20 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     typer.echo(f"wrote {out / 'attribution.json'}, {out / 'causal'}, {out / 'figures'}")
 
 
+@app.command()
+@clean_errors
+def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench.json, bench.md)."),
+          quick: bool = typer.Option(False, help="Fewer items and repeats, no demo run."),
+          device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+          real_layers: int = typer.Option(2, help="LM layers of the real-shape LLaVA-1.5-7B / Qwen2.5-VL-7B "
+                                          "(random weights); 0 skips them.")):
+    """Benchmarks as ratios measured in one run: tracing overhead, batched vs looped patching,
+    attribution vs exact patching, scaling with image tokens and sites, demo phases."""
+    from analyses import bench as b
+    res = b.run(out, quick=quick, device=device, real_layers=real_layers)
+    typer.echo(b.markdown(res))
+
+
 @probe_app.command("build")
 @clean_errors
 def probe_build(out: Path = typer.Option(..., help="Output folder."),

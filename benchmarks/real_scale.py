@@ -23,35 +23,8 @@ import torch
 
 
 def build(lm_layers: int, vision_layers: int, dtype: torch.dtype, device: str):
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    from interp import tiny
-    tok = tiny.tokenizer()
-    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                          num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                          hidden_act="quick_gelu")
-    tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
-                      projector_hidden_act="gelu")
-    cfg.architectures = ["LlavaForConditionalGeneration"]
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                               image_mean=[0.48145466, 0.4578275, 0.40821073],
-                               image_std=[0.26862954, 0.26130258, 0.27577711])
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, image_token="<image>", chat_template=tiny.LLAVA_CHAT)
-    return model, proc
+    from interp.realshape import llava_15_7b
+    return llava_15_7b(lm_layers, vision_layers, dtype=dtype, device=device)
 
 
 def median_time(fn, repeats: int, warmup: int, device: str) -> float:

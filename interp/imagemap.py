@@ -54,6 +54,23 @@ class ImageTokenMap:
         return self.image + 1
 
 
+def _image_fields(views) -> torch.Tensor:
+    """(n_tokens, 5) long: view, row, col, rows, cols of every token of one image, in sequence order."""
+    parts = []
+    for vi, v in enumerate(views):
+        r = torch.arange(v.rows).repeat_interleave(v.cols + int(v.newline_per_row))
+        c = torch.arange(v.cols + int(v.newline_per_row)).repeat(v.rows)
+        if v.newline_per_row:
+            nl = c == v.cols
+            r, c = r.masked_fill(nl, -1), c.masked_fill(nl, -1)
+        if v.trailing:
+            r = torch.cat([r, torch.full((v.trailing,), -1)])
+            c = torch.cat([c, torch.full((v.trailing,), -1)])
+        n = len(r)
+        parts.append(torch.stack([torch.full((n,), vi), r, c, torch.full((n,), v.rows), torch.full((n,), v.cols)], 1))
+    return torch.cat(parts, 0) if parts else torch.empty(0, 5, dtype=torch.long)
+
+
 def build(image_mask: torch.Tensor, views: list[list[Any]]) -> ImageTokenMap:
     """Lay the images' views (processor order: row by row) over the image-token positions.
 
@@ -62,34 +79,30 @@ def build(image_mask: torch.Tensor, views: list[list[Any]]) -> ImageTokenMap:
         views: per image, its list of :class:`interp.adapters.View` in sequence order.
     """
     B, L = image_mask.shape
-    fields = {k: torch.full((B, L), -1, dtype=torch.long) for k in ("image", "view", "row", "col", "rows", "cols")}
+    out = torch.full((6, B, L), -1, dtype=torch.long)
+    cache: dict = {}
     per_image = []
     for vs in views:
-        toks = []
-        for vi, v in enumerate(vs):
-            for r in range(v.rows):
-                toks += [(vi, r, c, v.rows, v.cols) for c in range(v.cols)]
-                if v.newline_per_row:
-                    toks.append((vi, -1, -1, v.rows, v.cols))
-            toks += [(vi, -1, -1, v.rows, v.cols)] * v.trailing
-        per_image.append(toks)
+        key = tuple(vs)
+        if key not in cache:
+            cache[key] = _image_fields(vs)
+        per_image.append(cache[key])
     it = iter(per_image)
     mask = image_mask.cpu()
     for b in range(B):
-        pos = mask[b].nonzero().flatten().tolist()
+        pos = mask[b].nonzero().flatten()
         k, img = 0, 0
         while k < len(pos):
-            toks = next(it, None)
-            if toks is None or k + len(toks) > len(pos):
+            f = next(it, None)
+            if f is None or k + len(f) > len(pos):
                 raise SpatialBiasError(f"row {b}: {len(pos)} image tokens do not match the images' token counts; "
                                        "were the inputs made by this model's processor?")
-            for j, (vi, r, c, nr, nc) in enumerate(toks):
-                p = pos[k + j]
-                for key, val in zip(("image", "view", "row", "col", "rows", "cols"), (img, vi, r, c, nr, nc)):
-                    fields[key][b, p] = val
-            k += len(toks)
+            p = pos[k:k + len(f)]
+            out[0, b, p] = img
+            out[1:, b, p] = f.T
+            k += len(f)
             img += 1
     if next(it, None) is not None:
         raise SpatialBiasError("more images than image-token runs in the prompts; each image needs its marker")
-    dev = image_mask.device
-    return ImageTokenMap(**{k: v.to(dev) for k, v in fields.items()})
+    out = out.to(image_mask.device)
+    return ImageTokenMap(image=out[0], view=out[1], row=out[2], col=out[3], rows=out[4], cols=out[5])

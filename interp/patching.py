@@ -3,9 +3,10 @@
 ``base`` and ``source`` are processor inputs with one row per item (row i of both = item i in
 two placements, same prompt). A :class:`Patch` names a site and a token group; the patched run
 is the base row with the source row's activation written at that site and group. All patches
-of a chunk of items run as ONE forward: each item contributes its source row, its unpatched
-base row and one base row per patch, and every edit copies from the item's source row inside
-that forward (the source row is never edited, so it holds the source activations).
+run in forwards of at most ``batch_size`` rows: each item (or slice of its patches) contributes
+its source row, its unpatched base row and one base row per patch, and every edit copies from
+that source row inside the same forward (the source row is never edited, so it holds the source
+activations).
 
 Denoising (clean → corrupt): base = corrupt, source = clean; restoration
 ``(patched − corrupt) / (clean − corrupt)``. Noising (corrupt → clean): base = clean, source =
@@ -53,9 +54,9 @@ def logit_diff(last_logits: torch.Tensor, correct: torch.Tensor, candidates: Seq
 
 
 def group_masks(lvlm: LVLM, inputs: dict[str, torch.Tensor], targets: Sequence[Sequence[int]],
-                grid: tuple[int, int] = (3, 3)) -> dict[str, torch.Tensor]:
+                grid: tuple[int, int] = (3, 3), imap=None) -> dict[str, torch.Tensor]:
     """(B, L) bool masks of every token group; ``targets[b]``: the target cells of row b."""
-    imap = lvlm.image_map(inputs)
+    imap = imap if imap is not None else lvlm.image_map(inputs)
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
     cells = imap.cells(*grid)
     tgt = torch.zeros_like(mask)
@@ -81,8 +82,10 @@ def _site_kind(lvlm: LVLM, site: str) -> str:
 
 
 def _copy(x: torch.Tensor, ops, B: int, kind: str) -> torch.Tensor:
-    """Copy rows of ``x`` in place on a clone: ops = [(dst, src, mask (L,) | (N,) | None)]."""
-    x = x.clone()
+    """Copy rows of ``x``: ops = [(dst, src, mask (L,) | (N,) | None)]. In place when no graph
+    is recorded (the module's fresh output feeds only the next module), else on a clone."""
+    if x.requires_grad:
+        x = x.clone()
     view = x if kind == "lm" else x.reshape(B, -1, x.shape[-1])
     for dst, src, m in ops:
         if m is None:
@@ -112,28 +115,36 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
     N = base["input_ids"].shape[0]
     if source["input_ids"].shape != base["input_ids"].shape:
         raise SpatialBiasError("base and source must have the same shape (same prompts, one image per row)")
-    per_item = 2 + len(patches)
-    items_per_chunk = max(1, batch_size // per_item)
+    # work units: (item, slice of patches) of at most batch_size − 2 patches (+ source and base rows)
+    per_unit = max(1, batch_size - 2)
+    units = [(i, list(range(j, min(len(patches), j + per_unit)))) for i in range(N)
+             for j in range(0, len(patches), per_unit)]
     both = {k: torch.cat([base[k], source[k]], 0) for k in base}
     out = []
-    bar = tqdm(total=N, desc="patching", unit="item", disable=not progress)
-    for start in range(0, N, items_per_chunk):
-        items = list(range(start, min(N, start + items_per_chunk)))
+    bar = tqdm(total=len(units), desc="patching", unit="chunk", disable=not progress)
+    u = 0
+    while u < len(units):
+        take, rows_needed = [], 0
+        while u < len(units) and (not take or rows_needed + 2 + len(units[u][1]) <= batch_size):
+            take.append(units[u])
+            rows_needed += 2 + len(units[u][1])
+            u += 1
         rows, layout = [], []
-        for i in items:
+        for i, js in take:
             s = len(rows)
-            rows += [N + i, i] + [i] * len(patches)  # source, unpatched base, patched bases
-            layout.append((i, s))
+            rows += [N + i, i] + [i] * len(js)  # source, unpatched base, patched bases
+            layout.append((i, s, js))
         chunk = lvlm.adapter.select_rows(both, rows)
         if len(rows) != chunk["input_ids"].shape[0]:
             raise SpatialBiasError("row selection failed; patching needs one image per row")
         chunk, iv_edits = lvlm.prepare(chunk, interventions)
-        groups = group_masks(lvlm, chunk, [targets[i] for i in items for _ in range(per_item)])
         imap = lvlm.image_map(chunk)
+        groups = group_masks(lvlm, chunk, [targets[i] for i, s, js in layout for _ in range(2 + len(js))], imap=imap)
         ops: dict[str, list] = {}
-        for i, s in layout:
-            for j, p in enumerate(patches):
-                dst = s + 2 + j
+        for i, s, js in layout:
+            for k, j in enumerate(js):
+                p = patches[j]
+                dst = s + 2 + k
                 kind = _site_kind(lvlm, p.site)
                 if kind == "lm":
                     m = groups[p.group][s]
@@ -153,13 +164,14 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
             edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
         with torch.no_grad(), edit_sites(lvlm.model, lvlm.adapter, edits):
             logits = lvlm.model(**chunk, use_cache=False, logits_to_keep=1).logits[:, -1]
-        corr = torch.cat([correct[i].repeat(per_item) for i in items]).to(logits.device)
+        corr = torch.cat([correct[i].repeat(2 + len(js)) for i, s, js in layout]).to(logits.device)
         metric = logit_diff(logits, corr, candidates).cpu()
-        for i, s in layout:
-            for j, p in enumerate(patches):
-                out.append({"item": i, "site": p.site, "group": p.group, "metric": float(metric[s + 2 + j]),
+        for i, s, js in layout:
+            for k, j in enumerate(js):
+                p = patches[j]
+                out.append({"item": i, "site": p.site, "group": p.group, "metric": float(metric[s + 2 + k]),
                             "base_metric": float(metric[s + 1]), "source_metric": float(metric[s])})
-        bar.update(len(items))
+        bar.update(len(take))
     bar.close()
     return pd.DataFrame(out)
 

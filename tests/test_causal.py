@@ -45,6 +45,8 @@ def test_batched_patching_equals_one_forward_per_patch(setup):
     _, m, clean, corrupt, correct, cands = setup
     ps = [patching.Patch("lm.blocks.0", "target"), patching.Patch("lm.blocks.1", "text"), patching.Patch("projector")]
     df = patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, batch_size=64)
+    small = patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, batch_size=3)  # 1 patch/forward
+    assert torch.allclose(torch.tensor(small.metric.to_numpy()), torch.tensor(df.metric.to_numpy()), atol=1e-4)
     from interp.tracing import trace
     masks = patching.group_masks(m, corrupt, [(0, 8)] * 3)
     src = trace(m, clean, cache=[p.site for p in ps])

@@ -1,0 +1,280 @@
+"""Benchmarks: every figure is a ratio of medians measured in the same run (these machines are
+noisy), after warm-up. ``spatialbias bench`` writes ``bench.json`` and ``bench.md``.
+
+* tracing overhead: nnsight trace caching K sites vs the bare HF forward;
+* position-swap patching: the batched engine vs the loop a TransformerLens/nnsight user writes
+  (one cached clean forward per item, then one forward per patch), outputs asserted equal;
+* attribution patching vs exact patching: speed-up and Spearman of the site rankings;
+* scaling: time and memory against image tokens and number of cached sites;
+* the demo's phases (load, probe, evaluation, causal analyses, figures).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from scipy import stats
+
+import interp
+from interp import attribution, patching
+from interp.model import LVLM
+from interp.tracing import trace
+from probes.format import atomic_write_text
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_s(fn: Callable, repeats: int = 5, warmup: int = 1, device="cpu") -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def machine() -> dict:
+    d = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+         platform.machine(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name()
+    return d
+
+
+def lm_sites(lvlm: LVLM, k: int | None) -> list[str]:
+    """k LM block outputs spread over the depth (all of them when k is None), plus the projector."""
+    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    idx = list(range(n)) if k is None or k >= n else sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    return ["projector"] + [f"lm.blocks.{i}" for i in idx]
+
+
+def tracing_overhead(lvlm: LVLM, inputs, repeats: int = 5, ks=(1, 8, None)) -> dict:
+    dev = lvlm.device
+    with torch.no_grad():
+        bare = median_s(lambda: lvlm.model(**inputs, use_cache=False), repeats, 1, dev)
+    out = {"bare_forward_s": bare, "wrapper_run_s": median_s(lambda: lvlm.run(inputs), repeats, 1, dev)}
+    for k in ks:
+        sites = lm_sites(lvlm, k)
+        t = median_s(lambda: trace(lvlm, inputs, cache=sites), repeats, 1, dev)
+        out[f"trace_{len(sites)}_sites_s"] = t
+        out[f"trace_{len(sites)}_sites_ratio"] = t / bare
+    out["wrapper_run_ratio"] = out["wrapper_run_s"] / bare
+    return out
+
+
+def _loop_patching(lvlm: LVLM, base, source, patches, correct, cands, targets) -> torch.Tensor:
+    """What one writes by hand: per item, cache the source activations, then one forward per patch."""
+    sites = sorted({p.site for p in patches})
+    N = base["input_ids"].shape[0]
+    vals = torch.empty(len(patches), N)
+    for i in range(N):
+        b = lvlm.adapter.select_rows(base, [i])
+        s = lvlm.adapter.select_rows(source, [i])
+        cache = trace(lvlm, s, cache=sites).cache
+        masks = patching.group_masks(lvlm, b, [targets[i]])
+        for j, p in enumerate(patches):
+            src = cache[p.site]
+            if p.group == "all" or not (p.site.startswith("lm.") or p.site == "unembed"):
+                edit = {p.site: lambda x, v=src: v.clone()}
+            else:
+                edit = {p.site: lambda x, v=src, mk=masks[p.group]: torch.where(mk[..., None], v, x)}
+            lg = trace(lvlm, b, edits=edit).logits[:, -1]
+            vals[j, i] = patching.logit_diff(lg, correct[i:i + 1].to(lg.device), cands)[0]
+    return vals
+
+
+def patching_speed(lvlm: LVLM, base, source, patches, correct, cands, targets, batch_size: int = 64) -> dict:
+    dev = lvlm.device
+    t0 = time.perf_counter()
+    df = patching.run_patches(lvlm, base, source, patches, correct, cands, targets, batch_size=batch_size)
+    _sync(dev)
+    batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loop = _loop_patching(lvlm, base, source, patches, correct, cands, targets)
+    _sync(dev)
+    looped = time.perf_counter() - t0
+    got = torch.tensor([[df[(df.item == i) & (df.site == p.site) & (df.group == p.group)].metric.iloc[0]
+                         for i in range(loop.shape[1])] for p in patches], dtype=torch.float32)
+    err = float((got - loop).abs().max())
+    tol = 1e-3 if next(lvlm.model.parameters()).dtype == torch.float32 else 0.25
+    if err > tol:
+        raise AssertionError(f"batched and looped patching disagree by {err}")
+    return {"patches": len(patches), "items": loop.shape[1], "batched_s": batched, "loop_s": looped,
+            "speedup": looped / batched, "max_abs_diff": err}
+
+
+def attribution_vs_exact(lvlm: LVLM, base, source, patches, correct, cands, targets, batch_size: int = 64) -> dict:
+    dev = lvlm.device
+    t0 = time.perf_counter()
+    ex = patching.restoration(patching.run_patches(lvlm, base, source, patches, correct, cands, targets,
+                                                   batch_size=batch_size), "denoise")
+    _sync(dev)
+    t_ex = time.perf_counter() - t0
+    out = {"exact_s": t_ex}
+    for steps in (1, 8):
+        t0 = time.perf_counter()
+        at = attribution.estimated_restoration(attribution.attribution_patching(
+            lvlm, base, source, patches, correct, cands, targets, batch_size=batch_size, steps=steps))
+        _sync(dev)
+        t_at = time.perf_counter() - t0
+        j = ex.merge(at, on=["site", "group"])
+        out[f"atp{steps}_s"] = t_at
+        out[f"atp{steps}_speedup"] = t_ex / t_at
+        out[f"atp{steps}_spearman"] = float(stats.spearmanr(j.restoration, j.estimate).statistic)
+    return out
+
+
+def placement_batch(lvlm: LVLM, n: int, size: tuple[int, int] = (336, 336)):
+    """n items as two placements (the image and its mirror), with the tiny vocabulary's answers."""
+    from interp import tiny
+    imgs = [tiny.image(*size, seed=s) for s in range(n)]
+    q = lvlm.prompt("what is this ?")
+    clean = lvlm.inputs(imgs, [q] * n)
+    corrupt = lvlm.inputs([im.transpose(0) for im in imgs], [q] * n)
+    cands = [lvlm.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
+    correct = torch.tensor([cands[i % 3] for i in range(n)])
+    return clean, corrupt, correct, cands, [(0, 8)] * n
+
+
+def scaling(device: str, sizes=(112, 336, 756), lm_layers: int = 2, vision_layers: int = 2,
+            dtype=torch.float32) -> list[dict]:
+    """Time and memory of a forward and of traces with 1 / 4 / all LM sites against the number of
+    image tokens ((size/14)²: 64, 576, 2916), at LLaVA-1.5-7B widths with few layers."""
+    from interp import realshape, tiny
+    rows = []
+    for size in sizes:
+        model, proc = realshape.llava_15_7b(lm_layers, vision_layers, image_size=size, dtype=dtype, device=device)
+        lvlm = interp.load(model, proc)
+        x = lvlm.inputs([tiny.image(size, size)], [lvlm.prompt("what is this ?")])
+        n_img = int(lvlm.image_mask(x["input_ids"]).sum())
+        for k in (1, 4, None):
+            sites = lm_sites(lvlm, k)
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = median_s(lambda: trace(lvlm, x, cache=sites), 3, 1, device)
+            with torch.no_grad():
+                bare = median_s(lambda: lvlm.model(**x, use_cache=False), 3, 1, device)
+            cache = trace(lvlm, x, cache=sites, to_cpu=True).cache
+            rows.append({"image_tokens": n_img, "seq_len": int(x["input_ids"].shape[1]), "sites": len(sites),
+                         "trace_s": t, "bare_s": bare, "ratio": t / bare,
+                         "cache_mib": sum(v.numel() * v.element_size() for v in cache.values()) / 2 ** 20,
+                         "cuda_peak_gib": (torch.cuda.max_memory_allocated() / 2 ** 30
+                                           if torch.device(device).type == "cuda" else None)})
+        del model, lvlm
+    return rows
+
+
+def demo_phases(out: Path) -> dict:
+    """The demo's phases, timed inside ``report.run`` (set-up is measured outside: README)."""
+    from analyses import report
+    t0 = time.perf_counter()
+    s = report.run("organism", out / "demo", progress=False)
+    return {**s["timings"], "total_in_process_s": time.perf_counter() - t0}
+
+
+def organism_pairs(out: Path, n: int = 100):
+    from analyses.causal import placement_pairs
+    from probes.build import shapes_probe
+    m = interp.load("organism")
+    probe = shapes_probe(out / "probe", n_items=n, seed=0, progress=False).parent
+    return m, placement_pairs(m, probe, 8, 0, n_items=n)
+
+
+def run(out: str | Path, quick: bool = False, device: str = "cpu", real_layers: int = 2,
+        real: tuple[str, ...] = ("llava15", "qwen25vl")) -> dict:
+    """Run every benchmark; write ``out/bench.json`` and ``out/bench.md``."""
+    out = Path(out)
+    res: dict = {"machine": machine(), "quick": quick, "device": device}
+    m, pairs = organism_pairs(out, 40 if quick else 100)
+    res["organism"] = {
+        "tracing": tracing_overhead(m, pairs.clean, repeats=5 if quick else 20),
+        "patching": patching_speed(m, pairs.corrupt, pairs.clean, patching.default_patches(m), pairs.correct,
+                                   pairs.candidates, pairs.targets),
+        "attribution": attribution_vs_exact(m, pairs.corrupt, pairs.clean, patching.default_patches(m),
+                                            pairs.correct, pairs.candidates, pairs.targets),
+    }
+    from interp import tiny
+    res["tiny"] = {}
+    for name, build in tiny.BUILDERS.items():
+        lvlm = interp.load(*build())
+        clean, corrupt, correct, cands, targets = placement_batch(lvlm, 4, (48, 48))
+        ps = [patching.Patch(f"lm.blocks.{i}", g) for i in range(2) for g in ("image", "text", "last")]
+        res["tiny"][name] = {"tracing": tracing_overhead(lvlm, clean, repeats=5),
+                             "patching": patching_speed(lvlm, corrupt, clean, ps, correct, cands, targets)}
+    if real_layers:
+        from interp import realshape
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        res["real"] = {}
+        for name in real:
+            if name == "llava15":
+                model, proc = realshape.llava_15_7b(real_layers, min(real_layers, 24), dtype=dtype, device=device)
+                size = (336, 336)
+            else:
+                model, proc = realshape.qwen25_vl_7b(min(real_layers, 28), min(real_layers, 32), dtype=dtype,
+                                                     device=device)
+                size = (840, 840)
+            lvlm = interp.load(model, proc)
+            n = 2 if quick or torch.device(device).type == "cpu" else 8
+            clean, corrupt, correct, cands, targets = placement_batch(lvlm, n, size)
+            n_lm = lvlm.adapter.layer_count(lvlm.model, "lm")
+            ps = [patching.Patch(f"lm.blocks.{i}", g) for i in range(n_lm) for g in ("image", "text", "last")]
+            r = {"lm_layers": n_lm, "dtype": str(dtype), "image_tokens": int(lvlm.image_mask(
+                clean["input_ids"])[0].sum()), "tracing": tracing_overhead(lvlm, clean, repeats=3 if quick else 10)}
+            r["patching"] = patching_speed(lvlm, corrupt, clean, ps, correct, cands, targets,
+                                           batch_size=8 if torch.device(device).type == "cuda" else 4)
+            res["real"][name] = r
+            del model, lvlm
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    res["scaling"] = scaling(device, sizes=(112, 336) if quick else (112, 336, 756),
+                             dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32,
+                             lm_layers=2 if torch.device(device).type == "cpu" else 8,
+                             vision_layers=2 if torch.device(device).type == "cpu" else 8)
+    if not quick:
+        res["demo"] = demo_phases(out)
+    atomic_write_text(out / "bench.json", json.dumps(res, indent=1, default=str) + "\n")
+    atomic_write_text(out / "bench.md", markdown(res))
+    return res
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Benchmark ({'quick' if res['quick'] else 'full'}, {res['device']})", "",
+             f"Machine: {json.dumps(res['machine'])}", "",
+             "| model | traced forward / bare forward (K sites) | batched vs per-patch loop | patches × items |",
+             "|---|---|---|---|"]
+
+    def row(name, r):
+        tr = r["tracing"]
+        ratios = ", ".join(f"{v:.2f}× ({k.split('_')[1]})" for k, v in tr.items() if k.endswith("sites_ratio"))
+        p = r["patching"]
+        lines.append(f"| {name} | {ratios} | {p['speedup']:.1f}× faster (max |Δ| {p['max_abs_diff']:.1e}) | "
+                     f"{p['patches']} × {p['items']} |")
+    row("organism", res["organism"])
+    for k, v in res.get("tiny", {}).items():
+        row(f"tiny {k}", v)
+    for k, v in res.get("real", {}).items():
+        row(f"{k} ({v['lm_layers']} LM layers, {v['image_tokens']} image tokens, {v['dtype']})", v)
+    a = res["organism"]["attribution"]
+    lines += ["", "| attribution patching (organism) | speed-up vs exact | Spearman vs exact |", "|---|---|---|",
+              f"| plain (1 backward) | {a['atp1_speedup']:.1f}× | {a['atp1_spearman']:.2f} |",
+              f"| 8 pixel-interpolation steps | {a['atp8_speedup']:.1f}× | {a['atp8_spearman']:.2f} |", "",
+              "| image tokens | sites | traced / bare | cache MiB | CUDA peak GiB |", "|---|---|---|---|---|"]
+    for r in res["scaling"]:
+        peak = f"{r['cuda_peak_gib']:.2f}" if r["cuda_peak_gib"] is not None else "–"
+        lines.append(f"| {r['image_tokens']} | {r['sites']} | {r['ratio']:.2f} | {r['cache_mib']:.1f} | {peak} |")
+    if "demo" in res:
+        d = res["demo"]
+        lines += ["", "Demo phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in d.items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,72 @@
+"""Real-scale shapes with random weights, for benchmarks (no download): LLaVA-1.5-7B and
+Qwen2.5-VL-7B configs, optionally with fewer layers, and real processors (PIL image
+processors at the real resolution; the tiny word-level tokenizer)."""
+from __future__ import annotations
+
+import torch
+
+from interp import tiny
+
+
+def _build(cls, cfg, dtype: torch.dtype, device: str):
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def llava_15_7b(lm_layers: int = 32, vision_layers: int = 24, image_size: int = 336,
+                dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """LLaVA-1.5-7B: CLIP ViT-L/14 (``image_size`` px → (image_size/14)² image tokens; 576 at 336)
+    + Llama-2-7B (4096 wide, 32 layers). Returns (model, processor)."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tok = tiny.tokenizer()
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                          num_attention_heads=16, image_size=image_size, patch_size=14, projection_dim=768,
+                          hidden_act="quick_gelu")
+    tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    n_img = (image_size // 14) ** 2
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2 if vision_layers > 1 else -1, vision_feature_select_strategy="default",
+                      image_seq_length=n_img, projector_hidden_act="gelu")
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    model = _build(LlavaForConditionalGeneration, cfg, dtype, device)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                               image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token="<image>", chat_template=tiny.LLAVA_CHAT)
+    return model, proc
+
+
+def qwen25_vl_7b(lm_layers: int = 28, vision_layers: int = 32, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+    """Qwen2.5-VL-7B: a 32-block windowed ViT (1280 wide) + merger + Qwen2 LM (3584 wide, 28
+    layers, M-RoPE); an 840 px canvas gives 60×60 patches → 900 merged image tokens."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from interp.adapters.qwen import image_only_processor
+    tok = tiny.tokenizer()
+    full = [i for i in (7, 15, 23, 31) if i < vision_layers] or [vision_layers - 1]
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=lm_layers,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                         vocab_size=152064, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id),
+        vision_config=dict(depth=vision_layers, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=full),
+        **tiny._qwen_ids(tok))
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    model = _build(Qwen2_5_VLForConditionalGeneration, cfg, dtype, device)
+    ip = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
+                                  size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+    return model, image_only_processor(ip, tok, chat_template=tiny.QWEN_CHAT)
