@@ -10,6 +10,10 @@ import typer
 
 from interp.errors import SpatialBiasError
 
+TRUST_HELP = ("Let the checkpoint run its own Python code (transformers' trust_remote_code). Off by default: "
+              "only do this for checkpoints whose code you have read.")
+
+
 app = typer.Typer(help="Find, trace and mitigate spatial bias in vision-language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 probe_app = typer.Typer(help="Build grid probes.", no_args_is_help=True)
@@ -56,6 +60,7 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            seed: int = typer.Option(0, help="Seed of the built probe and of the bootstrap."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+           trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
            progress: bool = typer.Option(True, help="Show progress bars."),
            causal: bool = typer.Option(True, help="Add the causal analyses (patching, position-id patching, "
                                        "attention flow, knockout, attribution patching)."),
@@ -64,11 +69,84 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
     difference arises; write summary.json, tables, figures and index.html."""
     from analyses import report as rep
     s = rep.run(model, out, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, batch_size=batch_size,
-                device=device, progress=progress, causal=causal, causal_items=causal_items)
+                device=device, progress=progress, causal=causal, causal_items=causal_items,
+                trust_remote_code=trust_remote_code)
     typer.echo(rep.conclusion(s))
     if causal:
         typer.echo(rep.causal_conclusion(s))
     typer.echo(f"wrote {out / 'index.html'}, {out / 'summary.json'}, {out / 'figures'}")
+
+
+def _conditions(specs: list[str]) -> dict:
+    """'baseline', 'bapa', 'bapa:keep_hw', 'agci:0.5', 'agci-pooled:0.5' → {name: [interventions]}."""
+    import interp
+    out = {}
+    for spec in specs:
+        kind, _, arg = spec.partition(":")
+        try:
+            if kind == "baseline":
+                out["baseline"] = []
+            elif kind == "bapa":
+                out[spec] = [interp.BaPA(variant=arg or "reference")]
+            elif kind in ("agci", "agci-pooled"):
+                out[spec] = [interp.AGCI(lam=float(arg or 0.5), pooled=kind == "agci-pooled")]
+            else:
+                raise ValueError
+        except ValueError:
+            raise SpatialBiasError(f"--condition {spec!r} is not understood; use baseline, bapa, bapa:keep_hw, "
+                                   "agci:LAMBDA or agci-pooled:LAMBDA") from None
+    return out
+
+
+@app.command("eval")
+def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint folder, or a cached hub id."),
+             probe: Path = typer.Option(..., help="A probe folder (probe.jsonl + images)."),
+             out: Path = typer.Option(..., help="Output folder (results.parquet|csv, summary.json)."),
+             condition: list[str] = typer.Option(["baseline", "bapa", "agci:0.5"], help="Conditions to score "
+                                                 "(repeat): baseline, bapa, bapa:keep_hw, agci:λ, agci-pooled:λ."),
+             skip_bad: bool = typer.Option(False, help="Score the good rows and list the bad ones in the results "
+                                           "instead of stopping."),
+             batch_size: int = typer.Option(64, help="Rows per forward."),
+             seed: int = typer.Option(0, help="Seed of the bootstrap intervals (recorded)."),
+             device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+             trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
+             progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Score a probe: the whole probe is validated first; every bad row is reported at once
+    (file, line, reason) and nothing is written, unless --skip-bad."""
+    import json
+
+    import interp
+    from analyses.evaluate import check_probe, score_probe
+    from analyses.metrics import cell_metrics
+    from analyses.report import _write_table
+    from probes.format import atomic_write_text
+    try:
+        conds = _conditions(condition)
+        good, problems = check_probe(probe)
+    except SpatialBiasError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if problems and not skip_bad:
+        for p in problems:
+            typer.echo(f"error: {p}", err=True)
+        typer.echo(f"error: {len(problems)} bad row(s) in {probe}; fix them or pass --skip-bad", err=True)
+        raise typer.Exit(2)
+    if not good:
+        typer.echo(f"error: {probe}: no usable rows", err=True)
+        raise typer.Exit(2)
+    try:
+        lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
+        df = score_probe(lvlm, probe, conds, batch_size=batch_size, progress=progress, rows=[r for _, r in good])
+    except SpatialBiasError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    df["line"] = df["row"].map(dict(enumerate(n for n, _ in good)))
+    _write_table(df, out)
+    summary = {"model": model, "probe": str(probe), "seed": seed, "conditions":
+               {c: cell_metrics(df[df.condition == c], seed=seed) for c in conds},
+               "skipped": [str(p) for p in problems]}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    typer.echo(f"scored {len(good)} rows ({len(problems)} skipped); wrote {out / 'summary.json'}")
 
 
 @app.command()

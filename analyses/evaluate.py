@@ -10,27 +10,21 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from analyses.scoring import AnswerSet, prompt_text
 from interp.interventions import Intervention
 from interp.model import LVLM
-from probes.format import ProbeError, ProbeRow, read_meta, read_rows, resolve_image
+from probes.format import ProbeError, ProbeRow, read_meta, read_rows, resolve_image, scan_rows
+from probes.images import load_rgb
 
 Conditions = dict[str, Sequence[Intervention]]
 
 
 def load_image(folder: Path, row: ProbeRow, where: str) -> Image.Image:
-    """Open a row's image as RGB; a missing, truncated or non-image file raises ProbeError."""
-    path = resolve_image(folder, row, where)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ProbeError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e}); "
-                         "replace the file or rebuild the probe") from None
+    """Open a row's image as RGB (:func:`probes.images.load_rgb`); bad files raise ProbeError."""
+    return load_rgb(resolve_image(folder, row, where), where)
 
 
 def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
@@ -43,7 +37,8 @@ def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
 
 
 def validate_probe(probe_dir: str | Path) -> list[ProbeRow]:
-    """Read every row and check every image path before any compute; returns the rows."""
+    """Read every row and check every image path before any compute; returns the rows
+    (raises the first problem)."""
     folder = Path(probe_dir)
     rows = read_rows(folder)
     for i, r in enumerate(rows):
@@ -51,15 +46,36 @@ def validate_probe(probe_dir: str | Path) -> list[ProbeRow]:
     return rows
 
 
-def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch_size: int = 64,
-                progress: bool = True) -> pd.DataFrame:
-    """Run every condition over every probe row.
+def check_probe(probe_dir: str | Path, images: bool = True) -> tuple[list[tuple[int, ProbeRow]], list[ProbeError]]:
+    """Every problem of a probe at once: rows that do not parse, image paths that are missing or
+    leave the folder, and (``images``) files that cannot be decoded or are too small. Returns
+    (the good rows with their line numbers, the problems)."""
+    folder = Path(probe_dir)
+    rows, problems = scan_rows(folder)
+    good = []
+    for n, r in rows:
+        where = f"{folder / 'probe.jsonl'}:{n} (id={r.id})"
+        try:
+            path = resolve_image(folder, r, where)
+            if images:
+                load_rgb(path, where)
+        except ProbeError as e:
+            problems.append(e)
+            continue
+        good.append((n, r))
+    return good, problems
 
-    Returns columns: ``row`` (line order), ``id``, ``position``, ``cell``, ``answer``,
-    ``condition``, ``pred``, ``correct``, ``p_correct``, ``logit_diff``.
+
+def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch_size: int = 64,
+                progress: bool = True, rows: list[ProbeRow] | None = None) -> pd.DataFrame:
+    """Run every condition over every probe row (or over ``rows``, a validated subset).
+
+    Returns columns: ``row`` (order in the rows scored), ``id``, ``position``, ``cell``,
+    ``answer``, ``condition``, ``pred``, ``correct``, ``p_correct``, ``logit_diff``.
     """
     folder = Path(probe_dir)
-    rows = validate_probe(folder)
+    if rows is None:
+        rows = validate_probe(folder)
     cands = answer_set(lvlm, rows, read_meta(folder))
     probe_file = folder / "probe.jsonl"
     out = []

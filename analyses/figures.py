@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "spatialbias"  # SVG ids do not change between runs
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -59,7 +60,7 @@ def save(fig, out_dir: str | Path, stem: str) -> list[Path]:
     import io
     out_dir = Path(out_dir)
     paths = []
-    for ext, kw in (("png", {"dpi": 130}), ("svg", {})):
+    for ext, kw in (("png", {"dpi": 130}), ("svg", {"metadata": {"Date": None}})):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
         p = out_dir / f"{stem}.{ext}"

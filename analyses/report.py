@@ -21,7 +21,7 @@ from analyses import figures
 from analyses.evaluate import score_probe, validate_probe
 from analyses.metrics import cell_metrics
 from probes.build import shapes_probe
-from probes.format import atomic_write_bytes, atomic_write_text
+from probes.format import atomic_write_bytes, atomic_write_text, read_rows
 
 DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 
@@ -36,7 +36,8 @@ def organism_record(lvlm: interp.LVLM) -> dict | None:
 
 def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path | None = None,
         n_items: int = 300, lambdas: Sequence[float] = DEFAULT_LAMBDAS, seed: int = 0, batch_size: int = 64,
-        device: str | None = None, progress: bool = True, causal: bool = True, causal_items: int = 100) -> dict:
+        device: str | None = None, progress: bool = True, causal: bool = True, causal_items: int = 100,
+        trust_remote_code: bool = False) -> dict:
     """Run the whole job; returns the summary dict (also written to ``out/summary.json``)."""
     out = Path(out)
     conditions = {"baseline": [], "bapa": [interp.BaPA()]}
@@ -45,7 +46,7 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
         validate_probe(probe)  # a bad probe fails before the model loads
     t = {}
     t0 = time.perf_counter()
-    lvlm = interp.load(model, device=device)
+    lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
     t["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if probe is None:
@@ -65,6 +66,7 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
         "n_items": int(df["id"].nunique()), "seed": seed,
         "conditions": {"baseline": summaries["baseline"], "bapa": summaries["bapa"], "agci": agci},
         "organism": organism_record(lvlm),
+        "probe_sample": [r.to_json() for r in read_rows(probe)[:9]],
         "software": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
     }
@@ -92,8 +94,9 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     for stem, fig in figs.items():
         figures.save(fig, fig_dir, stem)
     t["figures_s"] += time.perf_counter() - t0
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")  # no timings: same seed, same file
+    atomic_write_text(out / "timings.json", json.dumps(t, indent=1) + "\n")
     summary["timings"] = t
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "index.html", render_html(summary, fig_dir, list(figs)))
     return summary
 
@@ -259,6 +262,10 @@ def render_html(summary: dict, fig_dir: Path, stems: list[str]) -> str:
             for a, lo, hi in zip(c["cell_accuracy"], c["cell_ci_low"], c["cell_ci_high"])) + "</tr>"
         for name, c in rows)
     from probes.format import POSITIONS
+    sample = "".join(
+        f"<tr><td>{e(str(r.get('id')))}</td><td>{e(str(r.get('position')))}</td><td>{e(str(r.get('image')))}</td>"
+        f"<td>{e(str(r.get('caption', r.get('question'))))}</td><td>{e(str(r.get('answer')))}</td></tr>"
+        for r in summary.get("probe_sample", []))
     imgs = _figures_html(fig_dir, [s for s in stems if s in BASIC_FIGURES])
 
     def causal_html(summary):
@@ -282,6 +289,8 @@ img{{max-width:100%}}</style></head><body>
 <th>χ² p</th><th>consistency</th></tr>{table}</table>
 <h2>Accuracy per cell with bootstrap 95% intervals</h2>
 <table><tr><th>condition</th>{''.join(f'<th>{e(p)}</th>' for p in POSITIONS)}</tr>{cells}</table>
+<h2>Probe sample</h2>
+<table><tr><th>id</th><th>position</th><th>image</th><th>caption / question</th><th>answer</th></tr>{sample}</table>
 <h2>Figures</h2>{imgs}
 {causal_html(summary)}
 <p>Made by <code>spatialbias report --model {e(summary['model'])}</code>. Per-row scores: results.parquet / results.csv.</p>

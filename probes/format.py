@@ -82,9 +82,51 @@ def parse_row(obj: Any, where: str) -> ProbeRow:
         raise ProbeError(f"{where}: unknown position {obj['position']!r}; use one of {', '.join(POSITIONS)}")
     if not obj["image"].strip():
         raise ProbeError(f"{where}: field 'image' is empty; give the image file name relative to the probe folder")
+    if "\x00" in obj["image"]:
+        raise ProbeError(f"{where}: field 'image' contains a NUL character; give a plain relative file name")
     return ProbeRow(id=str(obj["id"]), image=obj["image"], position=obj["position"], answer=obj["answer"],
                     caption=obj.get("caption"), question=obj.get("question"),
                     extra={k: v for k, v in obj.items() if k not in _KNOWN})
+
+
+def probe_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROBE_FILE
+    if not path.is_file():
+        raise ProbeError(f"{path}: probe file not found; build one with 'spatialbias probe build' "
+                         f"or point --probe at a folder holding {PROBE_FILE}")
+    return path
+
+
+def scan_rows(path: str | os.PathLike) -> tuple[list[tuple[int, ProbeRow]], list[ProbeError]]:
+    """Read every line; never stops at a bad one. Returns ([(line number, row)], [errors]),
+    each error one line naming the file and line."""
+    path = probe_file(path)
+    rows, problems = [], []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(ProbeError(f"{where}: not UTF-8 text (byte {e.start}); save the file as UTF-8"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, RecursionError, ValueError) as e:
+                msg = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+                problems.append(ProbeError(f"{where}: not valid JSON ({msg}); each line must be one JSON object"))
+                continue
+            try:
+                rows.append((n, parse_row(obj, where)))
+            except ProbeError as e:
+                problems.append(e)
+    if not rows and not problems:
+        problems.append(ProbeError(f"{path}: the probe has no rows"))
+    return rows, problems
 
 
 def read_rows(path: str | os.PathLike) -> list[ProbeRow]:
@@ -92,26 +134,10 @@ def read_rows(path: str | os.PathLike) -> list[ProbeRow]:
 
     Raises :class:`ProbeError` naming the file and 1-based line of the first bad row.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROBE_FILE
-    if not path.is_file():
-        raise ProbeError(f"{path}: probe file not found; build one with 'spatialbias probe build' "
-                         f"or point --probe at a folder holding {PROBE_FILE}")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProbeError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                                 "each line must be one JSON object") from None
-            rows.append(parse_row(obj, f"{path}:{n}"))
-    if not rows:
-        raise ProbeError(f"{path}: the probe has no rows")
-    return rows
+    rows, problems = scan_rows(path)
+    if problems:
+        raise problems[0]
+    return [r for _, r in rows]
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -162,13 +188,17 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[ProbeRow], meta: dict[s
 
 
 def resolve_image(folder: str | os.PathLike, row: ProbeRow, where: str = "") -> Path:
-    """The row's image path, which must lie inside the probe folder."""
+    """The row's image path, which must lie inside the probe folder: absolute paths, ``..``
+    segments and links that leave the folder are refused."""
     root = Path(folder).resolve()
-    p = (root / row.image).resolve()
     label = where or f"row id={row.id} position={row.position}"
+    if Path(row.image).is_absolute() or ".." in Path(row.image).parts:
+        raise ProbeError(f"{label}: image {row.image!r} is absolute or contains '..'; image paths must be "
+                         "relative to the probe folder and stay inside it")
+    p = (root / row.image).resolve()
     if root != p and root not in p.parents:
-        raise ProbeError(f"{label}: image {row.image!r} points outside the probe folder {root}; "
-                         "image paths must be relative and stay inside it")
+        raise ProbeError(f"{label}: image {row.image!r} points outside the probe folder {root} (through a link); "
+                         "image paths must stay inside it")
     if not p.is_file():
         raise ProbeError(f"{label}: image file {p} is missing; rebuild the probe or fix the row's 'image'")
     return p
