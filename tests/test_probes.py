@@ -89,5 +89,5 @@ def test_missing_probe_and_image_paths(tmp_path):
     with pytest.raises(ProbeError, match="is missing"):
         resolve_image(tmp_path, row)
     escape = ProbeRow(id="1", image="../outside.png", position="center", answer="Yes", caption="c")
-    with pytest.raises(ProbeError, match="outside the probe folder"):
+    with pytest.raises(ProbeError, match="contains '..'"):
         resolve_image(tmp_path, escape)
