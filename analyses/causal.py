@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
+from scipy import stats
 
 from analyses.evaluate import answer_set, load_image
 from analyses.scoring import prompt_text
+from interp import attention, attribution, patching
 from interp.errors import SpatialBiasError
+from interp.interventions import Intervention, PositionSwap
 from interp.model import LVLM
 from probes.format import read_meta, read_rows
 
@@ -57,13 +62,6 @@ def placement_pairs(lvlm: LVLM, probe_dir: str | Path, clean_cell: int, corrupt_
 
 # ---------------------------------------------------------------------------------------------
 # The whole causal picture of one model under several conditions (baseline, BaPA, AGCI, …)
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from interp import attention, attribution, patching  # noqa: E402
-from interp.interventions import Intervention, PositionSwap  # noqa: E402
 
 
 def _mean_metric(lvlm, inputs, pairs, ivs) -> float:

@@ -17,7 +17,7 @@ from typing import ClassVar, Iterator, Sequence
 import torch
 
 from interp.errors import SpatialBiasError
-from interp.interventions import Intervention
+from interp.interventions import Intervention, register
 from interp.model import LVLM
 
 QUERIES = ("last", "text")
@@ -74,6 +74,7 @@ def cell_flow(lvlm: LVLM, inputs: dict[str, torch.Tensor], interventions: Sequen
     return torch.einsum("blhqc,bq->blhc", per_key, w)
 
 
+@register
 @dataclass(frozen=True)
 class Knockout(Intervention):
     """Block attention from the ``query`` rows to the image tokens of ``cells`` in layers
@@ -112,11 +113,3 @@ class Knockout(Intervention):
                 mask = mask.masked_fill(b4, torch.finfo(mask.dtype).min)
             return mask
         return {f"lm.blocks.{i}#attention_mask": edit for i in range(start, stop)}
-
-
-def _register():
-    from interp.interventions import KINDS
-    KINDS["knockout"] = Knockout
-
-
-_register()

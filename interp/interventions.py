@@ -207,11 +207,22 @@ class AGCI(Intervention):
         return {"lm.input": inject}
 
 
-KINDS: dict[str, type[Intervention]] = {c.kind: c for c in (BaPA, AGCI)}
+KINDS: dict[str, type[Intervention]] = {}
+
+
+def register(cls: type[Intervention]) -> type[Intervention]:
+    """Make an intervention class known to :func:`from_dict` by its ``kind``."""
+    KINDS[cls.kind] = cls
+    return cls
+
+
+register(BaPA)
+register(AGCI)
 
 
 def from_dict(d: dict[str, Any]) -> Intervention:
     """Inverse of :meth:`Intervention.to_dict`."""
+    import interp.attention  # noqa: F401  (registers Knockout)
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in KINDS:
@@ -276,4 +287,4 @@ class PositionSwap(Intervention):
         return out
 
 
-KINDS["position_swap"] = PositionSwap
+register(PositionSwap)

@@ -51,17 +51,27 @@ def image(h: int = 40, w: int = 48, seed: int = 0) -> Image.Image:
     return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
 
 
-def build_llava(seed: int = 0):
-    """LlavaForConditionalGeneration: CLIP (32 px, 8 px patches → 16 image tokens) + Llama (2 layers, 64 wide)."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    torch.manual_seed(seed)
-    tok = tokenizer()
+def _text_kw(tok) -> dict:
+    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+
+
+def _clip_llama(tok, max_positions: int):
+    """The tiny CLIP vision config (32 px, 8 px patches) and Llama text config of both LLaVA builders."""
+    from transformers import CLIPVisionConfig, LlamaConfig
     vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             image_size=32, patch_size=8, projection_dim=32)
     tcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(tok),
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                       num_key_value_heads=2, max_position_embeddings=max_positions, **_text_kw(tok))
+    return vcfg, tcfg
+
+
+def build_llava(seed: int = 0):
+    """LlavaForConditionalGeneration: CLIP (32 px, 8 px patches → 16 image tokens) + Llama (2 layers, 64 wide)."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    vcfg, tcfg = _clip_llama(tok, max_positions=256)
     cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=16)
     cfg.architectures = ["LlavaForConditionalGeneration"]
@@ -72,21 +82,13 @@ def build_llava(seed: int = 0):
     return model, proc
 
 
-def _text_kw(tok) -> dict:
-    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id)
-
-
 def build_llava_next(seed: int = 0):
     """LlavaNextForConditionalGeneration: anyres (base view + tiles + image_newline tokens)."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor)
     torch.manual_seed(seed)
     tok = tokenizer()
-    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=32)
-    tcfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512, **_text_kw(tok))
+    vcfg, tcfg = _clip_llama(tok, max_positions=512)
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     cfg = LlavaNextConfig(vision_config=vcfg, text_config=tcfg, image_token_index=tok.convert_tokens_to_ids("<image>"),
                           vision_feature_select_strategy="default", vision_feature_layer=-2,

@@ -114,3 +114,13 @@ def test_intervention_configs_round_trip():
 def test_public_api_names():
     for name in ("load", "BaPA", "AGCI", "bapa_position_ids", "agci_inject"):
         assert hasattr(interp, name)
+
+
+def test_every_intervention_kind_round_trips():
+    from interp.attention import Knockout
+    from interp.interventions import PositionSwap
+    for iv in (PositionSwap(a=1, b=7, layers=(0, 1)), Knockout(cells=(3,), layers=(1, 2), query="text"),
+               BaPA(variant="keep_hw")):
+        d = iv.to_dict()
+        back = from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        assert back == iv
