@@ -198,17 +198,28 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
 @probe_app.command("build")
 @clean_errors
 def probe_build(out: Path = typer.Option(..., help="Output folder."),
-                source: str = typer.Option("shapes", help="Image source (now: shapes)."),
+                source: str = typer.Option("shapes", help="'shapes' (the organism's task) or a folder of images "
+                                           "with captions.jsonl / captions.csv (image, caption)."),
                 n: int = typer.Option(300, help="Number of items."),
                 seed: int = typer.Option(0, help="Random seed."),
-                cell_px: int = typer.Option(16, help="Cell size in pixels (16: the organism's 48 px canvas).")):
-    """Build a 3×3 grid probe: every item at all 9 positions over the same background."""
-    from probes.build import shapes_probe
-    if source != "shapes":
-        raise SpatialBiasError(f"unknown --source {source!r}; available: shapes")
+                layout: str = typer.Option("replace", help="replace (minimal pairs) or insert (the paper's)."),
+                negatives: bool = typer.Option(False, help="Add a No item per item (caption of an absent image)."),
+                canvas: int = typer.Option(840, help="Canvas side in pixels for folder sources."),
+                cell_px: int = typer.Option(16, help="Shapes only: cell size in pixels (16: the organism's 48 px).")):
+    """Build a 3×3 grid probe: every item at all 9 positions (rows in the paper's JSONL format)."""
+    from probes.build import caption_probe, shapes_probe
     if n < 1:
         raise SpatialBiasError(f"--n {n}: need at least one item")
-    typer.echo(f"wrote {shapes_probe(out, n_items=n, seed=seed, cell_px=cell_px)}")
+    if layout not in ("replace", "insert"):
+        raise SpatialBiasError(f"--layout {layout!r}: use replace or insert")
+    if source == "shapes":
+        if layout != "replace" or negatives:
+            raise SpatialBiasError("the shapes source supports --layout replace without --negatives")
+        typer.echo(f"wrote {shapes_probe(out, n_items=n, seed=seed, cell_px=cell_px)}")
+        return
+    if not Path(source).is_dir():
+        raise SpatialBiasError(f"--source {source!r} is neither 'shapes' nor a folder")
+    typer.echo(f"wrote {caption_probe(source, out, n_items=n, seed=seed, layout=layout, negatives=negatives, size=canvas)}")
 
 
 @organism_app.command("train")
