@@ -21,7 +21,7 @@ from analyses import figures
 from analyses.evaluate import score_probe, validate_probe
 from analyses.metrics import cell_metrics
 from probes.build import shapes_probe
-from probes.format import atomic_write_bytes, atomic_write_text, read_rows
+from probes.format import atomic_write_bytes, atomic_write_text
 
 DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 
@@ -42,20 +42,20 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     out = Path(out)
     conditions = {"baseline": [], "bapa": [interp.BaPA()]}
     conditions.update({f"agci λ={lam:g}": [interp.AGCI(lam=lam)] for lam in lambdas})  # validates λ first
-    if probe is not None:
-        validate_probe(probe)  # a bad probe fails before the model loads
+    rows = validate_probe(probe) if probe is not None else None  # a bad probe fails before the model loads
     t = {}
     t0 = time.perf_counter()
     lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
     t["load_s"] = time.perf_counter() - t0
+    org = organism_record(lvlm)
     t0 = time.perf_counter()
     if probe is None:
-        org = organism_record(lvlm)
         probe = shapes_probe(out / "probe", n_items=n_items, seed=seed, cell_px=16 if org else 112,
                              progress=progress).parent
+        rows = validate_probe(probe)
     t["probe_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    df = score_probe(lvlm, probe, conditions, batch_size=batch_size, progress=progress)
+    df = score_probe(lvlm, probe, conditions, batch_size=batch_size, progress=progress, rows=rows)
     t["evaluate_s"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     _write_table(df, out)
@@ -65,8 +65,8 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
         "model": str(model), "probe": str(probe), "n_rows": int(df["row"].nunique()),
         "n_items": int(df["id"].nunique()), "seed": seed,
         "conditions": {"baseline": summaries["baseline"], "bapa": summaries["bapa"], "agci": agci},
-        "organism": organism_record(lvlm),
-        "probe_sample": [r.to_json() for r in read_rows(probe)[:9]],
+        "organism": org,
+        "probe_sample": [r.to_json() for r in rows[:9]],
         "software": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
     }
