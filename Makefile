@@ -25,8 +25,24 @@ $(STAMP): pyproject.toml requirements.lock constraints.txt
 	$(BIN)/python -c "import torch, transformers, interp, analyses, probes; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)
 
+# `make demo SOURCE=skimage`: a caption probe from scikit-image's bundled photographs, scored by
+# a tiny RANDOM-WEIGHT LLaVA saved to out/tiny-llava-random (the organism has no Yes/No tokens):
+# its numbers measure the pipeline, not a model.
+SOURCE    ?= shapes
+DEMO_N    ?= 10
+TINY      := out/tiny-llava-random
+
 demo: $(STAMP)
+ifeq ($(SOURCE),shapes)
 	$(BIN)/spatialbias report --model organism --out out/demo
+else ifeq ($(SOURCE),skimage)
+	$(BIN)/python -c "import json; from interp import tiny; m, p = tiny.build_llava(seed=0); d = tiny.save(m, p, '$(TINY)'); (d / 'provenance.json').write_text(json.dumps({'random_weights': True, 'note': 'A tiny LLaVA with random weights (interp/tiny.py build_llava, seed 0), saved for the real-photo demo. Its numbers measure the pipeline, not a model: they say nothing about pretrained LVLMs.'}, indent=1))"
+	$(BIN)/spatialbias probe build --source skimage --out out/demo-skimage/probe --n $(DEMO_N) --negatives --seed 0
+	$(BIN)/spatialbias report --model $(TINY) --probe out/demo-skimage/probe --out out/demo-skimage --no-causal
+	@echo "NOTE: out/demo-skimage was scored by a tiny RANDOM-WEIGHT LLaVA: its numbers check the pipeline, they are not results about any pretrained LVLM."
+else
+	@echo "error: SOURCE=$(SOURCE) is not known; use SOURCE=shapes (default) or SOURCE=skimage" >&2; exit 2
+endif
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -64,9 +64,17 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            progress: bool = typer.Option(True, help="Show progress bars."),
            causal: bool = typer.Option(True, help="Add the causal analyses (patching, position-id patching, "
                                        "attention flow, knockout, attribution patching)."),
-           causal_items: int = typer.Option(100, help="Items used by the causal analyses.")):
+           causal_items: int = typer.Option(100, help="Items used by the causal analyses."),
+           from_dir: Optional[Path] = typer.Option(None, "--from", help="A sweep's output folder (results.parquet): "
+                                                   "write its HTML report to FROM/report/index.html instead of "
+                                                   "running a model; the other options are ignored.")):
     """Evaluate baseline, BaPA and AGCI(λ) on a 3×3 grid probe, localise where the position-dependent
-    difference arises; write summary.json, tables, figures and index.html."""
+    difference arises; write summary.json, tables, figures and index.html. With --from DIR: report
+    a sweep's results table instead."""
+    if from_dir is not None:
+        from analyses import sweep_report
+        typer.echo(f"wrote {sweep_report.build(from_dir)}")
+        return
     from analyses import report as rep
     s = rep.run(model, out, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, batch_size=batch_size,
                 device=device, progress=progress, causal=causal, causal_items=causal_items,
@@ -106,22 +114,37 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
                                                  "(repeat): baseline, bapa, bapa:keep_hw, agci:λ, agci-pooled:λ."),
              skip_bad: bool = typer.Option(False, help="Score the good rows and list the bad ones in the results "
                                            "instead of stopping."),
+             string_rule: bool = typer.Option(False, help="Also generate text and score it by the paper's prefix rule "
+                                              "and a robust rule (pred_text, correct_prefix, correct_robust)."),
+             max_new_tokens: int = typer.Option(4, help="Tokens generated per row with --string-rule."),
+             similarity: bool = typer.Option(False, help="Also write the similarity score (caption vs image tokens, max "
+                                             "and mean pooling) per row: similarity.parquet|csv."),
+             occlusion_steps: int = typer.Option(0, help="Also run the occlusion probe with an N×N grid of white "
+                                                 "squares (0: off; the paper uses 20): occlusion.parquet|csv."),
+             occlusion_square: Optional[int] = typer.Option(None, help="Occluder side in pixels (default: image side "
+                                                            "/ steps)."),
              batch_size: int = typer.Option(64, help="Rows per forward."),
              seed: int = typer.Option(0, help="Seed of the bootstrap intervals (recorded)."),
              device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
              progress: bool = typer.Option(True, help="Show progress bars.")):
     """Score a probe: the whole probe is validated first; every bad row is reported at once
-    (file, line, reason) and nothing is written, unless --skip-bad."""
+    (file, line, reason) and nothing is written, unless --skip-bad. Per-cell metrics use the
+    probe's grid; shift probes also get an accuracy curve against position."""
     import json
 
     import interp
+    from analyses import figures
     from analyses.evaluate import check_probe, score_probe
-    from analyses.metrics import cell_metrics
+    from analyses.metrics import cell_metrics, shift_curve
     from analyses.report import _write_table
     from probes.format import atomic_write_text
     try:
         conds = _conditions(condition)
+        if max_new_tokens < 1:
+            raise SpatialBiasError(f"--max-new-tokens {max_new_tokens}: use at least 1")
+        if occlusion_steps < 0 or (occlusion_square is not None and occlusion_square < 1):
+            raise SpatialBiasError("--occlusion-steps must be >= 0 and --occlusion-square >= 1")
         good, problems = check_probe(probe)
     except SpatialBiasError as e:
         typer.echo(f"error: {e}", err=True)
@@ -134,19 +157,58 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
     if not good:
         typer.echo(f"error: {probe}: no usable rows", err=True)
         raise typer.Exit(2)
+    rows = [r for _, r in good]
+    line_of = dict(enumerate(n for n, _ in good))
     try:
         lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
-        df = score_probe(lvlm, probe, conds, batch_size=batch_size, progress=progress, rows=[r for _, r in good])
+        df = score_probe(lvlm, probe, conds, batch_size=batch_size, progress=progress, rows=rows,
+                         string_rule=string_rule, max_new_tokens=max_new_tokens)
+        summary = {"model": model, "probe": str(probe), "seed": seed, "conditions":
+                   {c: cell_metrics(df[df.condition == c], seed=seed) for c in conds},
+                   "skipped": [str(p) for p in problems]}
+        if string_rule:
+            summary["string_rule"] = {c: {"accuracy_prefix": float(d.correct_prefix.mean()),
+                                          "accuracy_robust": float(d.correct_robust.mean()),
+                                          "accuracy_logits": float(d.correct.mean())}
+                                      for c, d in df.groupby("condition", sort=False)}
+        figs = {"cell_accuracy": figures.cell_heatmaps(summary["conditions"], title="accuracy per grid cell")}
+        if "offset" in df.columns and df["offset"].notna().any():
+            curves = {c: shift_curve(df[df.condition == c], seed=seed) for c in conds}
+            summary["shift_curve"] = {c: v.to_dict("records") for c, v in curves.items()}
+            figs["shift_accuracy"] = figures.shift_curves(curves)
+        if similarity:
+            from analyses.similarity import similarity_scores, similarity_summary
+            sim = similarity_scores(lvlm, probe, rows=rows, batch_size=batch_size, progress=progress)
+            sim["line"] = sim["row"].map(line_of)
+            _write_table(sim, out, "similarity")
+            summary["similarity"] = similarity_summary(sim)
+            figs["similarity"] = figures.cell_heatmaps(summary["similarity"], key="cell_sim_image",
+                                                       title="cosine(caption, image tokens) per target cell")
+        if occlusion_steps:
+            from analyses import occlusion as occ
+            oc = occ.occlusion_scores(lvlm, probe, conds, rows=rows, steps=occlusion_steps, square=occlusion_square,
+                                      batch_size=batch_size, progress=progress)
+            oc["line"] = oc["row"].map(line_of)
+            _write_table(oc, out, "occlusion")
+            summary["occlusion"] = {c: occ.region_table(oc[oc.condition == c]).to_dict("records") for c in conds}
+            grid = tuple(summary["conditions"][next(iter(conds))]["grid"])
+            for c in conds:
+                figs[f"occlusion_{_stem(c)}"] = figures.occlusion_maps(occ.position_maps(oc, c), grid,
+                                                                       title=f"occlusion maps ({c})")
     except SpatialBiasError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    df["line"] = df["row"].map(dict(enumerate(n for n, _ in good)))
+    df["line"] = df["row"].map(line_of)
     _write_table(df, out)
-    summary = {"model": model, "probe": str(probe), "seed": seed, "conditions":
-               {c: cell_metrics(df[df.condition == c], seed=seed) for c in conds},
-               "skipped": [str(p) for p in problems]}
+    for stem, fig in figs.items():
+        figures.save(fig, out / "figures", stem)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     typer.echo(f"scored {len(good)} rows ({len(problems)} skipped); wrote {out / 'summary.json'}")
+
+
+def _stem(name: str) -> str:
+    """A file-name-safe form of a condition name ('agci:0.5' → 'agci_0.5')."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
 
 
 @app.command()
@@ -195,31 +257,85 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
     typer.echo(b.markdown(res))
 
 
+@app.command()
+@clean_errors
+def sweep(config: Path = typer.Argument(..., help="The sweep file (TOML): models, probes, interventions, analyses, "
+                                        "seeds; see docs/sweeps.md."),
+          out: Path = typer.Option(..., help="Output folder: results.parquet, parts/, conditions.jsonl, probes/."),
+          executor: str = typer.Option("local", help="local (one process) or ray (one task per model)."),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="List the conditions, what is done and the "
+                                       "estimated cost; run nothing."),
+          only: list[str] = typer.Option([], help="Run only this condition id (repeat), again if it is done."),
+          progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Run (or resume) a sweep: the cross product of the file's models, probes, interventions,
+    analyses and seeds. Finished conditions are kept; re-running the command computes only what is missing."""
+    from analyses import sweep as sw
+    if dry_run:
+        plan = sw.load_sweep(config, out)
+        est = sw.estimate(plan, out)
+        with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
+            typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
+        pend = est[est.status == "pending"]
+        known = pend.est_seconds.notna()
+        eta = (f"; about {pend.est_seconds[known].sum():.0f} s for the {int(known.sum())} with timings from earlier "
+               "runs in OUT" if known.any() else "; no earlier timings in OUT to estimate seconds from")
+        typer.echo(f"{len(est)} conditions, {len(est) - len(pend)} done, {len(pend)} pending: "
+                   f"{int(pend.forward_rows.sum())} forward rows{eta}")
+        return
+    res = sw.run_sweep(config, out, executor=executor, address=address, only=only, progress=progress)
+    for cid, err in res["failed"]:
+        typer.echo(f"error: condition {cid}: {err}", err=True)
+    typer.echo(f"{res['done']}/{res['total']} conditions done ({res['ran']} run now, {len(res['failed'])} failed); "
+               f"wrote {res['results']}")
+    if res["failed"]:
+        raise typer.Exit(1)
+
+
 @probe_app.command("build")
 @clean_errors
 def probe_build(out: Path = typer.Option(..., help="Output folder."),
-                source: str = typer.Option("shapes", help="'shapes' (the organism's task) or a folder of images "
-                                           "with captions.jsonl / captions.csv (image, caption)."),
+                source: str = typer.Option("shapes", help="'shapes' (the organism's task), 'skimage' (the photographs "
+                                           "scikit-image ships, with hand-written captions; no download) or a folder of "
+                                           "images with captions.jsonl / captions.csv (image, caption)."),
+                kind: str = typer.Option("grid", help="Caption sources: grid (target among distractors, the paper's), "
+                                         "similarity (target alone in cell k), shift (target slid in pixel steps along "
+                                         "the middle row/column), irregular (random non-overlapping boxes)."),
+                grid: str = typer.Option("3x3", help="Grid as ROWSxCOLS, e.g. 2x2, 3x3, 4x4 (caption sources)."),
                 n: int = typer.Option(300, help="Number of items."),
                 seed: int = typer.Option(0, help="Random seed."),
-                layout: str = typer.Option("replace", help="replace (minimal pairs) or insert (the paper's)."),
+                layout: str = typer.Option("replace", help="replace (minimal pairs) or insert (the paper's); grid kind."),
                 negatives: bool = typer.Option(False, help="Add a No item per item (caption of an absent image)."),
-                canvas: int = typer.Option(840, help="Canvas side in pixels for folder sources."),
-                cell_px: int = typer.Option(16, help="Shapes only: cell size in pixels (16: the organism's 48 px).")):
-    """Build a 3×3 grid probe: every item at all 9 positions (rows in the paper's JSONL format)."""
-    from probes.build import caption_probe, shapes_probe
+                canvas: int = typer.Option(840, help="Canvas side in pixels for caption sources."),
+                path: str = typer.Option("horizontal", help="Shift kind: horizontal (middle row) or vertical "
+                                         "(middle column)."),
+                step: Optional[int] = typer.Option(None, help="Shift kind: step in pixels (default a quarter cell)."),
+                boxes: Optional[int] = typer.Option(None, help="Irregular kind: boxes per canvas (default: the grid's "
+                                                    "cell count)."),
+                cell_px: int = typer.Option(16, help="Shapes only: cell size in pixels (16: the organism's 48 px)."),
+                progress: bool = typer.Option(True, help="Show a progress bar.")):
+    """Build a grid probe: every item at every position (rows in the paper's JSONL format;
+    other grids, shift and irregular rows add grid, box and canvas keys; docs/probes.md)."""
+    from probes.build import KINDS, caption_probe, shapes_probe
+    from probes.format import parse_grid
     if n < 1:
         raise SpatialBiasError(f"--n {n}: need at least one item")
     if layout not in ("replace", "insert"):
         raise SpatialBiasError(f"--layout {layout!r}: use replace or insert")
+    if kind not in KINDS:
+        raise SpatialBiasError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+    if path not in ("horizontal", "vertical"):
+        raise SpatialBiasError(f"--path {path!r}: use horizontal or vertical")
+    if step is not None and step < 1:
+        raise SpatialBiasError(f"--step {step}: use a positive number of pixels")
+    g = parse_grid(grid, "--grid")
     if source == "shapes":
-        if layout != "replace" or negatives:
-            raise SpatialBiasError("the shapes source supports --layout replace without --negatives")
-        typer.echo(f"wrote {shapes_probe(out, n_items=n, seed=seed, cell_px=cell_px)}")
+        if layout != "replace" or negatives or kind != "grid" or g != (3, 3):
+            raise SpatialBiasError("the shapes source supports only --kind grid --grid 3x3 --layout replace without "
+                                   "--negatives; use --source skimage or a folder for the other probes")
+        typer.echo(f"wrote {shapes_probe(out, n_items=n, seed=seed, cell_px=cell_px, progress=progress)}")
         return
-    if not Path(source).is_dir():
-        raise SpatialBiasError(f"--source {source!r} is neither 'shapes' nor a folder")
-    typer.echo(f"wrote {caption_probe(source, out, n_items=n, seed=seed, layout=layout, negatives=negatives, size=canvas)}")
+    typer.echo(f"wrote {caption_probe(source, out, n_items=n, seed=seed, layout=layout, negatives=negatives, size=canvas, progress=progress, grid=g, kind=kind, path=path, step=step, n_boxes=boxes)}")
 
 
 @organism_app.command("train")

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from analyses.scoring import AnswerSet, prompt_text
+from analyses.scoring import AnswerSet, model_prompt, prefix_answer, prompt_text, robust_answer
 from interp.interventions import Intervention
 from interp.model import LVLM
-from probes.format import ProbeError, ProbeRow, read_meta, read_rows, resolve_image, scan_rows
+from probes.format import ProbeError, ProbeRow, grid_name, read_meta, read_rows, resolve_image, scan_rows
 from probes.images import load_rgb
 
 Conditions = dict[str, Sequence[Intervention]]
@@ -24,7 +24,7 @@ Conditions = dict[str, Sequence[Intervention]]
 
 def load_image(folder: Path, row: ProbeRow, where: str) -> Image.Image:
     """Open a row's image as RGB (:func:`probes.images.load_rgb`); bad files raise ProbeError."""
-    return load_rgb(resolve_image(folder, row, where), where)
+    return load_rgb(resolve_image(folder, row, where), where, grid=row.grid)
 
 
 def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
@@ -56,9 +56,10 @@ def check_probe(probe_dir: str | Path, images: bool = True) -> tuple[list[tuple[
     for n, r in rows:
         where = f"{folder / 'probe.jsonl'}:{n} (id={r.id})"
         try:
+            r.cell  # a box row's cell needs its canvas
             path = resolve_image(folder, r, where)
             if images:
-                load_rgb(path, where)
+                load_rgb(path, where, grid=r.grid)
         except ProbeError as e:
             problems.append(e)
             continue
@@ -66,12 +67,30 @@ def check_probe(probe_dir: str | Path, images: bool = True) -> tuple[list[tuple[
     return good, problems
 
 
+def row_columns(r: ProbeRow) -> dict:
+    """The placement columns of a scored row: ``position``, ``cell``, ``grid`` ("3x3"),
+    ``n_cells``, and for rows with a box ``x0, y0, x1, y1`` (and ``offset`` for shift rows)."""
+    d = {"position": r.position, "cell": r.cell, "grid": grid_name(r.grid), "n_cells": r.n_cells}
+    if r.box is not None:
+        d.update(zip(("x0", "y0", "x1", "y1"), r.box))
+    if "offset" in r.extra:
+        d["offset"] = int(r.extra["offset"])
+    return d
+
+
 def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch_size: int = 64,
-                progress: bool = True, rows: list[ProbeRow] | None = None) -> pd.DataFrame:
+                progress: bool = True, rows: list[ProbeRow] | None = None, string_rule: bool = False,
+                max_new_tokens: int = 4) -> pd.DataFrame:
     """Run every condition over every probe row (or over ``rows``, a validated subset).
 
     Returns columns: ``row`` (order in the rows scored), ``id``, ``position``, ``cell``,
-    ``answer``, ``condition``, ``pred``, ``correct``, ``p_correct``, ``logit_diff``.
+    ``grid``, ``n_cells`` (plus ``x0, y0, x1, y1`` / ``offset`` for rows that carry a box /
+    an offset), ``answer``, ``condition``, ``pred``, ``correct``, ``p_correct``,
+    ``logit_diff`` — read from the logits at the answer position. With ``string_rule`` each
+    condition also decodes greedily (:meth:`interp.model.LVLM.generate`, ``max_new_tokens``)
+    and adds ``pred_text`` (the decoded text), ``correct_prefix`` (the paper's case-sensitive
+    prefix rule, :func:`analyses.scoring.prefix_answer`) and ``correct_robust``
+    (:func:`analyses.scoring.robust_answer`).
     """
     folder = Path(probe_dir)
     if rows is None:
@@ -83,17 +102,25 @@ def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         images = [load_image(folder, r, f"{probe_file} row {start + j + 1} (id={r.id})") for j, r in enumerate(batch)]
-        inputs = lvlm.inputs(images, [lvlm.prompt(prompt_text(r)) for r in batch])
+        inputs = lvlm.inputs(images, [model_prompt(lvlm, prompt_text(r)) for r in batch])
         answers = [r.answer for r in batch]
         for name, ivs in conditions.items():
             with torch.inference_mode():
                 logits = lvlm.run(inputs, ivs, last_only=True)[:, -1]
             s = {k: v.cpu().numpy() for k, v in cands.score(logits, answers).items()}
+            texts = None
+            if string_rule:
+                with torch.inference_mode():
+                    new = lvlm.generate(inputs, ivs, max_new_tokens=max_new_tokens)
+                texts = lvlm.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)
             for j, r in enumerate(batch):
-                out.append({"row": start + j, "id": r.id, "position": r.position, "cell": r.cell,
-                            "answer": r.answer, "condition": name, "pred": cands.answers[int(s["pred"][j])],
-                            "correct": bool(s["correct"][j]), "p_correct": float(s["p_correct"][j]),
-                            "logit_diff": float(s["logit_diff"][j])})
+                rec = {"row": start + j, "id": r.id, **row_columns(r), "answer": r.answer, "condition": name,
+                       "pred": cands.answers[int(s["pred"][j])], "correct": bool(s["correct"][j]),
+                       "p_correct": float(s["p_correct"][j]), "logit_diff": float(s["logit_diff"][j])}
+                if texts is not None:
+                    rec.update(pred_text=texts[j], correct_prefix=prefix_answer(texts[j], cands.answers) == r.answer,
+                               correct_robust=robust_answer(texts[j], cands.answers) == r.answer)
+                out.append(rec)
             bar.update(len(batch))
     bar.close()
     return pd.DataFrame(out)

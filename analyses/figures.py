@@ -15,24 +15,90 @@ import seaborn as sns  # noqa: E402
 from probes.format import atomic_write_bytes  # noqa: E402
 
 
-def cell_heatmaps(summaries: dict[str, dict], key: str = "cell_accuracy", title: str = "accuracy per cell"):
-    """One 3×3 heatmap per condition, side by side, on a shared colour scale.
+def _grid_of(summary: dict, n: int) -> tuple[int, int]:
+    g = summary.get("grid")
+    if g:
+        return int(g[0]), int(g[1])
+    return (3, 3) if n == 9 else (1, n)
 
-    ``summaries``: condition label → a :func:`analyses.metrics.cell_metrics` dict.
+
+def _ticks(rows: int, cols: int) -> tuple[list[str], list[str]]:
+    """Axis labels: the paper's L/C/R and T/M/B for 3×3, column/row indices otherwise."""
+    if (rows, cols) == (3, 3):
+        return ["L", "C", "R"], ["T", "M", "B"]
+    return [f"c{c}" for c in range(cols)], [f"r{r}" for r in range(rows)]
+
+
+def cell_heatmaps(summaries: dict[str, dict], key: str = "cell_accuracy", title: str = "accuracy per cell"):
+    """One n×m heatmap per condition, side by side, on a shared colour scale (the grid from
+    each summary's ``grid``; 3×3 when absent).
+
+    ``summaries``: condition label → a :func:`analyses.metrics.cell_metrics` dict (or any dict
+    with a per-cell list under ``key``, e.g. :func:`analyses.similarity.similarity_summary`).
     """
     n = len(summaries)
-    grids = {k: np.asarray(v[key], float).reshape(3, 3) for k, v in summaries.items()}
+    grids = {k: np.asarray(v[key], float).reshape(_grid_of(v, len(v[key]))) for k, v in summaries.items()}
     lo = min(np.nanmin(g) for g in grids.values())
     hi = max(np.nanmax(g) for g in grids.values())
-    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * n + 0.8, 2.9),
+    rows, cols = next(iter(grids.values())).shape
+    big = rows * cols > 16
+    fig, axes = plt.subplots(1, n + 1, figsize=((2.6 + 0.25 * max(0, cols - 3)) * n + 0.8,
+                                                 2.9 + 0.25 * max(0, rows - 3)),
                              gridspec_kw={"width_ratios": [1] * n + [0.06]})
     for ax, (label, g) in zip(axes[:n], grids.items()):
         s = summaries[label]
-        sns.heatmap(g, ax=ax, vmin=lo, vmax=hi, cmap="viridis", annot=True, fmt=".2f", cbar=ax is axes[0],
-                    cbar_ax=axes[n] if ax is axes[0] else None, square=True, xticklabels=["L", "C", "R"],
-                    yticklabels=["T", "M", "B"], annot_kws={"fontsize": 8})
-        ax.set_title(f"{label}\nmean {s['mean_accuracy']:.3f} · range {s['range']:.3f}", fontsize=9)
+        xt, yt = _ticks(*g.shape)
+        sns.heatmap(g, ax=ax, vmin=lo, vmax=hi, cmap="viridis", annot=not big, fmt=".2f", cbar=ax is axes[0],
+                    cbar_ax=axes[n] if ax is axes[0] else None, square=True, xticklabels=xt,
+                    yticklabels=yt, annot_kws={"fontsize": 8})
+        if "mean_accuracy" in s:
+            ax.set_title(f"{label}\nmean {s['mean_accuracy']:.3f} · range {s['range']:.3f}", fontsize=9)
+        else:
+            ax.set_title(f"{label}\nmean {np.nanmean(g):.3f} · range {np.nanmax(g) - np.nanmin(g):.3f}", fontsize=9)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def shift_curves(curves: dict[str, "object"], ylabel: str = "accuracy", cell_px: int | None = None,
+                 title: str = "accuracy against the target's position"):
+    """A metric against the target's offset along a continuous shift, one line per condition
+    with its bootstrap band. ``curves``: label → :func:`analyses.metrics.shift_curve` table;
+    ``cell_px`` draws the grid's cell boundaries."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for k, (label, c) in enumerate(curves.items()):
+        ax.plot(c["offset"], c["mean"], "o-", ms=3, color=f"C{k}", label=label)
+        ax.fill_between(c["offset"], c["ci_low"], c["ci_high"], color=f"C{k}", alpha=0.2, lw=0)
+    if cell_px:
+        hi = max(int(c["offset"].max()) for c in curves.values())
+        for x in range(cell_px, hi + 1, cell_px):
+            ax.axvline(x, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("target offset along the path (px)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def occlusion_maps(maps: dict[int, np.ndarray], grid: tuple[int, int] = (3, 3),
+                   title: str = "occlusion: change of the answer logit difference, by target position"):
+    """One panel per target position, laid out as the grid: ``maps`` is target cell →
+    (steps, steps) map (:func:`analyses.occlusion.position_maps`); positions without a map are blank."""
+    rows, cols = grid
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.4, 1.9 * rows + 0.4), squeeze=False)
+    vmax = max((float(np.nanmax(m)) for m in maps.values()), default=1.0) or 1.0
+    for k in range(rows * cols):
+        ax = axes[divmod(k, cols)]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k in maps:
+            ax.imshow(maps[k], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_title(f"target in cell {k}", fontsize=7)
+        else:
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -34,6 +34,15 @@ def organism_record(lvlm: interp.LVLM) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def checkpoint_note(lvlm: interp.LVLM) -> dict | None:
+    """``provenance.json`` beside a checkpoint (e.g. a random-weight model saved for a pipeline
+    demo: ``{"random_weights": true, "note": "..."}``), shown as a warning in the report."""
+    if lvlm.source is None:
+        return None
+    p = Path(lvlm.source) / "provenance.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path | None = None,
         n_items: int = 300, lambdas: Sequence[float] = DEFAULT_LAMBDAS, seed: int = 0, batch_size: int = 64,
         device: str | None = None, progress: bool = True, causal: bool = True, causal_items: int = 100,
@@ -48,6 +57,7 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
     t["load_s"] = time.perf_counter() - t0
     org = organism_record(lvlm)
+    note = checkpoint_note(lvlm)
     t0 = time.perf_counter()
     if probe is None:
         probe = shapes_probe(out / "probe", n_items=n_items, seed=seed, cell_px=16 if org else 112,
@@ -61,12 +71,13 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     _write_table(df, out)
     summaries = {name: cell_metrics(df[df.condition == name], seed=seed) for name in conditions}
     agci = [dict(summaries[f"agci λ={lam:g}"], **{"lambda": float(lam)}) for lam in lambdas]
+    grid = summaries["baseline"]["grid"]
     summary = {
         "model": str(model), "probe": str(probe), "n_rows": int(df["row"].nunique()),
-        "n_items": int(df["id"].nunique()), "seed": seed,
+        "n_items": int(df["id"].nunique()), "seed": seed, "grid": grid,
         "conditions": {"baseline": summaries["baseline"], "bapa": summaries["bapa"], "agci": agci},
         "organism": org,
-        "probe_sample": [r.to_json() for r in rows[:9]],
+        "probe_sample": [r.to_json() for r in rows[:grid[0] * grid[1]]],
         "software": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
     }
@@ -83,7 +94,17 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     }
     if agci:
         figs["agci_lambda"] = figures.lambda_curve(agci, summaries["baseline"], summaries["bapa"])
+    if "offset" in df.columns and df["offset"].notna().any():  # a continuous-shift probe
+        from analyses.metrics import shift_curve
+        curves = {name: shift_curve(df[df.condition == name], seed=seed) for name in ("baseline", "bapa")}
+        summary["shift_curve"] = {k: v.to_dict("records") for k, v in curves.items()}
+        figs["shift_accuracy"] = figures.shift_curves({"baseline": curves["baseline"], "BaPA": curves["bapa"]})
     t["figures_s"] = time.perf_counter() - t0
+    if note:
+        summary["model_note"] = note
+    if causal and grid != [3, 3]:
+        summary["causal_skipped"] = f"the causal analyses need a 3x3 grid probe; this probe is {grid[0]}x{grid[1]}"
+        causal = False
     if causal:
         t0 = time.perf_counter()
         summary["attribution"], causal_figs = causal_section(lvlm, probe, summaries, lambdas, out, causal_items,
@@ -121,7 +142,7 @@ def causal_section(lvlm, probe, summaries, lambdas, out: Path, n_items: int, bat
         acc = np.asarray(summaries["baseline"]["cell_accuracy"])
         clean_cell, corrupt_cell = int(np.nanargmax(acc)), int(np.nanargmin(acc))
         if clean_cell == corrupt_cell:
-            corrupt_cell = (clean_cell + 1) % 9
+            corrupt_cell = (clean_cell + 1) % len(acc)
     else:
         clean_cell, corrupt_cell = cells
     lam = 0.5 if 0.5 in lambdas else (lambdas[0] if lambdas else 0.5)
@@ -219,7 +240,9 @@ def causal_conclusion(summary: dict) -> str:
 def conclusion(summary: dict) -> str:
     """The result in words, every number taken from the summary."""
     b, p = summary["conditions"]["baseline"], summary["conditions"]["bapa"]
-    lines = [f"Baseline: mean accuracy {b['mean_accuracy']:.3f}, range across cells {b['range']:.3f} "
+    note = summary.get("model_note") or {}
+    lines = ["[Random-weight model: these numbers measure the pipeline, not a model.]"] if note.get("random_weights") else []
+    lines += [f"Baseline: mean accuracy {b['mean_accuracy']:.3f}, range across cells {b['range']:.3f} "
              f"(std {b['std']:.3f}; chi-square homogeneity p = {b['chi2_p']:.2g}).",
              f"BaPA: mean accuracy {p['mean_accuracy']:.3f}, range {p['range']:.3f} "
              f"(std {p['std']:.3f}; p = {p['chi2_p']:.2g}): the range is "
@@ -230,7 +253,7 @@ def conclusion(summary: dict) -> str:
     return " ".join(lines)
 
 
-BASIC_FIGURES = ("cell_accuracy", "cell_p_correct", "agci_lambda")
+BASIC_FIGURES = ("cell_accuracy", "cell_p_correct", "agci_lambda", "shift_accuracy")
 
 
 def _figures_html(fig_dir: Path, stems: list[str]) -> str:
@@ -250,6 +273,13 @@ def render_html(summary: dict, fig_dir: Path, stems: list[str]) -> str:
         warn = (f"<p class='warn'><b>Model organism.</b> This model's spatial bias was {e(org['bias_planted'])}. "
                 f"Trained from seed {org['config']['seed']} on {org['config']['threads']} thread(s) for "
                 f"{org['steps']} steps.</p>")
+    note = summary.get("model_note")
+    if note:
+        head = "Random weights." if note.get("random_weights") else "Note on this model."
+        warn += f"<p class='warn'><b>{e(head)}</b> {e(str(note.get('note', '')))}</p>"
+    if summary.get("causal_skipped"):
+        warn += f"<p>Causal analyses skipped: {e(summary['causal_skipped'])}.</p>"
+    grid = summary.get("grid", [3, 3])
     rows = [("baseline", summary["conditions"]["baseline"]), ("BaPA", summary["conditions"]["bapa"])]
     rows += [(f"AGCI λ={c['lambda']:g}", c) for c in summary["conditions"]["agci"]]
     table = "".join(
@@ -261,7 +291,7 @@ def render_html(summary: dict, fig_dir: Path, stems: list[str]) -> str:
             f"<td>{a:.2f} [{lo:.2f}, {hi:.2f}]</td>"
             for a, lo, hi in zip(c["cell_accuracy"], c["cell_ci_low"], c["cell_ci_high"])) + "</tr>"
         for name, c in rows)
-    from probes.format import POSITIONS
+    from probes.format import grid_positions
     sample = "".join(
         f"<tr><td>{e(str(r.get('id')))}</td><td>{e(str(r.get('position')))}</td><td>{e(str(r.get('image')))}</td>"
         f"<td>{e(str(r.get('caption', r.get('question'))))}</td><td>{e(str(r.get('answer')))}</td></tr>"
@@ -281,14 +311,14 @@ td:first-child{{text-align:left}}.warn{{background:#fff4d6;padding:8px;border-le
 img{{max-width:100%}}</style></head><body>
 <h1>Spatial bias report</h1>
 <p>Model: <code>{e(summary['model'])}</code> · probe: <code>{e(summary['probe'])}</code> ·
-{summary['n_items']} items × 9 positions · seed {summary['seed']}</p>
+{summary['n_items']} items × {grid[0] * grid[1]} positions ({grid[0]}×{grid[1]} grid) · seed {summary['seed']}</p>
 {warn}
 <h2>Conclusion</h2><p>{e(conclusion(summary))}</p>
 <h2>Summary per condition</h2>
 <table><tr><th>condition</th><th>mean acc</th><th>mean p(correct)</th><th>range</th><th>std</th><th>CV</th>
 <th>χ² p</th><th>consistency</th></tr>{table}</table>
 <h2>Accuracy per cell with bootstrap 95% intervals</h2>
-<table><tr><th>condition</th>{''.join(f'<th>{e(p)}</th>' for p in POSITIONS)}</tr>{cells}</table>
+<table><tr><th>condition</th>{''.join(f'<th>{e(p)}</th>' for p in grid_positions(*grid))}</tr>{cells}</table>
 <h2>Probe sample</h2>
 <table><tr><th>id</th><th>position</th><th>image</th><th>caption / question</th><th>answer</th></tr>{sample}</table>
 <h2>Figures</h2>{imgs}

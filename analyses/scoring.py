@@ -1,6 +1,9 @@
-"""Answer scoring from logits: the probe's candidate answers, read at the answer position."""
+"""Answer scoring: from logits (the probe's candidate answers, read at the answer position),
+and from generated text by the paper's string rule and a robust one (for comparability with
+the paper's numbers); prompts per architecture."""
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,11 @@ class AnswerSet:
             toks = tokenizer.encode(a, add_special_tokens=False)
             if not toks:
                 raise SpatialBiasError(f"answer {a!r} tokenizes to nothing; check the probe's answers")
+            if toks[0] in set(getattr(tokenizer, "all_special_ids", ()) or ()):
+                raise SpatialBiasError(
+                    f"the model's vocabulary has no token for answer {a!r} (it becomes the special token "
+                    f"{tokenizer.convert_ids_to_tokens(toks[0])!r}), so the model cannot give this answer; score this "
+                    "probe with a model that knows its answer words (the bundled organism knows only its shapes task)")
             ids.append(toks[0])
         if len(set(ids)) != len(ids):
             raise SpatialBiasError(f"answers {answers} share a first token; give answers that differ in their first token")
@@ -49,6 +57,54 @@ class AnswerSet:
         others = cand.scatter(1, target[:, None], float("-inf")).max(-1).values
         return {"pred": pred, "correct": pred == target, "p_correct": p.gather(1, target[:, None])[:, 0],
                 "logit_diff": right - others}
+
+
+FALLBACK_TEMPLATES = {
+    "llava": "USER: {marker}\n{text} ASSISTANT:",
+    "llava_next": "[INST] {marker}\n{text} [/INST]",
+    "qwen2vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "<|vision_start|>{marker}<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"),
+    "gemma3": "<start_of_turn>user\n{marker}{text}<end_of_turn>\n<start_of_turn>model\n",
+}
+"""Each architecture's published chat format (LLaVA-1.5, LLaVA-v1.6-Mistral, Qwen2-VL/2.5-VL,
+Gemma3-it), used only when a checkpoint's processor has no chat template of its own; keyed by
+adapter name (``qwen25vl`` uses ``qwen2vl``'s). ``{marker}`` is the processor's image marker."""
+
+
+def model_prompt(lvlm, text: str) -> str:
+    """The prompt a model sees for ``text`` and one image: the processor's own chat template
+    when it has one (:meth:`interp.model.LVLM.prompt`), else the architecture's entry of
+    :data:`FALLBACK_TEMPLATES`, else ``"<marker>\\ntext"``."""
+    if getattr(lvlm.processor, "chat_template", None):
+        return lvlm.prompt(text)
+    name = {"qwen25vl": "qwen2vl"}.get(lvlm.adapter.name, lvlm.adapter.name)
+    tpl = FALLBACK_TEMPLATES.get(name)
+    return tpl.format(marker=lvlm.image_marker, text=text) if tpl else lvlm.prompt(text)
+
+
+def prefix_answer(text: str, answers=("Yes", "No")) -> str | None:
+    """The paper's string rule: the answer the generated ``text`` starts with, case-sensitive
+    and with nothing stripped (``"Yes, ..."`` → Yes; ``" yes"`` → None). The longest matching
+    answer wins; None when the text starts with none of them."""
+    hits = [a for a in answers if text.startswith(a)]
+    return max(hits, key=len) if hits else None
+
+
+_STRIP = string.whitespace + string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb`"
+
+
+def robust_answer(text: str, answers=("Yes", "No")) -> str | None:
+    """A robust string rule: the first word of ``text`` after stripping whitespace,
+    punctuation and quotes, compared case-insensitively with each answer (``' "yes." '`` →
+    Yes; ``"Yesterday"`` → None). None when the first word is no answer."""
+    words = text.strip(_STRIP).split()
+    if not words:
+        return None
+    first = words[0].strip(_STRIP).casefold()
+    for a in answers:
+        if a.casefold() == first:
+            return a
+    return None
 
 
 def prompt_text(row) -> str:

@@ -188,6 +188,10 @@ class AGCI(Intervention):
     def __post_init__(self):
         _check_lambda(self.lam)
 
+    def strength(self, v: torch.Tensor) -> float:
+        """λ for one image's tokens ``v`` (N, D); fixed here, computed from ``v`` by :class:`AdaptiveAGCI`."""
+        return self.lam
+
     def edits(self, lvlm, inputs):
         if self.lam == 0:
             return {}
@@ -202,9 +206,74 @@ class AGCI(Intervention):
                     groups = [(imap.image[b] == i) & imap.is_patch[b] for i in range(int(imap.image[b].max()) + 1)]
                 for sel in groups:
                     if sel.any():
-                        h[b, sel] = agci_inject(h[b, sel], self.lam)
+                        h[b, sel] = agci_inject(h[b, sel], self.strength(h[b, sel]))
             return h
         return {"lm.input": inject}
+
+
+ADAPTIVE_RULES = ("cos_spread", "norm_ratio")
+
+
+def adaptive_lambda(v: torch.Tensor, rule: str, scale: float = 1.0, lam_max: float = 4.0) -> float:
+    """λ for one image from its own tokens ``v`` (N, D), clipped to [0, lam_max].
+
+    * ``cos_spread``: ``scale · std_i cos(v_i, g)`` — inject in proportion to how unequal the
+      tokens' alignment with the global context is (0 when every token points along ``g``).
+    * ``norm_ratio``: ``scale · mean_i ‖v_i‖ / ‖g‖`` — makes the injected term ``λ w_i g`` a fixed
+      share (``scale · w_i``) of the typical token norm, so one ``scale`` means the same thing on
+      models whose embeddings have different norms (the paper's fixed λ does not).
+    """
+    if rule not in ADAPTIVE_RULES:
+        raise SpatialBiasError(f"adaptive AGCI rule {rule!r} is unknown; use one of {', '.join(ADAPTIVE_RULES)}")
+    v = v.detach().float()  # λ is a per-input constant, not part of the graph
+    g = v.mean(0)
+    if rule == "cos_spread":
+        lam = scale * float(F.cosine_similarity(v, g.expand_as(v), dim=-1).std(correction=0))
+    else:
+        lam = scale * float(v.norm(dim=-1).mean() / g.norm().clamp_min(1e-12))
+    return min(max(lam, 0.0), lam_max)
+
+
+@dataclass(frozen=True)
+class AdaptiveAGCI(AGCI):
+    """AGCI with λ set per image from its own tokens by :func:`adaptive_lambda` (the paper's open
+    question 3). ``lam`` is unused (kept at its default); ``scale`` and ``lam_max`` shape the rule."""
+    kind: ClassVar[str] = "agci_adaptive"
+    rule: str = "cos_spread"
+    scale: float = 1.0
+    lam_max: float = 4.0
+
+    def __post_init__(self):
+        _check_lambda(self.scale)
+        _check_lambda(self.lam_max)
+        adaptive_lambda(torch.ones(1, 1), self.rule)  # validates the rule name
+
+    def strength(self, v: torch.Tensor) -> float:
+        return adaptive_lambda(v, self.rule, self.scale, self.lam_max)
+
+    def lambdas(self, lvlm, inputs) -> list[float]:
+        """The λ the rule picks for every image of ``inputs`` (row by row, image by image; pooled:
+        one per row), read from the LM input of one forward with this intervention off."""
+        from interp.hooks import edit_sites
+        seen = {}
+
+        def grab(h):
+            seen["h"] = h
+            return h
+        with torch.no_grad(), edit_sites(lvlm.model, lvlm.adapter, {"lm.input": grab}):
+            lvlm.model(**inputs)
+        imap, h = lvlm.image_map(inputs), seen["h"]
+        out = []
+        for b in range(h.shape[0]):
+            groups = [imap.is_image[b]] if self.pooled else \
+                [(imap.image[b] == i) & imap.is_patch[b] for i in range(int(imap.image[b].max()) + 1)]
+            out += [self.strength(h[b, sel]) for sel in groups if sel.any()]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.pop("lam")
+        return d
 
 
 KINDS: dict[str, type[Intervention]] = {}
@@ -218,6 +287,7 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 
 register(BaPA)
 register(AGCI)
+register(AdaptiveAGCI)
 
 
 def from_dict(d: dict[str, Any]) -> Intervention:
@@ -288,3 +358,49 @@ class PositionSwap(Intervention):
 
 
 register(PositionSwap)
+
+
+POSITION_CONTROLS = ("shuffle", "reverse")
+
+
+@dataclass(frozen=True)
+class PositionPermute(Intervention):
+    """Position-id control: each image's tokens keep their content and sequence slots but take
+    each other's position ids — ``reverse`` (the last patch gets the first patch's id, …) or
+    ``shuffle`` (a fixed random permutation from ``seed``). On M-RoPE models a token takes another
+    token's whole (t, h, w) triple. If a model's bias follows the position ids, ``reverse`` mirrors
+    its per-cell profile (cell k ↔ cell 8 − k on a 3×3 grid); a bias carried by the content does not move.
+    """
+    kind: ClassVar[str] = "positions"
+    mode: str = "reverse"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in POSITION_CONTROLS:
+            raise SpatialBiasError(f"position control {self.mode!r} is unknown; use one of {', '.join(POSITION_CONTROLS)}")
+
+    def position_ids(self, lvlm, inputs) -> torch.Tensor:
+        """(B, L) ids, or (3, B, L) on M-RoPE models."""
+        pos = inputs.get("position_ids")
+        pos = (pos if pos is not None else lvlm.default_position_ids(inputs)).clone()
+        imap = lvlm.image_map(inputs)
+        flat = pos if pos.dim() == 2 else pos.permute(1, 2, 0)  # (B, L[, 3]) view
+        src = flat.clone()
+        gen = torch.Generator().manual_seed(self.seed)
+        for b in range(flat.shape[0]):
+            for img in range(int(imap.image[b].max()) + 1):
+                idx = ((imap.image[b] == img) & imap.is_patch[b]).nonzero().flatten()
+                if self.mode == "reverse":
+                    perm = torch.arange(len(idx) - 1, -1, -1)
+                else:
+                    perm = torch.randperm(len(idx), generator=gen)
+                flat[b, idx] = src[b, idx[perm.to(idx.device)]]
+        return pos
+
+    def prepare(self, lvlm, inputs):
+        mask = inputs.get("attention_mask")
+        inputs = {**inputs, "attention_mask": mask if mask is not None else torch.ones_like(inputs["input_ids"])}
+        return {**inputs, "position_ids": self.position_ids(lvlm, inputs)}
+
+
+register(PositionPermute)

@@ -6,6 +6,12 @@ and either ``caption`` (the paper's Yes/No matching task) or ``question`` (an op
 whose answer is one word, as in the model organism's task). The 9 variants of an item are
 consecutive rows. Extra keys are kept in :attr:`ProbeRow.extra`.
 
+Beyond the paper (docs/probes.md): a row may carry ``grid`` (``"4x4"``; absent means the
+paper's 3×3), ``box`` (the target's ``[x0, y0, x1, y1]`` in canvas pixels, x1/y1 exclusive)
+and ``canvas`` (the canvas side in pixels). Position names: the paper's 9 names for 3×3,
+``r{row}c{col}`` for other n×m grids (:func:`grid_positions`), and any name (``shift_0140``,
+``box3``) for rows with a ``box``, whose cell is the grid cell holding the box's centre.
+
 This is the only module that knows the file layout: ``DIR/probe.jsonl`` plus the images
 beside it, and an optional ``DIR/probe.json`` with probe-level metadata (grid shape, the
 answer vocabulary, how the probe was made).
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,12 +32,53 @@ POSITIONS = ("top_left", "top_center", "top_right", "left", "center", "right",
              "bottom_left", "bottom_center", "bottom_right")
 """Position names of the 3×3 grid, row-major (method.md §2)."""
 
+MAX_GRID = 16
+"""The largest number of rows or columns a probe grid may have."""
+
 PROBE_FILE = "probe.jsonl"
 META_FILE = "probe.json"
 
 
 class ProbeError(SpatialBiasError):
     """A probe file or row is unusable; the message names the file and line."""
+
+
+def grid_positions(n: int, m: int) -> tuple[str, ...]:
+    """Position names of an n×m grid, row-major: the paper's 9 names for 3×3, else
+    ``r{row}c{col}`` (``r0c0`` … ``r{n-1}c{m-1}``)."""
+    if (n, m) == (3, 3):
+        return POSITIONS
+    return tuple(f"r{r}c{c}" for r in range(n) for c in range(m))
+
+
+def grid_name(grid: tuple[int, int]) -> str:
+    """``(4, 4)`` → ``"4x4"`` (the form rows and the CLI use)."""
+    return f"{grid[0]}x{grid[1]}"
+
+
+def parse_grid(value: Any, where: str = "grid") -> tuple[int, int]:
+    """``"4x4"``, ``"2X3"``, ``[4, 4]`` or ``(4, 4)`` → (rows, cols), each 1..:data:`MAX_GRID`;
+    :class:`ProbeError` naming ``where`` otherwise."""
+    if isinstance(value, str):
+        mt = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)
+        nm = (int(mt.group(1)), int(mt.group(2))) if mt else None
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        nm = (int(value[0]), int(value[1]))
+    else:
+        nm = None
+    if nm is None or not (1 <= nm[0] <= MAX_GRID and 1 <= nm[1] <= MAX_GRID) or nm == (1, 1):
+        raise ProbeError(f"{where}: grid {value!r} is not understood; write rows x cols, e.g. 3x3 or 4x4 "
+                         f"(each 1..{MAX_GRID}, at least two cells)")
+    return nm
+
+
+def cell_of_point(x: float, y: float, size: int, grid: tuple[int, int]) -> int:
+    """Row-major cell of an n×m grid over a ``size``×``size`` canvas that holds pixel (x, y)."""
+    n, m = grid
+    r = min(n - 1, max(0, int(y * n // size)))
+    c = min(m - 1, max(0, int(x * m // size)))
+    return r * m + c
 
 
 @dataclass(frozen=True)
@@ -44,9 +92,36 @@ class ProbeRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the row's grid: its ``grid`` key, else the paper's (3, 3)."""
+        g = self.extra.get("grid")
+        return (3, 3) if g is None else parse_grid(g, f"row id={self.id}")
+
+    @property
+    def n_cells(self) -> int:
+        n, m = self.grid
+        return n * m
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        """The target's box ``(x0, y0, x1, y1)`` in canvas pixels, when the row carries one."""
+        b = self.extra.get("box")
+        return None if b is None else tuple(int(v) for v in b)  # type: ignore[return-value]
+
+    @property
     def cell(self) -> int:
-        """Row-major index of :attr:`position` in the 3×3 grid (0..8)."""
-        return POSITIONS.index(self.position)
+        """Row-major index of the target's cell in the row's grid (0..n·m−1): the named
+        position (paper names for 3×3, ``r{i}c{j}`` otherwise), else the cell holding the
+        centre of :attr:`box`."""
+        n, m = self.grid
+        names = grid_positions(n, m)
+        if self.position in names:
+            return names.index(self.position)
+        b = self.box
+        if b is None:
+            raise ProbeError(f"row id={self.id}: position {self.position!r} is not a cell of a {n}x{m} grid "
+                             "and the row has no 'box'")
+        return cell_of_point((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, int(self.extra["canvas"]), (n, m))
 
     @property
     def text(self) -> str:
@@ -78,8 +153,7 @@ def parse_row(obj: Any, where: str) -> ProbeRow:
             raise ProbeError(f"{where}: field '{k}' must be a string, got {type(obj[k]).__name__}")
     if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
         raise ProbeError(f"{where}: field 'id' must be a string or an integer")
-    if obj["position"] not in POSITIONS:
-        raise ProbeError(f"{where}: unknown position {obj['position']!r}; use one of {', '.join(POSITIONS)}")
+    _check_position(obj, where)
     if not obj["image"].strip():
         raise ProbeError(f"{where}: field 'image' is empty; give the image file name relative to the probe folder")
     if "\x00" in obj["image"]:
@@ -87,6 +161,28 @@ def parse_row(obj: Any, where: str) -> ProbeRow:
     return ProbeRow(id=str(obj["id"]), image=obj["image"], position=obj["position"], answer=obj["answer"],
                     caption=obj.get("caption"), question=obj.get("question"),
                     extra={k: v for k, v in obj.items() if k not in _KNOWN})
+
+
+def _check_position(obj: dict, where: str) -> None:
+    """The position must name a cell of the row's grid (3×3 without a ``grid`` key), or the
+    row must carry a valid ``box`` inside its ``canvas``."""
+    grid = parse_grid(obj["grid"], f"{where}: field 'grid'") if "grid" in obj else (3, 3)
+    if "box" in obj or "canvas" in obj:
+        b, size = obj.get("box"), obj.get("canvas")
+        ok = (isinstance(b, list) and len(b) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
+              and isinstance(size, int) and not isinstance(size, bool) and size > 0
+              and 0 <= b[0] < b[2] <= size and 0 <= b[1] < b[3] <= size)
+        if not ok:
+            raise ProbeError(f"{where}: 'box' must be [x0, y0, x1, y1] integers with 0 <= x0 < x1 <= canvas and "
+                             f"0 <= y0 < y1 <= canvas, and 'canvas' a positive integer; got box={b!r}, canvas={size!r}")
+        if not obj["position"].strip():
+            raise ProbeError(f"{where}: field 'position' is empty; name the target's position")
+        return
+    names = grid_positions(*grid)
+    if obj["position"] not in names:
+        shown = ", ".join(names) if len(names) <= 9 else f"{names[0]} … {names[-1]}"
+        raise ProbeError(f"{where}: unknown position {obj['position']!r} for a {grid_name(grid)} grid; use one of "
+                         f"{shown}, or give the row a 'box' and 'canvas'")
 
 
 def probe_file(path: str | os.PathLike) -> Path:

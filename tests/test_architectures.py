@@ -296,3 +296,48 @@ def test_gemma3_image_tokens_still_attend_bidirectionally(ivs):
     b = trace(m, inputs, cache=["lm.blocks.0"], interventions=ivs, edits={"lm.input": bump}).cache["lm.blocks.0"]
     assert (a[0, first] - b[0, first]).abs().max() > 1e-4
     assert torch.equal(a[0, :first], b[0, :first])  # text before the image stays causal
+
+
+def test_position_controls_permute_only_image_ids(arch):
+    """``PositionPermute``: image tokens take each other's ids (reverse: hand-computed order; on
+    M-RoPE the whole (t, h, w) triple moves), text ids are untouched, and the logits change."""
+    name, m, inputs = arch
+    default = m.default_position_ids(inputs)
+    imap = m.image_map(inputs)
+    base = logits(m, inputs)
+    for iv in (interp.PositionPermute("reverse"), interp.PositionPermute("shuffle", seed=3)):
+        pos = iv.position_ids(m, inputs)
+        flat, ref = (pos, default) if pos.dim() == 2 else (pos.permute(1, 2, 0), default.permute(1, 2, 0))
+        for b in range(pos.shape[-2]):
+            patch = imap.is_patch[b]
+            assert torch.equal(flat[b, ~patch], ref[b, ~patch])
+            for img in range(int(imap.image[b].max()) + 1):
+                sel = (imap.image[b] == img) & patch
+                got, want = flat[b, sel], ref[b, sel]
+                if iv.mode == "reverse":
+                    assert torch.equal(got, want.flip(0))
+                else:  # a permutation of the same ids (rows of the triple kept together)
+                    key = lambda t: sorted(map(tuple, t.reshape(len(t), -1).tolist()))  # noqa: E731
+                    assert key(got) == key(want) and not torch.equal(got, want)
+        assert (logits(m, inputs, [iv]) - base).abs().max() > 1e-5
+
+
+def test_adaptive_agci_is_agci_with_the_rules_lambda(arch):
+    """``AdaptiveAGCI`` = ``AGCI(λ)`` per image with λ computed by hand from that image's LM-input tokens."""
+    from interp.interventions import adaptive_lambda
+    name, m, inputs = arch
+    for rule, scale in (("cos_spread", 2.0), ("norm_ratio", 0.3)):
+        iv = interp.AdaptiveAGCI(rule=rule, scale=scale)
+        lams = iv.lambdas(m, inputs)
+        assert len(lams) == len(inputs["input_ids"]) and all(0 < lam <= 4.0 for lam in lams)
+        got = logits(m, inputs, [iv])
+        for b, lam in enumerate(lams):  # the same λ as a fixed AGCI gives the same row
+            want = logits(m, inputs, [interp.AGCI(lam=lam)])[b]
+            assert torch.allclose(got[b], want, atol=1e-5), (rule, b)
+    # hand computation of the rules
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    g = v.mean(0)
+    cos = torch.nn.functional.cosine_similarity(v, g.expand_as(v), dim=-1)
+    assert adaptive_lambda(v, "cos_spread", 2.0) == pytest.approx(2.0 * float(cos.std(correction=0)))
+    assert adaptive_lambda(v, "norm_ratio", 0.5) == pytest.approx(0.5 * float(v.norm(dim=-1).mean() / g.norm()))
+    assert adaptive_lambda(v, "norm_ratio", 100.0, lam_max=3.0) == 3.0

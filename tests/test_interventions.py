@@ -124,3 +124,14 @@ def test_every_intervention_kind_round_trips():
         d = iv.to_dict()
         back = from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
         assert back == iv
+
+
+def test_new_controls_validate_their_arguments():
+    with pytest.raises(SpatialBiasError, match="position control 'sideways'"):
+        interp.PositionPermute("sideways")
+    with pytest.raises(SpatialBiasError, match="rule 'median'"):
+        interp.AdaptiveAGCI(rule="median")
+    with pytest.raises(SpatialBiasError, match="out of range"):
+        interp.AdaptiveAGCI(scale=-1.0)
+    d = interp.AdaptiveAGCI(rule="norm_ratio", scale=0.25).to_dict()
+    assert "lam" not in d and from_dict(d) == interp.AdaptiveAGCI(rule="norm_ratio", scale=0.25)

@@ -67,3 +67,65 @@ def torch_logits(v, vals):
     for k, val in vals.items():
         x[0, k] = val
     return x
+
+
+def test_grid_size_comes_from_the_table():
+    rng = np.random.default_rng(3)
+    acc = rng.uniform(0.3, 0.95, 16)
+    df = table(acc, n=30, seed=4).assign(grid="4x4", n_cells=16)
+    m = cell_metrics(df)
+    assert m["grid"] == [4, 4] and len(m["cell_accuracy"]) == 16 and m["cell_n"] == [30] * 16
+    hits = df.groupby("cell")["correct"].sum().to_numpy()
+    ref = stats.chi2_contingency(np.stack([hits, 30 - hits], 1), correction=False)
+    assert (m["chi2"], m["chi2_p"]) == pytest.approx((ref.statistic, ref.pvalue))
+    sparse = df[df.cell != 5]  # a cell without rows stays in the lists as NaN
+    ms = cell_metrics(sparse)
+    assert len(ms["cell_accuracy"]) == 16 and np.isnan(ms["cell_accuracy"][5]) and ms["cell_n"][5] == 0
+    with pytest.raises(ValueError, match="do not fit 9 cells"):
+        cell_metrics(df.drop(columns=["grid", "n_cells"]))
+    with pytest.raises(ValueError, match="mixes grids"):
+        cell_metrics(pd.concat([df, table([0.5] * 9).assign(grid="3x3", n_cells=9)]))
+
+
+def test_3x3_results_do_not_change_with_the_grid_columns():
+    df = table([0.5, 0.6, 0.7, 0.8, 0.9, 0.5, 0.6, 0.7, 0.8], seed=2)
+    a = cell_metrics(df, seed=5)
+    b = cell_metrics(df.assign(grid="3x3", n_cells=9), seed=5)
+    c = cell_metrics(df, seed=5, n_cells=9)
+    assert a == b == c and a["grid"] == [3, 3]
+
+
+def test_chi2_and_consistency_by_hand():
+    # two cells: 30/40 and 10/40 right. Expected counts 20/20 per cell → χ² = Σ (o − e)² / e = 4·(10²/20) = 20
+    assert chi2_homogeneity(np.array([30, 10]), np.array([40, 40]))[0] == pytest.approx(20.0)
+    assert chi2_homogeneity(np.array([30, 10]), np.array([40, 40]))[1] == pytest.approx(stats.chi2.sf(20.0, 1))
+    df = pd.DataFrame({"id": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "cell": [0, 1, 2] * 3,
+                       "correct": [True, True, True, False, False, False, True, False, True],
+                       "p_correct": [0.9] * 9})
+    m = cell_metrics(df, n_cells=3)
+    assert m["consistency"] == pytest.approx(2 / 3)  # a all right, b all wrong, c mixed
+    assert m["cell_accuracy"] == pytest.approx([2 / 3, 1 / 3, 2 / 3])
+    assert m["std"] == pytest.approx(np.std([2 / 3, 1 / 3, 2 / 3]))
+    assert m["cv"] == pytest.approx(np.std([2 / 3, 1 / 3, 2 / 3]) / (5 / 9))
+
+
+def test_bootstrap_equals_scipy_with_the_same_generator():
+    x = (np.random.default_rng(7).random(50) < 0.6).astype(float)
+    lo, hi = bootstrap_ci(x, np.random.default_rng(11), n_resamples=500)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=500, confidence_level=0.95, method="percentile",
+                          rng=np.random.default_rng(11)).confidence_interval
+    assert (lo, hi) == (ref.low, ref.high)
+
+
+def test_shift_curve_by_hand():
+    from analyses.metrics import shift_curve
+    df = pd.DataFrame({"id": ["a", "b", "a", "b", "a", "b"], "offset": [0, 0, 70, 70, 140, 140],
+                       "cell": [3, 3, 3, 3, 4, 4], "correct": [True, True, True, False, False, False],
+                       "p_correct": [0.9, 0.8, 0.7, 0.4, 0.2, 0.1]})
+    c = shift_curve(df, n_resamples=200)
+    assert c.offset.tolist() == [0, 70, 140] and c["mean"].tolist() == [1.0, 0.5, 0.0]
+    assert c.cell.tolist() == [3, 3, 4] and c.n.tolist() == [2, 2, 2]
+    assert (c.ci_low[0], c.ci_high[0]) == (1.0, 1.0) and c.ci_low[1] <= 0.5 <= c.ci_high[1]
+    assert shift_curve(df, key="p_correct")["mean"].tolist() == pytest.approx([0.85, 0.55, 0.15])
+    with pytest.raises(ValueError, match="no 'offset' column"):
+        shift_curve(df.drop(columns="offset"))

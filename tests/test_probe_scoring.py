@@ -1,0 +1,213 @@
+"""Scoring probes on tiny models: the paper's own file format, string rules, prompts per
+architecture, the similarity and occlusion probes, and a real-photo probe end to end."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+import interp
+from analyses import occlusion as occ
+from analyses.cli import app
+from analyses.evaluate import check_probe, score_probe
+from analyses.metrics import cell_metrics
+from analyses.scoring import FALLBACK_TEMPLATES, PAPER_PROMPT, model_prompt, prefix_answer, robust_answer
+from analyses.similarity import caption_embeddings, similarity_scores, similarity_summary
+from interp.tracing import trace
+from probes.build import caption_probe
+from probes.format import POSITIONS, read_rows
+
+
+@pytest.mark.parametrize("text,prefix,robust", [
+    ("Yes", "Yes", "Yes"), ("Yes, there is.", "Yes", "Yes"), ("No.", "No", "No"),
+    (" Yes", None, "Yes"), ("yes", None, "Yes"), ('"No"', None, "No"), ("**YES**", None, "Yes"),
+    ("\n'no', because", None, "No"), ("Yesterday", "Yes", None), ("Nothing", "No", None),
+    ("Maybe yes", None, None), ("", None, None), ("...", None, None),
+])
+def test_string_rules(text, prefix, robust):
+    assert prefix_answer(text) == prefix  # the paper's: case-sensitive str.startswith
+    assert robust_answer(text) == robust
+
+
+def test_prompt_templates(tiny_llava):
+    assert model_prompt(tiny_llava, "is it ?") == tiny_llava.prompt("is it ?")  # the processor's own template
+    m, p = interp.tiny.build_llava()
+    p.chat_template = None
+    bare = interp.load(m, p)
+    assert model_prompt(bare, "is it ?") == "USER: <image>\nis it ? ASSISTANT:"
+    assert bare.inputs([interp.tiny.image()], [model_prompt(bare, "is it ?")])["input_ids"].shape[0] == 1
+    assert set(FALLBACK_TEMPLATES) == {"llava", "llava_next", "qwen2vl", "gemma3"}
+    assert all(t.count("{marker}") == 1 and "{text}" in t for t in FALLBACK_TEMPLATES.values())
+
+
+def test_organism_cannot_answer_yes_no(organism):
+    from analyses.scoring import AnswerSet
+    from interp.errors import SpatialBiasError
+    with pytest.raises(SpatialBiasError, match="no token for answer 'Yes'"):
+        AnswerSet.build(organism.tokenizer, ["Yes", "No"])
+
+
+def paper_probe(folder, n_items=2):
+    """A probe written by hand exactly as the paper publishes it: integer ids, only
+    id/image/caption/position/answer, every answer Yes, images {id}_{k}.jpg beside the file."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_items):
+        for k, pos in enumerate(POSITIONS):
+            Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(folder / f"{i}_{k}.jpg")
+            lines.append(json.dumps({"id": i, "image": f"{i}_{k}.jpg", "caption": f"a cat {i}", "position": pos,
+                                     "answer": "Yes"}))
+    (folder / "probe.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_paper_files_score_unchanged(tmp_path, tiny_llava):
+    probe = paper_probe(tmp_path / "paper")
+    good, problems = check_probe(probe)
+    assert not problems and len(good) == 18
+    rows = read_rows(probe)
+    assert [r.cell for r in rows[:9]] == list(range(9)) and rows[0].id == "0" and rows[0].extra == {}
+    df = score_probe(tiny_llava, probe, {"baseline": []}, progress=False)
+    assert list(df.cell[:9]) == list(range(9)) and set(df.grid) == {"3x3"} and set(df.n_cells) == {9}
+    assert df.answer.eq("Yes").all() and df.p_correct.between(0, 1).all()
+    prompts = tiny_llava.tokenizer.decode(tiny_llava.inputs([Image.open(probe / "0_0.jpg")],
+                                                            [model_prompt(tiny_llava, PAPER_PROMPT.format(
+                                                                caption="a cat 0"))])["input_ids"][0])
+    assert "<image>" in prompts
+    m = cell_metrics(df)
+    assert len(m["cell_accuracy"]) == 9 and m["grid"] == [3, 3]
+
+
+def test_string_rule_columns_match_generated_text(tmp_path, tiny_llava):
+    probe = paper_probe(tmp_path / "paper", n_items=1)
+    df = score_probe(tiny_llava, probe, {"baseline": [], "bapa": [interp.BaPA()]}, progress=False,
+                     string_rule=True, max_new_tokens=3)
+    assert {"pred_text", "correct_prefix", "correct_robust"} <= set(df.columns)
+    rows = read_rows(probe)
+    img = Image.open(probe / rows[4].image).convert("RGB")
+    inputs = tiny_llava.inputs([img], [model_prompt(tiny_llava, PAPER_PROMPT.format(caption=rows[4].caption))])
+    ids = tiny_llava.generate(inputs, [], max_new_tokens=3)
+    text = tiny_llava.tokenizer.decode(ids[0], skip_special_tokens=True)
+    got = df[(df.condition == "baseline") & (df.row == 4)].iloc[0]
+    assert got.pred_text == text
+    assert got.correct_prefix == (prefix_answer(text) == "Yes") and got.correct_robust == (robust_answer(text) == "Yes")
+
+
+def test_similarity_matches_a_hand_computation(tmp_path, tiny_llava):
+    probe = caption_probe("skimage", tmp_path / "sim", n_items=1, kind="similarity", size=96, negatives=True,
+                          progress=False).parent
+    df = similarity_scores(tiny_llava, probe, progress=False)
+    rows = read_rows(probe)
+    assert len(df) == len(rows) * 2 and set(df.pooling) == {"max", "mean"}
+    r = rows[4]  # target in the centre cell
+    img = Image.open(probe / r.image).convert("RGB")
+    inputs = tiny_llava.inputs([img], [model_prompt(tiny_llava, PAPER_PROMPT.format(caption=r.caption))])
+    proj = trace(tiny_llava, inputs, cache=["projector"]).cache["projector"][0].float()  # (16, D): 4×4 patches
+    ids = tiny_llava.tokenizer(r.caption, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        txt = tiny_llava.model.get_input_embeddings()(torch.tensor(ids)).float()
+    assert torch.allclose(caption_embeddings(tiny_llava, r.caption), txt)
+    centre = proj.reshape(4, 4, -1)[1:3, 1:3].reshape(4, -1)  # patch centres 12, 20 px of 32 fall in cell 4
+    for how, f in (("max", lambda x: x.max(0).values), ("mean", lambda x: x.mean(0))):
+        got = df[(df.row == 4) & (df.pooling == how)].iloc[0]
+        assert got.sim_image == pytest.approx(float(F.cosine_similarity(f(txt), f(proj), dim=0)), abs=1e-5)
+        assert got.sim_cell == pytest.approx(float(F.cosine_similarity(f(txt), f(centre), dim=0)), abs=1e-5)
+        assert got.n_cell_tokens == 4
+    s = similarity_summary(df)
+    assert set(s) == {"max", "mean"} and len(s["max"]["cell_sim_image"]) == 9
+    yes = df[(df.pooling == "max") & (df.answer == "Yes")]
+    assert s["max"]["cell_sim_image"][4] == pytest.approx(yes[yes.cell == 4].sim_image.mean())
+    assert "cell_sim_image_mismatch" in s["max"]
+
+
+def test_occlusion_matches_a_hand_computation(tmp_path, tiny_llava):
+    probe = caption_probe("skimage", tmp_path / "g", n_items=1, size=90, grid=(3, 3), progress=False).parent
+    rows = read_rows(probe)[:2]
+    df = occ.occlusion_scores(tiny_llava, probe, {"baseline": []}, rows=rows, steps=3, progress=False)
+    assert len(df) == 2 * 9 and set(df.region) == set(range(9))
+    from analyses.evaluate import answer_set
+    cands = answer_set(tiny_llava, rows, {"answers": ["Yes", "No"]})
+    img = Image.open(probe / rows[1].image).convert("RGB")
+    prompt = model_prompt(tiny_llava, PAPER_PROMPT.format(caption=rows[1].caption))
+
+    def ld(im):
+        with torch.no_grad():
+            lg = tiny_llava.run(tiny_llava.inputs([im], [prompt]), last_only=True)[:, -1]
+        return float(cands.score(lg, ["Yes"])["logit_diff"][0])
+
+    base = ld(img)
+    got = df[(df.row == 1) & (df.oy == 2) & (df.ox == 1)].iloc[0]
+    assert (got.sx, got.sy, got.square, got.region) == (30, 60, 30, 7)
+    assert got.base_logit_diff == pytest.approx(base, abs=1e-5)
+    assert got.delta == pytest.approx(ld(occ.occluded(img, 30, 60, 30)) - base, abs=1e-5)
+    t = occ.region_table(df)
+    assert t[(t.cell == 1) & (t.region == 7)].mean_abs_delta.item() == pytest.approx(abs(got.delta), abs=1e-6)
+    maps = occ.position_maps(df)
+    assert set(maps) == {0, 1} and maps[1].shape == (3, 3) and maps[1].max() == pytest.approx(1.0)
+    assert np.allclose(occ.image_map(df, 1), df[df.row == 1].sort_values(["oy", "ox"]).abs_delta.to_numpy()
+                       .reshape(3, 3))
+    assert occ.offsets(840, 42, 20) == list(range(0, 799, 42))  # the paper's 20×20 tiling
+
+
+def test_real_photo_probe_end_to_end_on_a_tiny_model(tmp_path):
+    """skimage probe → saved tiny LLaVA → spatialbias eval with string rule, similarity and occlusion."""
+    m, p = interp.tiny.build_llava(seed=1)
+    model = interp.tiny.save(m, p, tmp_path / "tiny")
+    runner = CliRunner()
+    probe, out = tmp_path / "probe", tmp_path / "out"
+    r = runner.invoke(app, ["probe", "build", "--source", "skimage", "--out", str(probe), "--n", "2", "--negatives",
+                            "--grid", "2x2", "--canvas", "64", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", "--model", str(model), "--probe", str(probe), "--out", str(out), "--condition",
+                            "baseline", "--condition", "bapa", "--string-rule", "--similarity",
+                            "--occlusion-steps", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 2 * 2 * 4 * 2 and set(df.grid) == {"2x2"} and set(df.position) == {"r0c0", "r0c1", "r1c0", "r1c1"}
+    assert {"pred_text", "correct_prefix", "correct_robust", "line"} <= set(df.columns)
+    s = json.loads((out / "summary.json").read_text())
+    base = s["conditions"]["baseline"]
+    assert base["grid"] == [2, 2] and len(base["cell_accuracy"]) == 4 and base["cell_n"] == [4, 4, 4, 4]
+    assert 0.0 <= s["string_rule"]["baseline"]["accuracy_robust"] <= 1.0
+    assert len(s["similarity"]["max"]["cell_sim_image"]) == 4
+    assert len(pd.read_parquet(out / "occlusion.parquet")) == 16 * 4 * 2
+    for stem in ("cell_accuracy", "similarity", "occlusion_baseline"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+    # the report on a 2×2 probe and a model labelled as random weights
+    (model / "provenance.json").write_text(json.dumps({"random_weights": True, "note": "pipeline check"}))
+    rep = tmp_path / "rep"
+    r = runner.invoke(app, ["report", "--model", str(model), "--probe", str(probe), "--out", str(rep),
+                            "--lambdas", "0.5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "Random-weight model" in r.output
+    page = (rep / "index.html").read_text()
+    assert "Random weights." in page and "<th>r1c1</th>" in page and "2×2 grid" in page
+    s = json.loads((rep / "summary.json").read_text())
+    assert s["grid"] == [2, 2] and "causal_skipped" in s and "attribution" not in s
+
+
+def test_figures_for_other_grids():
+    from analyses.figures import cell_heatmaps, occlusion_maps
+    s = {"grid": [4, 4], "cell_accuracy": list(np.linspace(0, 1, 16)), "mean_accuracy": 0.5, "range": 1.0}
+    fig = cell_heatmaps({"a": s, "b": s})
+    assert fig.axes[0].collections[0].get_array().reshape(4, 4)[3, 3] == pytest.approx(1.0)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["c0", "c1", "c2", "c3"]
+    fig = occlusion_maps({0: np.ones((3, 3)), 5: np.zeros((3, 3))}, (2, 3))
+    assert len(fig.axes) == 6 and fig.axes[5].get_images()[0].get_array().shape == (3, 3)
+
+
+def test_shift_probe_gets_a_curve(tmp_path, tiny_llava):
+    probe = caption_probe("skimage", tmp_path / "s", n_items=2, kind="shift", size=60, step=10, progress=False).parent
+    df = score_probe(tiny_llava, probe, {"baseline": []}, progress=False)
+    assert sorted(df.offset.unique()) == [0, 10, 20, 30, 40]
+    from analyses.figures import shift_curves
+    from analyses.metrics import shift_curve
+    c = shift_curve(df, key="p_correct", n_resamples=200)
+    assert list(c.offset) == [0, 10, 20, 30, 40] and list(c.n) == [2] * 5
+    assert c["mean"].tolist() == pytest.approx(df.groupby("offset").p_correct.mean().tolist())
+    assert shift_curves({"baseline": c}, cell_px=20).axes[0].get_xlabel().startswith("target offset")

@@ -1,0 +1,368 @@
+"""The sweep report (``spatialbias report --from DIR``) on synthetic results tables in the sweep's
+schema: page structure, embedded figures, escaping, determinism, bad input, and a headless
+Chromium rendering when a Chromium is installed."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from analyses import sweep_figures as sf, sweep_report
+from analyses.cli import app
+from interp.errors import SpatialBiasError
+
+runner = CliRunner()
+
+NASTY = 'tiny<script>alert("x")</script> & λ $a$'  # a model label that must be escaped everywhere
+INTERVENTIONS = [  # (label, family, λ, interventions config)
+    ("baseline", "baseline", np.nan, []),
+    ("bapa", "bapa", np.nan, [{"kind": "bapa", "variant": "reference"}]),
+    ("bapa:keep_hw", "bapa", np.nan, [{"kind": "bapa", "variant": "keep_hw"}]),
+    ("agci λ=0.25", "agci", 0.25, [{"kind": "agci", "lam": 0.25}]),
+    ("agci λ=0.5", "agci", 0.5, [{"kind": "agci", "lam": 0.5}]),
+    ("agci λ=1", "agci", 1.0, [{"kind": "agci", "lam": 1.0}]),
+    ("agci-pooled λ=0.5", "agci", 0.5, [{"kind": "agci", "lam": 0.5, "pooled": True}]),
+    ("agci-adaptive cos_spread×1", "agci-adaptive", 1.0, [{"kind": "agci-adaptive", "stat": "cos_spread",
+                                                           "scale": 1.0}]),
+    ("positions:shuffle", "positions", np.nan, [{"kind": "positions", "mode": "shuffle"}]),
+]
+VERSIONS = json.dumps({"torch": "2.13.0", "transformers": "4.99", "nnsight": "0.5", "python": "3.11",
+                       "spatialbias": "0.1"}, sort_keys=True)
+
+
+def _rows(model, probe, iv, analysis, seed, shape, rng):
+    label, family, lam, ivs = iv
+    config = json.dumps({"model": model, "probe": probe, "interventions": ivs, "analysis": analysis, "seed": seed},
+                        sort_keys=True)
+    cid = hashlib.sha1(config.encode()).hexdigest()[:12]
+    base = dict(condition_id=cid, model=model, probe=probe, intervention=label, family=family, analysis=analysis,
+                seed=seed, config=config, versions=VERSIONS)
+    base["lambda"] = lam
+    out = []
+
+    def add(metric, value, cell=None, layer=None, site=None, group=None):
+        out.append(dict(base, metric=metric, cell=cell, layer=layer, site=site, group=group, value=float(value)))
+    n = shape[0] * shape[1]
+    bias = {"baseline": 0.3, "bapa": 0.05, "agci": 0.3 / (1 + (0 if np.isnan(lam) else lam)),
+            "agci-adaptive": 0.12, "positions": 0.2}[family]
+    if analysis == "eval":
+        acc = np.clip(0.75 - bias / 2 + bias * np.arange(n) / (n - 1) + rng.normal(0, 0.02, n), 0, 1)
+        for c in range(n):
+            add("accuracy", acc[c], cell=c)
+            add("p_correct", acc[c] * 0.9, cell=c)
+            add("ci_low", acc[c] - 0.05, cell=c)
+            add("ci_high", acc[c] + 0.05, cell=c)
+            add("n", 100, cell=c)
+        for metric, v in (("mean_accuracy", acc.mean()), ("mean_p_correct", 0.9 * acc.mean()),
+                          ("range", np.ptp(acc)), ("std", acc.std()), ("cv", acc.std() / acc.mean()),
+                          ("chi2", 40 * bias), ("chi2_p", 10 ** (-30 * bias)), ("consistency", 0.6),
+                          ("n_rows", 100 * n)):
+            add(metric, v)
+        if shape != (3, 3):
+            add("grid_rows", shape[0])
+            add("grid_cols", shape[1])
+    elif analysis == "patching":
+        sites = ["lm.input", "lm.blocks.0", "lm.blocks.1"]
+        for direction in ("denoise", "noise"):
+            for s, site in enumerate(sites):
+                for group in ("target", "image", "text", "last", "all"):
+                    add(f"restoration_{direction}", rng.uniform(-0.1, 1.1), site=site, group=group)
+        add("position_restoration", 0.9 - bias + rng.normal(0, 0.02))
+        for layer in (0, 1):
+            add("position_restoration", 0.5 - 0.3 * layer + rng.normal(0, 0.02), layer=layer)
+        add("logit_diff_clean", 3.4 + rng.normal(0, 0.05))
+        add("logit_diff_corrupt", 1.7 + rng.normal(0, 0.05))
+        add("clean_cell", n - 1)
+        add("corrupt_cell", 0)
+    else:
+        for layer in (0, 1):
+            for c in range(n):
+                add("attention_to_target", 0.06 + bias * 0.5 * c / (n - 1) + rng.normal(0, 0.005), cell=c,
+                    layer=layer)
+    return out
+
+
+def synthetic_results(only_eval: bool = False, seeds=(0, 1)) -> pd.DataFrame:
+    """A results table in the sweep's schema: two models, a 3×3 probe and a 2×4 probe, every kind
+    of intervention, two seeds; patching and flow for one (model, probe) unless ``only_eval``."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in seeds:
+        for iv in INTERVENTIONS:
+            rows += _rows("organism", "shapes", iv, "eval", seed, (3, 3), rng)
+        for iv in INTERVENTIONS[:2] + INTERVENTIONS[4:5] + INTERVENTIONS[7:8]:
+            rows += _rows(NASTY, "shapes", iv, "eval", seed, (3, 3), rng)
+        for iv in INTERVENTIONS[:2] + INTERVENTIONS[4:5]:
+            rows += _rows("organism", "wide 2×4", iv, "eval", seed, (2, 4), rng)
+            if not only_eval:
+                for analysis in ("patching", "flow"):
+                    rows += _rows("organism", "shapes", iv, analysis, seed, (3, 3), rng)
+    df = pd.DataFrame(rows)
+    for col in ("cell", "layer"):
+        df[col] = df[col].astype("Int64")
+    df["seed"] = df["seed"].astype("int64")
+    df["lambda"] = df["lambda"].astype(float)
+    cols = ["condition_id", "model", "probe", "intervention", "family", "lambda", "analysis", "seed", "metric",
+            "cell", "layer", "site", "group", "value", "config", "versions"]
+    return df[cols]
+
+
+def write_sweep(d: Path, df: pd.DataFrame) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(d / "results.parquet", index=False)
+    (d / "sweep.toml").write_text('models = ["organism"]\nnote = "a <b>bold</b> & λ claim"\n', encoding="utf-8")
+    confs = df.drop_duplicates("condition_id").config
+    (d / "conditions.jsonl").write_text("".join(c + "\n" for c in confs), encoding="utf-8")
+    return d
+
+
+class Page(HTMLParser):
+    """Collects ids, TOC links, images, headings and the page's text."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.toc_links, self.imgs, self.h2, self.tags = set(), [], [], [], []
+        self._nav = 0
+        self._h2 = None
+        self.text = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "nav":
+            self._nav += 1
+        if tag == "a" and self._nav and a.get("href", "").startswith("#"):
+            self.toc_links.append(a["href"][1:])
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "h2":
+            self._h2 = []
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._nav -= 1
+        if tag == "h2" and self._h2 is not None:
+            self.h2.append("".join(self._h2))
+            self._h2 = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._h2 is not None:
+            self._h2.append(data)
+
+
+def parse(page: Path) -> Page:
+    p = Page()
+    p.feed(page.read_text(encoding="utf-8"))
+    return p
+
+
+SECTION_HEADINGS = [h for _, h, _ in sweep_report.SECTIONS]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The full synthetic sweep, reported once through the CLI."""
+    d = write_sweep(tmp_path_factory.mktemp("sweep") / "run", synthetic_results())
+    r = runner.invoke(app, ["report", "--from", str(d)])
+    assert r.exit_code == 0, r.output
+    assert str(d / "report" / "index.html") in r.output
+    return d
+
+
+def test_page_structure(sweep):
+    page = sweep / "report" / "index.html"
+    p = parse(page)
+    assert p.h2 == ["Contents"] + SECTION_HEADINGS
+    assert p.toc_links and all(a in p.ids for a in p.toc_links)
+    assert {a for a, *_ in sweep_report.SECTIONS} <= set(p.toc_links)
+    specs, skipped = sweep_report.plan(pd.read_parquet(sweep / "results.parquet"))
+    assert skipped == {}  # every section has data
+    assert {s.section for s in specs} == {a for a, *_ in sweep_report.SECTIONS} - {"sweep", "conditions", "reproduce"}
+    # 3 (model, probe) heatmaps; scatter; λ; denoise + noise; positions; attention
+    assert len(specs) == len(p.imgs) == 3 + 1 + 1 + 2 + 1 + 1
+    for img in p.imgs:
+        assert img["src"].startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1], validate=True)))
+        im.verify()
+        assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
+    for s in specs:
+        for ext, magic in (("png", b"\x89PNG"), ("svg", b"<?xml")):
+            f = sweep / "report" / "figures" / f"{s.stem}.{ext}"
+            assert f.read_bytes().startswith(magic), f
+    assert sorted(x.name for x in (sweep / "report" / "figures").iterdir()) == sorted(
+        f"{s.stem}.{ext}" for s in specs for ext in ("png", "svg"))
+
+
+def test_labels_escaped(sweep):
+    text = (sweep / "report" / "index.html").read_text(encoding="utf-8")
+    p = parse(sweep / "report" / "index.html")
+    assert "<script" not in text and "<b>bold" not in text
+    assert "script" not in p.tags and p.tags.count("b") == len(p.imgs)  # only the captions' own <b>
+    assert html.escape(NASTY) in text
+    body = "".join(p.text)
+    assert NASTY in body and "agci λ=0.5" in body and "cos_spread×1" in body and 'a <b>bold</b> & λ claim' in body
+
+
+def test_every_command_redraws_its_figure(sweep):
+    """The call printed under each figure is valid Python that returns that figure."""
+    import matplotlib.pyplot as plt
+
+    import analyses.sweep_figures  # noqa: F401  (the name the printed calls use)
+    text = (sweep / "report" / "index.html").read_text(encoding="utf-8")
+    calls = [html.unescape(c) for c in __import__("re").findall(r"<figcaption><b>.*?</b> — <code>(.*?)</code>", text)]
+    specs, _ = sweep_report.plan(pd.read_parquet(sweep / "results.parquet"))
+    assert calls == [s.command((sweep / "results.parquet").resolve()) for s in specs]
+    drawn = set()
+    for call, spec in zip(calls, specs):
+        assert call.startswith(f"analyses.sweep_figures.{spec.function}(pd.read_parquet(")
+        if spec.function in drawn:  # the others differ only in their (checked) arguments; keeps the test fast
+            continue
+        drawn.add(spec.function)
+        fig = eval(call, {"pd": pd, "analyses": analyses})
+        assert isinstance(fig, plt.Figure) and fig.axes
+        plt.close(fig)
+
+
+def test_rerun_is_byte_identical(sweep):
+    page = sweep / "report" / "index.html"
+    before = page.read_bytes()
+    svgs = {f.name: f.read_bytes() for f in (sweep / "report" / "figures").glob("*.svg")}
+    (sweep / "report" / "figures" / "stale.png").write_bytes(b"old")
+    assert sweep_report.build(sweep) == page
+    assert page.read_bytes() == before
+    assert {f.name: f.read_bytes() for f in (sweep / "report" / "figures").glob("*.svg")} == svgs
+    assert not (sweep / "report" / "figures" / "stale.png").exists()
+
+
+def test_conditions_table_aggregates_seeds(sweep):
+    df = pd.read_parquet(sweep / "results.parquet")
+    t = sf.conditions_table(df)
+    assert len(t) == len(INTERVENTIONS) + 4 + 3 and (t.n_seeds == 2).all()
+    row = t[(t.model == "organism") & (t.probe == "shapes") & (t.intervention == "bapa")].iloc[0]
+    vals = df[(df.model == "organism") & (df.probe == "shapes") & (df.intervention == "bapa")
+              & (df.metric == "range")].value
+    assert row["range"] == pytest.approx(vals.mean()) and row["range_sd"] == pytest.approx(vals.std())
+    assert list(t[(t.model == "organism") & (t.probe == "shapes")].intervention) == [  # family, then λ, then label
+        "baseline", "bapa", "bapa:keep_hw", "agci λ=0.25", "agci λ=0.5", "agci-pooled λ=0.5", "agci λ=1",
+        "agci-adaptive cos_spread×1", "positions:shuffle"]
+    page = (sweep / "report" / "index.html").read_text(encoding="utf-8")
+    assert f"{row['range']:.3f} ± {row['range_sd']:.3f}" in page
+
+
+def test_grid_shape_from_metrics():
+    df = synthetic_results(only_eval=True, seeds=(0,))
+    assert sf.grid_shape(df, "wide 2×4") == (2, 4)
+    assert sf.grid_shape(df, "shapes", 9) == (3, 3)
+    assert sf.grid_shape(df, "other", 16) == (4, 4)
+    fig = sf.cell_heatmaps(df, model="organism", probe="wide 2×4")
+    assert fig.axes[0].collections[0].get_array().shape in ((8,), (2, 4))  # a 2×4 mesh
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_eval_only_sweep_skips_the_causal_sections(tmp_path):
+    df = synthetic_results(only_eval=True, seeds=(0,))
+    d = write_sweep(tmp_path / "ev", df[(df.model == "organism") & df.intervention.isin(["baseline", "agci λ=0.5"])])
+    page = sweep_report.build(d)
+    p = parse(page)
+    assert p.h2 == ["Contents"] + SECTION_HEADINGS and all(a in p.ids for a in p.toc_links)
+    text = page.read_text(encoding="utf-8")
+    for anchor in ("patching", "position-patching", "attention-flow"):
+        assert f"<section id='{anchor}'><h2>" in text
+        assert text.split(f"<section id='{anchor}'>")[1].split("</section>")[0].count("Skipped: no ") == 1
+    assert "± " not in text.split("id='conditions'")[1].split("<table>")[1].split("</table>")[0]  # one seed
+    assert len(p.imgs) == 2 + 1 + 1  # shapes and wide heatmaps, scatter, λ
+
+
+def test_figure_filters_and_errors():
+    df = synthetic_results(seeds=(0,))
+    with pytest.raises(SpatialBiasError, match="pass model="):
+        sf.cell_heatmaps(df)  # two models: ambiguous
+    with pytest.raises(SpatialBiasError, match="no patching rows"):
+        sf.restoration_heatmaps(df, model="nope")
+    with pytest.raises(SpatialBiasError, match="direction"):
+        sf.restoration_heatmaps(df, model="organism", probe="shapes", direction="sideways")
+    import matplotlib.pyplot as plt
+    fig = sf.range_vs_accuracy(df, model="organism", probe="shapes", intervention=["baseline", "bapa"])
+    assert len(fig.axes) == 1 and len(fig.axes[0].texts) == 2
+    plt.close(fig)
+    assert sf.agci_variant("agci-pooled λ=0.5") == "agci-pooled" and sf.agci_variant("agci λ=2") == "agci"
+    assert sf.adaptive_rule("agci-adaptive cos_spread×0.5") == "agci-adaptive cos_spread"
+
+
+def test_plan_without_eval_skips_the_eval_sections():
+    df = synthetic_results(seeds=(0,))
+    specs, skipped = sweep_report.plan(df[df.analysis != "eval"])
+    assert set(skipped) == {"conditions", "cell-accuracy", "range-accuracy", "agci-lambda"}
+    assert [s.function for s in specs] == ["restoration_heatmaps"] * 2 + ["position_restoration",
+                                                                          "attention_to_target"]
+    assert all("no " in why for why in skipped.values())
+
+
+def one_line_error(r) -> str:
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_cli_bad_input(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_line_error(runner.invoke(app, ["report", "--from", str(empty)]))
+    assert str(empty) in line and "results.parquet" in line and "spatialbias sweep" in line
+    line = one_line_error(runner.invoke(app, ["report", "--from", str(tmp_path / "missing")]))
+    assert "no such file or folder" in line
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    line = one_line_error(runner.invoke(app, ["report", "--from", str(bad)]))
+    assert str(bad / "results.parquet") in line and "not a readable parquet" in line and "re-run" in line
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(wrong / "results.parquet")
+    line = one_line_error(runner.invoke(app, ["report", "--from", str(wrong)]))
+    assert "missing column(s) condition_id" in line
+    assert not (bad / "report").exists() and not (wrong / "report").exists()
+
+
+def _chromium() -> str | None:
+    for name in ("/usr/bin/chromium", "chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium (chromium / chromium-browser) installed: the HTML "
+                    "structure tests still run; .ci/run installs it where apt works")
+def test_renders_in_headless_chromium(sweep, tmp_path):
+    shot = tmp_path / "shot.png"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+           (sweep / "report" / "index.html").as_uri()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    with Image.open(shot) as im:
+        im.verify()
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.size == (1200, 2000)
+        a = np.asarray(im.convert("L"), float)
+    assert a.var() > 0
+    assert (a < 250).mean() > 0.02  # text, the table of contents and the first figures are drawn
