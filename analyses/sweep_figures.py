@@ -241,9 +241,9 @@ def cell_heatmaps(df: pd.DataFrame, model: Labels = None, probe: Labels = None, 
 def _condition_scalars(d: pd.DataFrame) -> pd.DataFrame:
     """One row per condition (model, probe, intervention; family, λ) with the seed mean of
     mean_accuracy and range and their seed sd (``mean_accuracy_sd``, ``range_sd``)."""
-    s = d[(d.analysis == "eval") & d.metric.isin(["mean_accuracy", "range"]) & d.cell.isna()]
+    s = d[(d.analysis == "eval") & d.metric.isin(["mean_accuracy", "range", "lambda_mean"]) & d.cell.isna()]
     w = _wide(seed_mean(s, CONDITION_KEYS + ["metric"]), CONDITION_KEYS)
-    for c in ("mean_accuracy", "range"):
+    for c in ("mean_accuracy", "range", "lambda_mean"):
         for col in (c, c + "_sd"):
             if col not in w.columns:
                 w[col] = np.nan
@@ -325,8 +325,9 @@ def adaptive_rule(label: str) -> str:
 def lambda_curves(df: pd.DataFrame, model: Labels = None, probe: Labels = None):
     """Mean accuracy and range across cells against AGCI's λ, one row of panels per (model,
     probe): fixed-λ AGCI as lines (one per variant, e.g. agci and agci-pooled), adaptive AGCI
-    as marked points at their scale, baseline and BaPA as horizontal reference lines; error
-    bars are the seed sd."""
+    as marked points at the mean λ its rule chose over the probe (``lambda_mean``; at its scale
+    where that was not recorded), baseline and BaPA as horizontal reference lines; error bars are
+    the seed sd."""
     d = select(df, model, probe, analysis="eval")
     w = _condition_scalars(d)
     if not w.family.isin(["agci", "agci-adaptive"]).any():
@@ -352,16 +353,19 @@ def lambda_curves(df: pd.DataFrame, model: Labels = None, probe: Labels = None):
             for rule, f in sorted(ada.groupby("rule"), key=lambda t: t[0]):
                 pts = f[f["lambda"].notna()].sort_values("lambda")
                 if not pts.empty:  # one marker per rule, a point per scale
-                    ax.errorbar(pts["lambda"], pts[key], yerr=pts[f"{key}_sd"].fillna(0), fmt=markers[rule],
-                                ms=7, capsize=2, color=colours["agci-adaptive"], mec="black", mew=0.5,
-                                label=_t(rule) + " (adaptive, at its scale)")
+                    chosen = pts["lambda_mean"].notna().all()
+                    ax.errorbar(pts["lambda_mean"] if chosen else pts["lambda"], pts[key],
+                                yerr=pts[f"{key}_sd"].fillna(0), fmt=markers[rule], ms=7, capsize=2,
+                                color=colours["agci-adaptive"], mec="black", mew=0.5,
+                                label=_t(rule) + (" (adaptive, at its mean λ)" if chosen else
+                                                  " (adaptive, at its scale)"))
                 for r in f[f["lambda"].isna()].to_dict("records"):  # no scale recorded: a reference line
                     ax.axhline(r[key], ls=":", color=colours["agci-adaptive"], lw=1, label=_t(r["intervention"]))
             for fam in ("baseline", "bapa"):
                 for k, r in enumerate(sub[sub.family == fam].to_dict("records")):
                     ax.axhline(r[key], ls=("-", "--", "-.", ":")[(k + (fam == "bapa")) % 4],
                                color=colours[fam], lw=0.9, label=_t(r["intervention"]))
-            ax.set_xlabel("λ (adaptive: scale)")
+            ax.set_xlabel("λ (adaptive: mean λ chosen, else scale)")
             ax.set_ylabel(name)
             ax.set_title(f"{_t(m)} · {_t(p)}", fontsize=9)
             ax.grid(alpha=0.3)
