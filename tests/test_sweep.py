@@ -249,3 +249,32 @@ def test_only_unknown_condition_is_refused(sweep_dir, tmp_path):
     r = CliRunner().invoke(app, ["sweep", str(sweep_dir / "sweep.toml"), "--out", str(tmp_path / "o"),
                                  "--only", "0123456789ab"])
     assert r.exit_code == 2 and "not a condition" in r.output
+
+
+def test_the_real_sweeps_report_renders(sweep_dir, reference, tmp_path):
+    """``report --from`` on the sweep above (organism + tiny LLaVA, all three analyses): every
+    section has its figures, every image decodes, and headless Chromium draws the page."""
+    import base64
+    import io
+
+    from test_sweep_report import _chromium, parse
+
+    from analyses import sweep_report
+    r = CliRunner().invoke(app, ["report", "--from", str(sweep_dir / "ref")])
+    assert r.exit_code == 0, r.output
+    page = sweep_dir / "ref" / "report" / "index.html"
+    p = parse(page)
+    specs, skipped = sweep_report.plan(reference)
+    assert skipped == {} and len(p.imgs) == len(specs) >= 8
+    assert all(a in p.ids for a in p.toc_links)
+    for img in p.imgs:
+        Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).verify()
+    if _chromium() is None:
+        pytest.skip("no Chromium: the HTML checks above ran, the screenshot is skipped")
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
+                    page.as_uri()], capture_output=True, timeout=60, check=True)
+    a = np.asarray(Image.open(shot).convert("L"), float)
+    assert a.shape == (3000, 1200) and a.var() > 0 and (a < 250).mean() > 0.02
