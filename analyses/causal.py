@@ -16,7 +16,7 @@ from interp import attention, attribution, patching
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention, PositionSwap
 from interp.model import LVLM
-from probes.format import read_meta, read_rows
+from probes.format import grid_name, grid_positions, read_meta, read_rows
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Pairs:
     ids: list[str]
     clean_cell: int
     corrupt_cell: int
+    grid: tuple[int, int] = (3, 3)
 
 
 def placement_pairs(lvlm: LVLM, probe_dir: str | Path, clean_cell: int, corrupt_cell: int,
@@ -41,6 +42,7 @@ def placement_pairs(lvlm: LVLM, probe_dir: str | Path, clean_cell: int, corrupt_
         raise SpatialBiasError(f"clean and corrupt cells are both {clean_cell}; choose two different cells")
     folder = Path(probe_dir)
     rows = read_rows(folder)
+    grid = probe_grid(rows, folder)
     cands = answer_set(lvlm, rows, read_meta(folder))
     by_item: dict[str, dict[int, tuple[int, object]]] = {}
     for n, r in enumerate(rows):
@@ -57,8 +59,22 @@ def placement_pairs(lvlm: LVLM, probe_dir: str | Path, clean_cell: int, corrupt_
     answers = [by_item[i][clean_cell][1].answer for i in ids]
     correct = torch.tensor([cands.token_ids[cands.answers.index(a)] for a in answers])
     return Pairs(inputs(clean_cell), inputs(corrupt_cell), correct, cands.token_ids,
-                 [(clean_cell, corrupt_cell)] * len(ids), ids, clean_cell, corrupt_cell)
+                 [(clean_cell, corrupt_cell)] * len(ids), ids, clean_cell, corrupt_cell, grid)
 
+
+def probe_grid(rows, folder) -> tuple[int, int]:
+    """The (n, m) grid of a cell-placement probe; shift and irregular-box probes have no cells
+    to patch between and are refused."""
+    grids = {r.grid for r in rows}
+    grid = next(iter(grids))
+    names = set(grid_positions(*grid))
+    bad = next((r for r in rows if r.position not in names), None)
+    if len(grids) != 1 or bad is not None:
+        what = f"position {bad.position!r}" if bad is not None else f"grids {sorted(grid_name(g) for g in grids)}"
+        raise SpatialBiasError(f"{folder}: the causal analyses need one n×m grid of cells ({what}); shift and "
+                               "irregular-box probes have no cells to patch between: build one with "
+                               "'spatialbias probe build --grid NxM'")
+    return grid
 
 # ---------------------------------------------------------------------------------------------
 # The whole causal picture of one model under several conditions (baseline, BaPA, AGCI, …)
@@ -82,8 +98,8 @@ def position_patching(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Inter
         windows = [None] + [(i, i + 1) for i in range(n)]
         for w in windows:
             label = "all" if w is None else f"{w[0]}"
-            fixed = _mean_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w)])
-            broken = _mean_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w)])
+            fixed = _mean_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)])
+            broken = _mean_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)])
             gap = clean - corrupt
             rows.append({"condition": cond, "layers": label, "clean": clean, "corrupt": corrupt,
                          "corrupt_with_clean_ids": fixed, "clean_with_corrupt_ids": broken,
@@ -100,7 +116,7 @@ def activation_patching(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Int
     for cond, ivs in conditions.items():
         for direction, base, source in (("denoise", pairs.corrupt, pairs.clean), ("noise", pairs.clean, pairs.corrupt)):
             df = patching.run_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets,
-                                      interventions=ivs, batch_size=batch_size, progress=progress)
+                                      interventions=ivs, batch_size=batch_size, progress=progress, grid=pairs.grid)
             out.append(patching.restoration(df, direction).assign(condition=cond))
     return pd.concat(out, ignore_index=True)
 
@@ -122,11 +138,12 @@ def flow_by_placement(lvlm: LVLM, probe_dir: str | Path, conditions: dict[str, l
     """Attention mass from the query rows to each cell, for every placement of ``n_items`` items.
     Tidy: condition, target_cell, layer, cell, mass (mean over items and heads)."""
     out = []
-    for cell in range(9):
-        other = 0 if cell != 0 else 8
+    n, m = probe_grid(read_rows(probe_dir), probe_dir)
+    for cell in range(n * m):
+        other = 0 if cell != 0 else n * m - 1
         pairs = placement_pairs(lvlm, probe_dir, clean_cell=cell, corrupt_cell=other, n_items=n_items)
         for cond, ivs in conditions.items():
-            f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query).mean((0, 2))  # (layers, cells)
+            f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid).mean((0, 2))  # (layers, cells)
             for layer in range(f.shape[0]):
                 for c in range(f.shape[1]):
                     out.append({"condition": cond, "target_cell": cell, "layer": layer, "cell": c,
@@ -139,14 +156,14 @@ def knockout_curves(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Interve
     attend to the target's cell, to a distractor cell, or to any image token, one layer at a time
     and in all layers."""
     n = lvlm.adapter.layer_count(lvlm.model, "lm")
-    distractor = next(c for c in range(9) if c not in (pairs.clean_cell, pairs.corrupt_cell))
+    distractor = next(c for c in range(pairs.grid[0] * pairs.grid[1]) if c not in (pairs.clean_cell, pairs.corrupt_cell))
     rows = []
     for cond, ivs in conditions.items():
         base = _mean_metric(lvlm, pairs.clean, pairs, ivs)
         for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
             for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
                                 ("all image tokens", None)):
-                ko = attention.Knockout(cells=cells, layers=w, query="text")
+                ko = attention.Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
                 v = _mean_metric(lvlm, pairs.clean, pairs, ivs + [ko])
                 rows.append({"condition": cond, "layers": "all" if w == (0, n) else str(w[0]), "blocked": what,
                              "metric": v, "baseline_metric": base, "drop": base - v})

@@ -483,11 +483,12 @@ def forward_rows(cond: Condition, n_probe_rows: int, n_items: int, lm_layers: in
     if cond.analysis == "eval":
         return n_probe_rows
     n = min(cond.options["causal_items"], n_items)
+    cells = max(1, round(n_probe_rows / max(n_items, 1)))  # placements per item
     if cond.analysis == "flow":
-        return 9 * n
+        return cells * n
     layers = lm_layers or 1
     patches = 4 * layers + 2                      # default patches: LM blocks × 4 groups + vision/projector
-    return n * (2 * (patches + 2) + 2 * (layers + 1) + 2) + (9 * n if cond.options["patch_cells"] == "auto" else 0)
+    return n * (2 * (patches + 2) + 2 * (layers + 1) + 2) + (cells * n if cond.options["patch_cells"] == "auto" else 0)
 
 
 def estimate(sweep: Sweep, out: Path) -> pd.DataFrame:

@@ -98,7 +98,7 @@ def _copy(x: torch.Tensor, ops, B: int, kind: str) -> torch.Tensor:
 def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], patches: Sequence[Patch],
                 correct: torch.Tensor, candidates: Sequence[int], targets: Sequence[Sequence[int]],
                 interventions: Sequence[Intervention] = (), batch_size: int = 32,
-                progress: bool = False) -> pd.DataFrame:
+                progress: bool = False, grid: tuple[int, int] = (3, 3)) -> pd.DataFrame:
     """Metric (answer logit difference) of every patch on every item.
 
     Args:
@@ -106,7 +106,7 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
         patches: the (site, group) patches; vision and projector sites take ``all``, the
             projector also ``target``/``image`` where its tokens are the image tokens in order.
         correct: (N,) correct answer token per item; candidates: the answer token ids.
-        targets: per item, the target's cells (both placements).
+        targets: per item, the target's cells (both placements), row-major on ``grid``.
         interventions: applied to every row (so patching runs on the BaPA/AGCI graph too).
     Returns:
         one row per (item, patch) with ``metric``, plus ``base_metric`` and ``source_metric``
@@ -139,7 +139,8 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
             raise SpatialBiasError("row selection failed; patching needs one image per row")
         chunk, iv_edits = lvlm.prepare(chunk, interventions)
         imap = lvlm.image_map(chunk)
-        groups = group_masks(lvlm, chunk, [targets[i] for i, s, js in layout for _ in range(2 + len(js))], imap=imap)
+        groups = group_masks(lvlm, chunk, [targets[i] for i, s, js in layout for _ in range(2 + len(js))],
+                             grid=grid, imap=imap)
         ops: dict[str, list] = {}
         for i, s, js in layout:
             for k, j in enumerate(js):
