@@ -4,7 +4,8 @@ noisy), after warm-up. ``spatialbias bench`` writes ``bench.json`` and ``bench.m
 * tracing overhead: nnsight trace caching K sites vs the bare HF forward;
 * position-swap patching: the batched engine vs the loop a TransformerLens/nnsight user writes
   (one cached clean forward per item, then one forward per patch), outputs asserted equal;
-* attribution patching vs exact patching: speed-up and Spearman of the site rankings;
+* attribution patching vs exact patching: speed-up and rank agreement (Spearman, top-10) of the
+  patch rankings, per (site, group) and per single (site, position), for several estimators;
 * scaling: time and memory against image tokens and number of cached sites;
 * the demo's phases (load, probe, evaluation, causal analyses, figures).
 """
@@ -115,25 +116,76 @@ def patching_speed(lvlm: LVLM, base, source, patches, correct, cands, targets, b
             "speedup": looped / batched, "max_abs_diff": err}
 
 
-def attribution_vs_exact(lvlm: LVLM, base, source, patches, correct, cands, targets, batch_size: int = 64) -> dict:
+ATTRIBUTION_METHODS = (("atp", 1), ("atp", 8), ("conductance", 4), ("conductance", 32), ("site_ig", 4))
+"""(method, steps) of :mod:`interp.attribution` compared with exact patching."""
+
+
+def rank_agreement(exact, estimate, k: int = 10, floor: float = 0.05) -> dict:
+    """Spearman of two rankings over all patches, Spearman over the patches whose exact
+    |restoration| ≥ ``floor`` (the rest are ranked by noise-sized differences), and the overlap
+    of the top-``k`` patches by |value|."""
+    import numpy as np
+    ex, es = np.asarray(exact, float), np.asarray(estimate, float)
+    big = np.abs(ex) >= floor
+    top = len(set(np.argsort(-np.abs(ex), kind="stable")[:k]) & set(np.argsort(-np.abs(es), kind="stable")[:k]))
+    return {"spearman": float(stats.spearmanr(ex, es).statistic),
+            "spearman_nonnegligible": float(stats.spearmanr(ex[big], es[big]).statistic) if big.sum() > 2 else None,
+            "n_nonnegligible": int(big.sum()), f"top{k}_overlap": top}
+
+
+def attribution_vs_exact(lvlm: LVLM, base, source, patches, correct, cands, targets, batch_size: int = 64,
+                         repeats: int = 3, methods=ATTRIBUTION_METHODS, sites=None) -> dict:
+    """Attribution patching vs exact (batched) patching at two granularities, times as medians of
+    ``repeats`` runs after one warm-up:
+
+    * ``patches``: the (site, group) ``patches`` (exact: :func:`interp.patching.run_patches`);
+    * ``positions``: every single (site, position) of ``sites`` (default
+      :func:`interp.attribution.position_sites`; exact: :func:`interp.attribution.run_position_patches`).
+
+    Per granularity and method (``atp1``, ``atp8``, ``conductance4``, …): seconds, speed-up over
+    exact and :func:`rank_agreement` with exact denoising restoration. The top-level
+    ``exact_s``/``atpK_*`` keys repeat the ``patches`` numbers of earlier versions.
+    """
     dev = lvlm.device
-    t0 = time.perf_counter()
-    ex = patching.restoration(patching.run_patches(lvlm, base, source, patches, correct, cands, targets,
-                                                   batch_size=batch_size), "denoise")
-    _sync(dev)
-    t_ex = time.perf_counter() - t0
-    out = {"exact_s": t_ex}
+    sites = list(sites or attribution.position_sites(lvlm))
+    res: dict = {}
+    for gran in ("patches", "positions"):
+        got = {}
+
+        def exact():
+            if gran == "patches":
+                got["ex"] = patching.restoration(patching.run_patches(
+                    lvlm, base, source, patches, correct, cands, targets, batch_size=batch_size), "denoise")
+            else:
+                got["ex"] = attribution.position_restoration(attribution.run_position_patches(
+                    lvlm, base, source, sites, correct, cands, batch_size=batch_size))
+        t_ex = median_s(exact, repeats, 1, dev)
+        keys = ["site", "group"] if gran == "patches" else ["site", "position"]
+        r = {"n": len(got["ex"]), "exact_s": t_ex, "methods": {}}
+        if gran == "positions":
+            r["sites"] = sites
+        for method, steps in methods:
+            def est():
+                if gran == "patches":
+                    df = attribution.attribution_patching(lvlm, base, source, patches, correct, cands, targets,
+                                                          batch_size=batch_size, steps=steps, method=method)
+                else:
+                    df = attribution.position_attribution(lvlm, base, source, sites, correct, cands,
+                                                          batch_size=batch_size, steps=steps, method=method)
+                got["at"] = attribution.estimated_restoration(df, keys)
+            t = median_s(est, repeats, 1, dev)
+            j = got["ex"].merge(got["at"], on=keys)
+            r["methods"][f"{method}{steps}"] = {"method": method, "steps": steps, "s": t, "speedup": t_ex / t,
+                                                 **rank_agreement(j.restoration, j.estimate)}
+        res[gran] = r
+    p = res["patches"]
+    out = {"exact_s": p["exact_s"]}
     for steps in (1, 8):
-        t0 = time.perf_counter()
-        at = attribution.estimated_restoration(attribution.attribution_patching(
-            lvlm, base, source, patches, correct, cands, targets, batch_size=batch_size, steps=steps))
-        _sync(dev)
-        t_at = time.perf_counter() - t0
-        j = ex.merge(at, on=["site", "group"])
-        out[f"atp{steps}_s"] = t_at
-        out[f"atp{steps}_speedup"] = t_ex / t_at
-        out[f"atp{steps}_spearman"] = float(stats.spearmanr(j.restoration, j.estimate).statistic)
-    return out
+        m = p["methods"].get(f"atp{steps}")
+        if m:
+            out.update({f"atp{steps}_s": m["s"], f"atp{steps}_speedup": m["speedup"],
+                        f"atp{steps}_spearman": m["spearman"]})
+    return {**out, **res}
 
 
 def placement_batch(lvlm: LVLM, n: int, size: tuple[int, int] = (336, 336)):
@@ -267,10 +319,16 @@ def markdown(res: dict) -> str:
     for k, v in res.get("real", {}).items():
         row(f"{k} ({v['lm_layers']} LM layers, {v['image_tokens']} image tokens, {v['dtype']})", v)
     a = res["organism"]["attribution"]
-    lines += ["", "| attribution patching (organism) | speed-up vs exact | Spearman vs exact |", "|---|---|---|",
-              f"| plain (1 backward) | {a['atp1_speedup']:.1f}× | {a['atp1_spearman']:.2f} |",
-              f"| 8 pixel-interpolation steps | {a['atp8_speedup']:.1f}× | {a['atp8_spearman']:.2f} |", "",
-              "| image tokens | sites | traced / bare | cache MiB | CUDA peak GiB |", "|---|---|---|---|---|"]
+    lines += ["", "| attribution patching (organism) | granularity | time s (exact s) | speed-up vs exact | "
+              "Spearman | Spearman, \\|exact\\| ≥ 0.05 (n) | top-10 overlap |", "|---|---|---|---|---|---|---|"]
+    for gran in ("patches", "positions"):
+        g = a[gran]
+        for name, v in g["methods"].items():
+            nn = v["spearman_nonnegligible"]
+            lines.append(f"| {name} | {g['n']} {gran} | {v['s']:.3f} ({g['exact_s']:.3f}) | {v['speedup']:.1f}× | "
+                         f"{v['spearman']:.2f} | {'–' if nn is None else f'{nn:.2f}'} ({v['n_nonnegligible']}) | "
+                         f"{v['top10_overlap']}/10 |")
+    lines += ["", "| image tokens | sites | traced / bare | cache MiB | CUDA peak GiB |", "|---|---|---|---|---|"]
     for r in res["scaling"]:
         peak = f"{r['cuda_peak_gib']:.2f}" if r["cuda_peak_gib"] is not None else "–"
         lines.append(f"| {r['image_tokens']} | {r['sites']} | {r['ratio']:.2f} | {r['cache_mib']:.1f} | {peak} |")

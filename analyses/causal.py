@@ -121,12 +121,15 @@ def activation_patching(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Int
     return pd.concat(out, ignore_index=True)
 
 
-def attribution_check(lvlm: LVLM, pairs: Pairs, exact: pd.DataFrame, steps: int = 1) -> tuple[pd.DataFrame, float]:
-    """Attribution patching on the baseline graph and its Spearman rank correlation with exact
-    denoising restoration over all (site, group) patches."""
+def attribution_check(lvlm: LVLM, pairs: Pairs, exact: pd.DataFrame, steps: int = 1,
+                      method: str = "atp") -> tuple[pd.DataFrame, float]:
+    """Attribution patching (``method``: atp, conductance or site_ig; :mod:`interp.attribution`) on
+    the baseline graph and its Spearman rank correlation with exact denoising restoration over all
+    (site, group) patches."""
     ps = patching.default_patches(lvlm)
     at = attribution.estimated_restoration(attribution.attribution_patching(
-        lvlm, pairs.corrupt, pairs.clean, ps, pairs.correct, pairs.candidates, pairs.targets, steps=steps))
+        lvlm, pairs.corrupt, pairs.clean, ps, pairs.correct, pairs.candidates, pairs.targets, steps=steps,
+        method=method, grid=pairs.grid))
     ex = exact[(exact.condition == "baseline") & (exact.direction == "denoise")]
     j = ex.merge(at, on=["site", "group"])
     rho = float(stats.spearmanr(j["restoration"], j["estimate"]).statistic)

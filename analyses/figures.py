@@ -166,9 +166,9 @@ def restoration_heatmaps(df, direction: str = "denoise", title: str | None = Non
     return fig
 
 
-def flow_target_by_placement(fl):
-    """Attention mass from the last token to the target's own cell, as a 3×3 map over where the
-    target is; one row of panels per condition, one column per layer."""
+def flow_target_by_placement(fl, grid: tuple[int, int] = (3, 3)):
+    """Attention mass from the last token to the target's own cell, as an n×m map (``grid``) over
+    where the target is; one row of panels per condition, one column per layer."""
     own = fl[fl.cell == fl.target_cell]
     conds = list(dict.fromkeys(own.condition))
     layers = sorted(own.layer.unique())
@@ -178,7 +178,7 @@ def flow_target_by_placement(fl):
     for i, cond in enumerate(conds):
         for j, layer in enumerate(layers):
             v = own[(own.condition == cond) & (own.layer == layer)].sort_values("target_cell").mass.to_numpy()
-            sns.heatmap(v.reshape(3, 3), ax=axes[i][j], vmin=0, vmax=vmax, cmap="magma", annot=True, fmt=".3f",
+            sns.heatmap(v.reshape(*grid), ax=axes[i][j], vmin=0, vmax=vmax, cmap="magma", annot=True, fmt=".3f",
                         annot_kws={"fontsize": 7}, cbar=False, square=True, xticklabels=False, yticklabels=False)
             axes[i][j].set_title(f"{cond} · layer {layer}", fontsize=8)
     fig.suptitle("attention from the last token to the target's cell, by target placement", fontsize=10)
@@ -187,7 +187,7 @@ def flow_target_by_placement(fl):
 
 
 def flow_layer_cell(fl):
-    """Layer × cell attention mass from the last token (mean over the 9 placements), per condition."""
+    """Layer × cell attention mass from the last token (mean over the placements), per condition."""
     conds = list(dict.fromkeys(fl.condition))
     fig, axes = plt.subplots(1, len(conds), figsize=(3.6 * len(conds), 2.6), squeeze=False)
     for ax, cond in zip(axes[0], conds):

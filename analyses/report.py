@@ -102,9 +102,13 @@ def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path
     t["figures_s"] = time.perf_counter() - t0
     if note:
         summary["model_note"] = note
-    if causal and grid != [3, 3]:
-        summary["causal_skipped"] = f"the causal analyses need a 3x3 grid probe; this probe is {grid[0]}x{grid[1]}"
-        causal = False
+    if causal:
+        from analyses.causal import probe_grid
+        try:
+            probe_grid(rows, probe)
+        except interp.SpatialBiasError as e:  # shift / irregular probes: no cells to patch between
+            summary["causal_skipped"] = str(e)
+            causal = False
     if causal:
         t0 = time.perf_counter()
         summary["attribution"], causal_figs = causal_section(lvlm, probe, summaries, lambdas, out, causal_items,
@@ -179,7 +183,7 @@ def causal_section(lvlm, probe, summaries, lambdas, out: Path, n_items: int, bat
     figs = {"patching_restoration": figures.restoration_heatmaps(ap, "denoise"),
             "patching_noising": figures.restoration_heatmaps(ap, "noise"),
             "position_patching": figures.position_patching_plot(pp),
-            "attention_flow_target": figures.flow_target_by_placement(fl),
+            "attention_flow_target": figures.flow_target_by_placement(fl, pairs.grid),
             "attention_flow_layer_cell": figures.flow_layer_cell(fl),
             "knockout": figures.knockout_plot(ko)}
     return block, figs

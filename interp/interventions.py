@@ -13,7 +13,7 @@ canonical sites (AGCI: ``lm.input``, the embeddings with the image features scat
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar
 
 import torch

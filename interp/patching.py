@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from interp.adapters import INPUT_SITES
 from interp.errors import SpatialBiasError
 from interp.hooks import edit_sites
 from interp.interventions import Intervention
@@ -36,8 +35,12 @@ chat suffix), ``last`` the final token, ``all`` every position."""
 
 @dataclass(frozen=True)
 class Patch:
+    """A site and a token group, or (``position`` set) one position of the site: an index into
+    the padded sequence at LM sites, into the row's flattened vision positions at vision sites
+    and the projector."""
     site: str
     group: str = "all"
+    position: int | None = None
 
     def __post_init__(self):
         if self.group not in GROUPS:
@@ -82,7 +85,7 @@ def _site_kind(lvlm: LVLM, site: str) -> str:
 
 
 def _copy(x: torch.Tensor, ops, B: int, kind: str) -> torch.Tensor:
-    """Copy rows of ``x``: ops = [(dst, src, mask (L,) | (N,) | None)]. In place when no graph
+    """Copy rows of ``x``: ops = [(dst, src, mask (L,) | (N,) | position | None)]. In place when no graph
     is recorded (the module's fresh output feeds only the next module), else on a clone."""
     if x.requires_grad:
         x = x.clone()
@@ -119,7 +122,7 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
     per_unit = max(1, batch_size - 2)
     units = [(i, list(range(j, min(len(patches), j + per_unit)))) for i in range(N)
              for j in range(0, len(patches), per_unit)]
-    both = {k: torch.cat([base[k], source[k]], 0) for k in base}
+    both = {k: torch.cat([v, source[k]], 0) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in base.items()}
     out = []
     bar = tqdm(total=len(units), desc="patching", unit="chunk", disable=not progress)
     u = 0
@@ -147,7 +150,9 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
                 p = patches[j]
                 dst = s + 2 + k
                 kind = _site_kind(lvlm, p.site)
-                if kind == "lm":
+                if p.position is not None:
+                    m = p.position
+                elif kind == "lm":
                     m = groups[p.group][s]
                 elif p.group == "all":
                     m = None
@@ -170,8 +175,9 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
         for i, s, js in layout:
             for k, j in enumerate(js):
                 p = patches[j]
-                out.append({"item": i, "site": p.site, "group": p.group, "metric": float(metric[s + 2 + k]),
-                            "base_metric": float(metric[s + 1]), "source_metric": float(metric[s])})
+                out.append({"item": i, "site": p.site, "group": p.group, "position": p.position,
+                            "metric": float(metric[s + 2 + k]), "base_metric": float(metric[s + 1]),
+                            "source_metric": float(metric[s])})
         bar.update(len(take))
     bar.close()
     return pd.DataFrame(out)

@@ -8,9 +8,8 @@ import torch
 
 import interp
 from interp import tiny
-from interp.adapters import INPUT_SITES
 from interp.errors import SpatialBiasError
-from interp.interventions import agci_inject, bapa_position_ids
+from interp.interventions import agci_inject
 
 ARCHS = list(tiny.BUILDERS)
 
