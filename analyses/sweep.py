@@ -174,6 +174,7 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Sweep:
         if not isinstance(cfg.get(key), dict) or not cfg[key]:
             raise SweepError(f"{where}: needs a [{key}] table with at least one entry (name = \"path\")")
     analyses = cfg.get("analyses", ["eval"])
+    analyses = analyses if isinstance(analyses, list) else [analyses]
     bad = [a for a in analyses if a not in ANALYSES]
     if bad:
         raise SweepError(f"{where}: unknown analysis {bad[0]!r}; use {', '.join(ANALYSES)}")
@@ -183,7 +184,11 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Sweep:
     cells = cfg.get("patch_cells", "auto")
     if cells != "auto" and not (isinstance(cells, list) and len(cells) == 2 and cells[0] != cells[1]):
         raise SweepError(f"{where}: patch_cells must be \"auto\" or two different cells, e.g. [8, 0]")
-    causal_items = int(cfg.get("causal_items", 20))
+    for key in ("causal_items", "batch_size"):
+        v = cfg.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SweepError(f"{where}: {key} must be a positive integer, got {v!r}")
+    causal_items = cfg.get("causal_items", 20)
     base = path.parent
     out = Path(out)
 
@@ -232,7 +237,7 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Sweep:
     ids = [c.id for c in conditions]
     if len(set(ids)) != len(ids):
         raise SweepError(f"{where}: the sweep lists the same condition twice; remove the repeated values")
-    settings = {"batch_size": int(cfg.get("batch_size", 64)), "device": cfg.get("device"),
+    settings = {"batch_size": cfg.get("batch_size", 64), "device": cfg.get("device"),
                 "dtype": cfg.get("dtype")}
     return Sweep(path, conditions, builds, settings)
 

@@ -232,6 +232,7 @@ def test_dry_run_lists_conditions_and_cost(sweep_dir, reference):
     ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nbapa = ['sideways']\n",
      "sideways"),
     ("[models\n", "not valid TOML"),
+    ("causal_items = 'many'\n[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n", "positive integer"),
     ("colour = 1\n[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n", "unknown key(s) colour"),
 ])
 def test_bad_sweep_files_give_one_error_line_and_write_nothing(tmp_path, text, needle):
