@@ -36,6 +36,15 @@ def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
     return AnswerSet.build(lvlm.tokenizer, sorted({r.answer for r in rows}))
 
 
+def open_probe(lvlm: LVLM, probe_dir: str | Path, rows: list[ProbeRow] | None = None
+               ) -> tuple[Path, list[ProbeRow], AnswerSet]:
+    """(folder, rows — validated unless given —, the answer candidates) of a probe to score."""
+    folder = Path(probe_dir)
+    if rows is None:
+        rows = validate_probe(folder)
+    return folder, rows, answer_set(lvlm, rows, read_meta(folder))
+
+
 def validate_probe(probe_dir: str | Path) -> list[ProbeRow]:
     """Read every row and check every image path before any compute; returns the rows
     (raises the first problem)."""
@@ -92,10 +101,7 @@ def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch
     prefix rule, :func:`analyses.scoring.prefix_answer`) and ``correct_robust``
     (:func:`analyses.scoring.robust_answer`).
     """
-    folder = Path(probe_dir)
-    if rows is None:
-        rows = validate_probe(folder)
-    cands = answer_set(lvlm, rows, read_meta(folder))
+    folder, rows, cands = open_probe(lvlm, probe_dir, rows)
     probe_file = folder / "probe.jsonl"
     out = []
     bar = tqdm(total=len(rows) * len(conditions), desc="evaluate", unit="row", disable=not progress)

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from analyses.evaluate import Conditions, answer_set, load_image, row_columns, validate_probe
+from analyses.evaluate import Conditions, load_image, open_probe, row_columns
 from analyses.scoring import model_prompt, prompt_text
 from interp.errors import SpatialBiasError
 from interp.model import LVLM
-from probes.format import ProbeRow, cell_of_point, read_meta
+from probes.format import ProbeRow, cell_of_point
 
 WHITE = (255, 255, 255)
 
@@ -62,10 +62,7 @@ def occlusion_scores(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions |
     Cost: steps² + 1 forwards per row and condition.
     """
     conditions = {"baseline": []} if conditions is None else conditions
-    folder = Path(probe_dir)
-    if rows is None:
-        rows = validate_probe(folder)
-    cands = answer_set(lvlm, rows, read_meta(folder))
+    folder, rows, cands = open_probe(lvlm, probe_dir, rows)
     probe_file = folder / "probe.jsonl"
     out = []
     bar = tqdm(total=len(rows) * len(conditions), desc="occlusion", unit="row", disable=not progress)
