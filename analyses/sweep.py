@@ -32,6 +32,7 @@ condition in flight, and re-running the same command computes only what is missi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -289,6 +290,7 @@ def build_probes(sweep: Sweep, out: Path, progress: bool = True) -> None:
 # Running one condition
 
 
+@functools.cache
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version()}
@@ -300,26 +302,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _grid(probe_path: str) -> tuple[int, int]:
-    from probes.format import read_meta
-    g = read_meta(probe_path).get("grid", [3, 3])
-    return int(g[0]), int(g[1])
-
-
-class _Cache:
-    """What conditions of one model share: the clean/corrupt cells chosen by ``patch_cells = "auto"``."""
-
-    def __init__(self):
-        self.cells: dict[tuple, tuple[int, int]] = {}
-
-
 def run_condition(lvlm, cond: Condition, batch_size: int = 64, progress: bool = False,
-                  cache: _Cache | None = None) -> pd.DataFrame:
-    """Run one condition on a loaded model; returns its rows of ``results.parquet`` (:data:`COLUMNS`)."""
+                  cells: dict | None = None) -> pd.DataFrame:
+    """Run one condition on a loaded model; returns its rows of ``results.parquet`` (:data:`COLUMNS`).
+    ``cells``: what conditions of one model share, the clean/corrupt cells that ``patch_cells =
+    "auto"`` chose per (probe, items)."""
     from analyses import causal
     from analyses.evaluate import score_probe
     from analyses.metrics import cell_metrics
-    cache = cache or _Cache()
+    cells = {} if cells is None else cells
     ivs = cond.build()
     conds = {cond.intervention: ivs}
     rows: list[dict] = []
@@ -333,9 +324,8 @@ def run_condition(lvlm, cond: Condition, batch_size: int = 64, progress: bool = 
         for k in ("mean_accuracy", "mean_p_correct", "range", "std", "cv", "chi2", "chi2_p", "consistency"):
             add(k, m[k])
         add("n_rows", len(df))
-        gr, gc = _grid(cond.probe_path)
-        add("grid_rows", gr)
-        add("grid_cols", gc)
+        add("grid_rows", m["grid"][0])
+        add("grid_cols", m["grid"][1])
         if cond.family == "agci-adaptive":  # what the rule chose: λ per image, over the probe
             lams = _adaptive_lambdas(lvlm, cond, ivs[0], batch_size)
             for k, v in (("lambda_mean", np.mean(lams)), ("lambda_min", np.min(lams)), ("lambda_max", np.max(lams))):
@@ -346,7 +336,7 @@ def run_condition(lvlm, cond: Condition, batch_size: int = 64, progress: bool = 
                 add(name, v, cell=c)
     elif cond.analysis == "patching":
         n = cond.options["causal_items"]
-        clean, corrupt = _patch_cells(lvlm, cond, cache, batch_size)
+        clean, corrupt = _patch_cells(lvlm, cond, cells, batch_size)
         pairs = causal.placement_pairs(lvlm, cond.probe_path, clean, corrupt, n_items=n)
         ap = causal.activation_patching(lvlm, pairs, conds, batch_size=batch_size, progress=progress)
         for r in ap.itertuples():
@@ -383,14 +373,14 @@ def _adaptive_lambdas(lvlm, cond: Condition, iv, batch_size: int) -> list[float]
     return out
 
 
-def _patch_cells(lvlm, cond: Condition, cache: _Cache, batch_size: int) -> tuple[int, int]:
+def _patch_cells(lvlm, cond: Condition, chosen: dict, batch_size: int) -> tuple[int, int]:
     """``patch_cells``, or for "auto" the best and worst cell by baseline p(correct) on the items
     the patching uses (the same for every intervention, so conditions compare the same pairs)."""
     cells = cond.options["patch_cells"]
     if cells != "auto":
         return int(cells[0]), int(cells[1])
     key = (cond.probe_path, cond.options["causal_items"])
-    if key not in cache.cells:
+    if key not in chosen:
         from analyses.evaluate import score_probe, validate_probe
         rows = validate_probe(cond.probe_path)
         ids = list(dict.fromkeys(r.id for r in rows))[:cond.options["causal_items"]]
@@ -399,16 +389,11 @@ def _patch_cells(lvlm, cond: Condition, cache: _Cache, batch_size: int) -> tuple
                          rows=[r for r in rows if r.id in keep])
         pc = df.groupby("cell")["p_correct"].mean()
         best, worst = int(pc.idxmax()), int(pc.idxmin())
-        cache.cells[key] = (best, worst) if best != worst else (best, int(pc.index[pc.index != best][0]))
-    return cache.cells[key]
-
-
-_VERSIONS: str | None = None
+        chosen[key] = (best, worst) if best != worst else (best, int(pc.index[pc.index != best][0]))
+    return chosen[key]
 
 
 def _frame(cond: Condition, rows: list[dict]) -> pd.DataFrame:
-    global _VERSIONS
-    _VERSIONS = _VERSIONS or json.dumps(versions(), sort_keys=True)
     df = pd.DataFrame(rows)
     for col in ("cell", "layer"):
         df[col] = pd.array(df[col] if col in df else [None] * len(df), dtype="Int64")
@@ -416,7 +401,7 @@ def _frame(cond: Condition, rows: list[dict]) -> pd.DataFrame:
         df[col] = pd.array(df[col] if col in df else [None] * len(df), dtype="string")
     df = df.assign(condition_id=cond.id, model=cond.model, probe=cond.probe, intervention=cond.intervention,
                    family=cond.family, seed=int(cond.seed), analysis=cond.analysis,
-                   config=json.dumps(cond.to_dict(), sort_keys=True), versions=_VERSIONS)
+                   config=json.dumps(cond.to_dict(), sort_keys=True), versions=json.dumps(versions(), sort_keys=True))
     df["lambda"] = np.nan if cond.lam is None else float(cond.lam)
     df["value"] = df["value"].astype("float64")
     df["seed"] = df["seed"].astype("int64")
@@ -434,6 +419,7 @@ class Store:
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
         self.parts = self.out / "parts"
+        self._read: dict[str, pd.DataFrame] = {}  # parts already read back: each is read once
 
     def done(self) -> set[str]:
         return {p.stem for p in self.parts.glob("*.parquet")} if self.parts.is_dir() else set()
@@ -460,7 +446,10 @@ class Store:
     def collect(self, conditions: list[Condition]) -> pd.DataFrame:
         """Concatenate the parts of ``conditions`` (in plan order) into ``results.parquet``."""
         done = self.done()
-        frames = [pd.read_parquet(self.parts / f"{c.id}.parquet") for c in conditions if c.id in done]
+        for c in conditions:
+            if c.id in done and c.id not in self._read:
+                self._read[c.id] = pd.read_parquet(self.parts / f"{c.id}.parquet")
+        frames = [self._read[c.id] for c in conditions if c.id in done]
         df = pd.concat(frames, ignore_index=True) if frames else _frame_empty()
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
@@ -524,6 +513,7 @@ def estimate(sweep: Sweep, out: Path) -> pd.DataFrame:
     return df
 
 
+@functools.cache
 def _lm_layers(model_path: str) -> int | None:
     from interp.load import ALIASES
     p = Path(ALIASES.get(model_path, model_path)) / "config.json"
@@ -558,11 +548,11 @@ def run_group(conditions: list[Condition], settings: dict) -> Iterator[tuple[Con
         for c in conditions:
             yield c, str(e), 0.0
         return
-    cache = _Cache()
+    cells: dict = {}
     for c in conditions:
         t0 = time.perf_counter()
         try:
-            df = run_condition(lvlm, c, batch_size=settings.get("batch_size", 64), cache=cache)
+            df = run_condition(lvlm, c, batch_size=settings.get("batch_size", 64), cells=cells)
         except SpatialBiasError as e:
             yield c, str(e), time.perf_counter() - t0
             continue

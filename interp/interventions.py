@@ -104,6 +104,36 @@ def _check_lambda(lam: Any) -> None:
                                "explores 0–1)")
 
 
+def _with_mask(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with an attention mask: always pass one with custom position ids (packed-sequence trap)."""
+    mask = inputs.get("attention_mask")
+    return {**inputs, "attention_mask": mask if mask is not None else torch.ones_like(inputs["input_ids"])}
+
+
+def _image_groups(imap, pooled: bool = False):
+    """Yields (row, (L,) bool mask): the patch tokens of each image of each row; ``pooled``: one
+    mask per row holding every image token (LLaVA-NeXT's newline tokens included)."""
+    for b in range(imap.is_image.shape[0]):
+        if pooled:
+            yield b, imap.is_image[b]
+        else:
+            for i in range(int(imap.image[b].max()) + 1):
+                yield b, (imap.image[b] == i) & imap.is_patch[b]
+
+
+def _moved_image_ids(lvlm, inputs: dict[str, Any], moves) -> torch.Tensor:
+    """The run's position ids (given, else the model's defaults) with image tokens' ids moved among
+    themselves: ``moves(imap)`` yields (row, dst, src) index tensors and token ``dst[k]`` gets the id
+    (on M-RoPE the whole (t, h, w) triple) that token ``src[k]`` had. Returns (B, L) or (3, B, L)."""
+    pos = inputs.get("position_ids")
+    pos = (pos if pos is not None else lvlm.default_position_ids(inputs)).clone()
+    flat = pos if pos.dim() == 2 else pos.permute(1, 2, 0)  # (B, L[, 3]) view
+    src = flat.clone()
+    for b, dst, frm in moves(lvlm.image_map(inputs)):
+        flat[b, dst] = src[b, frm]
+    return pos
+
+
 @dataclass(frozen=True)
 class Intervention:
     """Base class: a named, serialisable config. Subclasses set ``kind``."""
@@ -163,11 +193,7 @@ class BaPA(Intervention):
         return pos
 
     def prepare(self, lvlm, inputs):
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        if mask is None:  # always pass the mask with custom ids (packed-sequence trap)
-            mask = torch.ones_like(ids)
-        inputs = {**inputs, "attention_mask": mask}
+        inputs = _with_mask(inputs)
         return {**inputs, "position_ids": self.position_ids(lvlm, inputs)}
 
 
@@ -199,14 +225,9 @@ class AGCI(Intervention):
 
         def inject(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
-            for b in range(h.shape[0]):
-                if self.pooled:
-                    groups = [imap.is_image[b]]
-                else:
-                    groups = [(imap.image[b] == i) & imap.is_patch[b] for i in range(int(imap.image[b].max()) + 1)]
-                for sel in groups:
-                    if sel.any():
-                        h[b, sel] = agci_inject(h[b, sel], self.strength(h[b, sel]))
+            for b, sel in _image_groups(imap, self.pooled):
+                if sel.any():
+                    h[b, sel] = agci_inject(h[b, sel], self.strength(h[b, sel]))
             return h
         return {"lm.input": inject}
 
@@ -254,21 +275,9 @@ class AdaptiveAGCI(AGCI):
     def lambdas(self, lvlm, inputs) -> list[float]:
         """The λ the rule picks for every image of ``inputs`` (row by row, image by image; pooled:
         one per row), read from the LM input of one forward with this intervention off."""
-        from interp.hooks import edit_sites
-        seen = {}
-
-        def grab(h):
-            seen["h"] = h
-            return h
-        with torch.no_grad(), edit_sites(lvlm.model, lvlm.adapter, {"lm.input": grab}):
-            lvlm.model(**inputs)
-        imap, h = lvlm.image_map(inputs), seen["h"]
-        out = []
-        for b in range(h.shape[0]):
-            groups = [imap.is_image[b]] if self.pooled else \
-                [(imap.image[b] == i) & imap.is_patch[b] for i in range(int(imap.image[b].max()) + 1)]
-            out += [self.strength(h[b, sel]) for sel in groups if sel.any()]
-        return out
+        from interp.tracing import trace
+        h = trace(lvlm, inputs, cache=["lm.input"]).cache["lm.input"]
+        return [self.strength(h[b, sel]) for b, sel in _image_groups(lvlm.image_map(inputs), self.pooled) if sel.any()]
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -320,27 +329,19 @@ class PositionSwap(Intervention):
     grid: tuple[int, int] = (3, 3)
 
     def swapped_ids(self, lvlm, inputs) -> torch.Tensor:
-        pos = inputs.get("position_ids")
-        if pos is None:
-            pos = lvlm.default_position_ids(inputs)
-        pos = pos.clone()
-        imap = lvlm.image_map(inputs)
-        cells = imap.cells(*self.grid)
-        flat = pos if pos.dim() == 2 else pos.permute(1, 2, 0)  # (B, L[, 3])
-        src = flat.clone()
-        for b in range(cells.shape[0]):
-            for img in range(int(imap.image[b].max()) + 1):
-                ia = ((cells[b] == self.a) & (imap.image[b] == img)).nonzero().flatten()
-                ib = ((cells[b] == self.b) & (imap.image[b] == img)).nonzero().flatten()
+        def moves(imap):
+            cells = imap.cells(*self.grid)
+            for b, sel in _image_groups(imap):
+                ia = (sel & (cells[b] == self.a)).nonzero().flatten()
+                ib = (sel & (cells[b] == self.b)).nonzero().flatten()
                 if len(ia) != len(ib):
                     raise SpatialBiasError(f"cells {self.a} and {self.b} hold {len(ia)} and {len(ib)} patches; "
                                            "position swap needs equal counts")
-                flat[b, ia], flat[b, ib] = src[b, ib], src[b, ia]
-        return pos
+                yield b, torch.cat([ia, ib]), torch.cat([ib, ia])
+        return _moved_image_ids(lvlm, inputs, moves)
 
     def prepare(self, lvlm, inputs):
-        mask = inputs.get("attention_mask")
-        inputs = {**inputs, "attention_mask": mask if mask is not None else torch.ones_like(inputs["input_ids"])}
+        inputs = _with_mask(inputs)
         if self.layers is None:
             return {**inputs, "position_ids": self.swapped_ids(lvlm, inputs)}
         return inputs
@@ -381,25 +382,16 @@ class PositionPermute(Intervention):
 
     def position_ids(self, lvlm, inputs) -> torch.Tensor:
         """(B, L) ids, or (3, B, L) on M-RoPE models."""
-        pos = inputs.get("position_ids")
-        pos = (pos if pos is not None else lvlm.default_position_ids(inputs)).clone()
-        imap = lvlm.image_map(inputs)
-        flat = pos if pos.dim() == 2 else pos.permute(1, 2, 0)  # (B, L[, 3]) view
-        src = flat.clone()
-        gen = torch.Generator().manual_seed(self.seed)
-        for b in range(flat.shape[0]):
-            for img in range(int(imap.image[b].max()) + 1):
-                idx = ((imap.image[b] == img) & imap.is_patch[b]).nonzero().flatten()
-                if self.mode == "reverse":
-                    perm = torch.arange(len(idx) - 1, -1, -1)
-                else:
-                    perm = torch.randperm(len(idx), generator=gen)
-                flat[b, idx] = src[b, idx[perm.to(idx.device)]]
-        return pos
+        def moves(imap):
+            gen = torch.Generator().manual_seed(self.seed)
+            for b, sel in _image_groups(imap):
+                idx = sel.nonzero().flatten()
+                perm = idx.flip(0) if self.mode == "reverse" else idx[torch.randperm(len(idx), generator=gen).to(idx.device)]
+                yield b, idx, perm
+        return _moved_image_ids(lvlm, inputs, moves)
 
     def prepare(self, lvlm, inputs):
-        mask = inputs.get("attention_mask")
-        inputs = {**inputs, "attention_mask": mask if mask is not None else torch.ones_like(inputs["input_ids"])}
+        inputs = _with_mask(inputs)
         return {**inputs, "position_ids": self.position_ids(lvlm, inputs)}
 
 
