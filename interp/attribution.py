@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from interp.adapters import INPUT_SITES
 from interp.errors import SpatialBiasError
-from interp.hooks import edit_sites
+from interp.hooks import edit_sites, then
 from interp.interventions import Intervention
 from interp.model import LVLM
 from interp.patching import Patch, _site_kind, group_masks, logit_diff, run_patches
@@ -69,9 +69,7 @@ def _capture(lvlm: LVLM, inputs, sites, interventions, grad: bool, extra_edits=N
     ``extra_edits``: {site: fn} applied after the interventions' edits (and before recording).
     """
     prepared, edits = lvlm.prepare(inputs, interventions)
-    for site, fn in (extra_edits or {}).items():
-        prev = edits.get(site)
-        edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+    edits = then(edits, extra_edits or {})
     acts: dict[str, torch.Tensor] = {}
     handles = []
     for site in sites:

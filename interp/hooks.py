@@ -22,6 +22,16 @@ import torch
 from interp.adapters import INPUT_SITES, Adapter
 
 
+def then(edits: dict[str, Callable], more: dict[str, Callable]) -> dict[str, Callable]:
+    """``edits`` with ``more`` added: at a site holding both, ``more``'s edit runs on the output of
+    the one already there. Returns a new dict."""
+    out = dict(edits)
+    for site, fn in more.items():
+        prev = out.get(site)
+        out[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+    return out
+
+
 @contextmanager
 def edit_sites(model: torch.nn.Module, adapter: Adapter,
                edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:

@@ -9,7 +9,7 @@ from PIL import Image
 from interp import imagemap
 from interp.adapters import Adapter
 from interp.errors import SpatialBiasError
-from interp.hooks import edit_sites
+from interp.hooks import edit_sites, then
 from interp.interventions import Edit, Intervention
 
 
@@ -98,9 +98,7 @@ class LVLM:
         edits: dict[str, Edit] = {}
         for iv in interventions:
             inputs = iv.prepare(self, inputs)
-            for site, fn in iv.edits(self, inputs).items():
-                prev = edits.get(site)
-                edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+            edits = then(edits, iv.edits(self, inputs))
         return inputs, edits
 
     def run(self, inputs: dict[str, torch.Tensor], interventions: Sequence[Intervention] = (),

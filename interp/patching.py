@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.errors import SpatialBiasError
-from interp.hooks import edit_sites
+from interp.hooks import edit_sites, then
 from interp.interventions import Intervention
 from interp.model import LVLM
 
@@ -162,12 +162,8 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
                     raise SpatialBiasError(f"group {p.group!r} is not defined at {p.site}; use 'all'")
                 ops.setdefault(p.site, []).append((dst, s, m))
         B = len(rows)
-        edits = dict(iv_edits)
-        for site, site_ops in ops.items():
-            kind = _site_kind(lvlm, site)
-            fn = (lambda x, o=site_ops, k=kind: _copy(x, o, B, k))
-            prev = edits.get(site)
-            edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+        edits = then(iv_edits, {site: (lambda x, o=site_ops, k=_site_kind(lvlm, site): _copy(x, o, B, k))
+                                for site, site_ops in ops.items()})
         with torch.no_grad(), edit_sites(lvlm.model, lvlm.adapter, edits):
             logits = lvlm.model(**chunk, use_cache=False, logits_to_keep=1).logits[:, -1]
         corr = torch.cat([correct[i].repeat(2 + len(js)) for i, s, js in layout]).to(logits.device)

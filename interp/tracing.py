@@ -12,12 +12,13 @@ read another row's activation in the same forward (see :func:`patch_rows`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from interp.adapters import INPUT_SITES
 from interp.errors import SpatialBiasError
+from interp.hooks import then
 from interp.interventions import Edit, Intervention
 from interp.model import LVLM
 
@@ -104,10 +105,7 @@ def trace(lvlm: LVLM, inputs: dict[str, torch.Tensor], cache: Sequence[str] = ()
     if positions not in (None, "image"):
         raise SpatialBiasError(f"positions={positions!r}: use None (all) or 'image'")
     prepared, iv_edits = lvlm.prepare(inputs, interventions)
-    all_edits: dict[str, Callable] = dict(iv_edits)
-    for site, fn in (edits or {}).items():
-        prev = all_edits.get(site)
-        all_edits[site] = fn if prev is None else (lambda x, f=fn, g=prev: f(g(x)))
+    all_edits = then(iv_edits, edits or {})
     known = set(lvlm.adapter.concrete_sites(lvlm.model))
     bad = [s for s in list(cache) + list(all_edits) if s.split("#", 1)[0] not in known
            or ("#" not in s and s not in known)]
