@@ -45,6 +45,16 @@ def open_probe(lvlm: LVLM, probe_dir: str | Path, rows: list[ProbeRow] | None = 
     return folder, rows, answer_set(lvlm, rows, read_meta(folder))
 
 
+def probe_batches(lvlm: LVLM, folder: Path, rows: list[ProbeRow], batch_size: int):
+    """Yields (start, rows, images, inputs): ``rows`` in batches as the model sees them when they
+    are scored (images loaded safely, the prompt of :func:`analyses.scoring.model_prompt`)."""
+    probe_file = folder / "probe.jsonl"
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        images = [load_image(folder, r, f"{probe_file} row {start + j + 1} (id={r.id})") for j, r in enumerate(batch)]
+        yield start, batch, images, lvlm.inputs(images, [model_prompt(lvlm, prompt_text(r)) for r in batch])
+
+
 def validate_probe(probe_dir: str | Path) -> list[ProbeRow]:
     """Read every row and check every image path before any compute; returns the rows
     (raises the first problem)."""
@@ -102,13 +112,9 @@ def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch
     (:func:`analyses.scoring.robust_answer`).
     """
     folder, rows, cands = open_probe(lvlm, probe_dir, rows)
-    probe_file = folder / "probe.jsonl"
     out = []
     bar = tqdm(total=len(rows) * len(conditions), desc="evaluate", unit="row", disable=not progress)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        images = [load_image(folder, r, f"{probe_file} row {start + j + 1} (id={r.id})") for j, r in enumerate(batch)]
-        inputs = lvlm.inputs(images, [model_prompt(lvlm, prompt_text(r)) for r in batch])
+    for start, batch, _, inputs in probe_batches(lvlm, folder, rows, batch_size):
         answers = [r.answer for r in batch]
         for name, ivs in conditions.items():
             with torch.inference_mode():

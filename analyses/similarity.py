@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from analyses.evaluate import load_image, row_columns, validate_probe
+from analyses.evaluate import probe_batches, row_columns, validate_probe
 from analyses.metrics import table_cells, table_grid
-from analyses.scoring import model_prompt, prompt_text
 from interp.errors import SpatialBiasError
 from interp.model import LVLM
 from interp.tracing import trace
@@ -86,10 +85,8 @@ def similarity_scores(lvlm: LVLM, probe_dir: str | Path, rows: list[ProbeRow] | 
     probe_file = folder / "probe.jsonl"
     out = []
     text_cache: dict[str, torch.Tensor] = {}
-    for start in tqdm(range(0, len(rows), batch_size), desc="similarity", disable=not progress):
-        batch = rows[start:start + batch_size]
-        images = [load_image(folder, r, f"{probe_file} row {start + j + 1} (id={r.id})") for j, r in enumerate(batch)]
-        inputs = lvlm.inputs(images, [model_prompt(lvlm, prompt_text(r)) for r in batch])
+    for start, batch, images, inputs in tqdm(probe_batches(lvlm, folder, rows, batch_size), desc="similarity",
+                                             total=-(-len(rows) // batch_size), disable=not progress):
         hidden = trace(lvlm, inputs, cache=["lm.input"]).cache["lm.input"].float()  # (B, L, D)
         imap = lvlm.image_map(inputs)
         for j, r in enumerate(batch):

@@ -362,15 +362,10 @@ def run_condition(lvlm, cond: Condition, batch_size: int = 64, progress: bool = 
 
 def _adaptive_lambdas(lvlm, cond: Condition, iv, batch_size: int) -> list[float]:
     """λ per image that an :class:`interp.AdaptiveAGCI` picks over the whole probe."""
-    from analyses.evaluate import load_image, validate_probe
-    from analyses.scoring import prompt_text
-    rows = validate_probe(cond.probe_path)
-    out = []
-    for s in range(0, len(rows), batch_size):
-        batch = rows[s:s + batch_size]
-        imgs = [load_image(Path(cond.probe_path), r, f"{cond.probe_path} row {s + j + 1}") for j, r in enumerate(batch)]
-        out += iv.lambdas(lvlm, lvlm.inputs(imgs, [lvlm.prompt(prompt_text(r)) for r in batch]))
-    return out
+    from analyses.evaluate import probe_batches, validate_probe
+    folder = Path(cond.probe_path)
+    return [lam for _, _, _, inputs in probe_batches(lvlm, folder, validate_probe(folder), batch_size)
+            for lam in iv.lambdas(lvlm, inputs)]
 
 
 def _patch_cells(lvlm, cond: Condition, chosen: dict, batch_size: int) -> tuple[int, int]:
