@@ -81,8 +81,8 @@ def _loop_patching(lvlm: LVLM, base, source, patches, correct, cands, targets) -
     N = base["input_ids"].shape[0]
     vals = torch.empty(len(patches), N)
     for i in range(N):
-        b = lvlm.adapter.select_rows(base, [i])
-        s = lvlm.adapter.select_rows(source, [i])
+        b = lvlm.rows(base, [i])
+        s = lvlm.rows(source, [i])
         cache = trace(lvlm, s, cache=sites).cache
         masks = patching.group_masks(lvlm, b, [targets[i]])
         for j, p in enumerate(patches):

@@ -21,7 +21,7 @@ from scipy import stats
 from analyses.bench import organism_pairs
 from interp import attribution as A
 from interp import patching
-from interp.hooks import edit_sites
+from interp.dispatch import forward
 
 
 def profile(fn, rows: int = 12) -> tuple[float, str]:
@@ -46,8 +46,8 @@ def site_path(m, pairs, site: str, pos: int, alphas) -> np.ndarray:
             v = A._rows(x, N).clone()
             v[:, pos] = ab[:, pos] + a * d[:, pos]
             return v.reshape(x.shape)
-        with torch.no_grad(), edit_sites(m.model, m.adapter, {site: edit}):
-            lg = m.model(**pairs.corrupt, use_cache=False, logits_to_keep=1).logits[:, -1]
+        with torch.no_grad():
+            lg = forward(m, pairs.corrupt, edits={site: edit}, last_only=True).logits[:, -1]
         out.append(patching.logit_diff(lg, pairs.correct, pairs.candidates).numpy())
     return np.stack(out)
 

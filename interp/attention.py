@@ -1,8 +1,9 @@
 """Attention flow to grid cells and attention knockout.
 
-Flow: eager attention weights (switched on for the run only; SDPA never materialises them),
-per layer and head, summed over the image tokens of each grid cell, for chosen query rows
-(``last`` token or the ``text`` after the image), averaged over those rows.
+Flow: the softmaxed attention of every LM layer (the ``lm.blocks.{i}.attn.pattern`` sites, which
+switch the run to an eager kernel; SDPA never materialises them), per layer and head, summed over
+the image tokens of each grid cell, for chosen query rows (``last`` token or the ``text`` after the
+image), averaged over those rows; reduced inside each layer's forward.
 Knockout: an intervention that blocks attention from the query rows to one or more cells'
 image tokens in a window of layers, by editing a clone of the mask each layer receives (bool
 masks: False; additive float masks: the dtype's minimum). Gemma3's bidirectional image mask
@@ -10,46 +11,41 @@ and sliding windows are left as they are elsewhere.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
+from interp.dispatch import PATTERN_IMPL, attention_implementation, forward
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention, register
 from interp.model import LVLM
+from interp.sites import layer_range
 
 QUERIES = ("last", "text")
 
 
-@contextmanager
-def eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switch the model to eager attention for one block of code, then back."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
+def eager_attention(model: torch.nn.Module):
+    """Context manager: the LM on HF's eager attention for one block of code, then back."""
+    return attention_implementation(model, "eager")
 
 
 def query_rows(lvlm: LVLM, inputs: dict[str, torch.Tensor], query: str) -> torch.Tensor:
     """(B, L) bool: the query positions (``last`` token, or ``text`` after the last image token)."""
     if query not in QUERIES:
         raise SpatialBiasError(f"query {query!r}: use one of {', '.join(QUERIES)}")
-    ids = inputs["input_ids"]
+    batch = lvlm.batch(inputs)
+    ids = batch["input_ids"]
     q = torch.zeros_like(ids, dtype=torch.bool)
     if query == "last":
         q[:, -1] = True
         return q
-    img = lvlm.image_mask(ids)
-    mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    img = batch.imap.is_image
     for b in range(ids.shape[0]):
         pos = img[b].nonzero().flatten()
         if len(pos):
             q[b, int(pos[-1]) + 1:] = True
-    return q & mask
+    return q & batch["attention_mask"].bool()
 
 
 def cell_flow(lvlm: LVLM, inputs: dict[str, torch.Tensor], interventions: Sequence[Intervention] = (),
@@ -59,19 +55,23 @@ def cell_flow(lvlm: LVLM, inputs: dict[str, torch.Tensor], interventions: Sequen
     Returns (B, layers, heads, n·m) float: per row, layer and head, the attention weight the
     query rows put on the image tokens of each cell (summed over the cell's tokens, averaged
     over query rows). Summing over cells gives the mass on the whole image.
+
+    Memory is bounded by one layer: each layer's pattern (``lm.blocks.{i}.attn.pattern``) is
+    reduced to (B, heads, n·m) inside that layer's forward and dropped.
     """
-    prepared, edits = lvlm.prepare(inputs, interventions)
-    from interp.hooks import edit_sites
-    with eager_attention(lvlm.model), edit_sites(lvlm.model, lvlm.adapter, edits), torch.no_grad():
-        out = lvlm.model(**prepared, use_cache=False, output_attentions=True)
-    att = torch.stack([a.float() for a in out.attentions], 1)  # (B, layers, heads, L, L)
-    cells = lvlm.image_map(prepared).cells(*grid)  # (B, L)
-    q = query_rows(lvlm, prepared, query)
-    n = grid[0] * grid[1]
-    onehot = torch.stack([(cells == c) for c in range(n)], -1).float()  # (B, L, n)
-    per_key = torch.einsum("bhlqk,bkc->bhlqc", att.transpose(1, 2), onehot).transpose(1, 2)  # (B, layers, heads, L, n)
-    w = q.float() / q.float().sum(-1, keepdim=True).clamp(min=1)
-    return torch.einsum("blhqc,bq->blhc", per_key, w)
+    batch, _ = lvlm.prepare(inputs, interventions)
+    cells = batch.imap.cells(*grid)  # (B, L)
+    q = query_rows(lvlm, batch, query).float()
+    w = q / q.sum(-1, keepdim=True).clamp(min=1)  # (B, Lq) query weights
+    onehot = torch.stack([(cells == c) for c in range(grid[0] * grid[1])], -1).float()  # (B, Lk, n)
+
+    def to_cells(att: torch.Tensor) -> torch.Tensor:  # (B, H, Lq, Lk) → (B, H, n)
+        return torch.einsum("bhqk,bq,bkc->bhc", att.float(), w.to(att.device), onehot.to(att.device))
+
+    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    sites = [f"lm.blocks.{i}.attn.pattern" for i in range(n)]
+    t = forward(lvlm, inputs, interventions, cache=sites, reduce={s: to_cells for s in sites}, last_only=True)
+    return torch.stack([t.cache[s] for s in sites], 1)
 
 
 @register
@@ -86,30 +86,65 @@ class Knockout(Intervention):
     query: str = "last"
     grid: tuple[int, int] = (3, 3)
 
-    def edits(self, lvlm, inputs):
-        imap = lvlm.image_map(inputs)
+    def _keys(self, batch) -> torch.Tensor:
+        """(B, L) bool: the blocked image tokens."""
+        imap = batch.imap
         if self.cells is None:
-            keys = imap.is_image
-        else:
-            cells = imap.cells(*self.grid)
-            keys = torch.zeros_like(imap.is_image)
-            for c in self.cells:
-                keys |= cells == c
-        q = query_rows(lvlm, inputs, self.query)
-        block = q[:, :, None] & keys[:, None, :]  # (B, Lq, Lk)
+            return imap.is_image
+        cells = imap.cells(*self.grid)
+        keys = torch.zeros_like(imap.is_image)
+        for c in self.cells:
+            keys |= cells == c
+        return keys
+
+    def _sites(self, lvlm) -> list[str]:
+        impl = lvlm.model.config.text_config._attn_implementation
+        if impl not in EDITABLE_MASKS:
+            raise SpatialBiasError(f"Knockout edits the attention mask, which the {impl!r} attention implementation "
+                                   f"does not take; load the model with attn_implementation='sdpa' or 'eager'")
         n = lvlm.adapter.layer_count(lvlm.model, "lm")
-        start, stop = self.layers or (0, n)
-        L = inputs["input_ids"].shape[1]
+        return [f"lm.blocks.{i}#attention_mask" for i in layer_range(n, self.layers)]
+
+    def edits(self, lvlm, batch):
+        batch = lvlm.batch(batch)
+        sites = self._sites(lvlm)
+        block = query_rows(lvlm, batch, self.query)[:, :, None] & self._keys(batch)[:, None, :]  # (B, Lq, Lk)
+        L = batch["input_ids"].shape[1]
 
         def edit(mask):
             if mask is None:  # SDPA with no padding passes no mask: causal only
                 mask = torch.ones(L, L, dtype=torch.bool, device=block.device).tril()[None, None]
                 mask = mask.expand(block.shape[0], 1, L, L)
-            mask = mask.clone()
-            b4 = block[:, None, -mask.shape[-2]:, -mask.shape[-1]:]
-            if mask.dtype == torch.bool:
-                mask = mask & ~b4
-            else:
-                mask = mask.masked_fill(b4, torch.finfo(mask.dtype).min)
-            return mask
-        return {f"lm.blocks.{i}#attention_mask": edit for i in range(start, stop)}
+            return _blocked(mask, block[:, None, -mask.shape[-2]:, -mask.shape[-1]:])
+        return {s: edit for s in sites}
+
+    def decode_edits(self, lvlm, batch, step):
+        """Each decoded token is text after the image (and the last token when it is made), so it
+        is a query of both ``last`` and ``text``: it cannot attend to the blocked image tokens."""
+        sites = self._sites(lvlm)
+        keys = self._keys(batch)
+        B, L = keys.shape
+
+        def edit(mask):
+            if mask is None:
+                mask = torch.ones(B, 1, 1, L + step, dtype=torch.bool, device=keys.device)
+            # the mask's columns are the last W cached positions (W < L + step for a sliding-window cache)
+            col = torch.arange(L + step - mask.shape[-1], L + step, device=keys.device)
+            hit = torch.zeros(B, mask.shape[-1], dtype=torch.bool, device=keys.device)
+            inside = (col >= 0) & (col < L)
+            hit[:, inside] = keys[:, col[inside]]
+            return _blocked(mask, hit[:, None, None, :])
+        return {s: edit for s in sites}
+
+
+EDITABLE_MASKS = ("eager", "sdpa", PATTERN_IMPL)
+"""Attention implementations whose per-layer masks Knockout can edit (flash-attention and flex
+take none)."""
+
+
+def _blocked(mask: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``mask`` (bool keep-mask or additive float) with ``block`` (broadcastable bool) removed."""
+    mask = mask.clone()
+    if mask.dtype == torch.bool:
+        return mask & ~block
+    return mask.masked_fill(block, torch.finfo(mask.dtype).min)

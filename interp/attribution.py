@@ -51,52 +51,32 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from interp.adapters import INPUT_SITES
+from interp.batch import concat, select_rows
+from interp.dispatch import forward
 from interp.errors import SpatialBiasError
-from interp.hooks import edit_sites, then
 from interp.interventions import Intervention
 from interp.model import LVLM
-from interp.patching import Patch, _site_kind, group_masks, logit_diff, run_patches
+from interp.patching import Patch, _check_site, logit_diff, run_patches, site_groups
 
 METHODS = ("atp", "conductance", "site_ig")
 
 
 def _capture(lvlm: LVLM, inputs, sites, interventions, grad: bool, extra_edits=None):
-    """Forward ``inputs`` recording the tensors at ``sites``.
+    """Forward ``inputs`` recording the tensors at ``sites`` (through the one dispatcher).
 
-    Returns (prepared inputs, last-position logits (B, V), {site: tensor}); with ``grad`` the
+    Returns (prepared batch, last-position logits (B, V), {site: tensor}); with ``grad`` the
     graph is kept so that :func:`torch.autograd.grad` can reach the recorded tensors.
     ``extra_edits``: {site: fn} applied after the interventions' edits (and before recording).
     """
-    prepared, edits = lvlm.prepare(inputs, interventions)
-    edits = then(edits, extra_edits or {})
-    acts: dict[str, torch.Tensor] = {}
-    handles = []
-    for site in sites:
-        mod = lvlm.adapter.module(lvlm.model, site)
-
-        def keep(t, s=site):
-            acts[s] = t
-        if site in INPUT_SITES:
-            # registered after edit_sites' prepended pre-hook, so it sees the edited input
-            handles.append(mod.register_forward_pre_hook(lambda _m, a, kw, s=site: keep(
-                a[0] if a else kw.get("hidden_states", next(iter(kw.values()))), s), with_kwargs=True))
-        else:
-            handles.append(mod.register_forward_hook(
-                lambda _m, _a, o, s=site: keep(o[0] if isinstance(o, tuple) else o, s)))
-    try:
-        with torch.set_grad_enabled(grad), edit_sites(lvlm.model, lvlm.adapter, edits):
-            logits = lvlm.model(**prepared, use_cache=False, logits_to_keep=1).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    return prepared, logits, acts
+    t = forward(lvlm, inputs, interventions, edits=extra_edits, cache=list(sites), grad=grad, last_only=True)
+    return t.batch, t.logits[:, -1], t.cache
 
 
 def _rows(x: torch.Tensor, B: int) -> torch.Tensor:
-    """A site tensor as (B, T, D): LM sites are (B, L, D) already; vision sites
-    (images·crops, P, Dv) are flattened per row."""
-    return x.reshape(B, -1, x.shape[-1])
+    """A site tensor as (B, T, D): LM sites are (B, L, D) already (per-head sites (B, L, H, dh)
+    join their heads); vision sites (images·crops, P, Dv) or (T, Dv) are flattened per row (one
+    image per row, whose tokens the site holds contiguously)."""
+    return x.flatten(2) if x.dim() == 4 else x.reshape(B, -1, x.shape[-1])
 
 
 def _grads(metric: torch.Tensor, acts: dict[str, torch.Tensor], sites) -> dict[str, torch.Tensor]:
@@ -114,17 +94,17 @@ def _mix(lvlm: LVLM, b_in, s_in, alphas: Sequence[float]):
     """Rows for every α (α-major, then item): pixel values α·source + (1 − α)·base, the rest
     from base (the prompts are equal)."""
     B = b_in["input_ids"].shape[0]
-    both = {k: torch.cat([b_in[k], s_in[k]], 0) if isinstance(v, torch.Tensor) and v.dim() else v
-            for k, v in b_in.items()}
-    rows = lvlm.adapter.select_rows(both, list(range(B)) * len(alphas))
-    src = lvlm.adapter.select_rows(both, list(range(B, 2 * B)) * len(alphas))
+    both = concat(lvlm, b_in, s_in)
+    rows = select_rows(lvlm, both, list(range(B)) * len(alphas))
+    src = select_rows(lvlm, both, list(range(B, 2 * B)) * len(alphas))
+    mixed = {}
     for k in rows:
         if k.startswith("pixel_values"):
             n = rows[k].shape[0] // len(alphas)
             a = torch.tensor(alphas, dtype=rows[k].dtype, device=rows[k].device).repeat_interleave(n)
             a = a.reshape(-1, *([1] * (rows[k].dim() - 1)))
-            rows[k] = torch.where(a == 1, src[k], torch.where(a == 0, rows[k], rows[k] + a * (src[k] - rows[k])))
-    return rows
+            mixed[k] = torch.where(a == 1, src[k], torch.where(a == 0, rows[k], rows[k] + a * (src[k] - rows[k])))
+    return rows.replace(**mixed)
 
 
 def _chunk_scores(lvlm: LVLM, b_in, s_in, sites, corr, candidates, interventions, method: str, steps: int):
@@ -170,7 +150,7 @@ def _chunk_scores(lvlm: LVLM, b_in, s_in, sites, corr, candidates, interventions
         S, k = len(sites), steps
         alphas = torch.tensor([(j + 0.5) / k for j in range(k)])
         R = B * S * k  # rows ordered (site, α, item)
-        big = lvlm.adapter.select_rows(b_in, list(range(B)) * (S * k))
+        big = select_rows(lvlm, lvlm.batch(b_in), list(range(B)) * (S * k))
         leaves, edits = {}, {}
         for si, s in enumerate(sites):
             ab, d = _rows(b_acts[s], B), _rows(s_acts[s] - b_acts[s], B)
@@ -218,15 +198,17 @@ def position_scores(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str,
     if source["input_ids"].shape != base["input_ids"].shape:
         raise SpatialBiasError("base and source must have the same shape (same prompts, one image per row)")
     sites = list(dict.fromkeys(sites))
+    base, source = lvlm.batch(base), lvlm.batch(source)
+    base.need_one_image_per_row("attribution")
     for s in sites:
-        _site_kind(lvlm, s)  # refuses lm.rotary
+        _check_site(lvlm, s)  # refuses lm.rotary and sites without tokens
     per_item = {"atp": 2, "conductance": steps + 1, "site_ig": steps * len(sites)}[method]
     chunk = max(1, batch_size // per_item)
     N = base["input_ids"].shape[0]
     parts, bm, sm = [], [], []
     for start in tqdm(range(0, N, chunk), desc=f"attribution ({method})", disable=not progress):
         rows = list(range(start, min(N, start + chunk)))
-        sc, b, s = _chunk_scores(lvlm, lvlm.adapter.select_rows(base, rows), lvlm.adapter.select_rows(source, rows),
+        sc, b, s = _chunk_scores(lvlm, select_rows(lvlm, base, rows), select_rows(lvlm, source, rows),
                                  sites, correct[rows].to(lvlm.device), candidates, interventions, method, steps)
         parts.append({k: v.detach().float().cpu() for k, v in sc.items()})
         bm.append(b.detach().float().cpu())
@@ -250,20 +232,15 @@ def attribution_patching(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict
     scores, bm, sm = position_scores(lvlm, base, source, sites, correct, candidates, interventions,
                                      batch_size, steps, method)
     prepared, _ = lvlm.prepare(base, interventions)
-    imap = lvlm.image_map(prepared)
-    groups = {k: v.cpu() for k, v in group_masks(lvlm, prepared, targets, grid=grid, imap=imap).items()}
-    is_image = imap.is_image.cpu()
+    groups = {site: site_groups(lvlm, prepared, site, targets, grid)[1] for site in sites}
     N = bm.shape[0]
     out = []
     for p in patches:
-        per_pos = scores[p.site]
-        if _site_kind(lvlm, p.site) == "lm":
-            score = (per_pos * groups[p.group].float()).sum(-1)
-        elif p.group == "all":
-            score = per_pos.sum(-1)
-        else:
-            sel = torch.stack([groups[p.group][b][is_image[b]] for b in range(N)])
-            score = (per_pos * sel.float()).sum(-1)
+        per_pos = scores[p.site]  # (N, T_site): each row's tokens in the site's order
+        masks = groups[p.site]
+        if p.group not in masks:
+            raise SpatialBiasError(f"group {p.group!r} is not defined at {p.site}; use {', '.join(masks)}")
+        score = (per_pos * masks[p.group].float().cpu()).sum(-1)
         for i in range(N):
             out.append({"item": i, "site": p.site, "group": p.group, "attribution": float(score[i]),
                         "base_metric": float(bm[i]), "source_metric": float(sm[i])})
@@ -302,7 +279,7 @@ def position_sites(lvlm: LVLM) -> list[str]:
 def site_positions(lvlm: LVLM, inputs: dict[str, torch.Tensor], sites: Sequence[str]) -> dict[str, int]:
     """T_site: the number of positions of each site for one row of ``inputs`` (one forward of one row)."""
     with torch.no_grad():
-        _, _, acts = _capture(lvlm, lvlm.adapter.select_rows(inputs, [0]), list(sites), (), grad=False)
+        _, _, acts = _capture(lvlm, select_rows(lvlm, lvlm.batch(inputs), [0]), list(sites), (), grad=False)
     return {s: _rows(acts[s], 1).shape[1] for s in sites}
 
 

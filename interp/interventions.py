@@ -6,9 +6,12 @@
 * :class:`AGCI` — Adaptive Global Context Injection on the projector output:
   ``v_i' = v_i + λ (1 − cos(v_i, g)) g`` with ``g`` the mean image token (method.md §5).
 
-An intervention has two hooks into a run: ``prepare(lvlm, inputs)`` may rewrite the model
-inputs (BaPA: ``position_ids``), and ``edits(lvlm, inputs)`` returns ``{site: fn}`` edits at
-canonical sites (AGCI: ``lm.input``, the embeddings with the image features scattered in).
+An intervention has three hooks into a run, each given the validated :class:`interp.batch.Batch`
+(its image map built once): ``prepare(lvlm, batch)`` may rewrite the model inputs (BaPA:
+``position_ids``) and returns a Batch; ``edits(lvlm, batch)`` returns ``{site: fn}`` edits for the
+prompt's forward (AGCI: ``lm.input``, the embeddings with the image features scattered in);
+``decode_edits(lvlm, batch, step)`` returns the edits of generation's decode step ``step`` — an
+intervention with prompt edits must say what it does there, or generation refuses it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.errors import SpatialBiasError
+from interp.sites import layer_range
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -104,12 +108,6 @@ def _check_lambda(lam: Any) -> None:
                                "explores 0–1)")
 
 
-def _with_mask(inputs: dict[str, Any]) -> dict[str, Any]:
-    """``inputs`` with an attention mask: always pass one with custom position ids (packed-sequence trap)."""
-    mask = inputs.get("attention_mask")
-    return {**inputs, "attention_mask": mask if mask is not None else torch.ones_like(inputs["input_ids"])}
-
-
 def _image_groups(imap, pooled: bool = False):
     """Yields (row, (L,) bool mask): the patch tokens of each image of each row; ``pooled``: one
     mask per row holding every image token (LLaVA-NeXT's newline tokens included)."""
@@ -121,15 +119,15 @@ def _image_groups(imap, pooled: bool = False):
                 yield b, (imap.image[b] == i) & imap.is_patch[b]
 
 
-def _moved_image_ids(lvlm, inputs: dict[str, Any], moves) -> torch.Tensor:
+def _moved_image_ids(lvlm, batch, moves) -> torch.Tensor:
     """The run's position ids (given, else the model's defaults) with image tokens' ids moved among
     themselves: ``moves(imap)`` yields (row, dst, src) index tensors and token ``dst[k]`` gets the id
     (on M-RoPE the whole (t, h, w) triple) that token ``src[k]`` had. Returns (B, L) or (3, B, L)."""
-    pos = inputs.get("position_ids")
-    pos = (pos if pos is not None else lvlm.default_position_ids(inputs)).clone()
+    pos = batch.get("position_ids")
+    pos = (pos if pos is not None else lvlm.default_position_ids(batch)).clone()
     flat = pos if pos.dim() == 2 else pos.permute(1, 2, 0)  # (B, L[, 3]) view
     src = flat.clone()
-    for b, dst, frm in moves(lvlm.image_map(inputs)):
+    for b, dst, frm in moves(batch.imap):
         flat[b, dst] = src[b, frm]
     return pos
 
@@ -139,10 +137,20 @@ class Intervention:
     """Base class: a named, serialisable config. Subclasses set ``kind``."""
     kind: ClassVar[str] = "none"
 
-    def prepare(self, lvlm, inputs: dict[str, Any]) -> dict[str, Any]:
-        return inputs
+    def prepare(self, lvlm, batch):
+        """The batch with this intervention's input rewrites (a :class:`interp.batch.Batch`)."""
+        return batch
 
-    def edits(self, lvlm, inputs: dict[str, Any]) -> dict[str, Edit]:
+    def edits(self, lvlm, batch) -> dict[str, Edit]:
+        """{site: fn} edits of the prompt's forward (the whole forward without generation)."""
+        return {}
+
+    def decode_edits(self, lvlm, batch, step: int) -> dict[str, Edit]:
+        """{site: fn} edits of generation's decode step ``step`` (1, 2, …; one new token each).
+        An intervention whose prompt edits have no decode-step meaning declared refuses here."""
+        if type(self).edits is not Intervention.edits:
+            raise SpatialBiasError(f"{self.kind} does not say how it acts on decode steps, so generation with it "
+                                   "would be silently wrong; use a forward (run / trace without max_new_tokens)")
         return {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,13 +183,12 @@ class BaPA(Intervention):
         if self.variant not in BAPA_VARIANTS:
             raise SpatialBiasError(f"BaPA variant {self.variant!r} is unknown; use one of {', '.join(BAPA_VARIANTS)}")
 
-    def position_ids(self, lvlm, inputs) -> torch.Tensor:
+    def position_ids(self, lvlm, batch) -> torch.Tensor:
         """(B, L) ids, or (3, B, L) on M-RoPE models."""
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        imap = lvlm.image_map(inputs)
-        pos = bapa_position_ids(ids, imap.labels(), mask)
-        if lvlm.adapter.rope != "mrope":
+        batch = lvlm.batch(batch)
+        imap = batch.imap
+        pos = bapa_position_ids(batch["input_ids"], imap.labels(), batch["attention_mask"])
+        if lvlm.adapter.rope_kind(lvlm.model) != "mrope":
             if self.variant != "reference":
                 raise SpatialBiasError(f"BaPA variant {self.variant!r} needs M-RoPE (Qwen2-VL, Qwen2.5-VL); "
                                        f"{lvlm.adapter.name} uses 1-D RoPE: use BaPA()")
@@ -192,9 +199,9 @@ class BaPA(Intervention):
             pos[2] += imap.col.clamp(min=0)
         return pos
 
-    def prepare(self, lvlm, inputs):
-        inputs = _with_mask(inputs)
-        return {**inputs, "position_ids": self.position_ids(lvlm, inputs)}
+    def prepare(self, lvlm, batch):
+        batch = lvlm.batch(batch)
+        return batch.replace(position_ids=self.position_ids(lvlm, batch))
 
 
 @dataclass(frozen=True)
@@ -218,10 +225,10 @@ class AGCI(Intervention):
         """λ for one image's tokens ``v`` (N, D); fixed here, computed from ``v`` by :class:`AdaptiveAGCI`."""
         return self.lam
 
-    def edits(self, lvlm, inputs):
+    def edits(self, lvlm, batch):
         if self.lam == 0:
             return {}
-        imap = lvlm.image_map(inputs)
+        imap = lvlm.batch(batch).imap
 
         def inject(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
@@ -230,6 +237,10 @@ class AGCI(Intervention):
                     h[b, sel] = agci_inject(h[b, sel], self.strength(h[b, sel]))
             return h
         return {"lm.input": inject}
+
+    def decode_edits(self, lvlm, batch, step):
+        """Nothing: AGCI acts on the image tokens, which only the prompt's forward holds."""
+        return {}
 
 
 ADAPTIVE_RULES = ("cos_spread", "norm_ratio")
@@ -275,9 +286,10 @@ class AdaptiveAGCI(AGCI):
     def lambdas(self, lvlm, inputs) -> list[float]:
         """The λ the rule picks for every image of ``inputs`` (row by row, image by image; pooled:
         one per row), read from the LM input of one forward with this intervention off."""
-        from interp.tracing import trace
-        h = trace(lvlm, inputs, cache=["lm.input"]).cache["lm.input"]
-        return [self.strength(h[b, sel]) for b, sel in _image_groups(lvlm.image_map(inputs), self.pooled) if sel.any()]
+        from interp.dispatch import forward
+        t = forward(lvlm, inputs, cache=["lm.input"])
+        h = t.cache["lm.input"]
+        return [self.strength(h[b, sel]) for b, sel in _image_groups(t.batch.imap, self.pooled) if sel.any()]
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -328,7 +340,9 @@ class PositionSwap(Intervention):
     layers: tuple[int, int] | None = None
     grid: tuple[int, int] = (3, 3)
 
-    def swapped_ids(self, lvlm, inputs) -> torch.Tensor:
+    def swapped_ids(self, lvlm, batch) -> torch.Tensor:
+        """(B, L) or (3, B, L): the run's ids with cells a and b swapped."""
+        batch = lvlm.batch(batch)
         def moves(imap):
             cells = imap.cells(*self.grid)
             for b, sel in _image_groups(imap):
@@ -338,24 +352,29 @@ class PositionSwap(Intervention):
                     raise SpatialBiasError(f"cells {self.a} and {self.b} hold {len(ia)} and {len(ib)} patches; "
                                            "position swap needs equal counts")
                 yield b, torch.cat([ia, ib]), torch.cat([ib, ia])
-        return _moved_image_ids(lvlm, inputs, moves)
+        return _moved_image_ids(lvlm, batch, moves)
 
-    def prepare(self, lvlm, inputs):
-        inputs = _with_mask(inputs)
+    def prepare(self, lvlm, batch):
+        batch = lvlm.batch(batch)
         if self.layers is None:
-            return {**inputs, "position_ids": self.swapped_ids(lvlm, inputs)}
-        return inputs
+            return batch.replace(position_ids=self.swapped_ids(lvlm, batch))
+        return batch
 
-    def edits(self, lvlm, inputs):
+    def edits(self, lvlm, batch):
         if self.layers is None:
             return {}
-        pos = self.swapped_ids(lvlm, inputs)
+        pos = self.swapped_ids(lvlm, batch)
         like = next(lvlm.model.parameters())
         out = {}
-        for i in range(*self.layers):
+        for i in layer_range(lvlm.adapter.layer_count(lvlm.model, "lm"), self.layers):
             rope = lvlm.adapter.rotary(lvlm.model, like, pos, i)
             out[f"lm.blocks.{i}#position_embeddings"] = lambda _old, r=rope: r
         return out
+
+    def decode_edits(self, lvlm, batch, step):
+        """Nothing: decode tokens are text, whose ids the swap leaves alone; the image tokens' keys
+        were rotated with the swapped ids in the prompt's forward and are read from the cache."""
+        return {}
 
 
 register(PositionSwap)
@@ -380,19 +399,21 @@ class PositionPermute(Intervention):
         if self.mode not in POSITION_CONTROLS:
             raise SpatialBiasError(f"position control {self.mode!r} is unknown; use one of {', '.join(POSITION_CONTROLS)}")
 
-    def position_ids(self, lvlm, inputs) -> torch.Tensor:
+    def position_ids(self, lvlm, batch) -> torch.Tensor:
         """(B, L) ids, or (3, B, L) on M-RoPE models."""
+        batch = lvlm.batch(batch)
+
         def moves(imap):
             gen = torch.Generator().manual_seed(self.seed)
             for b, sel in _image_groups(imap):
                 idx = sel.nonzero().flatten()
                 perm = idx.flip(0) if self.mode == "reverse" else idx[torch.randperm(len(idx), generator=gen).to(idx.device)]
                 yield b, idx, perm
-        return _moved_image_ids(lvlm, inputs, moves)
+        return _moved_image_ids(lvlm, batch, moves)
 
-    def prepare(self, lvlm, inputs):
-        inputs = _with_mask(inputs)
-        return {**inputs, "position_ids": self.position_ids(lvlm, inputs)}
+    def prepare(self, lvlm, batch):
+        batch = lvlm.batch(batch)
+        return batch.replace(position_ids=self.position_ids(lvlm, batch))
 
 
 register(PositionPermute)

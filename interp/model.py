@@ -8,9 +8,11 @@ from PIL import Image
 
 from interp import imagemap
 from interp.adapters import Adapter
+from interp.batch import Batch, select_rows, validate
+from interp.dispatch import Edit, forward, then
 from interp.errors import SpatialBiasError
-from interp.hooks import edit_sites, then
-from interp.interventions import Edit, Intervention
+from interp.interventions import Intervention
+from interp.sites import resolve
 
 
 class LVLM:
@@ -55,8 +57,8 @@ class LVLM:
         return "".join(f"{self.image_marker}\n" for _ in range(n_images)) + text
 
     def inputs(self, images: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
-               prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Processor inputs, left padded (the answer is at position −1).
+               prompts: Sequence[str]) -> Batch:
+        """Processor inputs, left padded (the answer is at position −1), validated (:class:`Batch`).
 
         ``images``: one image per prompt, or a list of images per prompt (one marker each).
         """
@@ -70,17 +72,44 @@ class LVLM:
                                        "LVLM.prompt(text) or put one marker where each image goes")
         self.tokenizer.padding_side = "left"
         enc = self.processor(images=nested, text=list(prompts), return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return validate(self, {k: v.to(self.device) for k, v in enc.items()})
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool, True at image-token positions."""
         return input_ids == self.image_token_id
 
+    def batch(self, inputs: dict[str, torch.Tensor]) -> Batch:
+        """``inputs`` validated for this model (:mod:`interp.batch`): left padded, image map built once."""
+        return validate(self, inputs)
+
+    def rows(self, inputs: dict[str, torch.Tensor], rows: Sequence[int]) -> Batch:
+        """The given rows of ``inputs`` (repeats allowed), each with its own images."""
+        return select_rows(self, validate(self, inputs), rows)
+
     def image_map(self, inputs: dict[str, torch.Tensor]) -> imagemap.ImageTokenMap:
-        """Per position: image index, patch row/col and grid (see :mod:`interp.imagemap`)."""
-        mask = self.image_mask(inputs["input_ids"])
-        views = self.adapter.image_views(self.model, inputs) if bool(mask.any()) else []
+        """Per LM position (B, L): image index, patch row/col and grid (see :mod:`interp.imagemap`)."""
+        return validate(self, inputs).imap
+
+    def image_map_of(self, tensors: dict[str, torch.Tensor]) -> imagemap.ImageTokenMap:
+        """The LM image map of raw tensors (what :func:`interp.batch.validate` builds once)."""
+        mask = self.image_mask(tensors["input_ids"])
+        views = self.adapter.image_views(self.model, tensors) if bool(mask.any()) else []
         return imagemap.build(mask, views)
+
+    def token_map(self, inputs: dict[str, torch.Tensor], site: str) -> imagemap.ImageTokenMap:
+        """The token-order contract of ``site``: for every token of the site's tensor flattened to
+        (T, …) — (B·L) for LM sites, the adapter's layout for vision sites and the projector —
+        its batch row, image, view, patch row/col and grid; (T,) tensors."""
+        batch = validate(self, inputs)
+        s = resolve(self.adapter, self.model, site)
+        if s.tokens == "lm":
+            return batch.imap.flat()
+        if s.tokens != "vision":
+            raise SpatialBiasError(f"site {site!r} has no token axis to map (only LM and vision sites do)")
+        per_image, order = self.adapter.vision_fields(self.model, batch, s.canonical.split("#")[0])
+        rows = batch.image_row.tolist()
+        in_row = [rows[:i].count(r) for i, r in enumerate(rows)]
+        return imagemap.from_fields(per_image, rows, in_row, order).to(batch["input_ids"].device)
 
     def default_position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ids HF's forward uses when none are given: (B, L), or (3, B, L) for M-RoPE."""
@@ -88,29 +117,24 @@ class LVLM:
 
     # ---------------------------------------------------------------- running
     def prepare(self, inputs: dict[str, torch.Tensor],
-                interventions: Sequence[Intervention] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Edit]]:
-        """Apply the interventions' input rewrites; collect their site edits (composed in order)."""
-        inputs = dict(inputs)
-        has_pixels = any(k.startswith("pixel_values") for k in inputs)
-        if has_pixels and not bool(self.image_mask(inputs["input_ids"]).any(-1).all()):
-            raise SpatialBiasError(f"an input row has pixel values but no image token {self.image_token!r}; "
-                                   "build prompts with LVLM.prompt(text)")
+                interventions: Sequence[Intervention] = ()) -> tuple[Batch, dict[str, Edit]]:
+        """Validate the inputs, apply the interventions' input rewrites and collect their site
+        edits (composed in order). Returns (the prepared :class:`Batch`, {site: edit})."""
+        batch = validate(self, inputs)
         edits: dict[str, Edit] = {}
         for iv in interventions:
-            inputs = iv.prepare(self, inputs)
-            edits = then(edits, iv.edits(self, inputs))
-        return inputs, edits
+            batch = iv.prepare(self, batch)
+            edits = then(edits, iv.edits(self, batch))
+        return batch, edits
 
     def run(self, inputs: dict[str, torch.Tensor], interventions: Sequence[Intervention] = (),
             last_only: bool = False) -> torch.Tensor:
         """Forward with interventions; returns logits (B, L, V), or (B, 1, V) with ``last_only``.
 
-        With no intervention this is exactly ``model(**inputs)``.
+        With no intervention this is exactly ``model(**inputs).logits`` (for left-padded inputs;
+        right-padded ones are converted first). Gradients flow when enabled by the caller.
         """
-        inputs, edits = self.prepare(inputs, interventions)
-        kw = {"logits_to_keep": 1} if last_only else {}
-        with edit_sites(self.model, self.adapter, edits):
-            return self.model(**inputs, use_cache=False, **kw).logits
+        return forward(self, inputs, interventions, last_only=last_only, grad=torch.is_grad_enabled()).logits
 
     @torch.no_grad()
     def generate(self, inputs: dict[str, torch.Tensor], interventions: Sequence[Intervention] = (),
@@ -119,33 +143,15 @@ class LVLM:
 
         Position ids are explicit at every step: the prompt's (BaPA's when it is given, else the
         padding-aware ids of HF's ``generate``), then for decode step k the last prompt token's
-        id + 1 + k on every row — derived from the prompt, no counter. Under BaPA a row of
-        length L with n image tokens in one image decodes from L − n + 1. Site edits (AGCI)
-        act on the prefill only. Rows must be left padded (as :meth:`inputs` makes them).
+        id + k on every row — derived from the prompt, no counter. Under BaPA a row of length L
+        with n image tokens in one image decodes from L − n + 1. Every intervention acts on every
+        decode step as it declares (:meth:`Intervention.decode_edits`: AGCI has nothing to do
+        there, Knockout blocks each new token too) or refuses. For step logits and caches use
+        :func:`interp.tracing.trace` with ``max_new_tokens``.
         """
-        inputs, edits = self.prepare(inputs, interventions)
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(inputs["input_ids"])
-        if not bool(mask[:, -1].all()):
-            raise SpatialBiasError("generate needs left-padded inputs (every row ends with a real token); "
-                                   "build them with LVLM.inputs")
-        pos = inputs.get("position_ids")
-        if pos is None:
-            pos = self.adapter.generation_position_ids(self.model, inputs)
-        inputs = {**inputs, "attention_mask": mask, "position_ids": pos}
-        with edit_sites(self.model, self.adapter, edits):
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        cache, tok = out.cache, out.logits[:, -1].argmax(-1)
-        new, last = [tok], pos[..., -1]
-        for k in range(1, max_new_tokens):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            step_pos = (last + k).unsqueeze(-1)
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos, cache=cache,
-                             use_cache=True)
-            cache, tok = out.cache, out.logits[:, -1].argmax(-1)
-            new.append(tok)
-        return torch.stack(new, 1)
+        if max_new_tokens < 1:
+            raise SpatialBiasError(f"max_new_tokens={max_new_tokens}: generate at least one token")
+        return forward(self, inputs, interventions, max_new_tokens=max_new_tokens).tokens
 
     def __repr__(self) -> str:
         return f"LVLM({self.name or type(self.model).__name__}, adapter={self.adapter.name})"

@@ -22,10 +22,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from interp.batch import concat, select_rows
+from interp.dispatch import forward, then
 from interp.errors import SpatialBiasError
-from interp.hooks import edit_sites, then
 from interp.interventions import Intervention
 from interp.model import LVLM
+from interp.sites import resolve
 
 GROUPS = ("target", "image", "text", "last", "all")
 """Token groups: ``target`` the image tokens of the target's cells (its cell in either
@@ -58,9 +60,11 @@ def logit_diff(last_logits: torch.Tensor, correct: torch.Tensor, candidates: Seq
 
 def group_masks(lvlm: LVLM, inputs: dict[str, torch.Tensor], targets: Sequence[Sequence[int]],
                 grid: tuple[int, int] = (3, 3), imap=None) -> dict[str, torch.Tensor]:
-    """(B, L) bool masks of every token group; ``targets[b]``: the target cells of row b."""
-    imap = imap if imap is not None else lvlm.image_map(inputs)
-    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+    """(B, L) bool masks of every token group; ``targets[b]``: the target cells of row b (in every
+    image of the row)."""
+    batch = lvlm.batch(inputs)
+    imap = imap if imap is not None else batch.imap
+    mask = batch["attention_mask"].bool()
     cells = imap.cells(*grid)
     tgt = torch.zeros_like(mask)
     for b, ts in enumerate(targets):
@@ -76,26 +80,53 @@ def group_masks(lvlm: LVLM, inputs: dict[str, torch.Tensor], targets: Sequence[S
     return {"target": tgt, "image": imap.is_image.clone(), "text": after & mask, "last": last, "all": mask}
 
 
-def _site_kind(lvlm: LVLM, site: str) -> str:
-    if site.startswith("lm.") and site not in ("lm.rotary",) or site in ("lm.input", "unembed"):
-        return "lm"
-    if site == "lm.rotary":
+def _check_site(lvlm: LVLM, site: str):
+    s = resolve(lvlm.adapter, lvlm.model, site)
+    if s.canonical == "lm.rotary":
         raise SpatialBiasError("lm.rotary cannot be activation-patched; use position-id patching (PositionSwap)")
-    return "vision"
+    if s.tokens is None or s.canonical == "unembed":
+        raise SpatialBiasError(f"{site} has no token axis to patch; patch a residual, attention, MLP, head, "
+                               "vision or projector site")
+    return s
 
 
-def _copy(x: torch.Tensor, ops, B: int, kind: str) -> torch.Tensor:
-    """Copy rows of ``x``: ops = [(dst, src, mask (L,) | (N,) | position | None)]. In place when no graph
-    is recorded (the module's fresh output feeds only the next module), else on a clone."""
-    if x.requires_grad:
-        x = x.clone()
-    view = x if kind == "lm" else x.reshape(B, -1, x.shape[-1])
-    for dst, src, m in ops:
-        if m is None:
-            view[dst] = view[src]
-        else:
-            view[dst, m] = view[src, m]
-    return x
+def site_groups(lvlm: LVLM, batch, site: str, targets: Sequence[Sequence[int]],
+                grid: tuple[int, int] = (3, 3)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The token groups of a site, read from the site's own token order.
+
+    Returns ((B, T) flat indices of each row's T tokens in the site's order, {group: (B, T) bool}).
+    LM sites have every group of :func:`group_masks` (T = L); vision-side sites (vision blocks,
+    ``vision.out``, the projector) have ``all``, ``image`` (every token of the row's images) and
+    ``target`` (patches whose cell is one of the row's targets on that site's patch grid).
+    """
+    s = _check_site(lvlm, site)
+    smap = lvlm.token_map(batch, site)
+    B = batch.rows
+    rows = [(smap.batch_row == b).nonzero().flatten() for b in range(B)]
+    if len({len(r) for r in rows}) > 1:
+        raise SpatialBiasError(f"rows hold different numbers of tokens at {site}; patch rows of the same image size")
+    idx = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
+    if s.tokens == "lm":
+        return idx, group_masks(lvlm, batch, targets, grid=grid)
+    cells = smap.cells(*grid)[idx]
+    tgt = torch.zeros_like(idx, dtype=torch.bool)
+    for b, ts in enumerate(targets):
+        tgt[b] = torch.isin(cells[b], torch.as_tensor(list(ts), dtype=cells.dtype, device=cells.device))
+    every = torch.ones_like(idx, dtype=torch.bool)
+    return idx, {"all": every, "image": every.clone(), "target": tgt}
+
+
+def _selection(idx: torch.Tensor, masks: dict, row: int, patch: "Patch") -> torch.Tensor:
+    """(n,) flat token indices of ``patch``'s tokens of ``row``, in the site's order."""
+    if patch.position is not None:
+        if not 0 <= patch.position < idx.shape[1]:
+            raise SpatialBiasError(f"position {patch.position} does not exist at {patch.site} "
+                                   f"({idx.shape[1]} positions per row)")
+        return idx[row, patch.position:patch.position + 1]
+    if patch.group not in masks:
+        raise SpatialBiasError(f"group {patch.group!r} is not defined at {patch.site} (a vision-side site); use "
+                               f"{', '.join(masks)}")
+    return idx[row][masks[patch.group][row]]
 
 
 def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], patches: Sequence[Patch],
@@ -105,24 +136,33 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
     """Metric (answer logit difference) of every patch on every item.
 
     Args:
-        base, source: inputs with N rows (one image per row, equal lengths across rows).
-        patches: the (site, group) patches; vision and projector sites take ``all``, the
-            projector also ``target``/``image`` where its tokens are the image tokens in order.
+        base, source: inputs with N rows (row i of both: item i in two placements, same prompt;
+            any number of images per row, the same in both).
+        patches: the (site, group) patches. LM sites take every group; vision-side sites
+            (vision blocks, ``vision.out``, the projector) take ``all``, ``image`` and ``target``,
+            whose cells are read from the site's own token order (:meth:`LVLM.token_map`).
         correct: (N,) correct answer token per item; candidates: the answer token ids.
-        targets: per item, the target's cells (both placements), row-major on ``grid``.
+        targets: per item, the target's cells (both placements), row-major on ``grid``; the
+            ``target`` group needs one image per row.
         interventions: applied to every row (so patching runs on the BaPA/AGCI graph too).
     Returns:
         one row per (item, patch) with ``metric``, plus ``base_metric`` and ``source_metric``
         (the unpatched rows of the same forward).
     """
-    N = base["input_ids"].shape[0]
-    if source["input_ids"].shape != base["input_ids"].shape:
-        raise SpatialBiasError("base and source must have the same shape (same prompts, one image per row)")
+    base, source = lvlm.batch(base), lvlm.batch(source)
+    N = base.rows
+    if source["input_ids"].shape != base["input_ids"].shape or source.images_per_row != base.images_per_row:
+        raise SpatialBiasError("base and source must have the same shape and images per row (same prompts)")
+    if len(targets) != N or correct.shape[0] != N:
+        raise SpatialBiasError(f"{N} rows but {len(targets)} target lists and {correct.shape[0]} answers")
+    sites = {p.site: _check_site(lvlm, p.site) for p in patches}
+    if any(p.group == "target" and p.position is None for p in patches):
+        base.need_one_image_per_row("the 'target' token group")
     # work units: (item, slice of patches) of at most batch_size − 2 patches (+ source and base rows)
     per_unit = max(1, batch_size - 2)
     units = [(i, list(range(j, min(len(patches), j + per_unit)))) for i in range(N)
              for j in range(0, len(patches), per_unit)]
-    both = {k: torch.cat([v, source[k]], 0) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in base.items()}
+    both = concat(lvlm, base, source)
     out = []
     bar = tqdm(total=len(units), desc="patching", unit="chunk", disable=not progress)
     u = 0
@@ -137,35 +177,25 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
             s = len(rows)
             rows += [N + i, i] + [i] * len(js)  # source, unpatched base, patched bases
             layout.append((i, s, js))
-        chunk = lvlm.adapter.select_rows(both, rows)
-        if len(rows) != chunk["input_ids"].shape[0]:
-            raise SpatialBiasError("row selection failed; patching needs one image per row")
-        chunk, iv_edits = lvlm.prepare(chunk, interventions)
-        imap = lvlm.image_map(chunk)
-        groups = group_masks(lvlm, chunk, [targets[i] for i, s, js in layout for _ in range(2 + len(js))],
-                             grid=grid, imap=imap)
-        ops: dict[str, list] = {}
+        chunk, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
+        row_targets = [targets[i] for i, s, js in layout for _ in range(2 + len(js))]
+        groups = {site: site_groups(lvlm, chunk, site, row_targets, grid) for site in sites}
+        ops: dict[str, tuple[list, list]] = {}
         for i, s, js in layout:
             for k, j in enumerate(js):
                 p = patches[j]
-                dst = s + 2 + k
-                kind = _site_kind(lvlm, p.site)
-                if p.position is not None:
-                    m = p.position
-                elif kind == "lm":
-                    m = groups[p.group][s]
-                elif p.group == "all":
-                    m = None
-                elif p.site == "projector" and lvlm.adapter.name != "llava_next":
-                    m = groups[p.group][s][imap.is_image[s]]
-                else:
-                    raise SpatialBiasError(f"group {p.group!r} is not defined at {p.site}; use 'all'")
-                ops.setdefault(p.site, []).append((dst, s, m))
-        B = len(rows)
-        edits = then(iv_edits, {site: (lambda x, o=site_ops, k=_site_kind(lvlm, site): _copy(x, o, B, k))
-                                for site, site_ops in ops.items()})
-        with torch.no_grad(), edit_sites(lvlm.model, lvlm.adapter, edits):
-            logits = lvlm.model(**chunk, use_cache=False, logits_to_keep=1).logits[:, -1]
+                src = _selection(*groups[p.site], s, p)
+                dst = _selection(*groups[p.site], s + 2 + k, p)
+                if len(src) != len(dst):
+                    raise SpatialBiasError(f"rows of item {i} hold different token layouts at {p.site}; patching "
+                                           "needs placements of the same prompt and image size")
+                d, sr = ops.setdefault(p.site, ([], []))
+                d.append(dst)
+                sr.append(src)
+        edits = then(iv_edits, {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr):
+                                       _copy(x, n, d, sr)) for site, (d, sr) in ops.items()})
+        with torch.no_grad():
+            logits = forward(lvlm, chunk, edits=edits, last_only=True).logits[:, -1]
         corr = torch.cat([correct[i].repeat(2 + len(js)) for i, s, js in layout]).to(logits.device)
         metric = logit_diff(logits, corr, candidates).cpu()
         for i, s, js in layout:
@@ -177,6 +207,18 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
         bar.update(len(take))
     bar.close()
     return pd.DataFrame(out)
+
+
+def _copy(x: torch.Tensor, n: int, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Copy tokens ``src`` onto tokens ``dst`` of ``x`` viewed as (n, …) (the site's token axis).
+    In place when no graph is recorded (the module's fresh output feeds only the next module),
+    else on a clone."""
+    if x.requires_grad:
+        x = x.clone()
+    x = x.contiguous()
+    view = x.view(n, -1)
+    view[dst.to(x.device)] = view[src.to(x.device)]
+    return x
 
 
 def restoration(df: pd.DataFrame, direction: str) -> pd.DataFrame:

@@ -62,11 +62,19 @@ def test_every_site_fires_has_its_shape_and_writing_changes_logits(arch):
             kind = "probe"
 
             def edits(self, lvlm, inputs):
-                return {site: lambda x: seen.append(x) or x + torch.linspace(0, 1, x.shape[-1])}  # not undone by a norm
+                def bump(x):  # not undone by a norm; lm.rotary's (cos, sin) is edited whole
+                    seen.append(x)
+                    if isinstance(x, tuple):
+                        return tuple(t + torch.linspace(0, 1, t.shape[-1]) for t in x)
+                    return x + torch.linspace(0, 1, x.shape[-1])
+                return {site: bump}
 
         got = logits(m, inputs, [Probe()])
         assert seen, f"{name}: {site} never fired"
         x = seen[0]
+        if site == "lm.rotary":
+            assert isinstance(x, tuple) and len(x) == 2 and x[0].shape == x[1].shape, site  # (cos, sin)
+            x = x[0]
         if site.startswith("lm.") and site != "lm.rotary":
             assert tuple(x.shape) == (B, L, D), (site, x.shape)
         if site == "unembed":

@@ -6,7 +6,8 @@ import torch
 import interp
 from interp import tiny
 from interp.errors import SpatialBiasError
-from interp.tracing import forward_order, patch_rows, trace
+from interp.sites import every_site
+from interp.tracing import patch_rows, trace
 
 
 @pytest.fixture(scope="module", params=list(tiny.BUILDERS))
@@ -21,7 +22,7 @@ def arch(request):
 
 def test_trace_caches_every_site_and_matches_hf(arch):
     name, m, inputs = arch
-    sites = m.adapter.concrete_sites(m.model)
+    sites = [s for s in every_site(m.adapter, m.model) if not s.endswith(".pattern")]  # patterns: eager kernel
     t = trace(m, inputs, cache=sites, to_cpu=True)
     with torch.no_grad():
         ref = m.model(**inputs, output_hidden_states=True)
@@ -32,17 +33,30 @@ def test_trace_caches_every_site_and_matches_hf(arch):
         assert torch.equal(t.cache[f"lm.blocks.{i}"], ref.hidden_states[i + 1])
     assert torch.equal(t.cache["lm.input"], ref.hidden_states[0])
     assert all(v.device.type == "cpu" for v in t.cache.values() if isinstance(v, torch.Tensor))
-    order = forward_order(m, inputs)
-    assert order.index("projector") < order.index("lm.input") < order.index("lm.blocks.0")
+
+
+def test_attention_pattern_sites_are_hf_eager_attentions(arch):
+    _, m, inputs = arch
+    n = m.adapter.layer_count(m.model, "lm")
+    t = trace(m, inputs, cache=[f"lm.blocks.{i}.attn.pattern" for i in range(n)])
+    from interp.attention import eager_attention
+    with torch.no_grad(), eager_attention(m.model):
+        ref = m.model(**inputs, output_attentions=True)
+    assert torch.equal(t.logits, ref.logits)
+    for i in range(n):
+        assert torch.equal(t.cache[f"lm.blocks.{i}.attn.pattern"], ref.attentions[i])
+    assert m.model.config.text_config._attn_implementation == "sdpa"  # switched back
 
 
 def test_image_positions_only(arch):
     _, m, inputs = arch
-    t = trace(m, inputs, cache=["lm.blocks.0", "projector"], positions="image")
-    n_img = int(m.image_mask(inputs["input_ids"]).sum())
-    assert tuple(t.cache["lm.blocks.0"].shape) == (n_img, m.model.config.text_config.hidden_size)
+    t = trace(m, inputs, cache=["lm.blocks.0", "projector", "lm.input"], positions="image")
+    n_patch = int(m.image_map(inputs).is_patch.sum())  # image tokens that cover a patch (no newlines)
+    for site in ("lm.blocks.0", "projector", "lm.input"):
+        assert tuple(t.cache[site].shape) == (n_patch, m.model.config.text_config.hidden_size), site
     full = trace(m, inputs, cache=["lm.blocks.0"]).cache["lm.blocks.0"]
-    assert torch.equal(t.cache["lm.blocks.0"], full[m.image_mask(inputs["input_ids"])])
+    assert torch.equal(t.cache["lm.blocks.0"], full[m.image_map(inputs).is_patch])  # LM order is raster order
+    assert torch.equal(t.cache["projector"], t.cache["lm.input"])  # token for token, every architecture
 
 
 def test_writes_and_interventions_match_the_runner(arch):

@@ -1,11 +1,16 @@
-"""Architecture adapters: canonical site names → HF module paths, and each architecture's
-image-token layout and position-id scheme.
+"""Architecture adapters: canonical site names → HF module paths, each site's token order, and
+each architecture's image-token layout, input conventions and position-id scheme.
 
-Only this package knows HF module paths and HF input conventions. A site name is canonical
-(``vision.blocks.3``, ``projector``, ``lm.blocks.7.attn``, ``lm.rotary``); an adapter maps each
-to a dotted attribute path on the HF model, with ``{i}`` standing for a layer index.
-``lm.input`` is special: the input of the first LM block, i.e. the token embeddings after the
-image features were scattered into them (what AGCI edits).
+Only this package knows HF module paths and HF input conventions. A canonical site
+(``vision.blocks.3``, ``projector``, ``lm.blocks.7.attn``, ``lm.rotary``) maps to a dotted
+attribute path on the HF model, with ``{i}`` standing for a layer index; :mod:`interp.sites`
+parses the full site grammar (``#key``, ``@call``, ``module:PATH``) on top of :meth:`Adapter.path`.
+``lm.input`` and ``vision.out`` name the *input* of another site's module (:data:`INPUT_SITES`).
+
+Token-order contract: every site whose tensor holds image tokens declares, through
+:meth:`Adapter.vision_fields` (vision-side sites) or the LM image map (LM sites), which patch of
+which image each of its tokens is, in the order the site holds them; analyses map cells through
+that and never branch on an architecture's name.
 """
 from __future__ import annotations
 
@@ -19,9 +24,12 @@ from interp.errors import SpatialBiasError
 
 LM_INPUT = "lm.input"
 INPUT_SITES = {LM_INPUT: "lm.blocks.0", "vision.out": "projector"}
-"""Sites that name the *input* of another site's module (edited with a forward pre-hook):
-``lm.input`` is what the first LM block reads (embeddings with the image features scattered
-in); ``vision.out`` is what the projector reads (the selected vision features)."""
+"""Sites that name the *input* of another site's module: ``lm.input`` is what the first LM
+block reads (embeddings with the image features scattered in); ``vision.out`` is what the
+projector reads (the selected vision features)."""
+
+VISION_SITES = ("vision.embed", "vision.blocks.{i}", "vision.out", "projector")
+"""Canonical sites whose tokens are vision-side (laid out by :meth:`Adapter.vision_fields`)."""
 
 
 @dataclass(frozen=True)
@@ -40,15 +48,29 @@ class View:
         return self.rows * (self.cols + int(self.newline_per_row)) + self.trailing
 
 
+def raster_fields(rows: int, cols: int, view: int = 0, cls: bool = False) -> torch.Tensor:
+    """(n, 5) view, row, col, rows, cols of a raster grid, with a leading CLS token (row −1) when ``cls``."""
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    f = torch.stack([torch.full_like(r, view), r, c, torch.full_like(r, rows), torch.full_like(r, cols)], 1)
+    if cls:
+        f = torch.cat([torch.tensor([[view, -1, -1, rows, cols]]), f], 0)
+    return f
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Declarative description of one HF LVLM architecture.
 
     ``sites`` maps a canonical site (with ``{i}`` for a layer index) to an HF path template;
-    ``shapes`` documents each site's output tensor shape; ``n_layers`` maps ``vision`` / ``lm``
-    to the config attribute that holds the layer count; ``rope`` is ``"1d"`` or ``"mrope"``
-    (Qwen's 3-row ids); ``prompt_marker`` names the processor attribute holding the string a
-    prompt must contain where the image goes.
+    ``lm_variants`` replaces the LM part of that table for text models of another family (keyed
+    by ``text_config.model_type``, e.g. GPT-2's ``h.{i}``); ``shapes`` documents each site's
+    tensor shape; ``n_layers`` maps ``vision`` / ``lm`` to the config attribute holding the layer
+    count; ``rope`` is ``"1d"``, ``"mrope"`` (Qwen's 3-row ids) or ``"none"`` (learned absolute
+    positions); ``prompt_marker`` names the processor attribute holding the string a prompt must
+    contain where the image goes; ``image_inputs`` says how each image input is laid out:
+    ``"image"`` (first dim = images in processor order) or ``"patches"`` (Qwen: patches of all
+    images concatenated, split by ``image_grid_thw``).
     """
     name: str
     model_classes: tuple[str, ...]
@@ -57,33 +79,43 @@ class Adapter:
     n_layers: dict[str, str] = field(default_factory=dict)
     rope: str = "1d"
     prompt_marker: str = "image_token"
+    image_inputs: dict[str, str] = field(default_factory=lambda: {"pixel_values": "image"})
+    lm_variants: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- sites
-    def path(self, site: str) -> str:
-        """HF module path of a concrete site name, e.g. ``lm.blocks.3`` → ``model.language_model.layers.3``."""
+    def site_table(self, model: torch.nn.Module | None = None) -> dict[str, str]:
+        """Canonical pattern → HF path template, for this model's text-model family."""
+        if model is None:
+            return self.sites
+        kind = getattr(getattr(model.config, "text_config", None), "model_type", None)
+        variant = self.lm_variants.get(kind)
+        if variant is None:
+            return self.sites
+        return {**{k: v for k, v in self.sites.items() if not k.startswith("lm.") and k != "unembed"}, **variant}
+
+    def path(self, site: str, model: torch.nn.Module | None = None) -> str:
+        """HF module path of a concrete canonical site, e.g. ``lm.blocks.3`` → ``model.language_model.layers.3``."""
         if site in INPUT_SITES:
-            return self.path(INPUT_SITES[site])
-        for pattern, template in self.sites.items():
+            return self.path(INPUT_SITES[site], model)
+        for pattern, template in self.site_table(model).items():
             regex = "^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>-?\d+)") + "$"
             m = re.match(regex, site)
             if m:
                 return template.format(**m.groupdict())
-        raise SpatialBiasError(f"unknown site {site!r} for {self.name}; known sites: {', '.join(self.site_names())}")
+        names = ", ".join([*INPUT_SITES, *self.site_table(model)])
+        raise SpatialBiasError(f"unknown site {site!r} for {self.name}; known sites: {names}")
 
-    def site_names(self) -> list[str]:
-        return [*INPUT_SITES, *self.sites]
+    def site_names(self, model: torch.nn.Module | None = None) -> list[str]:
+        return [*INPUT_SITES, *self.site_table(model)]
 
     def module(self, model: torch.nn.Module, site: str) -> torch.nn.Module:
-        """The module a site names; negative layer indices count from the end."""
-        mod = model
-        for p in self.path(site).split("."):
-            mod = mod[int(p)] if p.lstrip("-").isdigit() else getattr(mod, p)
-        return mod
+        """The module a canonical site names; negative layer indices count from the end."""
+        return get_module(model, self.path(site, model))
 
     def concrete_sites(self, model: torch.nn.Module) -> list[str]:
-        """Every site with its layer indices filled in, e.g. ``lm.blocks.0`` … ``lm.blocks.N-1``."""
+        """Every canonical site with its layer indices filled in, e.g. ``lm.blocks.0`` … ``lm.blocks.N-1``."""
         out = list(INPUT_SITES)
-        for pattern in self.sites:
+        for pattern in self.site_table(model):
             if "{i}" in pattern:
                 stack = "vision" if pattern.startswith("vision") else "lm"
                 out += [pattern.format(i=i) for i in range(self.layer_count(model, stack))]
@@ -96,6 +128,26 @@ class Adapter:
         for p in self.n_layers[stack].split("."):
             obj = getattr(obj, p)
         return int(obj)
+
+    def head_count(self, model: torch.nn.Module) -> int:
+        """Attention heads of an LM layer (the split of ``lm.blocks.{i}.attn.heads``)."""
+        tc = model.config.text_config
+        return int(getattr(tc, "num_attention_heads", None) or tc.n_head)
+
+    def out_proj(self, model: torch.nn.Module) -> str:
+        """Name of the attention module's output projection, whose input is the per-head output."""
+        kind = getattr(getattr(model.config, "text_config", None), "model_type", None)
+        return "c_proj" if kind == "gpt2" else "o_proj"
+
+    def calls(self, model: torch.nn.Module, site: str) -> list[str]:
+        """The names that address each call of a site's module in one forward: ``[site]`` for a
+        module called once; the adapter's named calls otherwise (Gemma3's rotary)."""
+        return [site]
+
+    def call_label(self, site: str, args: tuple, kwargs: dict) -> str | None:
+        """A name for one call of a site's module among several per forward (``lm.rotary@…``);
+        None where the architecture names none (calls are then addressed by index)."""
+        return None
 
     def image_token_id(self, model: torch.nn.Module) -> int:
         cfg = model.config
@@ -111,14 +163,50 @@ class Adapter:
 
     # ---------------------------------------------------------------- images
     def image_views(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[list[View]]:
-        """For every image of the batch, in processor order: its token views in sequence order."""
+        """For every image of the batch, in processor order: its token views in LM sequence order."""
+        raise NotImplementedError
+
+    def vision_fields(self, model: torch.nn.Module, inputs: dict[str, Any], site: str
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The token-order contract of a vision-side site (``vision.embed``, ``vision.blocks.{i}``,
+        ``vision.out``, ``projector``): per image (processor order) the (n_i, 5) fields view, row,
+        col, rows, cols of its tokens in processor order, and an optional (T,) permutation giving
+        the order the site holds them in (None: concatenated processor order). Flattening the
+        site's tensor to (T, D) lines it up with these fields."""
+        raise NotImplementedError
+
+    def image_counts(self, inputs: dict[str, Any]) -> int:
+        """The number of images in the batch, from the image inputs."""
+        key = next((k for k, how in self.image_inputs.items() if how == "image" and k in inputs), None)
+        return 0 if key is None else int(inputs[key].shape[0])
+
+    def select_images(self, inputs: dict[str, Any], images: list[int]) -> dict[str, Any]:
+        """The image inputs (only those) of the given images, in the given order."""
+        out = {}
+        for k, how in self.image_inputs.items():
+            if k not in inputs:
+                continue
+            v = inputs[k]
+            idx = torch.as_tensor(images, dtype=torch.long, device=v.device)
+            out[k] = v[idx] if how == "image" else self._patches(inputs, v, images)
+        return out
+
+    def _patches(self, inputs, v, images):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- positions
     def rotary(self, model: torch.nn.Module, like: torch.Tensor, position_ids: torch.Tensor, layer: int):
         """(cos, sin) that LM block ``layer`` receives for ``position_ids`` (computed by the
         model's own rotary module; ``like`` gives dtype and device)."""
+        if self.rope == "none":
+            raise SpatialBiasError(f"{self.name} with a {model.config.text_config.model_type} LM has no rotary "
+                                   "embedding; per-layer position edits need RoPE (use all layers: layers=None)")
         return self.module(model, "lm.rotary")(like, position_ids)
+
+    def rope_kind(self, model: torch.nn.Module) -> str:
+        """``"1d"``, ``"mrope"`` or ``"none"`` for this model (a GPT-2 LM has learned positions)."""
+        kind = getattr(getattr(model.config, "text_config", None), "model_type", None)
+        return "none" if kind in self.lm_variants and "lm.rotary" not in self.lm_variants[kind] else self.rope
 
     def default_position_ids(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The ids HF's forward uses when none are passed: (B, L), or (3, B, L) for M-RoPE."""
@@ -141,14 +229,20 @@ class Adapter:
                 out[k] = torch.cat([v, v.new_zeros(v.shape[0], n_new)], 1)
         return out
 
-    def select_rows(self, inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
-        """The inputs of the given rows (repeats allowed), one image per row: every tensor whose
-        first dimension is the batch (pixel values, image sizes, … included) is indexed."""
-        B = inputs["input_ids"].shape[0]
-        idx = torch.as_tensor(rows, device=inputs["input_ids"].device)
-        return {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v)
-                for k, v in inputs.items()}
-
     def prefill_only_keys(self) -> tuple[str, ...]:
         """Inputs that only the prefill forward takes (dropped on cached decode steps)."""
         return ("pixel_values", "image_sizes", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at a dotted HF path (integers index module lists, negatives from the end)."""
+    mod = model
+    for p in path.split("."):
+        try:
+            mod = mod[int(p)] if p.lstrip("-").isdigit() else getattr(mod, p)
+        except (AttributeError, IndexError, TypeError):
+            raise SpatialBiasError(f"{type(model).__name__} has no module {path!r} (no {p!r} in "
+                                   f"{type(mod).__name__}); see model.named_modules() for the paths") from None
+    if not isinstance(mod, torch.nn.Module):
+        raise SpatialBiasError(f"{path!r} is a {type(mod).__name__}, not a module; name a module path")
+    return mod

@@ -5,12 +5,17 @@ by the same position ids) and bidirectional attention among the tokens of one im
 
 A prompt marks the image with ``<start_of_image>`` (the processor's ``boi_token``), which the
 processor expands to ``<start_of_image>`` + soft tokens + ``<end_of_image>``.
+
+The LM calls its rotary module once per layer type in every forward: ``lm.rotary@sliding_attention``
+and ``lm.rotary@full_attention`` (or ``@0``, ``@1``) name one call; ``lm.rotary`` alone edits both.
+Token order: vision sites hold each image's patches in raster order (no CLS), the projector its
+pooled soft tokens in raster order.
 """
 from __future__ import annotations
 
 import math
 
-from interp.adapters.base import Adapter, View
+from interp.adapters.base import Adapter, View, raster_fields
 from interp.adapters.llava import LM, LM_SHAPES
 
 
@@ -20,9 +25,25 @@ class Gemma3Adapter(Adapter):
         layer_type = model.config.text_config.layer_types[layer]
         return self.module(model, "lm.rotary")(like, position_ids, layer_type)
 
+    def calls(self, model, site):
+        if site == "lm.rotary":
+            return [f"lm.rotary@{t}" for t in sorted(set(model.config.text_config.layer_types))]
+        return [site]
+
+    def call_label(self, site, args, kwargs):
+        """The rotary module's calls are named by the layer type they serve."""
+        if site == "lm.rotary":
+            return args[2] if len(args) > 2 else kwargs.get("layer_type")
+        return None
+
     def image_views(self, model, inputs):
         side = math.isqrt(model.config.mm_tokens_per_image)
         return [[View("pooled", side, side)] for _ in range(inputs["pixel_values"].shape[0])]
+
+    def vision_fields(self, model, inputs, site):
+        vc = model.config.vision_config
+        side = math.isqrt(model.config.mm_tokens_per_image) if site == "projector" else vc.image_size // vc.patch_size
+        return [raster_fields(side, side)] * inputs["pixel_values"].shape[0], None
 
 
 GEMMA3 = Gemma3Adapter(
@@ -34,6 +55,7 @@ GEMMA3 = Gemma3Adapter(
     shapes={"vision.embed": "(n_images, P, Dv)", "vision.blocks.{i}": "(n_images, P, Dv)",
             "vision.out": "(n_images, P, Dv) what the projector pools",
             "projector": "(n_images, N, D) pooled soft tokens", **LM_SHAPES,
+            "lm.rotary": "(cos, sin), each (B, L, head_dim); one call per layer type (@sliding_attention, @full_attention)",
             "lm.embed": "(B, L, D) token embeddings (scaled by sqrt(D)) before the image scatter"},
     n_layers={"vision": "vision_config.num_hidden_layers", "lm": "text_config.num_hidden_layers"},
     prompt_marker="boi_token",

@@ -1,16 +1,21 @@
 """LLaVA-1.5 (LlavaForConditionalGeneration) and LLaVA-NeXT (LlavaNextForConditionalGeneration):
-CLIP vision tower + MLP projector + Llama/Mistral LM with 1-D RoPE.
+CLIP vision tower + MLP projector + Llama/Mistral LM with 1-D RoPE (or, for the zoo's
+learned-absolute organism, a GPT-2 LM with learned position embeddings).
 
 Shapes: B batch, L sequence, P vision patches incl. CLS, N image tokens per image (crop for
 NeXT), D LM width, Dv vision width, V vocab. LLaVA reads its image features from CLIP block
 ``vision_feature_layer`` (−2 in LLaVA-1.5, −1 in the organism): blocks after it run but cannot
 affect the output.
+
+Token order: vision sites hold each image's (NeXT: each crop's) patches in raster order after
+one CLS token (``vision.out`` and ``projector``: without it). NeXT's tile crops are mapped onto
+the unpadded tiles grid with HF's own ``unpad_image``; tokens that unpadding drops map to no patch.
 """
 from __future__ import annotations
 
 import torch
 
-from interp.adapters.base import Adapter, View
+from interp.adapters.base import Adapter, View, raster_fields
 from interp.errors import SpatialBiasError
 
 LM = {
@@ -22,10 +27,21 @@ LM = {
     "lm.final_norm": "model.language_model.norm",
     "unembed": "lm_head",
 }
+GPT2_LM = {
+    "lm.embed": "model.language_model.wte",
+    "lm.blocks.{i}.attn": "model.language_model.h.{i}.attn",
+    "lm.blocks.{i}.mlp": "model.language_model.h.{i}.mlp",
+    "lm.blocks.{i}": "model.language_model.h.{i}",
+    "lm.final_norm": "model.language_model.ln_f",
+    "unembed": "lm_head",
+}
+"""A GPT-2 LM (learned absolute position embeddings, no rotary) under a LLaVA vision side."""
 LM_SHAPES = {
     "lm.input": "(B, L, D) embeddings after the image features were scattered in; input of block 0",
     "lm.embed": "(B, L, D) token embeddings before the image scatter",
     "lm.blocks.{i}.attn": "(B, L, D) attention output before the residual add",
+    "lm.blocks.{i}.attn.heads": "(B, L, H, head_dim) per-head attention output: the o_proj input split into heads",
+    "lm.blocks.{i}.attn.pattern": "(B, H, L, L) attention weights after softmax (the run switches to eager)",
     "lm.blocks.{i}.mlp": "(B, L, D) MLP output before the residual add",
     "lm.blocks.{i}": "(B, L, D) residual stream after block i",
     "lm.rotary": "(cos, sin), each (B, L, head_dim)",
@@ -53,18 +69,51 @@ class LlavaAdapter(Adapter):
         side = _side(model)
         return [[View("base", side, side)] for _ in range(inputs["pixel_values"].shape[0])]
 
+    def vision_fields(self, model, inputs, site):
+        side = _side(model)
+        f = raster_fields(side, side, cls=site.startswith("vision.") and site != "vision.out")
+        return [f] * inputs["pixel_values"].shape[0], None
+
 
 class LlavaNextAdapter(Adapter):
-    def image_views(self, model, inputs):
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-        side = _side(model)
+    def _grid(self, model, size):
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
         cfg = model.config
+        return get_anyres_image_grid_shape(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+    def image_views(self, model, inputs):
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+        side = _side(model)
         views = []
         for size in inputs["image_sizes"]:
-            gh, gw = get_anyres_image_grid_shape(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            gh, gw = self._grid(model, size)
             h, w = unpad_image(torch.empty(1, gh * side, gw * side), size).shape[1:]
             views.append([View("base", side, side), View("tiles", int(h), int(w), newline_per_row=True)])
         return views
+
+    def vision_fields(self, model, inputs, site):
+        """Per image: the base crop (raster), then every tile crop, each token mapped onto the
+        unpadded tiles grid exactly as HF's ``pack_image_features`` lays crops out."""
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+        side = _side(model)
+        cls = site.startswith("vision.") and site != "vision.out"
+        out = []
+        for size in inputs["image_sizes"]:
+            gh, gw = self._grid(model, size)
+            ids = torch.arange(gh * gw * side * side, dtype=torch.float64).view(gh, gw, side, side, 1)
+            grid = ids.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # HF's crop → grid layout
+            kept = unpad_image(grid, size)[0].long()  # (h, w) token ids that survive unpadding
+            h, w = kept.shape
+            tile = torch.full((gh * gw * side * side, 5), -1, dtype=torch.long)
+            tile[:, 0], tile[:, 3], tile[:, 4] = 1, h, w
+            rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            tile[kept.flatten(), 1], tile[kept.flatten(), 2] = rr.flatten(), cc.flatten()
+            crops = [raster_fields(side, side, cls=cls)]  # the base crop; HF drops the padding crops
+            for k in range(gh * gw):
+                t = tile[k * side * side:(k + 1) * side * side]
+                crops.append(torch.cat([torch.tensor([[1, -1, -1, h, w]]), t]) if cls else t)
+            out.append(torch.cat(crops, 0))
+        return out, None
 
 
 LLAVA = LlavaAdapter(
@@ -75,6 +124,7 @@ LLAVA = LlavaAdapter(
             "vision.out": "(n_images, N, Dv) features the projector reads (CLS dropped)",
             "projector": "(n_images, N, D)", **LM_SHAPES},
     n_layers=N_LAYERS,
+    lm_variants={"gpt2": GPT2_LM},
 )
 
 LLAVA_NEXT = LlavaNextAdapter(
@@ -85,4 +135,5 @@ LLAVA_NEXT = LlavaNextAdapter(
             "vision.blocks.{i}": "(n_crops, P, Dv)", "vision.out": "(n_crops, N, Dv)",
             "projector": "(n_crops, N, D) before unpadding and image_newline tokens", **LM_SHAPES},
     n_layers=N_LAYERS,
+    image_inputs={"pixel_values": "image", "image_sizes": "image"},
 )

@@ -2,13 +2,19 @@
 projector, and a Qwen2 LM with M-RoPE (three position rows t, h, w).
 
 Vision tensors are flattened over images: T = total patches of the batch, T/4 merged tokens.
+
+Token order: the processor lays each image's patches out merge group by merge group (2×2
+patches contiguous, groups in raster order); that is the order of ``vision.embed`` (both
+models) and of every vision site of Qwen2-VL, whose merger output is in merged raster order.
+Qwen2.5-VL permutes the merge groups into vision-window order before its blocks and restores
+image order only *after* the merger: its ``vision.blocks.{i}``, ``vision.out`` and ``projector``
+hold tokens in window order (HF's ``get_vision_window_index``), and the adapter says so.
 """
 from __future__ import annotations
 
 import torch
 
-from interp.adapters.base import Adapter, View
-from interp.errors import SpatialBiasError
+from interp.adapters.base import Adapter, View, raster_fields
 from interp.adapters.llava import LM, LM_SHAPES
 
 
@@ -50,15 +56,44 @@ class QwenAdapter(Adapter):
 
     generation_position_ids = default_position_ids
 
-    def select_rows(self, inputs, rows):
-        """Qwen flattens pixel patches over images: split them by ``image_grid_thw`` (one image per row)."""
-        grid = inputs["image_grid_thw"]
-        if grid.shape[0] != inputs["input_ids"].shape[0]:
-            raise SpatialBiasError("row selection needs exactly one image per row")
-        chunks = inputs["pixel_values"].split(grid.prod(-1).tolist(), 0)
-        out = super().select_rows({k: v for k, v in inputs.items() if k != "pixel_values"}, rows)
-        out["pixel_values"] = torch.cat([chunks[r] for r in rows], 0)
-        return out
+    def _patches(self, inputs, v, images):
+        """Qwen flattens pixel patches over images: split them by ``image_grid_thw``."""
+        chunks = v.split(inputs["image_grid_thw"].prod(-1).tolist(), 0)
+        return torch.cat([chunks[i] for i in images], 0) if images else v[:0]
+
+    def vision_fields(self, model, inputs, site):
+        m = model.config.vision_config.spatial_merge_size
+        per_image = []
+        for t, h, w in inputs["image_grid_thw"].tolist():
+            if site == "projector":
+                per_image.append(raster_fields(t * h // m, w // m))
+                continue
+            g = raster_fields(t * h // m, w // m)  # merge groups in raster order
+            r = (g[:, 1, None] * m + torch.arange(m).repeat_interleave(m)).flatten()  # then m×m patches
+            c = (g[:, 2, None] * m + torch.arange(m).repeat(m)).flatten()
+            per_image.append(torch.stack([torch.zeros_like(r), r, c, torch.full_like(r, t * h),
+                                          torch.full_like(r, w)], 1))
+        return per_image, self.window_order(model, inputs, site)
+
+    def window_order(self, model, inputs, site):
+        """The site's token permutation (None: processor order)."""
+        return None
+
+
+class Qwen25Adapter(QwenAdapter):
+    def window_order(self, model, inputs, site):
+        """Blocks, merger input and merger output hold merge groups in vision-window order."""
+        if site == "vision.embed":
+            return None
+        from transformers.vision_utils import get_vision_window_index
+        vc = model.config.vision_config
+        win, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=vc.spatial_merge_size,
+                                         window_size=vc.window_size, patch_size=vc.patch_size)
+        win = torch.as_tensor(win).cpu().long()
+        if site == "projector":
+            return win
+        unit = vc.spatial_merge_size ** 2
+        return (win[:, None] * unit + torch.arange(unit)).flatten()
 
 
 def _template(src) -> str | None:
@@ -83,7 +118,12 @@ SHAPES = {
 }
 N_LAYERS = {"vision": "vision_config.depth", "lm": "text_config.num_hidden_layers"}
 
+IMAGE_INPUTS = {"pixel_values": "patches", "image_grid_thw": "image"}
 QWEN2_VL = QwenAdapter(name="qwen2vl", model_classes=("Qwen2VLForConditionalGeneration",), sites=SITES,
-                       shapes=SHAPES, n_layers=N_LAYERS, rope="mrope")
-QWEN2_5_VL = QwenAdapter(name="qwen25vl", model_classes=("Qwen2_5_VLForConditionalGeneration",), sites=SITES,
-                         shapes=SHAPES, n_layers=N_LAYERS, rope="mrope")
+                       shapes=SHAPES, n_layers=N_LAYERS, rope="mrope", image_inputs=IMAGE_INPUTS)
+QWEN2_5_VL = Qwen25Adapter(name="qwen25vl", model_classes=("Qwen2_5_VLForConditionalGeneration",), sites=SITES,
+                           shapes={**SHAPES, "vision.blocks.{i}": "(T, Dv) in vision-window order",
+                                   "vision.out": "(T, Dv) in vision-window order",
+                                   "projector": "(T/4, D) merged tokens in vision-window order (HF restores "
+                                                "image order after the merger)"},
+                           n_layers=N_LAYERS, rope="mrope", image_inputs=IMAGE_INPUTS)
