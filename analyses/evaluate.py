@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from analyses.scoring import AnswerSet, model_prompt, prefix_answer, prompt_text, robust_answer
+from analyses.scoring import AnswerSet, prefix_answer, prompt_text, robust_answer
 from interp.interventions import Intervention
 from interp.model import LVLM
 from probes.format import Probe, ProbeError, ProbeRow, find_probe, grid_name, read_rows, scan_rows
@@ -55,7 +55,7 @@ def probe_batches(lvlm: LVLM, probe: str | Path | Probe, rows: list[ProbeRow], b
         batch = rows[start:start + batch_size]
         images = [load_image(probe, r, f"{probe.rows_file} row {start + j + 1} (id={r.id})")
                   for j, r in enumerate(batch)]
-        yield start, batch, images, lvlm.inputs(images, [model_prompt(lvlm, prompt_text(r)) for r in batch])
+        yield start, batch, images, lvlm.inputs(images, [lvlm.prompt(prompt_text(r)) for r in batch])
 
 
 def validate_probe(probe_dir: str | Path | Probe) -> list[ProbeRow]:

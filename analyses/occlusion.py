@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from analyses.evaluate import Conditions, load_image, open_probe, row_columns
-from analyses.scoring import model_prompt, prompt_text
+from analyses.scoring import prompt_text
 from interp.errors import SpatialBiasError
 from interp.model import LVLM
 from probes.format import Probe, ProbeRow, cell_of_point
@@ -73,7 +73,7 @@ def occlusion_scores(lvlm: LVLM, probe_dir: str | Path | Probe, conditions: Cond
         xs, ys = offsets(w, sq, steps), offsets(h, sq, steps)
         grid = [(a, b) for a in range(len(ys)) for b in range(len(xs))]
         variants = [img] + [occluded(img, xs[b], ys[a], sq) for a, b in grid]
-        prompt = model_prompt(lvlm, prompt_text(r))
+        prompt = lvlm.prompt(prompt_text(r))
         canvas = int(r.extra.get("canvas", w))
         for name, ivs in conditions.items():
             diffs = []

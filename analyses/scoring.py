@@ -1,6 +1,6 @@
 """Answer scoring: from logits (the probe's candidate answers, read at the answer position),
 and from generated text by the paper's string rule and a robust one (for comparability with
-the paper's numbers); prompts per architecture."""
+the paper's numbers). Prompts come from :mod:`interp.prompts` (``LVLM.prompt``)."""
 from __future__ import annotations
 
 import string
@@ -57,29 +57,6 @@ class AnswerSet:
         others = cand.scatter(1, target[:, None], float("-inf")).max(-1).values
         return {"pred": pred, "correct": pred == target, "p_correct": p.gather(1, target[:, None])[:, 0],
                 "logit_diff": right - others}
-
-
-FALLBACK_TEMPLATES = {
-    "llava": "USER: {marker}\n{text} ASSISTANT:",
-    "llava_next": "[INST] {marker}\n{text} [/INST]",
-    "qwen2vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                "<|vision_start|>{marker}<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"),
-    "gemma3": "<start_of_turn>user\n{marker}{text}<end_of_turn>\n<start_of_turn>model\n",
-}
-"""Each architecture's published chat format (LLaVA-1.5, LLaVA-v1.6-Mistral, Qwen2-VL/2.5-VL,
-Gemma3-it), used only when a checkpoint's processor has no chat template of its own; keyed by
-adapter name (``qwen25vl`` uses ``qwen2vl``'s). ``{marker}`` is the processor's image marker."""
-
-
-def model_prompt(lvlm, text: str) -> str:
-    """The prompt a model sees for ``text`` and one image: the processor's own chat template
-    when it has one (:meth:`interp.model.LVLM.prompt`), else the architecture's entry of
-    :data:`FALLBACK_TEMPLATES`, else ``"<marker>\\ntext"``."""
-    if getattr(lvlm.processor, "chat_template", None):
-        return lvlm.prompt(text)
-    name = {"qwen25vl": "qwen2vl"}.get(lvlm.adapter.name, lvlm.adapter.name)
-    tpl = FALLBACK_TEMPLATES.get(name)
-    return tpl.format(marker=lvlm.image_marker, text=text) if tpl else lvlm.prompt(text)
 
 
 def prefix_answer(text: str, answers=("Yes", "No")) -> str | None:
