@@ -29,12 +29,14 @@ def load_image(probe: str | Path | Probe, row: ProbeRow, where: str) -> Image.Im
 
 
 def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
-    """Candidates: ``probe.json``'s ``answers``; Yes/No for caption probes; else the answers seen."""
+    """Candidates: ``probe.json``'s ``answers``; Yes/No for caption probes; else the answers seen.
+    Each answer's token is the one the model emits first after these rows' prompts."""
+    texts = [prompt_text(r) for r in rows]
     if meta.get("answers"):
-        return AnswerSet.build(lvlm.tokenizer, meta["answers"])
+        return AnswerSet.build(lvlm, meta["answers"], texts)
     if all(r.caption is not None for r in rows):
-        return AnswerSet.build(lvlm.tokenizer, ["Yes", "No"])
-    return AnswerSet.build(lvlm.tokenizer, sorted({r.answer for r in rows}))
+        return AnswerSet.build(lvlm, ["Yes", "No"], texts)
+    return AnswerSet.build(lvlm, sorted({r.answer for r in rows}), texts)
 
 
 def open_probe(lvlm: LVLM, probe_dir: str | Path | Probe, rows: list[ProbeRow] | None = None

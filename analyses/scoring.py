@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from interp.errors import SpatialBiasError
+from interp.prompts import answer_token_ids
 
 PAPER_PROMPT = ("Determine if there is a sub-image in the given image that matches the text following.\n"
                 "Text: {caption}\nThe answer should only contain 'Yes' or 'No', without reasoning process.\n")
@@ -16,27 +18,34 @@ PAPER_PROMPT = ("Determine if there is a sub-image in the given image that match
 
 @dataclass(frozen=True)
 class AnswerSet:
-    """Candidate answers and the first token id of each (what the model must emit first)."""
+    """Candidate answers and, for each, the token the model emits first when it gives that answer
+    right after the prompt (:func:`interp.prompts.answer_token_ids`)."""
     answers: tuple[str, ...]
     token_ids: tuple[int, ...]
 
     @classmethod
-    def build(cls, tokenizer, answers) -> "AnswerSet":
+    def build(cls, lvlm, answers, texts: Sequence[str] = ("",)) -> "AnswerSet":
+        """The candidates of ``answers`` for an :class:`interp.model.LVLM`, read after the prompt
+        of each distinct text in ``texts`` (the probe rows' prompt texts; default: an empty
+        question). Every prompt must give the same token per answer, else one error line (the
+        tokenizer joins the answer to the end of some prompts); answers whose first tokens
+        collide, or that the vocabulary lacks, are refused with one line."""
         answers = tuple(answers)
-        ids = []
-        for a in answers:
-            toks = tokenizer.encode(a, add_special_tokens=False)
-            if not toks:
-                raise SpatialBiasError(f"answer {a!r} tokenizes to nothing; check the probe's answers")
-            if toks[0] in set(getattr(tokenizer, "all_special_ids", ()) or ()):
+        got: dict[tuple[int, ...], str] = {}
+        for t in dict.fromkeys(texts):
+            ids = answer_token_ids(lvlm.processor, lvlm.adapter.name, lvlm.image_marker, t, answers)
+            got.setdefault(ids, t)
+            if len(got) > 1:
+                (a_ids, a_text), (b_ids, b_text) = list(got.items())[:2]
+                k = next(j for j in range(len(answers)) if a_ids[j] != b_ids[j])
+                conv = lvlm.tokenizer.convert_ids_to_tokens
                 raise SpatialBiasError(
-                    f"the model's vocabulary has no token for answer {a!r} (it becomes the special token "
-                    f"{tokenizer.convert_ids_to_tokens(toks[0])!r}), so the model cannot give this answer; score this "
-                    "probe with a model that knows its answer words (the bundled organism knows only its shapes task)")
-            ids.append(toks[0])
-        if len(set(ids)) != len(ids):
-            raise SpatialBiasError(f"answers {answers} share a first token; give answers that differ in their first token")
-        return cls(answers, tuple(ids))
+                    f"answer {answers[k]!r} starts with token {conv(a_ids[k])!r} after the prompt for {a_text[:40]!r} "
+                    f"but {conv(b_ids[k])!r} after {b_text[:40]!r}; the tokenizer joins the answer to the prompt's "
+                    "end, so use a chat template that ends the prompt at a fixed assistant header")
+        if not got:
+            raise SpatialBiasError("no prompt texts to read the answer tokens after; give at least one row")
+        return cls(answers, next(iter(got)))
 
     def score(self, logits: torch.Tensor, answers: list[str]) -> dict[str, torch.Tensor]:
         """Score last-position logits (B, V) against the correct answers (B names).

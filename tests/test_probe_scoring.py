@@ -37,7 +37,7 @@ def test_organism_cannot_answer_yes_no(organism):
     from analyses.scoring import AnswerSet
     from interp.errors import SpatialBiasError
     with pytest.raises(SpatialBiasError, match="no token for answer 'Yes'"):
-        AnswerSet.build(organism.tokenizer, ["Yes", "No"])
+        AnswerSet.build(organism, ["Yes", "No"])
 
 
 def paper_probe(folder, n_items=2):
