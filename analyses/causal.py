@@ -16,7 +16,7 @@ from interp import attention, attribution, patching
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention, PositionSwap
 from interp.model import LVLM
-from probes.format import grid_name, grid_positions, read_meta, read_rows
+from probes.format import Probe, find_probe, grid_name, grid_positions, read_rows
 
 
 @dataclass
@@ -35,25 +35,26 @@ class Pairs:
     grid: tuple[int, int] = (3, 3)
 
 
-def placement_pairs(lvlm: LVLM, probe_dir: str | Path, clean_cell: int, corrupt_cell: int,
+def placement_pairs(lvlm: LVLM, probe_dir: str | Path | Probe, clean_cell: int, corrupt_cell: int,
                     n_items: int | None = None) -> Pairs:
-    """Items of a grid probe that have both placements; the first ``n_items`` of them."""
+    """Items of a grid probe (a folder, a rows file or a Probe) that have both placements; the
+    first ``n_items`` of them."""
     if clean_cell == corrupt_cell:
         raise SpatialBiasError(f"clean and corrupt cells are both {clean_cell}; choose two different cells")
-    folder = Path(probe_dir)
-    rows = read_rows(folder)
-    grid = probe_grid(rows, folder)
-    cands = answer_set(lvlm, rows, read_meta(folder))
+    probe = find_probe(probe_dir)
+    rows = read_rows(probe)
+    grid = probe_grid(rows, probe.rows_file)
+    cands = answer_set(lvlm, rows, probe.meta)
     by_item: dict[str, dict[int, tuple[int, object]]] = {}
     for n, r in enumerate(rows):
         by_item.setdefault(r.id, {})[r.cell] = (n, r)
     ids = [i for i, v in by_item.items() if clean_cell in v and corrupt_cell in v][:n_items]
     if not ids:
-        raise SpatialBiasError(f"{folder}: no item has both cells {clean_cell} and {corrupt_cell}")
+        raise SpatialBiasError(f"{probe.rows_file}: no item has both cells {clean_cell} and {corrupt_cell}")
 
     def inputs(cell):
         sel = [by_item[i][cell] for i in ids]
-        imgs = [load_image(folder, r, f"{folder / 'probe.jsonl'} row {n + 1}") for n, r in sel]
+        imgs = [load_image(probe, r, f"{probe.rows_file} row {n + 1}") for n, r in sel]
         return lvlm.inputs(imgs, [lvlm.prompt(prompt_text(r)) for _, r in sel])
 
     answers = [by_item[i][clean_cell][1].answer for i in ids]
@@ -62,16 +63,16 @@ def placement_pairs(lvlm: LVLM, probe_dir: str | Path, clean_cell: int, corrupt_
                  [(clean_cell, corrupt_cell)] * len(ids), ids, clean_cell, corrupt_cell, grid)
 
 
-def probe_grid(rows, folder) -> tuple[int, int]:
+def probe_grid(rows, where) -> tuple[int, int]:
     """The (n, m) grid of a cell-placement probe; shift and irregular-box probes have no cells
-    to patch between and are refused."""
+    to patch between and are refused (``where``, the probe's rows file or folder, names it)."""
     grids = {r.grid for r in rows}
     grid = next(iter(grids))
     names = set(grid_positions(*grid))
     bad = next((r for r in rows if r.position not in names), None)
     if len(grids) != 1 or bad is not None:
         what = f"position {bad.position!r}" if bad is not None else f"grids {sorted(grid_name(g) for g in grids)}"
-        raise SpatialBiasError(f"{folder}: the causal analyses need one n×m grid of cells ({what}); shift and "
+        raise SpatialBiasError(f"{where}: the causal analyses need one n×m grid of cells ({what}); shift and "
                                "irregular-box probes have no cells to patch between: build one with "
                                "'spatialbias probe build --grid NxM'")
     return grid
@@ -136,15 +137,16 @@ def attribution_check(lvlm: LVLM, pairs: Pairs, exact: pd.DataFrame, steps: int 
     return j[["site", "group", "restoration", "estimate"]], rho
 
 
-def flow_by_placement(lvlm: LVLM, probe_dir: str | Path, conditions: dict[str, list[Intervention]],
+def flow_by_placement(lvlm: LVLM, probe_dir: str | Path | Probe, conditions: dict[str, list[Intervention]],
                       n_items: int, query: str = "last") -> pd.DataFrame:
     """Attention mass from the query rows to each cell, for every placement of ``n_items`` items.
     Tidy: condition, target_cell, layer, cell, mass (mean over items and heads)."""
     out = []
-    n, m = probe_grid(read_rows(probe_dir), probe_dir)
+    probe = find_probe(probe_dir)
+    n, m = probe_grid(read_rows(probe), probe.rows_file)
     for cell in range(n * m):
         other = 0 if cell != 0 else n * m - 1
-        pairs = placement_pairs(lvlm, probe_dir, clean_cell=cell, corrupt_cell=other, n_items=n_items)
+        pairs = placement_pairs(lvlm, probe, clean_cell=cell, corrupt_cell=other, n_items=n_items)
         for cond, ivs in conditions.items():
             f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid).mean((0, 2))  # (layers, cells)
             for layer in range(f.shape[0]):

@@ -53,8 +53,9 @@ def _floats(text: str) -> list[float]:
 def report(model: str = typer.Option("organism", help="'organism', a local checkpoint folder, or a cached hub id "
                                      "(e.g. llava-hf/llava-1.5-7b-hf)."),
            out: Path = typer.Option(Path("out/demo"), help="Output folder."),
-           probe: Optional[Path] = typer.Option(None, help="A probe folder (probe.jsonl + images); default: build "
-                                                "a shapes probe in OUT/probe."),
+           probe: Optional[Path] = typer.Option(None, help="A probe: a folder holding probe.jsonl, or the paper's "
+                                                "single .json/.jsonl rows file beside images/; or the rows file itself. "
+                                                "Default: build a shapes probe in OUT/probe."),
            n_items: int = typer.Option(300, help="Items in the built probe (each at all 9 positions)."),
            lambdas: str = typer.Option("0.25,0.5,1,2", help="AGCI λ values, comma separated."),
            seed: int = typer.Option(0, help="Seed of the built probe and of the bootstrap."),
@@ -108,7 +109,8 @@ def _conditions(specs: list[str]) -> dict:
 
 @app.command("eval")
 def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint folder, or a cached hub id."),
-             probe: Path = typer.Option(..., help="A probe folder (probe.jsonl + images)."),
+             probe: Path = typer.Option(..., help="A probe: a folder holding probe.jsonl, or the paper's single "
+                                        ".json/.jsonl rows file beside images/; or the rows file itself."),
              out: Path = typer.Option(..., help="Output folder (results.parquet|csv, summary.json)."),
              condition: list[str] = typer.Option(["baseline", "bapa", "agci:0.5"], help="Conditions to score "
                                                  "(repeat): baseline, bapa, bapa:keep_hw, agci:λ, agci-pooled:λ."),
@@ -214,7 +216,8 @@ def _stem(name: str) -> str:
 @app.command()
 @clean_errors
 def causal(model: str = typer.Option("organism", help="'organism', a local checkpoint folder, or a cached hub id."),
-           probe: Path = typer.Option(..., help="A grid probe folder (every item at both cells)."),
+           probe: Path = typer.Option(..., help="A grid probe (every item at both cells): a folder or its rows "
+                                      "file, as for eval."),
            out: Path = typer.Option(Path("out/causal"), help="Output folder."),
            clean_cell: int = typer.Option(8, min=0, max=8, help="Cell of the clean placement (row-major 0..8)."),
            corrupt_cell: int = typer.Option(0, min=0, max=8, help="Cell of the corrupt placement."),

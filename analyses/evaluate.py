@@ -13,70 +13,77 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from analyses.scoring import AnswerSet, model_prompt, prefix_answer, prompt_text, robust_answer
+from analyses.scoring import AnswerSet, prefix_answer, prompt_text, robust_answer
 from interp.interventions import Intervention
 from interp.model import LVLM
-from probes.format import ProbeError, ProbeRow, grid_name, read_meta, read_rows, resolve_image, scan_rows
+from probes.format import Probe, ProbeError, ProbeRow, find_probe, grid_name, read_rows, scan_rows
 from probes.images import load_rgb
 
 Conditions = dict[str, Sequence[Intervention]]
 
 
-def load_image(folder: Path, row: ProbeRow, where: str) -> Image.Image:
-    """Open a row's image as RGB (:func:`probes.images.load_rgb`); bad files raise ProbeError."""
-    return load_rgb(resolve_image(folder, row, where), where, grid=row.grid)
+def load_image(probe: str | Path | Probe, row: ProbeRow, where: str) -> Image.Image:
+    """Open a row's image of ``probe`` (a folder, a rows file or a :class:`probes.format.Probe`)
+    as RGB (:func:`probes.images.load_rgb`); bad files raise ProbeError naming ``where``."""
+    return load_rgb(find_probe(probe).image_path(row, where), where, grid=row.grid)
 
 
 def answer_set(lvlm: LVLM, rows: list[ProbeRow], meta: dict) -> AnswerSet:
-    """Candidates: ``probe.json``'s ``answers``; Yes/No for caption probes; else the answers seen."""
+    """Candidates: ``probe.json``'s ``answers``; Yes/No for caption probes; else the answers seen.
+    Each answer's token is the one the model emits first after these rows' prompts."""
+    texts = [prompt_text(r) for r in rows]
     if meta.get("answers"):
-        return AnswerSet.build(lvlm.tokenizer, meta["answers"])
+        return AnswerSet.build(lvlm, meta["answers"], texts)
     if all(r.caption is not None for r in rows):
-        return AnswerSet.build(lvlm.tokenizer, ["Yes", "No"])
-    return AnswerSet.build(lvlm.tokenizer, sorted({r.answer for r in rows}))
+        return AnswerSet.build(lvlm, ["Yes", "No"], texts)
+    return AnswerSet.build(lvlm, sorted({r.answer for r in rows}), texts)
 
 
-def open_probe(lvlm: LVLM, probe_dir: str | Path, rows: list[ProbeRow] | None = None
-               ) -> tuple[Path, list[ProbeRow], AnswerSet]:
-    """(folder, rows — validated unless given —, the answer candidates) of a probe to score."""
-    folder = Path(probe_dir)
+def open_probe(lvlm: LVLM, probe_dir: str | Path | Probe, rows: list[ProbeRow] | None = None
+               ) -> tuple[Probe, list[ProbeRow], AnswerSet]:
+    """(the probe, rows — validated unless given —, the answer candidates) of a probe to score;
+    ``probe_dir``: a folder, a rows file or a :class:`probes.format.Probe`."""
+    probe = find_probe(probe_dir)
     if rows is None:
-        rows = validate_probe(folder)
-    return folder, rows, answer_set(lvlm, rows, read_meta(folder))
+        rows = validate_probe(probe)
+    return probe, rows, answer_set(lvlm, rows, probe.meta)
 
 
-def probe_batches(lvlm: LVLM, folder: Path, rows: list[ProbeRow], batch_size: int):
+def probe_batches(lvlm: LVLM, probe: str | Path | Probe, rows: list[ProbeRow], batch_size: int):
     """Yields (start, rows, images, inputs): ``rows`` in batches as the model sees them when they
-    are scored (images loaded safely, the prompt of :func:`analyses.scoring.model_prompt`)."""
-    probe_file = folder / "probe.jsonl"
+    are scored (images loaded safely, the prompt of :meth:`interp.model.LVLM.prompt`)."""
+    probe = find_probe(probe)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        images = [load_image(folder, r, f"{probe_file} row {start + j + 1} (id={r.id})") for j, r in enumerate(batch)]
-        yield start, batch, images, lvlm.inputs(images, [model_prompt(lvlm, prompt_text(r)) for r in batch])
+        images = [load_image(probe, r, f"{probe.rows_file} row {start + j + 1} (id={r.id})")
+                  for j, r in enumerate(batch)]
+        yield start, batch, images, lvlm.inputs(images, [lvlm.prompt(prompt_text(r)) for r in batch])
 
 
-def validate_probe(probe_dir: str | Path) -> list[ProbeRow]:
+def validate_probe(probe_dir: str | Path | Probe) -> list[ProbeRow]:
     """Read every row and check every image path before any compute; returns the rows
-    (raises the first problem)."""
-    folder = Path(probe_dir)
-    rows = read_rows(folder)
+    (raises the first problem). ``probe_dir``: a folder, a rows file or a Probe."""
+    probe = find_probe(probe_dir)
+    rows = read_rows(probe)
     for i, r in enumerate(rows):
-        resolve_image(folder, r, f"{folder / 'probe.jsonl'} row {i + 1} (id={r.id})")
+        probe.image_path(r, f"{probe.rows_file} row {i + 1} (id={r.id})")
     return rows
 
 
-def check_probe(probe_dir: str | Path, images: bool = True) -> tuple[list[tuple[int, ProbeRow]], list[ProbeError]]:
+def check_probe(probe_dir: str | Path | Probe, images: bool = True
+                ) -> tuple[list[tuple[int, ProbeRow]], list[ProbeError]]:
     """Every problem of a probe at once: rows that do not parse, image paths that are missing or
     leave the folder, and (``images``) files that cannot be decoded or are too small. Returns
-    (the good rows with their line numbers, the problems)."""
-    folder = Path(probe_dir)
-    rows, problems = scan_rows(folder)
+    (the good rows with their line numbers, the problems). A probe that cannot be found at all
+    (no rows file, several candidates) raises :class:`ProbeError`."""
+    probe = find_probe(probe_dir)
+    rows, problems = scan_rows(probe)
     good = []
     for n, r in rows:
-        where = f"{folder / 'probe.jsonl'}:{n} (id={r.id})"
+        where = probe.where(n, r)
         try:
             r.cell  # a box row's cell needs its canvas
-            path = resolve_image(folder, r, where)
+            path = probe.image_path(r, where)
             if images:
                 load_rgb(path, where, grid=r.grid)
         except ProbeError as e:
@@ -97,10 +104,11 @@ def row_columns(r: ProbeRow) -> dict:
     return d
 
 
-def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch_size: int = 64,
+def score_probe(lvlm: LVLM, probe_dir: str | Path | Probe, conditions: Conditions, batch_size: int = 64,
                 progress: bool = True, rows: list[ProbeRow] | None = None, string_rule: bool = False,
                 max_new_tokens: int = 4) -> pd.DataFrame:
     """Run every condition over every probe row (or over ``rows``, a validated subset).
+    ``probe_dir``: a probe folder (ours or the paper's), a rows file or a Probe.
 
     Returns columns: ``row`` (order in the rows scored), ``id``, ``position``, ``cell``,
     ``grid``, ``n_cells`` (plus ``x0, y0, x1, y1`` / ``offset`` for rows that carry a box /
@@ -111,10 +119,10 @@ def score_probe(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions, batch
     prefix rule, :func:`analyses.scoring.prefix_answer`) and ``correct_robust``
     (:func:`analyses.scoring.robust_answer`).
     """
-    folder, rows, cands = open_probe(lvlm, probe_dir, rows)
+    probe, rows, cands = open_probe(lvlm, probe_dir, rows)
     out = []
     bar = tqdm(total=len(rows) * len(conditions), desc="evaluate", unit="row", disable=not progress)
-    for start, batch, _, inputs in probe_batches(lvlm, folder, rows, batch_size):
+    for start, batch, _, inputs in probe_batches(lvlm, probe, rows, batch_size):
         answers = [r.answer for r in batch]
         for name, ivs in conditions.items():
             with torch.inference_mode():

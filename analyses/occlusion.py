@@ -22,10 +22,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from analyses.evaluate import Conditions, load_image, open_probe, row_columns
-from analyses.scoring import model_prompt, prompt_text
+from analyses.scoring import prompt_text
 from interp.errors import SpatialBiasError
 from interp.model import LVLM
-from probes.format import ProbeRow, cell_of_point
+from probes.format import Probe, ProbeRow, cell_of_point
 
 WHITE = (255, 255, 255)
 
@@ -48,10 +48,11 @@ def occluded(image: Image.Image, x0: int, y0: int, square: int) -> Image.Image:
     return im
 
 
-def occlusion_scores(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions | None = None,
+def occlusion_scores(lvlm: LVLM, probe_dir: str | Path | Probe, conditions: Conditions | None = None,
                      rows: list[ProbeRow] | None = None, steps: int = 20, square: int | None = None,
                      batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
-    """Slide the occluder over every row's image under every condition (default: baseline).
+    """Slide the occluder over every row's image under every condition (default: baseline);
+    ``probe_dir``: a probe folder, a rows file or a Probe.
 
     ``square`` defaults to image width / ``steps`` (42 px on the paper's 840 px canvas with 20
     steps). Returns one row per (probe row, condition, offset): ``row``, ``id``, the
@@ -62,18 +63,17 @@ def occlusion_scores(lvlm: LVLM, probe_dir: str | Path, conditions: Conditions |
     Cost: steps² + 1 forwards per row and condition.
     """
     conditions = {"baseline": []} if conditions is None else conditions
-    folder, rows, cands = open_probe(lvlm, probe_dir, rows)
-    probe_file = folder / "probe.jsonl"
+    probe, rows, cands = open_probe(lvlm, probe_dir, rows)
     out = []
     bar = tqdm(total=len(rows) * len(conditions), desc="occlusion", unit="row", disable=not progress)
     for i, r in enumerate(rows):
-        img = load_image(folder, r, f"{probe_file} row {i + 1} (id={r.id})")
+        img = load_image(probe, r, f"{probe.rows_file} row {i + 1} (id={r.id})")
         w, h = img.size
         sq = square or max(1, w // steps)
         xs, ys = offsets(w, sq, steps), offsets(h, sq, steps)
         grid = [(a, b) for a in range(len(ys)) for b in range(len(xs))]
         variants = [img] + [occluded(img, xs[b], ys[a], sq) for a, b in grid]
-        prompt = model_prompt(lvlm, prompt_text(r))
+        prompt = lvlm.prompt(prompt_text(r))
         canvas = int(r.extra.get("canvas", w))
         for name, ivs in conditions.items():
             diffs = []

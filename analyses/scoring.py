@@ -1,14 +1,16 @@
 """Answer scoring: from logits (the probe's candidate answers, read at the answer position),
 and from generated text by the paper's string rule and a robust one (for comparability with
-the paper's numbers); prompts per architecture."""
+the paper's numbers). Prompts come from :mod:`interp.prompts` (``LVLM.prompt``)."""
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from interp.errors import SpatialBiasError
+from interp.prompts import answer_token_ids
 
 PAPER_PROMPT = ("Determine if there is a sub-image in the given image that matches the text following.\n"
                 "Text: {caption}\nThe answer should only contain 'Yes' or 'No', without reasoning process.\n")
@@ -16,27 +18,34 @@ PAPER_PROMPT = ("Determine if there is a sub-image in the given image that match
 
 @dataclass(frozen=True)
 class AnswerSet:
-    """Candidate answers and the first token id of each (what the model must emit first)."""
+    """Candidate answers and, for each, the token the model emits first when it gives that answer
+    right after the prompt (:func:`interp.prompts.answer_token_ids`)."""
     answers: tuple[str, ...]
     token_ids: tuple[int, ...]
 
     @classmethod
-    def build(cls, tokenizer, answers) -> "AnswerSet":
+    def build(cls, lvlm, answers, texts: Sequence[str] = ("",)) -> "AnswerSet":
+        """The candidates of ``answers`` for an :class:`interp.model.LVLM`, read after the prompt
+        of each distinct text in ``texts`` (the probe rows' prompt texts; default: an empty
+        question). Every prompt must give the same token per answer, else one error line (the
+        tokenizer joins the answer to the end of some prompts); answers whose first tokens
+        collide, or that the vocabulary lacks, are refused with one line."""
         answers = tuple(answers)
-        ids = []
-        for a in answers:
-            toks = tokenizer.encode(a, add_special_tokens=False)
-            if not toks:
-                raise SpatialBiasError(f"answer {a!r} tokenizes to nothing; check the probe's answers")
-            if toks[0] in set(getattr(tokenizer, "all_special_ids", ()) or ()):
+        got: dict[tuple[int, ...], str] = {}
+        for t in dict.fromkeys(texts):
+            ids = answer_token_ids(lvlm.processor, lvlm.adapter.name, lvlm.image_marker, t, answers)
+            got.setdefault(ids, t)
+            if len(got) > 1:
+                (a_ids, a_text), (b_ids, b_text) = list(got.items())[:2]
+                k = next(j for j in range(len(answers)) if a_ids[j] != b_ids[j])
+                conv = lvlm.tokenizer.convert_ids_to_tokens
                 raise SpatialBiasError(
-                    f"the model's vocabulary has no token for answer {a!r} (it becomes the special token "
-                    f"{tokenizer.convert_ids_to_tokens(toks[0])!r}), so the model cannot give this answer; score this "
-                    "probe with a model that knows its answer words (the bundled organism knows only its shapes task)")
-            ids.append(toks[0])
-        if len(set(ids)) != len(ids):
-            raise SpatialBiasError(f"answers {answers} share a first token; give answers that differ in their first token")
-        return cls(answers, tuple(ids))
+                    f"answer {answers[k]!r} starts with token {conv(a_ids[k])!r} after the prompt for {a_text[:40]!r} "
+                    f"but {conv(b_ids[k])!r} after {b_text[:40]!r}; the tokenizer joins the answer to the prompt's "
+                    "end, so use a chat template that ends the prompt at a fixed assistant header")
+        if not got:
+            raise SpatialBiasError("no prompt texts to read the answer tokens after; give at least one row")
+        return cls(answers, next(iter(got)))
 
     def score(self, logits: torch.Tensor, answers: list[str]) -> dict[str, torch.Tensor]:
         """Score last-position logits (B, V) against the correct answers (B names).
@@ -57,29 +66,6 @@ class AnswerSet:
         others = cand.scatter(1, target[:, None], float("-inf")).max(-1).values
         return {"pred": pred, "correct": pred == target, "p_correct": p.gather(1, target[:, None])[:, 0],
                 "logit_diff": right - others}
-
-
-FALLBACK_TEMPLATES = {
-    "llava": "USER: {marker}\n{text} ASSISTANT:",
-    "llava_next": "[INST] {marker}\n{text} [/INST]",
-    "qwen2vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                "<|vision_start|>{marker}<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"),
-    "gemma3": "<start_of_turn>user\n{marker}{text}<end_of_turn>\n<start_of_turn>model\n",
-}
-"""Each architecture's published chat format (LLaVA-1.5, LLaVA-v1.6-Mistral, Qwen2-VL/2.5-VL,
-Gemma3-it), used only when a checkpoint's processor has no chat template of its own; keyed by
-adapter name (``qwen25vl`` uses ``qwen2vl``'s). ``{marker}`` is the processor's image marker."""
-
-
-def model_prompt(lvlm, text: str) -> str:
-    """The prompt a model sees for ``text`` and one image: the processor's own chat template
-    when it has one (:meth:`interp.model.LVLM.prompt`), else the architecture's entry of
-    :data:`FALLBACK_TEMPLATES`, else ``"<marker>\\ntext"``."""
-    if getattr(lvlm.processor, "chat_template", None):
-        return lvlm.prompt(text)
-    name = {"qwen25vl": "qwen2vl"}.get(lvlm.adapter.name, lvlm.adapter.name)
-    tpl = FALLBACK_TEMPLATES.get(name)
-    return tpl.format(marker=lvlm.image_marker, text=text) if tpl else lvlm.prompt(text)
 
 
 def prefix_answer(text: str, answers=("Yes", "No")) -> str | None:

@@ -30,7 +30,7 @@ from analyses.metrics import table_cells, table_grid
 from interp.errors import SpatialBiasError
 from interp.model import LVLM
 from interp.tracing import trace
-from probes.format import ProbeRow, grid_positions
+from probes.format import Probe, ProbeRow, find_probe, grid_positions
 
 POOLINGS = ("max", "mean")
 
@@ -68,9 +68,9 @@ def target_token_mask(imap, b: int, row: ProbeRow, size: tuple[int, int]) -> tor
     return patch & (cx >= x0 * sx) & (cx < x1 * sx) & (cy >= y0 * sy) & (cy < y1 * sy)
 
 
-def similarity_scores(lvlm: LVLM, probe_dir: str | Path, rows: list[ProbeRow] | None = None,
+def similarity_scores(lvlm: LVLM, probe_dir: str | Path | Probe, rows: list[ProbeRow] | None = None,
                       poolings: Sequence[str] = POOLINGS, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
-    """Score every row of a (similarity) probe.
+    """Score every row of a (similarity) probe (a folder, a rows file or a Probe).
 
     Returns one row per (probe row, pooling): ``row``, ``id``, the placement columns of
     :func:`analyses.evaluate.row_columns`, ``answer``, ``pooling``, ``sim_image`` (cosine with
@@ -79,19 +79,18 @@ def similarity_scores(lvlm: LVLM, probe_dir: str | Path, rows: list[ProbeRow] | 
     """
     for p in poolings:
         pool(torch.zeros(1, 1), p)
-    folder = Path(probe_dir)
+    probe = find_probe(probe_dir)
     if rows is None:
-        rows = validate_probe(folder)
-    probe_file = folder / "probe.jsonl"
+        rows = validate_probe(probe)
     out = []
     text_cache: dict[str, torch.Tensor] = {}
-    for start, batch, images, inputs in tqdm(probe_batches(lvlm, folder, rows, batch_size), desc="similarity",
+    for start, batch, images, inputs in tqdm(probe_batches(lvlm, probe, rows, batch_size), desc="similarity",
                                              total=-(-len(rows) // batch_size), disable=not progress):
         hidden = trace(lvlm, inputs, cache=["lm.input"]).cache["lm.input"].float()  # (B, L, D)
         imap = lvlm.image_map(inputs)
         for j, r in enumerate(batch):
             if r.caption is None:
-                raise SpatialBiasError(f"{probe_file} row {start + j + 1} (id={r.id}): the similarity score needs a "
+                raise SpatialBiasError(f"{probe.rows_file} row {start + j + 1} (id={r.id}): the similarity score needs a "
                                        "caption; this row has a question")
             if r.caption not in text_cache:
                 text_cache[r.caption] = caption_embeddings(lvlm, r.caption)

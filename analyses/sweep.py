@@ -13,7 +13,7 @@ A sweep is a TOML file (see ``docs/sweeps.md``)::
 
     [probes]
     shapes = { build = "shapes", n = 40, seed = 0 }   # built into OUT/probes/shapes
-    mine = "probes/mine"                              # an existing probe folder
+    mine = "probes/mine"                              # an existing probe (folder or rows file)
 
     [interventions]
     baseline = true
@@ -49,7 +49,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from interp.errors import SpatialBiasError
-from probes.format import atomic_write_bytes, atomic_write_text
+from probes.format import ProbeError, atomic_write_bytes, atomic_write_text, find_probe, is_built
 
 ANALYSES = ("eval", "patching", "flow")
 INTERVENTION_KEYS = ("baseline", "bapa", "agci", "agci_pooled", "agci_adaptive", "positions")
@@ -215,9 +215,10 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Sweep:
             builds[name] = dict(spec)
         elif isinstance(spec, str):
             folder = (base / spec).resolve()
-            if not (folder / "probe.jsonl").is_file():
-                raise SweepError(f"{where}: probes.{name} = {spec!r}: no probe.jsonl in {folder}; build one with "
-                                 "'spatialbias probe build' or use build = \"shapes\"")
+            try:
+                find_probe(folder)
+            except ProbeError as e:
+                raise SweepError(f"{where}: probes.{name} = {spec!r}: {e}; or use build = \"shapes\"") from None
             probes[name] = (spec, str(folder))
         else:
             raise SweepError(f"{where}: probes.{name} must be a folder path or a table with build = ...")
@@ -268,7 +269,7 @@ def build_probes(sweep: Sweep, out: Path, progress: bool = True) -> None:
         folder = out / "probes" / name
         stamp = folder / "sweep_spec.json"
         want = json.dumps(spec, sort_keys=True)
-        if stamp.is_file() and stamp.read_text() == want and (folder / "probe.jsonl").is_file():
+        if stamp.is_file() and stamp.read_text() == want and is_built(folder):
             continue
         args = {{"n": "n_items", "canvas": "size"}.get(k, k): v for k, v in spec.items() if k != "build"}
         args.setdefault("n_items", 40)

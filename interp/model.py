@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from interp import imagemap
+from interp import imagemap, prompts
 from interp.adapters import Adapter
 from interp.batch import Batch, select_rows, validate
 from interp.dispatch import Edit, forward, then
@@ -48,13 +48,10 @@ class LVLM:
 
     # ---------------------------------------------------------------- inputs
     def prompt(self, text: str, n_images: int = 1) -> str:
-        """One user turn with ``n_images`` images then ``text``, through the processor's chat
-        template (with the generation prompt); ``"<marker>\\ntext"`` when there is no template."""
-        if getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True)
-        return "".join(f"{self.image_marker}\n" for _ in range(n_images)) + text
+        """One user turn with ``n_images`` images then ``text``, as the model sees it: the
+        processor's chat template, else the architecture's published format, else
+        ``"<marker>\\ntext"`` (:func:`interp.prompts.prompt`, the one prompt builder)."""
+        return prompts.prompt(self.processor, self.adapter.name, self.image_marker, text, n_images)
 
     def inputs(self, images: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
                prompts: Sequence[str]) -> Batch:

@@ -3,15 +3,24 @@
 Each builder returns ``(model, processor)``; the processor has a chat template so
 ``LVLM.prompt`` works as with a real checkpoint. ``save(model, processor, dir)`` writes a
 folder that ``interp.load(dir)`` reads back like a real checkpoint.
+
+Tokenizers (:func:`tokenizer`): the default is word-level (one id per word, as every tiny model
+had); ``kind="metaspace"`` (SentencePiece-style BPE, like Llama/Mistral: ``▁`` marks a preceding
+space) and ``kind="bytelevel"`` (GPT-2-style byte-level BPE, like Qwen: ``Ġ`` marks it) are
+trained here on :data:`CORPUS`, so a space before a word makes a different token, as in real
+checkpoints. ``build_llava`` and ``build_qwen2vl`` take ``tokenizer_kind``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import functools
+import string
+
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -39,11 +48,62 @@ def word_tokenizer(vocab_words, *, pad: str, bos: str, eos: str, unk: str, speci
     return tok
 
 
-def tokenizer(**extra_special) -> PreTrainedTokenizerFast:
-    """The tiny models' tokenizer; ``extra_special`` names model-specific tokens (Gemma3's
-    ``image_token``, ``boi_token``, ``eoi_token``) so the processor finds them."""
-    return word_tokenizer(SPECIALS + WORDS, pad="<pad>", bos="<s>", eos="</s>", unk="<unk>", special=SPECIALS[4:],
-                          named=extra_special or None)
+TOKENIZER_KINDS = ("word", "metaspace", "bytelevel")
+
+_CAPTIONS = ("a cat", "a dog", "a red car", "a blue cup", "the astronaut", "a camera man", "a horse", "coffee")
+_TEXTS = tuple(f"Determine if there is a sub-image in the given image that matches the text following.\nText: {c}\n"
+               "The answer should only contain 'Yes' or 'No', without reasoning process.\n" for c in _CAPTIONS) + (
+    "describe the image ?", "what is this ?", "what is this a picture of ?", "what is this a picture of the dog ?",
+    "what colour is the circle ?", "what colour is the square ?", "what colour is the triangle ?", "is it ?")
+_ANSWERS = ("Yes", "No", "red", "green", "blue", "yellow", "cat", "dog")
+CORPUS = tuple(
+    [f"USER: {t} ASSISTANT: {a}" for t in _TEXTS for a in _ANSWERS]
+    + [f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>" for t in _TEXTS for a in _ANSWERS]
+    + ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>", "[INST] [/INST]",
+       "<start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\n", " ".join(WORDS), *_ANSWERS])
+"""What the trained tokenizers learn from: the prompts and answers the tiny models are given, in
+the LLaVA (``ASSISTANT: Yes``, a space before the answer) and ChatML (``assistant\\nYes``, none)
+formats, so both ``▁Yes``/``ĠYes`` and ``Yes`` are single tokens."""
+
+
+@functools.cache
+def _trained(kind: str) -> str:
+    """The trained tokenizer ``kind`` as JSON (deterministic: same corpus, same merges)."""
+    if kind == "metaspace":  # SentencePiece-style, as HF converts Llama/Mistral (prepend_scheme "first")
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+        tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+        alphabet, size = [*string.printable, "\u2581"], 400
+    elif kind == "bytelevel":  # GPT-2 / Qwen2 style: every byte is a token, Ġ marks a space
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        alphabet, size = pre_tokenizers.ByteLevel.alphabet(), 600
+    else:
+        raise ValueError(f"tokenizer kind {kind!r}: use one of {', '.join(TOKENIZER_KINDS)}")
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=size, special_tokens=list(SPECIALS),
+                                                       initial_alphabet=alphabet, show_progress=False))
+    if kind == "metaspace":  # Llama prepends BOS; Qwen adds none
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    return tk.to_str()
+
+
+def tokenizer(kind: str = "word", **extra_special) -> PreTrainedTokenizerFast:
+    """The tiny models' tokenizer: ``kind`` is ``"word"`` (word level over :data:`WORDS`, the
+    default), ``"metaspace"`` (SentencePiece-style BPE, BOS prepended, like Llama/Mistral) or
+    ``"bytelevel"`` (byte-level BPE, no BOS, like Qwen2); the BPE ones are trained on
+    :data:`CORPUS` with :data:`SPECIALS` as special tokens. ``extra_special`` names
+    model-specific tokens (Gemma3's ``image_token``, ``boi_token``, ``eoi_token``) so the
+    processor finds them."""
+    if kind == "word":
+        return word_tokenizer(SPECIALS + WORDS, pad="<pad>", bos="<s>", eos="</s>", unk="<unk>", special=SPECIALS[4:],
+                              named=extra_special or None)
+    tk = Tokenizer.from_str(_trained(kind))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", padding_side="left",
+                                  **({"extra_special_tokens": extra_special} if extra_special else {}))
+    tok.add_tokens(list(SPECIALS[4:]), special_tokens=True)
+    return tok
 
 
 def image(h: int = 40, w: int = 48, seed: int = 0) -> Image.Image:
@@ -66,11 +126,12 @@ def _clip_llama(tok, max_positions: int):
     return vcfg, tcfg
 
 
-def build_llava(seed: int = 0):
-    """LlavaForConditionalGeneration: CLIP (32 px, 8 px patches → 16 image tokens) + Llama (2 layers, 64 wide)."""
+def build_llava(seed: int = 0, tokenizer_kind: str = "word"):
+    """LlavaForConditionalGeneration: CLIP (32 px, 8 px patches → 16 image tokens) + Llama (2 layers, 64 wide);
+    ``tokenizer_kind`` picks :func:`tokenizer` (the chat template is LLaVA-style for all, ending in ``ASSISTANT:``)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     torch.manual_seed(seed)
-    tok = tokenizer()
+    tok = tokenizer(tokenizer_kind)
     vcfg, tcfg = _clip_llama(tok, max_positions=256)
     cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=16)
@@ -108,13 +169,21 @@ QWEN_CHAT = ("{%- for m in messages -%}<|im_start|> {{ m['role'] }} {% for c in 
              "{%- if add_generation_prompt -%}<|im_start|> assistant{%- endif -%}")
 
 
-def _qwen_processor(tok):
+QWEN_CHATML = ("{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}{%- for c in m['content'] -%}"
+               "{%- if c['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+               "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{{ '<|im_end|>\\n' }}"
+               "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+"""Qwen2-VL's ChatML (no default system turn), for the BPE tokenizers: the generation prompt ends
+in ``<|im_start|>assistant\\n`` and the answer follows with no space."""
+
+
+def _qwen_processor(tok, chat_template=QWEN_CHAT):
     from transformers import Qwen2VLImageProcessorPil
 
     from interp.adapters.qwen import image_only_processor
     ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    return image_only_processor(ip, tok, chat_template=QWEN_CHAT)
+    return image_only_processor(ip, tok, chat_template=chat_template)
 
 
 def _qwen_text(tok) -> dict:
@@ -130,17 +199,20 @@ def _qwen_ids(tok) -> dict:
                 vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
 
 
-def build_qwen2vl(seed: int = 0):
-    """Qwen2VLForConditionalGeneration: M-RoPE (3 position rows), 2×2 patch merger."""
+def build_qwen2vl(seed: int = 0, tokenizer_kind: str = "word"):
+    """Qwen2VLForConditionalGeneration: M-RoPE (3 position rows), 2×2 patch merger. ``tokenizer_kind``
+    picks :func:`tokenizer`; the BPE kinds get the ChatML template :data:`QWEN_CHATML`, the word
+    level one :data:`QWEN_CHAT`."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     torch.manual_seed(seed)
-    tok = tokenizer()
+    tok = tokenizer(tokenizer_kind)
     cfg = Qwen2VLConfig(text_config=_qwen_text(tok),
                         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
                                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
                         **_qwen_ids(tok))
     cfg.architectures = ["Qwen2VLForConditionalGeneration"]
-    return Qwen2VLForConditionalGeneration(cfg).eval(), _qwen_processor(tok)
+    return (Qwen2VLForConditionalGeneration(cfg).eval(),
+            _qwen_processor(tok, QWEN_CHAT if tokenizer_kind == "word" else QWEN_CHATML))
 
 
 def build_qwen25vl(seed: int = 0):

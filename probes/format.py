@@ -12,9 +12,18 @@ and ``canvas`` (the canvas side in pixels). Position names: the paper's 9 names 
 ``r{row}c{col}`` for other n×m grids (:func:`grid_positions`), and any name (``shift_0140``,
 ``box3``) for rows with a ``box``, whose cell is the grid cell holding the box's centre.
 
-This is the only module that knows the file layout: ``DIR/probe.jsonl`` plus the images
-beside it, and an optional ``DIR/probe.json`` with probe-level metadata (grid shape, the
-answer vocabulary, how the probe was made).
+This is the only module that knows the file layout (:func:`find_probe`, :class:`Probe`). Two
+layouts open the same way, from the folder or from the rows file itself:
+
+* ours: ``DIR/probe.jsonl`` plus the images (``image: images/x.png``), and an optional
+  ``DIR/probe.json`` with probe-level metadata (grid shape, the answer vocabulary, how the
+  probe was made);
+* the paper's as published: one rows file with any name (``DIR/spatial_probe.json``, ``.json``
+  or ``.jsonl``, JSON Lines) beside ``DIR/images/``, bare file names in ``image``; no metadata.
+
+A row's ``image`` is looked up beside the rows file, then under ``images/`` beside it
+(:func:`resolve_image`); the probe folder, which every image must stay inside, is the rows
+file's parent.
 """
 from __future__ import annotations
 
@@ -36,7 +45,13 @@ MAX_GRID = 16
 """The largest number of rows or columns a probe grid may have."""
 
 PROBE_FILE = "probe.jsonl"
+"""Our rows file (what :func:`write_rows` writes); a folder holding it is our layout."""
 META_FILE = "probe.json"
+"""Probe-level metadata beside :data:`PROBE_FILE` (our layout only)."""
+ROWS_SUFFIXES = (".json", ".jsonl")
+"""Suffixes of the paper's rows file, looked for when a folder has no :data:`PROBE_FILE`."""
+IMAGES_DIR = "images"
+"""The folder beside the rows file where a row's image is looked for second."""
 
 
 class ProbeError(SpatialBiasError):
@@ -185,19 +200,85 @@ def _check_position(obj: dict, where: str) -> None:
                          f"{shown}, or give the row a 'box' and 'canvas'")
 
 
-def probe_file(path: str | os.PathLike) -> Path:
+@dataclass(frozen=True)
+class Probe:
+    """Where a probe's files are: ``rows_file`` (JSON Lines, one row per line) and, for our
+    layout, ``meta_file`` (``probe.json``; None for the paper's files). ``folder`` is the rows
+    file's parent: every image must stay inside it. Build one with :func:`find_probe`."""
+    rows_file: Path
+    meta_file: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.rows_file.parent
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Probe-level metadata from ``probe.json``; ``{}`` when the probe has none (paper's files)."""
+        if self.meta_file is None or not self.meta_file.is_file():
+            return {}
+        try:
+            return json.loads(self.meta_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ProbeError(f"{self.meta_file}: not valid JSON ({e.msg}); fix or delete the file") from None
+        except UnicodeDecodeError as e:
+            raise ProbeError(f"{self.meta_file}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+
+    def where(self, line: int, row: ProbeRow | None = None) -> str:
+        """``"FILE:LINE (id=…)"``: how every message names a row (``line`` 1-based in the rows file)."""
+        return f"{self.rows_file}:{line}" + (f" (id={row.id})" if row is not None else "")
+
+    def image_path(self, row: ProbeRow, where: str = "") -> Path:
+        """The row's image (:func:`resolve_image` in :attr:`folder`: beside the rows file, then
+        under ``images/``); :class:`ProbeError` naming ``where`` when it is unsafe or missing."""
+        return resolve_image(self.folder, row, where)
+
+
+def find_probe(path: str | os.PathLike | Probe) -> Probe:
+    """The probe at ``path``: a folder holding ``probe.jsonl`` (ours; it wins over any other
+    file), a folder holding exactly one ``*.json``/``*.jsonl`` rows file (the paper's), or a rows
+    file itself. A :class:`Probe` is returned as it is. Raises :class:`ProbeError` (one line)
+    when there is no rows file, or when a folder holds several candidates (it lists them)."""
+    if isinstance(path, Probe):
+        return path
     path = Path(path)
+    hint = (f"give (--probe) a folder holding {PROBE_FILE} or the paper's single .json/.jsonl rows file beside "
+            "images/, or the rows file itself; build one with 'spatialbias probe build'")
     if path.is_dir():
-        path = path / PROBE_FILE
-    if not path.is_file():
-        raise ProbeError(f"{path}: probe file not found; build one with 'spatialbias probe build' "
-                         f"or point --probe at a folder holding {PROBE_FILE}")
-    return path
+        if (path / PROBE_FILE).is_file():
+            rows = path / PROBE_FILE
+        else:
+            cands = sorted(p for p in path.iterdir() if p.suffix.lower() in ROWS_SUFFIXES
+                           and not p.name.startswith(".") and p.is_file())
+            if not cands:
+                raise ProbeError(f"{path}: probe file not found (no {PROBE_FILE} and no .json/.jsonl rows file "
+                                 f"in the folder); {hint}")
+            if len(cands) > 1:
+                raise ProbeError(f"{path}: {len(cands)} candidate probe rows files ({', '.join(p.name for p in cands)})"
+                                 f" and no {PROBE_FILE}; give (--probe) the rows file to use, e.g. {cands[0]}")
+            rows = cands[0]
+    elif path.is_file():
+        rows = path
+    else:
+        raise ProbeError(f"{path}: probe file not found; {hint}")
+    meta = rows.parent / META_FILE if rows.name == PROBE_FILE else None
+    return Probe(rows, meta)
 
 
-def scan_rows(path: str | os.PathLike) -> tuple[list[tuple[int, ProbeRow]], list[ProbeError]]:
-    """Read every line; never stops at a bad one. Returns ([(line number, row)], [errors]),
-    each error one line naming the file and line."""
+def probe_file(path: str | os.PathLike | Probe) -> Path:
+    """The rows file of the probe at ``path`` (:func:`find_probe`)."""
+    return find_probe(path).rows_file
+
+
+def is_built(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a probe in our layout (the rows file :func:`write_rows` writes
+    last, so an interrupted build has none)."""
+    return (Path(folder) / PROBE_FILE).is_file()
+
+
+def scan_rows(path: str | os.PathLike | Probe) -> tuple[list[tuple[int, ProbeRow]], list[ProbeError]]:
+    """Read every line of the probe at ``path`` (:func:`find_probe`); never stops at a bad one.
+    Returns ([(line number, row)], [errors]), each error one line naming the file and line."""
     path = probe_file(path)
     rows, problems = [], []
     with open(path, "rb") as fh:
@@ -225,8 +306,9 @@ def scan_rows(path: str | os.PathLike) -> tuple[list[tuple[int, ProbeRow]], list
     return rows, problems
 
 
-def read_rows(path: str | os.PathLike) -> list[ProbeRow]:
-    """Read ``probe.jsonl`` (or a folder holding one). Blank lines are skipped.
+def read_rows(path: str | os.PathLike | Probe) -> list[ProbeRow]:
+    """Read the rows of the probe at ``path`` (a folder or a rows file, :func:`find_probe`).
+    Blank lines are skipped.
 
     Raises :class:`ProbeError` naming the file and 1-based line of the first bad row.
     """
@@ -236,15 +318,10 @@ def read_rows(path: str | os.PathLike) -> list[ProbeRow]:
     return [r for _, r in rows]
 
 
-def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """Probe-level metadata from ``probe.json``; ``{}`` when the probe has none (paper's files)."""
-    p = Path(folder) / META_FILE
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ProbeError(f"{p}: not valid JSON ({e.msg}); fix or delete the file") from None
+def read_meta(path: str | os.PathLike | Probe) -> dict[str, Any]:
+    """Probe-level metadata (:attr:`Probe.meta`) of the probe at ``path``; ``{}`` when it has
+    none (the paper's files)."""
+    return find_probe(path).meta
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -284,17 +361,26 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[ProbeRow], meta: dict[s
 
 
 def resolve_image(folder: str | os.PathLike, row: ProbeRow, where: str = "") -> Path:
-    """The row's image path, which must lie inside the probe folder: absolute paths, ``..``
-    segments and links that leave the folder are refused."""
+    """The row's image path, which must lie inside the probe ``folder`` (the rows file's parent).
+
+    Looked up as the authors' scripts do: ``folder/IMAGE`` first (ours: ``images/x.png``; the
+    paper's images beside the file), then ``folder/images/IMAGE`` (the paper's bare names); the
+    first that exists wins. Absolute paths, ``..`` segments and links that leave the folder are
+    refused, whichever candidate they come from.
+    """
     root = Path(folder).resolve()
     label = where or f"row id={row.id} position={row.position}"
     if Path(row.image).is_absolute() or ".." in Path(row.image).parts:
         raise ProbeError(f"{label}: image {row.image!r} is absolute or contains '..'; image paths must be "
                          "relative to the probe folder and stay inside it")
-    p = (root / row.image).resolve()
-    if root != p and root not in p.parents:
-        raise ProbeError(f"{label}: image {row.image!r} points outside the probe folder {root} (through a link); "
-                         "image paths must stay inside it")
-    if not p.is_file():
-        raise ProbeError(f"{label}: image file {p} is missing; rebuild the probe or fix the row's 'image'")
-    return p
+    tried = []
+    for base in (root, root / IMAGES_DIR):
+        p = (base / row.image).resolve()
+        if root != p and root not in p.parents:
+            raise ProbeError(f"{label}: image {row.image!r} points outside the probe folder {root} (through a "
+                             "link); image paths must stay inside it")
+        if p.is_file():
+            return p
+        tried.append(p)
+    raise ProbeError(f"{label}: image file {tried[0]} is missing (also looked for {tried[1]}); rebuild the probe "
+                     "or fix the row's 'image'")

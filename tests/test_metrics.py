@@ -53,7 +53,7 @@ def test_bootstrap_interval_covers_and_narrows():
 
 def test_answer_scoring_from_logits(tiny_llava):
     tok = tiny_llava.tokenizer
-    cands = AnswerSet.build(tok, ["Yes", "No"])
+    cands = AnswerSet.build(tiny_llava, ["Yes", "No"])
     logits = torch_logits(len(tok), {cands.token_ids[0]: 2.0, cands.token_ids[1]: 0.0})
     s = cands.score(logits, ["Yes"])
     assert bool(s["correct"][0]) and s["logit_diff"][0].item() == pytest.approx(2.0)

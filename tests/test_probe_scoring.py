@@ -15,7 +15,7 @@ from analyses import occlusion as occ
 from analyses.cli import app
 from analyses.evaluate import check_probe, score_probe
 from analyses.metrics import cell_metrics
-from analyses.scoring import FALLBACK_TEMPLATES, PAPER_PROMPT, model_prompt, prefix_answer, robust_answer
+from analyses.scoring import PAPER_PROMPT, prefix_answer, robust_answer
 from analyses.similarity import caption_embeddings, similarity_scores, similarity_summary
 from interp.tracing import trace
 from probes.build import caption_probe
@@ -33,22 +33,11 @@ def test_string_rules(text, prefix, robust):
     assert robust_answer(text) == robust
 
 
-def test_prompt_templates(tiny_llava):
-    assert model_prompt(tiny_llava, "is it ?") == tiny_llava.prompt("is it ?")  # the processor's own template
-    m, p = interp.tiny.build_llava()
-    p.chat_template = None
-    bare = interp.load(m, p)
-    assert model_prompt(bare, "is it ?") == "USER: <image>\nis it ? ASSISTANT:"
-    assert bare.inputs([interp.tiny.image()], [model_prompt(bare, "is it ?")])["input_ids"].shape[0] == 1
-    assert set(FALLBACK_TEMPLATES) == {"llava", "llava_next", "qwen2vl", "gemma3"}
-    assert all(t.count("{marker}") == 1 and "{text}" in t for t in FALLBACK_TEMPLATES.values())
-
-
 def test_organism_cannot_answer_yes_no(organism):
     from analyses.scoring import AnswerSet
     from interp.errors import SpatialBiasError
     with pytest.raises(SpatialBiasError, match="no token for answer 'Yes'"):
-        AnswerSet.build(organism.tokenizer, ["Yes", "No"])
+        AnswerSet.build(organism, ["Yes", "No"])
 
 
 def paper_probe(folder, n_items=2):
@@ -76,7 +65,7 @@ def test_paper_files_score_unchanged(tmp_path, tiny_llava):
     assert list(df.cell[:9]) == list(range(9)) and set(df.grid) == {"3x3"} and set(df.n_cells) == {9}
     assert df.answer.eq("Yes").all() and df.p_correct.between(0, 1).all()
     prompts = tiny_llava.tokenizer.decode(tiny_llava.inputs([Image.open(probe / "0_0.jpg")],
-                                                            [model_prompt(tiny_llava, PAPER_PROMPT.format(
+                                                            [tiny_llava.prompt(PAPER_PROMPT.format(
                                                                 caption="a cat 0"))])["input_ids"][0])
     assert "<image>" in prompts
     m = cell_metrics(df)
@@ -90,7 +79,7 @@ def test_string_rule_columns_match_generated_text(tmp_path, tiny_llava):
     assert {"pred_text", "correct_prefix", "correct_robust"} <= set(df.columns)
     rows = read_rows(probe)
     img = Image.open(probe / rows[4].image).convert("RGB")
-    inputs = tiny_llava.inputs([img], [model_prompt(tiny_llava, PAPER_PROMPT.format(caption=rows[4].caption))])
+    inputs = tiny_llava.inputs([img], [tiny_llava.prompt(PAPER_PROMPT.format(caption=rows[4].caption))])
     ids = tiny_llava.generate(inputs, [], max_new_tokens=3)
     text = tiny_llava.tokenizer.decode(ids[0], skip_special_tokens=True)
     got = df[(df.condition == "baseline") & (df.row == 4)].iloc[0]
@@ -106,7 +95,7 @@ def test_similarity_matches_a_hand_computation(tmp_path, tiny_llava):
     assert len(df) == len(rows) * 2 and set(df.pooling) == {"max", "mean"}
     r = rows[4]  # target in the centre cell
     img = Image.open(probe / r.image).convert("RGB")
-    inputs = tiny_llava.inputs([img], [model_prompt(tiny_llava, PAPER_PROMPT.format(caption=r.caption))])
+    inputs = tiny_llava.inputs([img], [tiny_llava.prompt(PAPER_PROMPT.format(caption=r.caption))])
     proj = trace(tiny_llava, inputs, cache=["projector"]).cache["projector"][0].float()  # (16, D): 4×4 patches
     ids = tiny_llava.tokenizer(r.caption, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -133,7 +122,7 @@ def test_occlusion_matches_a_hand_computation(tmp_path, tiny_llava):
     from analyses.evaluate import answer_set
     cands = answer_set(tiny_llava, rows, {"answers": ["Yes", "No"]})
     img = Image.open(probe / rows[1].image).convert("RGB")
-    prompt = model_prompt(tiny_llava, PAPER_PROMPT.format(caption=rows[1].caption))
+    prompt = tiny_llava.prompt(PAPER_PROMPT.format(caption=rows[1].caption))
 
     def ld(im):
         with torch.no_grad():

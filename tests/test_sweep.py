@@ -227,7 +227,7 @@ def test_dry_run_lists_conditions_and_cost(sweep_dir, reference):
     ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nagci = [-1]\n", "λ=-1"),
     ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nagci = ['x']\n",
      "list of numbers"),
-    ("[models]\no = 'organism'\n[probes]\np = 'no/such/probe'\n", "no probe.jsonl"),
+    ("[models]\no = 'organism'\n[probes]\np = 'no/such/probe'\n", "probe file not found"),
     ("[models]\no = 'nowhere/model'\n[probes]\np = { build = 'shapes', n = 1 }\n", "models.o"),
     ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nbapa = ['sideways']\n",
      "sideways"),
