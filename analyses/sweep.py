@@ -52,9 +52,10 @@ from interp.errors import SpatialBiasError
 from probes.format import ProbeError, atomic_write_bytes, atomic_write_text, find_probe, is_built
 
 ANALYSES = ("eval", "patching", "flow")
+DTYPES = ("float32", "bfloat16", "float16")
 INTERVENTION_KEYS = ("baseline", "bapa", "agci", "agci_pooled", "agci_adaptive", "positions")
 COLUMNS = ["condition_id", "model", "probe", "intervention", "family", "lambda", "analysis", "seed", "metric",
-           "cell", "layer", "site", "group", "value", "config", "versions"]
+           "cell", "layer", "site", "group", "value", "config", "versions", "model_fingerprint"]
 """Columns of ``results.parquet``. ``cell``/``layer``/``site``/``group`` are null where a metric
 has no such index; ``lambda`` is AGCI's fixed λ (the rule's scale for adaptive AGCI), else NaN."""
 
@@ -71,7 +72,10 @@ class SweepError(SpatialBiasError):
 class Condition:
     """One cell of the sweep. ``interventions``: serialised :class:`interp.Intervention` dicts;
     ``model_path``/``probe_path``: resolved locations (not part of the id, so a moved output
-    folder still resumes); ``options``: what the analysis needs (items, cells)."""
+    folder still resumes); ``options``: every setting that changes a number — what the analysis
+    needs (items, cells) and how it runs (dtype, device, batch size) — all part of the id. The
+    weights themselves are checked by fingerprint (:func:`interp.load.fingerprint`) when a sweep
+    resumes."""
     model: str
     model_spec: str
     probe: str
@@ -223,13 +227,19 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Sweep:
         else:
             raise SweepError(f"{where}: probes.{name} must be a folder path or a table with build = ...")
 
+    settings = {"batch_size": cfg.get("batch_size", 64), "device": cfg.get("device") or "cpu",
+                "dtype": cfg.get("dtype") or "float32"}
+    if settings["dtype"] not in DTYPES:
+        raise SweepError(f"{where}: dtype = {settings['dtype']!r}: use one of {', '.join(DTYPES)}")
+    if not isinstance(settings["device"], str):
+        raise SweepError(f"{where}: device = {settings['device']!r}: use a torch device string, e.g. \"cuda\"")
     conditions = []
     for mname, (mspec, mpath, only) in models.items():
         for pname, (pspec, ppath) in probes.items():
             if only is not None and pname not in only:
                 continue
             for analysis in analyses:
-                opts = {} if analysis == "eval" else {"causal_items": causal_items}
+                opts = dict(settings) if analysis == "eval" else {"causal_items": causal_items, **settings}
                 if analysis == "patching":
                     opts["patch_cells"] = cells
                 for seed in seeds:
@@ -239,8 +249,6 @@ def load_sweep(path: str | os.PathLike, out: str | os.PathLike) -> Sweep:
     ids = [c.id for c in conditions]
     if len(set(ids)) != len(ids):
         raise SweepError(f"{where}: the sweep lists the same condition twice; remove the repeated values")
-    settings = {"batch_size": cfg.get("batch_size", 64), "device": cfg.get("device"),
-                "dtype": cfg.get("dtype")}
     return Sweep(path, conditions, builds, settings)
 
 
@@ -259,6 +267,31 @@ def check_models(sweep: Sweep) -> None:
             msg = str(e).splitlines()[0][:200]
             raise SweepError(f"{sweep.path}: models.{c.model} = {c.model_spec!r} cannot be used ({msg}); give "
                              "'organism', a checkpoint folder (relative to the sweep file) or a cached hub id") from None
+
+
+def check_fingerprints(sweep: Sweep, out: Path, done: set[str]) -> dict[str, str]:
+    """Fingerprint every model of the plan (:func:`interp.load.fingerprint`: config + weights)
+    and compare with ``OUT/models.json``: a model whose weights changed since its finished
+    conditions were computed is refused (one line), instead of silently mixing their results
+    with new ones. Writes ``OUT/models.json``; returns {model name: fingerprint}."""
+    from interp.load import fingerprint
+    path = out / "models.json"
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        known = {}
+    prints = {}
+    for c in {c.model: c for c in sweep.conditions}.values():
+        fp = fingerprint(c.model_path)
+        was = known.get(c.model)
+        has_parts = any(x.model == c.model and x.id in done for x in sweep.conditions)
+        if was is not None and was != fp and has_parts:
+            raise SweepError(f"{out}: the finished conditions of model {c.model!r} were computed with other weights "
+                             f"(fingerprint {was}, now {fp}); run into a new --out, or delete {out / 'parts'} to "
+                             "recompute")
+        prints[c.model] = fp
+    atomic_write_text(path, json.dumps({**known, **prints}, indent=1, sort_keys=True) + "\n")
+    return prints
 
 
 def build_probes(sweep: Sweep, out: Path, progress: bool = True) -> None:
@@ -399,6 +432,7 @@ def _frame(cond: Condition, rows: list[dict]) -> pd.DataFrame:
                    family=cond.family, seed=int(cond.seed), analysis=cond.analysis,
                    config=json.dumps(cond.to_dict(), sort_keys=True), versions=json.dumps(versions(), sort_keys=True))
     df["lambda"] = np.nan if cond.lam is None else float(cond.lam)
+    df["model_fingerprint"] = pd.array([None] * len(df), dtype="string")  # set by run_group
     df["value"] = df["value"].astype("float64")
     df["seed"] = df["seed"].astype("int64")
     return df[COLUMNS]
@@ -544,6 +578,8 @@ def run_group(conditions: list[Condition], settings: dict) -> Iterator[tuple[Con
         for c in conditions:
             yield c, str(e), 0.0
         return
+    from interp.load import fingerprint
+    fp = fingerprint(conditions[0].model_path)
     cells: dict = {}
     for c in conditions:
         t0 = time.perf_counter()
@@ -552,7 +588,7 @@ def run_group(conditions: list[Condition], settings: dict) -> Iterator[tuple[Con
         except SpatialBiasError as e:
             yield c, str(e), time.perf_counter() - t0
             continue
-        yield c, df, time.perf_counter() - t0
+        yield c, df.assign(model_fingerprint=pd.array([fp] * len(df), dtype="string")), time.perf_counter() - t0
 
 
 def _local(groups: dict[str, list[Condition]], settings: dict, **_) -> Iterator:
@@ -620,10 +656,11 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike, executor: str = "
         raise SweepError(f"--only {', '.join(sorted(unknown))}: not a condition of {path}; see --dry-run for the ids")
     check_models(sweep)
     out.mkdir(parents=True, exist_ok=True)
-    write_plan(sweep, out)
-    build_probes(sweep, out, progress=progress)
     store = Store(out)
     done = store.done()
+    check_fingerprints(sweep, out, done)
+    write_plan(sweep, out)
+    build_probes(sweep, out, progress=progress)
     todo = [c for c in sweep.conditions if (c.id in only if only else c.id not in done)]
     failed = []
     bar = tqdm(total=len(todo), desc="sweep", unit="condition", disable=not progress)

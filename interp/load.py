@@ -79,3 +79,69 @@ def _processor(adapter, src: Any, trust_remote_code: bool):
     if not hasattr(proc, "image_processor"):
         raise SpatialBiasError(f"{src!r}: the saved processor has no image processor; pass processor=... explicitly")
     return proc
+
+
+def checkpoint_folder(model_or_path: Any) -> Path | None:
+    """The local folder a checkpoint loads from: a folder, the organism alias, or a hub id's
+    snapshot in the local HF cache; None when there is none (an in-memory model, an unknown id)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        return None
+    src = Path(str(ALIASES.get(str(model_or_path), model_or_path)))
+    if src.is_dir():
+        return src
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(model_or_path), local_files_only=True))
+    except Exception:  # not a hub id in the cache: nothing to fingerprint
+        return None
+
+
+def fingerprint(model_or_path: Any) -> str:
+    """A short hash that changes when the weights or config change: sha256 over ``config.json``
+    and the full bytes of every weight file (hashes cached per file path, size and mtime under
+    ``$SPATIALBIAS_CACHE`` or ``~/.cache/spatialbias``), or over the state dict of an in-memory
+    model. A sweep records it per condition and refuses to mix results of different weights."""
+    import hashlib
+    import json
+    h = hashlib.sha256()
+    if isinstance(model_or_path, torch.nn.Module):
+        h.update(json.dumps(model_or_path.config.to_dict(), sort_keys=True, default=str).encode())
+        for k, v in sorted(model_or_path.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+    folder = checkpoint_folder(model_or_path)
+    if folder is None:
+        raise SpatialBiasError(f"cannot fingerprint {model_or_path!r}: no local checkpoint folder (a folder, "
+                               "'organism', or a hub id in the local HF cache)")
+    h.update((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(_file_sha256(f).encode())
+    return h.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+    import json
+    cache_dir = Path(os.environ.get("SPATIALBIAS_CACHE", Path.home() / ".cache" / "spatialbias"))
+    store = cache_dir / "file_sha256.json"
+    st = path.resolve().stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    known[key] = h.hexdigest()
+    try:
+        from spatialbias.files import atomic_write_text
+        atomic_write_text(store, json.dumps(known, indent=0))
+    except OSError:
+        pass  # a read-only home: the hash is recomputed next time
+    return known[key]

@@ -30,12 +30,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
+from spatialbias.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 POSITIONS = ("top_left", "top_center", "top_right", "left", "center", "right",
              "bottom_left", "bottom_center", "bottom_right")
@@ -322,32 +322,6 @@ def read_meta(path: str | os.PathLike | Probe) -> dict[str, Any]:
     """Probe-level metadata (:attr:`Probe.meta`) of the probe at ``path``; ``{}`` when it has
     none (the paper's files)."""
     return find_probe(path).meta
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename: readers never see half a file."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_rows(folder: str | os.PathLike, rows: Iterable[ProbeRow], meta: dict[str, Any] | None = None) -> Path:
