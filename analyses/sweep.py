@@ -391,7 +391,8 @@ def run_condition(lvlm, cond: Condition, batch_size: int = 64, progress: bool = 
             add("attention_to_target", r.mass, layer=int(r.layer), cell=int(r.target_cell))
     else:
         raise SweepError(f"unknown analysis {cond.analysis!r}; use {', '.join(ANALYSES)}")
-    return _frame(cond, rows)
+    from interp.load import fingerprint
+    return _frame(cond, rows, fingerprint(lvlm.source or lvlm.model))
 
 
 def _adaptive_lambdas(lvlm, cond: Condition, iv, batch_size: int) -> list[float]:
@@ -422,7 +423,7 @@ def _patch_cells(lvlm, cond: Condition, chosen: dict, batch_size: int) -> tuple[
     return chosen[key]
 
 
-def _frame(cond: Condition, rows: list[dict]) -> pd.DataFrame:
+def _frame(cond: Condition, rows: list[dict], fingerprint: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for col in ("cell", "layer"):
         df[col] = pd.array(df[col] if col in df else [None] * len(df), dtype="Int64")
@@ -432,7 +433,7 @@ def _frame(cond: Condition, rows: list[dict]) -> pd.DataFrame:
                    family=cond.family, seed=int(cond.seed), analysis=cond.analysis,
                    config=json.dumps(cond.to_dict(), sort_keys=True), versions=json.dumps(versions(), sort_keys=True))
     df["lambda"] = np.nan if cond.lam is None else float(cond.lam)
-    df["model_fingerprint"] = pd.array([None] * len(df), dtype="string")  # set by run_group
+    df["model_fingerprint"] = pd.array([fingerprint] * len(df), dtype="string")
     df["value"] = df["value"].astype("float64")
     df["seed"] = df["seed"].astype("int64")
     return df[COLUMNS]
@@ -578,8 +579,6 @@ def run_group(conditions: list[Condition], settings: dict) -> Iterator[tuple[Con
         for c in conditions:
             yield c, str(e), 0.0
         return
-    from interp.load import fingerprint
-    fp = fingerprint(conditions[0].model_path)
     cells: dict = {}
     for c in conditions:
         t0 = time.perf_counter()
@@ -588,7 +587,7 @@ def run_group(conditions: list[Condition], settings: dict) -> Iterator[tuple[Con
         except SpatialBiasError as e:
             yield c, str(e), time.perf_counter() - t0
             continue
-        yield c, df.assign(model_fingerprint=pd.array([fp] * len(df), dtype="string")), time.perf_counter() - t0
+        yield c, df, time.perf_counter() - t0
 
 
 def _local(groups: dict[str, list[Condition]], settings: dict, **_) -> Iterator:

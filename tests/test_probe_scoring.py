@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import paper_probe
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,7 +20,7 @@ from analyses.scoring import PAPER_PROMPT, prefix_answer, robust_answer
 from analyses.similarity import caption_embeddings, similarity_scores, similarity_summary
 from interp.tracing import trace
 from probes.build import caption_probe
-from probes.format import POSITIONS, read_rows
+from probes.format import read_rows
 
 
 @pytest.mark.parametrize("text,prefix,robust", [
@@ -38,21 +39,6 @@ def test_organism_cannot_answer_yes_no(organism):
     from interp.errors import SpatialBiasError
     with pytest.raises(SpatialBiasError, match="no token for answer 'Yes'"):
         AnswerSet.build(organism, ["Yes", "No"])
-
-
-def paper_probe(folder, n_items=2):
-    """A probe written by hand exactly as the paper publishes it: integer ids, only
-    id/image/caption/position/answer, every answer Yes, images {id}_{k}.jpg beside the file."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n_items):
-        for k, pos in enumerate(POSITIONS):
-            Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(folder / f"{i}_{k}.jpg")
-            lines.append(json.dumps({"id": i, "image": f"{i}_{k}.jpg", "caption": f"a cat {i}", "position": pos,
-                                     "answer": "Yes"}))
-    (folder / "probe.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def test_paper_files_score_unchanged(tmp_path, tiny_llava):

@@ -1,9 +1,7 @@
 """One prompt builder (interp.prompts.prompt, LVLM.prompt) for scoring, the causal analyses,
 similarity and occlusion: the processor's chat template, else the architecture's published
 format, else ``marker\\ntext``."""
-import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,21 +11,11 @@ from analyses.causal import placement_pairs
 from analyses.evaluate import score_probe
 from analyses.scoring import PAPER_PROMPT
 from interp import prompts, tiny
-from probes.format import POSITIONS
+from helpers import paper_probe
 
 
-def caption_probe_by_hand(folder, n_items=1):
-    """The paper's rows (Yes answers, captions) with tiny random images beside the rows file."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n_items):
-        for k, pos in enumerate(POSITIONS):
-            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}_{k}.png")
-            lines.append(json.dumps({"id": i, "image": f"{i}_{k}.png", "caption": f"a cat {i}", "position": pos,
-                                     "answer": "Yes"}))
-    (folder / "probe.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+def paper_probe_png(folder, n_items=1):
+    return paper_probe(folder, n_items, size=48, ext="png")
 
 
 def bare_llava():
@@ -46,7 +34,7 @@ def recording(lvlm, monkeypatch):
 
 def test_causal_scoring_and_occlusion_feed_the_same_prompt(tmp_path, monkeypatch):
     lvlm = bare_llava()
-    probe = caption_probe_by_hand(tmp_path / "p")
+    probe = paper_probe_png(tmp_path / "p")
     seen = recording(lvlm, monkeypatch)
     score_probe(lvlm, probe, {"baseline": []}, progress=False)
     scored = [p for batch in seen for p in batch]
