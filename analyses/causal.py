@@ -14,7 +14,7 @@ from analyses.evaluate import answer_set, load_image
 from analyses.scoring import prompt_text
 from interp import attention, attribution, patching
 from interp.errors import SpatialBiasError
-from interp.interventions import Intervention, PositionSwap
+from interp.interventions import PositionSwap
 from interp.model import LVLM
 from probes.format import Probe, find_probe, grid_name, grid_positions, read_rows
 
@@ -78,98 +78,170 @@ def probe_grid(rows, where) -> tuple[int, int]:
     return grid
 
 # ---------------------------------------------------------------------------------------------
-# The whole causal picture of one model under several conditions (baseline, BaPA, AGCI, …)
+# Per-item tables of each causal analysis (one row per item × patch / window / placement), and
+# their aggregates with bootstrap 95% intervals over items (ratios of means, as the point values)
 
 
-def _mean_metric(lvlm, inputs, pairs, ivs) -> float:
+def item_metric(lvlm: LVLM, inputs, pairs: Pairs, ivs) -> np.ndarray:
+    """(N,) answer logit difference of every item under ``ivs``."""
     with torch.no_grad():
         lg = lvlm.run(inputs, ivs, last_only=True)[:, -1]
-    return float(patching.logit_diff(lg, pairs.correct.to(lg.device), pairs.candidates).mean())
+    return patching.logit_diff(lg, pairs.correct.to(lg.device), pairs.candidates).double().cpu().numpy()
 
 
-def position_patching(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Intervention]]) -> pd.DataFrame:
-    """Position-id patching: the corrupt run with the target cell's and the clean target cell's
-    image-token ids swapped (all layers, then one layer at a time), and the converse on the clean
-    run. Restoration = (swapped − corrupt) / (clean − corrupt); damage on the clean run likewise."""
+def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progress: bool = False) -> pd.DataFrame:
+    """Denoising (clean → corrupt) and noising patches of every default patch: one row per item ×
+    direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``."""
+    ps = patching.default_patches(lvlm)
+    out = []
+    for direction, base, source in (("denoise", pairs.corrupt, pairs.clean), ("noise", pairs.clean, pairs.corrupt)):
+        df = patching.run_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets,
+                                  interventions=ivs, batch_size=batch_size, progress=progress, grid=pairs.grid)
+        out.append(df.assign(direction=direction))
+    return _with_ids(pd.concat(out, ignore_index=True), pairs)
+
+
+def position_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
+    """Position-id patching per item: the corrupt run with the target's image tokens given their
+    clean position ids (``fixed``) and the clean run with the corrupt ids (``broken``), in all
+    layers (``layers`` = "all") and one layer at a time; with the item's ``clean`` and ``corrupt``."""
     n = lvlm.adapter.layer_count(lvlm.model, "lm")
     a, b = pairs.corrupt_cell, pairs.clean_cell
-    rows = []
-    for cond, ivs in conditions.items():
-        clean, corrupt = _mean_metric(lvlm, pairs.clean, pairs, ivs), _mean_metric(lvlm, pairs.corrupt, pairs, ivs)
-        windows = [None] + [(i, i + 1) for i in range(n)]
-        for w in windows:
-            label = "all" if w is None else f"{w[0]}"
-            fixed = _mean_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)])
-            broken = _mean_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)])
-            gap = clean - corrupt
-            rows.append({"condition": cond, "layers": label, "clean": clean, "corrupt": corrupt,
-                         "corrupt_with_clean_ids": fixed, "clean_with_corrupt_ids": broken,
-                         "restoration": (fixed - corrupt) / gap if gap else np.nan,
-                         "damage": (clean - broken) / gap if gap else np.nan})
-    return pd.DataFrame(rows)
+    clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs), item_metric(lvlm, pairs.corrupt, pairs, ivs)
+    frames = []
+    for w in [None] + [(i, i + 1) for i in range(n)]:
+        fixed = item_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)])
+        broken = item_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)])
+        frames.append(pd.DataFrame({"item": range(len(clean)), "layers": "all" if w is None else str(w[0]),
+                                    "clean": clean, "corrupt": corrupt, "fixed": fixed, "broken": broken}))
+    return _with_ids(pd.concat(frames, ignore_index=True), pairs)
 
 
-def activation_patching(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Intervention]],
-                        batch_size: int = 64, progress: bool = False) -> pd.DataFrame:
-    """Denoising and noising restoration of every default patch, per condition."""
-    ps = patching.default_patches(lvlm)
-    out = []
-    for cond, ivs in conditions.items():
-        for direction, base, source in (("denoise", pairs.corrupt, pairs.clean), ("noise", pairs.clean, pairs.corrupt)):
-            df = patching.run_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets,
-                                      interventions=ivs, batch_size=batch_size, progress=progress, grid=pairs.grid)
-            out.append(patching.restoration(df, direction).assign(condition=cond))
-    return pd.concat(out, ignore_index=True)
+def knockout_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
+    """Per item, on the clean placement: the answer logit difference with the question tokens
+    unable to attend to the target's cell, to a distractor cell, or to any image token, one layer
+    at a time and in all layers (``base``: without knockout; ``drop`` = base − metric)."""
+    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    distractor = next(c for c in range(pairs.grid[0] * pairs.grid[1]) if c not in (pairs.clean_cell, pairs.corrupt_cell))
+    base = item_metric(lvlm, pairs.clean, pairs, ivs)
+    frames = []
+    for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
+        for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
+                            ("all image tokens", None)):
+            v = item_metric(lvlm, pairs.clean, pairs, ivs + [attention.Knockout(cells=cells, layers=w, query="text",
+                                                                                  grid=pairs.grid)])
+            frames.append(pd.DataFrame({"item": range(len(base)), "layers": "all" if w == (0, n) else str(w[0]),
+                                        "blocked": what, "base": base, "metric": v, "drop": base - v}))
+    return _with_ids(pd.concat(frames, ignore_index=True), pairs)
 
 
-def attribution_check(lvlm: LVLM, pairs: Pairs, exact: pd.DataFrame, steps: int = 1,
-                      method: str = "atp") -> tuple[pd.DataFrame, float]:
-    """Attribution patching (``method``: atp, conductance or site_ig; :mod:`interp.attribution`) on
-    the baseline graph and its Spearman rank correlation with exact denoising restoration over all
-    (site, group) patches."""
-    ps = patching.default_patches(lvlm)
-    at = attribution.estimated_restoration(attribution.attribution_patching(
-        lvlm, pairs.corrupt, pairs.clean, ps, pairs.correct, pairs.candidates, pairs.targets, steps=steps,
-        method=method, grid=pairs.grid))
-    ex = exact[(exact.condition == "baseline") & (exact.direction == "denoise")]
-    j = ex.merge(at, on=["site", "group"])
-    rho = float(stats.spearmanr(j["restoration"], j["estimate"]).statistic)
-    return j[["site", "group", "restoration", "estimate"]], rho
-
-
-def flow_by_placement(lvlm: LVLM, probe_dir: str | Path | Probe, conditions: dict[str, list[Intervention]],
-                      n_items: int, query: str = "last") -> pd.DataFrame:
-    """Attention mass from the query rows to each cell, for every placement of ``n_items`` items.
-    Tidy: condition, target_cell, layer, cell, mass (mean over items and heads)."""
-    out = []
+def flow_items(lvlm: LVLM, probe_dir: str | Path | Probe, ivs, n_items: int, query: str = "last") -> pd.DataFrame:
+    """Attention mass from the query rows to each cell (mean over heads), for every placement of
+    the first ``n_items`` items: one row per item × target cell × layer × cell."""
     probe = find_probe(probe_dir)
     n, m = probe_grid(read_rows(probe), probe.rows_file)
+    frames = []
     for cell in range(n * m):
         other = 0 if cell != 0 else n * m - 1
         pairs = placement_pairs(lvlm, probe, clean_cell=cell, corrupt_cell=other, n_items=n_items)
-        for cond, ivs in conditions.items():
-            f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid).mean((0, 2))  # (layers, cells)
-            for layer in range(f.shape[0]):
-                for c in range(f.shape[1]):
-                    out.append({"condition": cond, "target_cell": cell, "layer": layer, "cell": c,
-                                "mass": float(f[layer, c])})
-    return pd.DataFrame(out)
+        f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid).mean(2)  # (B, layers, cells)
+        B, L, C = f.shape
+        frames.append(pd.DataFrame({"item": np.repeat(np.arange(B), L * C), "id": np.repeat(pairs.ids, L * C),
+                                    "target_cell": cell, "layer": np.tile(np.repeat(np.arange(L), C), B),
+                                    "cell": np.tile(np.arange(C), B * L), "mass": f.double().flatten().numpy()}))
+    return pd.concat(frames, ignore_index=True)
 
 
-def knockout_curves(lvlm: LVLM, pairs: Pairs, conditions: dict[str, list[Intervention]]) -> pd.DataFrame:
-    """Drop of the answer logit difference on the clean placement when the question tokens cannot
-    attend to the target's cell, to a distractor cell, or to any image token, one layer at a time
-    and in all layers."""
-    n = lvlm.adapter.layer_count(lvlm.model, "lm")
-    distractor = next(c for c in range(pairs.grid[0] * pairs.grid[1]) if c not in (pairs.clean_cell, pairs.corrupt_cell))
+def attribution_items(lvlm: LVLM, pairs: Pairs, ivs, steps: int = 1, method: str = "atp",
+                      batch_size: int = 32) -> pd.DataFrame:
+    """Attribution patching (:mod:`interp.attribution`) of every default patch, per item: the
+    estimated effect ``attribution`` beside ``base_metric`` and ``source_metric`` (denoising)."""
+    ps = patching.default_patches(lvlm)
+    df = attribution.attribution_patching(lvlm, pairs.corrupt, pairs.clean, ps, pairs.correct, pairs.candidates,
+                                          pairs.targets, interventions=ivs, steps=steps, method=method,
+                                          grid=pairs.grid, batch_size=batch_size)
+    return _with_ids(df, pairs)
+
+
+def _with_ids(df: pd.DataFrame, pairs: Pairs) -> pd.DataFrame:
+    return df.assign(id=[pairs.ids[i] for i in df["item"]])
+
+
+# aggregates: point value = ratio of item means (as before); interval = percentile bootstrap over items
+
+
+def restoration_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """Tidy rows of :func:`activation_items`: ``restoration_{denoise,noise}`` per (site, group) with
+    its interval, and ``logit_diff_clean`` / ``logit_diff_corrupt``."""
     rows = []
-    for cond, ivs in conditions.items():
-        base = _mean_metric(lvlm, pairs.clean, pairs, ivs)
-        for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
-            for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
-                                ("all image tokens", None)):
-                ko = attention.Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
-                v = _mean_metric(lvlm, pairs.clean, pairs, ivs + [ko])
-                rows.append({"condition": cond, "layers": "all" if w == (0, n) else str(w[0]), "blocked": what,
-                             "metric": v, "baseline_metric": base, "drop": base - v})
-    return pd.DataFrame(rows)
+    for (direction, site, group), g in items.groupby(["direction", "site", "group"], sort=False):
+        g = g.sort_values("item")
+        if direction == "denoise":
+            arrays = {"p": g.metric.to_numpy(), "clean": g.source_metric.to_numpy(), "corrupt": g.base_metric.to_numpy()}
+            fn = lambda p, clean, corrupt: (p - corrupt) / (clean - corrupt)  # noqa: E731
+        else:
+            arrays = {"p": g.metric.to_numpy(), "clean": g.base_metric.to_numpy(), "corrupt": g.source_metric.to_numpy()}
+            fn = lambda p, clean, corrupt: (clean - p) / (clean - corrupt)  # noqa: E731
+        rows.append({"metric": f"restoration_{direction}", "site": site, "group": group,
+                     **_point_ci(arrays, fn, rng)})
+    den = items[items.direction == "denoise"].drop_duplicates("item")
+    for name, col in (("logit_diff_clean", "source_metric"), ("logit_diff_corrupt", "base_metric")):
+        rows.append({"metric": name, **_point_ci({"x": den[col].to_numpy()}, lambda x: x, rng)})
+    return rows
+
+
+def position_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """``position_restoration`` (corrupt run, clean ids) and ``position_damage`` (clean run, corrupt
+    ids) per layer window (``layer`` null = all layers), as shares of the clean − corrupt gap."""
+    rows = []
+    for layers, g in items.groupby("layers", sort=False):
+        layer = None if layers == "all" else int(layers)
+        arrays = {k: g.sort_values("item")[k].to_numpy() for k in ("clean", "corrupt", "fixed", "broken")}
+        rows.append({"metric": "position_restoration", "layer": layer, **_point_ci(
+            arrays, lambda clean, corrupt, fixed, broken: (fixed - corrupt) / (clean - corrupt), rng)})
+        rows.append({"metric": "position_damage", "layer": layer, **_point_ci(
+            arrays, lambda clean, corrupt, fixed, broken: (clean - broken) / (clean - corrupt), rng)})
+    return rows
+
+
+def knockout_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """``knockout_drop`` (mean drop of the logit difference) per layer window (null = all layers)
+    × what was blocked (``group``)."""
+    return [{"metric": "knockout_drop", "layer": None if layers == "all" else int(layers), "group": blocked,
+             **_point_ci({"x": g.sort_values("item")["drop"].to_numpy()}, lambda x: x, rng)}
+            for (layers, blocked), g in items.groupby(["layers", "blocked"], sort=False)]
+
+
+def flow_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """``attention_to_target`` per layer × target cell (``cell``): the last token's attention mass
+    on the target's own cell, mean over items."""
+    own = items[items.cell == items.target_cell]
+    return [{"metric": "attention_to_target", "layer": int(layer), "cell": int(cell),
+             **_point_ci({"x": g.sort_values("item").mass.to_numpy()}, lambda x: x, rng)}
+            for (layer, cell), g in own.groupby(["layer", "target_cell"], sort=True)]
+
+
+def attribution_rows(exact: pd.DataFrame, estimates: dict[str, pd.DataFrame]) -> list[dict]:
+    """Per estimator (``group``: e.g. "atp", "atp×8"): its Spearman rank correlation with exact
+    denoising restoration over all (site, group) patches (``attribution_spearman``), and each
+    patch's estimated restoration (``attribution_estimate``, site and token group in ``site``)."""
+    ex = patching.restoration(exact[exact.direction == "denoise"], "denoise")
+    rows = []
+    for name, est in estimates.items():
+        at = attribution.estimated_restoration(est)
+        j = ex.merge(at, on=["site", "group"])
+        rows.append({"metric": "attribution_spearman", "group": name,
+                     "value": float(stats.spearmanr(j["restoration"], j["estimate"]).statistic)})
+        rows += [{"metric": "attribution_estimate", "group": name, "site": f"{r.site}:{r.group}", "value": r.estimate}
+                 for r in j.itertuples()]
+    return rows
+
+
+def _point_ci(arrays: dict[str, np.ndarray], fn, rng: np.random.Generator) -> dict:
+    """{value: fn(item means), ci_low, ci_high: its percentile bootstrap 95% interval}."""
+    from analyses.metrics import item_bootstrap
+    means = {k: float(np.mean(v)) for k, v in arrays.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = float(fn(**means))
+    lo, hi = item_bootstrap(arrays, fn, rng)
+    return {"value": value, "ci_low": lo, "ci_high": hi}

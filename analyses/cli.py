@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 TRUST_HELP = ("Let the checkpoint run its own Python code (transformers' trust_remote_code). Off by default: "
               "only do this for checkpoints whose code you have read.")
@@ -48,6 +48,45 @@ def _floats(text: str) -> list[float]:
         raise SpatialBiasError(f"--lambdas {text!r} is not a comma-separated list of numbers, e.g. 0.25,0.5,1") from None
 
 
+def _settings(batch_size: int, device: str | None, dtype: str | None, trust_remote_code: bool = False) -> dict:
+    out = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    if trust_remote_code:
+        out["trust_remote_code"] = True
+    return out
+
+
+def _run_and_report(cfg: dict, out: Path, where: str, progress: bool, dry_run: bool = False) -> dict | None:
+    """Plan → runner → report, the one data path every command takes. Returns the summary (None
+    for a dry run, which prints the plan and its cost instead)."""
+    import json
+
+    from analyses import plan as pl, report as rep, runner
+    p = pl.from_mapping(cfg, Path.cwd(), out, where)
+    if dry_run:
+        _print_estimate(p, out)
+        return None
+    res = runner.run(p, out, progress=progress)
+    for cid, err in res["failed"]:
+        typer.echo(f"error: condition {cid}: {err}", err=True)
+    if res["failed"]:
+        raise typer.Exit(1)
+    rep.build(out)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _print_estimate(p, out: Path) -> None:
+    from analyses.estimate import estimate
+    est = estimate(p, out)
+    with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
+        typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
+    pend = est[est.status == "pending"]
+    known = pend.est_seconds.notna()
+    eta = (f"; about {pend.est_seconds[known].sum():.0f} s for the {int(known.sum())} with timings from earlier "
+           "runs in OUT" if known.any() else "; no earlier timings in OUT to estimate seconds from")
+    typer.echo(f"{len(est)} conditions, {len(est) - len(pend)} done, {len(pend)} pending: "
+               f"{int(pend.forward_rows.sum())} forward rows{eta}")
+
+
 @app.command()
 @clean_errors
 def report(model: str = typer.Option("organism", help="'organism', a local checkpoint folder, or a cached hub id "
@@ -55,94 +94,86 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            out: Path = typer.Option(Path("out/demo"), help="Output folder."),
            probe: Optional[Path] = typer.Option(None, help="A probe: a folder holding probe.jsonl, or the paper's "
                                                 "single .json/.jsonl rows file beside images/; or the rows file itself. "
-                                                "Default: build a shapes probe in OUT/probe."),
+                                                "Default: build a shapes probe in OUT/probes/shapes."),
            n_items: int = typer.Option(300, help="Items in the built probe (each at all 9 positions)."),
            lambdas: str = typer.Option("0.25,0.5,1,2", help="AGCI λ values, comma separated."),
            seed: int = typer.Option(0, help="Seed of the built probe and of the bootstrap."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+           dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
            trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
            progress: bool = typer.Option(True, help="Show progress bars."),
            causal: bool = typer.Option(True, help="Add the causal analyses (patching, position-id patching, "
                                        "attention flow, knockout, attribution patching)."),
            causal_items: int = typer.Option(100, help="Items used by the causal analyses."),
-           from_dir: Optional[Path] = typer.Option(None, "--from", help="A sweep's output folder (results.parquet): "
-                                                   "write its HTML report to FROM/report/index.html instead of "
-                                                   "running a model; the other options are ignored.")):
-    """Evaluate baseline, BaPA and AGCI(λ) on a 3×3 grid probe, localise where the position-dependent
-    difference arises; write summary.json, tables, figures and index.html. With --from DIR: report
-    a sweep's results table instead."""
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
+           from_dir: Optional[Path] = typer.Option(None, "--from", help="A run's output folder (results.parquet): "
+                                                   "write its report (index.html, summary.json, figures) again "
+                                                   "instead of running a model; the other options are ignored.")):
+    """Evaluate baseline, BaPA and AGCI(λ) on a grid probe, localise where the position-dependent
+    difference arises; write summary.json, tables, figures and index.html. This runs the built-in
+    plan analyses/sweeps/demo.toml (resumable like any sweep). With --from DIR: report a run folder."""
+    from analyses import plan as pl, report as rep
     if from_dir is not None:
-        from analyses import sweep_report
-        typer.echo(f"wrote {sweep_report.build(from_dir)}")
+        typer.echo(f"wrote {rep.build(from_dir)}")
         return
-    from analyses import report as rep
-    s = rep.run(model, out, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, batch_size=batch_size,
-                device=device, progress=progress, causal=causal, causal_items=causal_items,
-                trust_remote_code=trust_remote_code)
-    typer.echo(rep.conclusion(s))
-    if causal:
-        typer.echo(rep.causal_conclusion(s))
-    typer.echo(f"wrote {out / 'index.html'}, {out / 'summary.json'}, {out / 'figures'}")
-
-
-def _conditions(specs: list[str]) -> dict:
-    """'baseline', 'bapa', 'bapa:keep_hw', 'agci:0.5', 'agci-pooled:0.5' → {name: [interventions]}."""
-    import interp
-    out = {}
-    for spec in specs:
-        kind, _, arg = spec.partition(":")
+    from interp.load import checkpoint_folder
+    folder = checkpoint_folder(model)
+    organism = folder is not None and (folder / "training.json").is_file()
+    if causal and probe is not None:
+        from analyses.causal import probe_grid
+        from probes.format import find_probe, read_rows
+        p = find_probe(probe)
         try:
-            if kind == "baseline":
-                out["baseline"] = []
-            elif kind == "bapa":
-                out[spec] = [interp.BaPA(variant=arg or "reference")]
-            elif kind in ("agci", "agci-pooled"):
-                out[spec] = [interp.AGCI(lam=float(arg or 0.5), pooled=kind == "agci-pooled")]
-            else:
-                raise ValueError
-        except ValueError:
-            raise SpatialBiasError(f"--condition {spec!r} is not understood; use baseline, bapa, bapa:keep_hw, "
-                                   "agci:LAMBDA or agci-pooled:LAMBDA") from None
-    return out
+            probe_grid(read_rows(p), p.rows_file)
+        except SpatialBiasError as e:  # shift / irregular probes: no cells to patch between
+            typer.echo(f"note: causal analyses skipped: {e}")
+            causal = False
+    cfg = pl.demo(model, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, causal=causal,
+                  causal_items=causal_items, settings=_settings(batch_size, device, dtype, trust_remote_code),
+                  organism=organism)
+    s = _run_and_report(cfg, out, "spatialbias report", progress, dry_run)
+    if s is None:
+        return
+    for run in s["runs"]:
+        typer.echo(run["conclusion"])
+        if run.get("causal_conclusion"):
+            typer.echo(run["causal_conclusion"])
+    typer.echo(f"wrote {out / 'index.html'}, {out / 'summary.json'}, {out / 'figures'}")
 
 
 @app.command("eval")
 def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint folder, or a cached hub id."),
              probe: Path = typer.Option(..., help="A probe: a folder holding probe.jsonl, or the paper's single "
                                         ".json/.jsonl rows file beside images/; or the rows file itself."),
-             out: Path = typer.Option(..., help="Output folder (results.parquet|csv, summary.json)."),
+             out: Path = typer.Option(..., help="Output folder (results, tables, summary.json, index.html)."),
              condition: list[str] = typer.Option(["baseline", "bapa", "agci:0.5"], help="Conditions to score "
-                                                 "(repeat): baseline, bapa, bapa:keep_hw, agci:λ, agci-pooled:λ."),
-             skip_bad: bool = typer.Option(False, help="Score the good rows and list the bad ones in the results "
-                                           "instead of stopping."),
+                                                 "(repeat): baseline, bapa, bapa:keep_hw, agci:λ, agci-pooled:λ, "
+                                                 "agci-adaptive:RULE:SCALE, positions:reverse|shuffle."),
+             skip_bad: bool = typer.Option(False, help="Score the good rows and list the bad ones instead of "
+                                           "stopping."),
              string_rule: bool = typer.Option(False, help="Also generate text and score it by the paper's prefix rule "
                                               "and a robust rule (pred_text, correct_prefix, correct_robust)."),
              max_new_tokens: int = typer.Option(4, help="Tokens generated per row with --string-rule."),
-             similarity: bool = typer.Option(False, help="Also write the similarity score (caption vs image tokens, max "
-                                             "and mean pooling) per row: similarity.parquet|csv."),
-             occlusion_steps: int = typer.Option(0, help="Also run the occlusion probe with an N×N grid of white "
-                                                 "squares (0: off; the paper uses 20): occlusion.parquet|csv."),
+             similarity: bool = typer.Option(False, help="Also the similarity score (caption vs image tokens, max "
+                                             "and mean pooling) per row: tables/similarity.parquet|csv."),
+             occlusion_steps: int = typer.Option(0, help="Also the occlusion probe with an N×N grid of white "
+                                                 "squares (0: off; the paper uses 20): tables/occlusion.parquet|csv."),
              occlusion_square: Optional[int] = typer.Option(None, help="Occluder side in pixels (default: image side "
                                                             "/ steps)."),
              batch_size: int = typer.Option(64, help="Rows per forward."),
              seed: int = typer.Option(0, help="Seed of the bootstrap intervals (recorded)."),
              device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+             dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
              progress: bool = typer.Option(True, help="Show progress bars.")):
     """Score a probe: the whole probe is validated first; every bad row is reported at once
     (file, line, reason) and nothing is written, unless --skip-bad. Per-cell metrics use the
     probe's grid; shift probes also get an accuracy curve against position."""
-    import json
-
-    import interp
-    from analyses import figures
-    from analyses.evaluate import check_probe, score_probe
-    from analyses.metrics import cell_metrics, shift_curve
-    from analyses.report import _write_table
-    from probes.format import atomic_write_text
+    from analyses import plan as pl, vocabulary
+    from analyses.evaluate import check_probe
     try:
-        conds = _conditions(condition)
+        specs = [vocabulary.parse(c, seed) for c in condition]
         if max_new_tokens < 1:
             raise SpatialBiasError(f"--max-new-tokens {max_new_tokens}: use at least 1")
         if occlusion_steps < 0 or (occlusion_square is not None and occlusion_square < 1):
@@ -157,93 +188,59 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
         typer.echo(f"error: {len(problems)} bad row(s) in {probe}; fix them or pass --skip-bad", err=True)
         raise typer.Exit(2)
     if not good:
-        typer.echo(f"error: {probe}: no usable rows", err=True)
+        typer.echo(f"error: {probe}: no usable rows; check the probe file (see the errors above)", err=True)
         raise typer.Exit(2)
-    rows = [r for _, r in good]
-    line_of = dict(enumerate(n for n, _ in good))
+    analyses = {"eval": {"string_rule": string_rule, "max_new_tokens": max_new_tokens, "skip_bad": skip_bad}}
+    if similarity:
+        analyses["similarity"] = {"interventions": [specs[0].label]}
+    if occlusion_steps:
+        analyses["occlusion"] = {"steps": occlusion_steps, **({"square": occlusion_square} if occlusion_square else {})}
     try:
-        lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
-        df = score_probe(lvlm, probe, conds, batch_size=batch_size, progress=progress, rows=rows,
-                         string_rule=string_rule, max_new_tokens=max_new_tokens)
-        summary = {"model": model, "probe": str(probe), "seed": seed, "conditions":
-                   {c: cell_metrics(df[df.condition == c], seed=seed) for c in conds},
-                   "skipped": [str(p) for p in problems]}
-        if string_rule:
-            summary["string_rule"] = {c: {"accuracy_prefix": float(d.correct_prefix.mean()),
-                                          "accuracy_robust": float(d.correct_robust.mean()),
-                                          "accuracy_logits": float(d.correct.mean())}
-                                      for c, d in df.groupby("condition", sort=False)}
-        figs = {"cell_accuracy": figures.cell_heatmaps(summary["conditions"], title="accuracy per grid cell")}
-        if "offset" in df.columns and df["offset"].notna().any():
-            curves = {c: shift_curve(df[df.condition == c], seed=seed) for c in conds}
-            summary["shift_curve"] = {c: v.to_dict("records") for c, v in curves.items()}
-            figs["shift_accuracy"] = figures.shift_curves(curves)
-        if similarity:
-            from analyses.similarity import similarity_scores, similarity_summary
-            sim = similarity_scores(lvlm, probe, rows=rows, batch_size=batch_size, progress=progress)
-            sim["line"] = sim["row"].map(line_of)
-            _write_table(sim, out, "similarity")
-            summary["similarity"] = similarity_summary(sim)
-            figs["similarity"] = figures.cell_heatmaps(summary["similarity"], key="cell_sim_image",
-                                                       title="cosine(caption, image tokens) per target cell")
-        if occlusion_steps:
-            from analyses import occlusion as occ
-            oc = occ.occlusion_scores(lvlm, probe, conds, rows=rows, steps=occlusion_steps, square=occlusion_square,
-                                      batch_size=batch_size, progress=progress)
-            oc["line"] = oc["row"].map(line_of)
-            _write_table(oc, out, "occlusion")
-            summary["occlusion"] = {c: occ.region_table(oc[oc.condition == c]).to_dict("records") for c in conds}
-            grid = tuple(summary["conditions"][next(iter(conds))]["grid"])
-            for c in conds:
-                figs[f"occlusion_{_stem(c)}"] = figures.occlusion_maps(occ.position_maps(oc, c), grid,
-                                                                       title=f"occlusion maps ({c})")
+        cfg = pl.command(model, probe, [s.label for s in specs], analyses, seed,
+                         _settings(batch_size, device, dtype, trust_remote_code))
+        _run_and_report(cfg, out, "spatialbias eval", progress)
     except SpatialBiasError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    df["line"] = df["row"].map(line_of)
-    _write_table(df, out)
-    for stem, fig in figs.items():
-        figures.save(fig, out / "figures", stem)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    for p in problems:
+        typer.echo(f"skipped: {p}")
     typer.echo(f"scored {len(good)} rows ({len(problems)} skipped); wrote {out / 'summary.json'}")
-
-
-def _stem(name: str) -> str:
-    """A file-name-safe form of a condition name ('agci:0.5' → 'agci_0.5')."""
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
 
 
 @app.command()
 @clean_errors
 def causal(model: str = typer.Option("organism", help="'organism', a local checkpoint folder, or a cached hub id."),
-           probe: Path = typer.Option(..., help="A grid probe (every item at both cells): a folder or its rows "
-                                      "file, as for eval."),
+           probe: Path = typer.Option(..., help="A grid probe (every item at both cells)."),
            out: Path = typer.Option(Path("out/causal"), help="Output folder."),
-           clean_cell: int = typer.Option(8, min=0, max=8, help="Cell of the clean placement (row-major 0..8)."),
-           corrupt_cell: int = typer.Option(0, min=0, max=8, help="Cell of the corrupt placement."),
+           clean_cell: int = typer.Option(8, help="Cell of the clean placement (row-major, 0 = top left)."),
+           corrupt_cell: int = typer.Option(0, help="Cell of the corrupt placement."),
            n_items: int = typer.Option(100, help="Items to use."),
            lam: float = typer.Option(0.5, help="AGCI λ of the AGCI condition."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
+           dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
            progress: bool = typer.Option(True, help="Show progress bars.")):
     """Where does the difference between two placements arise? Activation patching, position-id
     patching, attention flow, knockout and attribution patching for baseline, BaPA and AGCI."""
-    import json
-
-    import interp
-    from analyses import figures, report as rep
-    from analyses.evaluate import validate_probe
-    from probes.format import atomic_write_text
-    validate_probe(probe)
-    interp.AGCI(lam=lam)
-    lvlm = interp.load(model, device=device)
-    block, figs = rep.causal_section(lvlm, probe, None, [lam], out, n_items, batch_size, progress,
-                                     cells=(clean_cell, corrupt_cell))
-    for stem, fig in figs.items():
-        figures.save(fig, out / "figures", stem)
-    atomic_write_text(out / "attribution.json", json.dumps(block, indent=1, default=float) + "\n")
-    typer.echo(rep.causal_conclusion({"attribution": block}))
-    typer.echo(f"wrote {out / 'attribution.json'}, {out / 'causal'}, {out / 'figures'}")
+    from analyses import plan as pl, vocabulary
+    from analyses.causal import probe_grid
+    from probes.format import find_probe, read_rows
+    agci = vocabulary.parse(f"agci:{lam}", where="--lam").label
+    p = find_probe(probe)
+    n, m = probe_grid(read_rows(p), p.rows_file)
+    for name, c in (("--clean-cell", clean_cell), ("--corrupt-cell", corrupt_cell)):
+        if not 0 <= c < n * m:
+            raise SpatialBiasError(f"{name} {c}: the probe's {n}×{m} grid has cells 0..{n * m - 1} (row-major)")
+    if n_items < 1:
+        raise SpatialBiasError(f"--n-items {n_items}: use at least 1")
+    cells = [clean_cell, corrupt_cell]
+    analyses = {"patching": {"items": n_items, "cells": cells}, "knockout": {"items": n_items, "cells": cells},
+                "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
+    cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype))
+    s = _run_and_report(cfg, out, "spatialbias causal", progress)
+    for run in s["runs"]:
+        typer.echo(run["causal_conclusion"])
+    typer.echo(f"wrote {out / 'summary.json'}, {out / 'tables'}, {out / 'figures'}, {out / 'index.html'}")
 
 
 @app.command()
@@ -264,31 +261,26 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
 @clean_errors
 def sweep(config: Path = typer.Argument(..., help="The sweep file (TOML): models, probes, interventions, analyses, "
                                         "seeds; see docs/sweeps.md."),
-          out: Path = typer.Option(..., help="Output folder: results.parquet, parts/, conditions.jsonl, probes/."),
+          out: Path = typer.Option(..., help="Output folder: results.parquet, parts/, details/, conditions.jsonl."),
           executor: str = typer.Option("local", help="local (one process) or ray (one task per model)."),
           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)."),
           dry_run: bool = typer.Option(False, "--dry-run", help="List the conditions, what is done and the "
                                        "estimated cost; run nothing."),
           only: list[str] = typer.Option([], help="Run only this condition id (repeat), again if it is done."),
+          report: bool = typer.Option(True, help="Write the report (index.html, summary.json, figures) at the end."),
           progress: bool = typer.Option(True, help="Show progress bars.")):
     """Run (or resume) a sweep: the cross product of the file's models, probes, interventions,
     analyses and seeds. Finished conditions are kept; re-running the command computes only what is missing."""
-    from analyses import sweep as sw
+    from analyses import plan as pl, report as rep, runner
+    p = pl.load(config, out)
     if dry_run:
-        plan = sw.load_sweep(config, out)
-        est = sw.estimate(plan, out)
-        with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
-            typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
-        pend = est[est.status == "pending"]
-        known = pend.est_seconds.notna()
-        eta = (f"; about {pend.est_seconds[known].sum():.0f} s for the {int(known.sum())} with timings from earlier "
-               "runs in OUT" if known.any() else "; no earlier timings in OUT to estimate seconds from")
-        typer.echo(f"{len(est)} conditions, {len(est) - len(pend)} done, {len(pend)} pending: "
-                   f"{int(pend.forward_rows.sum())} forward rows{eta}")
+        _print_estimate(p, out)
         return
-    res = sw.run_sweep(config, out, executor=executor, address=address, only=only, progress=progress)
+    res = runner.run(p, out, executor=executor, address=address, only=only, progress=progress)
     for cid, err in res["failed"]:
         typer.echo(f"error: condition {cid}: {err}", err=True)
+    if report and res["rows"]:
+        rep.build(out)
     typer.echo(f"{res['done']}/{res['total']} conditions done ({res['ran']} run now, {len(res['failed'])} failed); "
                f"wrote {res['results']}")
     if res["failed"]:

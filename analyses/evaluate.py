@@ -60,14 +60,14 @@ def probe_batches(lvlm: LVLM, probe: str | Path | Probe, rows: list[ProbeRow], b
         yield start, batch, images, lvlm.inputs(images, [lvlm.prompt(prompt_text(r)) for r in batch])
 
 
-def validate_probe(probe_dir: str | Path | Probe) -> list[ProbeRow]:
-    """Read every row and check every image path before any compute; returns the rows
-    (raises the first problem). ``probe_dir``: a folder, a rows file or a Probe."""
-    probe = find_probe(probe_dir)
-    rows = read_rows(probe)
-    for i, r in enumerate(rows):
-        probe.image_path(r, f"{probe.rows_file} row {i + 1} (id={r.id})")
-    return rows
+def validate_probe(probe_dir: str | Path | Probe, images: bool = False) -> list[ProbeRow]:
+    """Read every row and check every image path (and, with ``images``, decode every image)
+    before any compute; returns the rows, or raises the first problem (:func:`check_probe`'s
+    wording: ``file:line (id=…): reason``). ``probe_dir``: a folder, a rows file or a Probe."""
+    good, problems = check_probe(probe_dir, images=images)
+    if problems:
+        raise problems[0]
+    return [r for _, r in good]
 
 
 def check_probe(probe_dir: str | Path | Probe, images: bool = True

@@ -134,3 +134,23 @@ def shift_curve(df: pd.DataFrame, key: str = "correct", seed: int = 0, n_resampl
 
 def _list(a) -> list[float]:
     return [float(x) for x in a]
+
+
+def item_bootstrap(arrays: dict[str, np.ndarray], fn, rng: np.random.Generator, n_resamples: int = 2000,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``fn(**means)`` where the items are resampled jointly:
+    ``arrays`` maps a name to per-item values (N,) of the same items; ``fn`` takes the resampled
+    means (arrays of n_resamples) by name, vectorised (e.g. a ratio of means). NaN when there are
+    fewer than two items; resamples where ``fn`` is not finite (a zero gap) are dropped."""
+    vals = {k: np.asarray(v, float) for k, v in arrays.items()}
+    n = len(next(iter(vals.values())))
+    if n < 2:
+        return float("nan"), float("nan")
+    idx = rng.integers(0, n, (n_resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = np.asarray(fn(**{k: v[idx].mean(1) for k, v in vals.items()}), float)
+    stat = stat[np.isfinite(stat)]
+    if not len(stat):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(stat, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)

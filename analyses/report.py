@@ -1,332 +1,369 @@
-"""The main job: evaluate baseline, BaPA and AGCI(λ) on a grid probe and write a report.
+"""The one renderer: a run folder's results table → ``summary.json``, figures and a self-contained
+``index.html``. The demo (``spatialbias report --model M``) and ``report --from DIR`` are this code.
 
-Writes into ``out``: ``probe/`` (unless a probe is given), ``results.parquet`` + ``results.csv``
-(one row per probe row × condition), ``summary.json``, ``figures/*.png|svg`` and ``index.html``.
+Role: views of the table. May import: ``spatialbias``, ``probes.format``, ``analyses.{store,
+summary, figures}``. Writes into the run folder: ``summary.json``, ``index.html``,
+``figures/*.png|svg``, ``results.csv`` and ``tables/{analysis}.parquet|csv`` (the per-row / per-item
+detail tables of every condition, concatenated). Every figure is one call of
+:mod:`analyses.figures` on those tables; the page prints the call under it. The same input gives
+byte-identical files (no clock, fixed SVG hash salt).
 """
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
-import platform
-import time
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
-import torch
 
-import interp
-from analyses import figures
-from analyses.evaluate import score_probe, validate_probe
-from analyses.metrics import cell_metrics
-from probes.build import shapes_probe
-from probes.format import atomic_write_bytes, atomic_write_text
-
-DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
+from analyses import figures, store, summary as summ
+from spatialbias.errors import SpatialBiasError
+from spatialbias.files import atomic_write_bytes, atomic_write_text
 
 
-def organism_record(lvlm: interp.LVLM) -> dict | None:
-    """The training record shipped beside an organism checkpoint (how its bias was planted)."""
-    if lvlm.source is None:
-        return None
-    p = Path(lvlm.source) / "training.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+@dataclass
+class FigureSpec:
+    """One figure: ``analyses.figures.<function>(table, **kwargs)``, where ``table`` is the
+    results table or, with ``details``, that analysis' detail table; saved as ``stem``."""
+    section: str
+    stem: str
+    function: str
+    kwargs: dict = field(default_factory=dict)
+    title: str = ""
+    details: str | None = None
+
+    def command(self, src: Path) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        table = (f"pd.read_parquet({str(src / 'tables' / (self.details + '.parquet'))!r})" if self.details
+                 else f"pd.read_parquet({str(src / 'results.parquet')!r})")
+        return f"analyses.figures.{self.function}({table}{args})"
+
+    def draw(self, df: pd.DataFrame, tables: dict[str, pd.DataFrame]):
+        return getattr(figures, self.function)(tables[self.details] if self.details else df, **self.kwargs)
 
 
-def checkpoint_note(lvlm: interp.LVLM) -> dict | None:
-    """``provenance.json`` beside a checkpoint (e.g. a random-weight model saved for a pipeline
-    demo: ``{"random_weights": true, "note": "..."}``), shown as a warning in the report."""
-    if lvlm.source is None:
-        return None
-    p = Path(lvlm.source) / "provenance.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+SECTIONS = (
+    ("summary", "Summary", None),
+    ("conditions", "Conditions", "Eval scalars per model × probe × condition (mean over seeds; ± sd across seeds "
+                                 "when there are several)."),
+    ("cell-accuracy", "Accuracy per grid cell", "Per-cell accuracy on the probe's grid, one panel per condition."),
+    ("range-accuracy", "Range vs mean accuracy", "One point per condition, coloured by family."),
+    ("agci-lambda", "AGCI: accuracy and range against λ", "Fixed λ as lines, adaptive AGCI as marked points, "
+                                                          "baseline and BaPA as reference lines."),
+    ("probe-side", "Probe-side checks", "Caption vs image-token similarity per cell; occlusion maps; accuracy against "
+                                        "a continuous shift."),
+    ("patching", "Activation patching", "Normalised restoration of the clean − corrupt logit difference per site × "
+                                        "token group, between the baseline's best and worst cell."),
+    ("position-patching", "Position-id patching", "Share of the gap restored by giving the target's image tokens "
+                                                  "their clean position ids, all layers and per layer."),
+    ("knockout", "Attention knockout", "Drop of the logit difference when the question tokens cannot attend to a "
+                                       "cell, per layer and in all layers."),
+    ("attention-flow", "Attention flow", "Attention from the last token to the target's cell at each placement, "
+                                         "and to every cell per layer."),
+    ("reproduce", "Reproduce", None),
+)
 
 
-def run(model: str = "organism", out: str | Path = "out/demo", probe: str | Path | None = None,
-        n_items: int = 300, lambdas: Sequence[float] = DEFAULT_LAMBDAS, seed: int = 0, batch_size: int = 64,
-        device: str | None = None, progress: bool = True, causal: bool = True, causal_items: int = 100,
-        trust_remote_code: bool = False) -> dict:
-    """Run the whole job; returns the summary dict (also written to ``out/summary.json``)."""
-    out = Path(out)
-    conditions = {"baseline": [], "bapa": [interp.BaPA()]}
-    conditions.update({f"agci λ={lam:g}": [interp.AGCI(lam=lam)] for lam in lambdas})  # validates λ first
-    rows = validate_probe(probe) if probe is not None else None  # a bad probe fails before the model loads
-    t = {}
-    t0 = time.perf_counter()
-    lvlm = interp.load(model, device=device, trust_remote_code=trust_remote_code)
-    t["load_s"] = time.perf_counter() - t0
-    org = organism_record(lvlm)
-    note = checkpoint_note(lvlm)
-    t0 = time.perf_counter()
-    if probe is None:
-        probe = shapes_probe(out / "probe", n_items=n_items, seed=seed, cell_px=16 if org else 112,
-                             progress=progress).parent
-        rows = validate_probe(probe)
-    t["probe_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    df = score_probe(lvlm, probe, conditions, batch_size=batch_size, progress=progress, rows=rows)
-    t["evaluate_s"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    _write_table(df, out)
-    summaries = {name: cell_metrics(df[df.condition == name], seed=seed) for name in conditions}
-    agci = [dict(summaries[f"agci λ={lam:g}"], **{"lambda": float(lam)}) for lam in lambdas]
-    grid = summaries["baseline"]["grid"]
-    summary = {
-        "model": str(model), "probe": str(probe), "n_rows": int(df["row"].nunique()),
-        "n_items": int(df["id"].nunique()), "seed": seed, "grid": grid,
-        "conditions": {"baseline": summaries["baseline"], "bapa": summaries["bapa"], "agci": agci},
-        "organism": org,
-        "probe_sample": [r.to_json() for r in rows[:grid[0] * grid[1]]],
-        "software": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "python": platform.python_version()},
-    }
-    t0 = time.perf_counter()
-    fig_dir = out / "figures"
-    figs = {
-        "cell_accuracy": figures.cell_heatmaps(
-            {"baseline": summaries["baseline"], "BaPA": summaries["bapa"],
-             **{f"AGCI λ={c['lambda']:g}": c for c in agci}}, title="accuracy per grid cell"),
-        "cell_p_correct": figures.cell_heatmaps(
-            {"baseline": summaries["baseline"], "BaPA": summaries["bapa"],
-             **{f"AGCI λ={c['lambda']:g}": c for c in agci}}, key="cell_p_correct",
-            title="p(correct answer) per grid cell"),
-    }
-    if agci:
-        figs["agci_lambda"] = figures.lambda_curve(agci, summaries["baseline"], summaries["bapa"])
-    if "offset" in df.columns and df["offset"].notna().any():  # a continuous-shift probe
-        from analyses.metrics import shift_curve
-        curves = {name: shift_curve(df[df.condition == name], seed=seed) for name in ("baseline", "bapa")}
-        summary["shift_curve"] = {k: v.to_dict("records") for k, v in curves.items()}
-        figs["shift_accuracy"] = figures.shift_curves({"baseline": curves["baseline"], "BaPA": curves["bapa"]})
-    t["figures_s"] = time.perf_counter() - t0
-    if note:
-        summary["model_note"] = note
-    if causal:
-        from analyses.causal import probe_grid
-        try:
-            probe_grid(rows, probe)
-        except interp.SpatialBiasError as e:  # shift / irregular probes: no cells to patch between
-            summary["causal_skipped"] = str(e)
-            causal = False
-    if causal:
-        t0 = time.perf_counter()
-        summary["attribution"], causal_figs = causal_section(lvlm, probe, summaries, lambdas, out, causal_items,
-                                                             batch_size, progress)
-        figs.update(causal_figs)
-        t["causal_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for stem, fig in figs.items():
-        figures.save(fig, fig_dir, stem)
-    t["figures_s"] += time.perf_counter() - t0
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")  # no timings: same seed, same file
-    atomic_write_text(out / "timings.json", json.dumps(t, indent=1) + "\n")
-    summary["timings"] = t
-    atomic_write_text(out / "index.html", render_html(summary, fig_dir, list(figs)))
-    return summary
+def load_results(src: str | Path) -> pd.DataFrame:
+    """The results table of a run folder (or a results.parquet path), checked against the schema;
+    a missing, unreadable or wrong-shaped table raises one clear error line."""
+    src = Path(src)
+    path = src if src.suffix == ".parquet" else src / "results.parquet"
+    if not src.exists():
+        raise SpatialBiasError(f"--from {src}: no such file or folder; point --from at a run's output folder "
+                               "(the one holding results.parquet)")
+    if not path.is_file():
+        raise SpatialBiasError(f"--from {src}: no results.parquet in {src}; point --from at a run's output "
+                               "folder, or run `spatialbias sweep CONFIG --out DIR` first to write it")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpatialBiasError(f"{path}: not a readable parquet file ({type(e).__name__}: {first}); re-run to "
+                               "write it again") from None
+    missing = [c for c in store.COLUMNS if c not in df.columns]
+    if missing:
+        raise SpatialBiasError(f"{path}: not a results table of this version, missing column(s) {', '.join(missing)}; "
+                               "re-run with this version of spatialbias")
+    if df.empty:
+        raise SpatialBiasError(f"{path}: the results table has no rows; re-run")
+    return df
 
 
-def _write_table(df: pd.DataFrame, out: Path, stem: str = "results") -> None:
-    import io
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(out / f"{stem}.parquet", buf.getvalue())
-    atomic_write_text(out / f"{stem}.csv", df.to_csv(index=False))
+def _slug(*labels) -> str:
+    """A file-name-safe stem from labels, made unique by a short hash of the exact labels."""
+    import hashlib
+    text = "_".join(re.sub(r"[^a-z0-9]+", "-", str(x).lower()).strip("-")[:24] for x in labels)
+    return f"{text}_{hashlib.sha1(repr(labels).encode()).hexdigest()[:6]}"
 
 
-def causal_section(lvlm, probe, summaries, lambdas, out: Path, n_items: int, batch_size: int, progress: bool,
-                   cells: tuple[int, int] | None = None):
-    """Patching, position-id patching, attention flow, knockout and attribution patching between
-    two cells (default: the baseline's best and worst), for baseline, BaPA and AGCI side by side.
-    Writes ``out/causal/*.parquet|csv``; returns (the summary's ``attribution`` block, {stem: figure})."""
-    import numpy as np
+def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[list[FigureSpec], dict[str, str]]:
+    """The figures this folder supports, and for each section without data the reason."""
+    specs: list[FigureSpec] = []
+    skipped: dict[str, str] = {}
+    pairs = lambda d: sorted(set(zip(d.model, d.probe)))  # noqa: E731
 
-    from analyses import causal
-    if cells is None:
-        acc = np.asarray(summaries["baseline"]["cell_accuracy"])
-        clean_cell, corrupt_cell = int(np.nanargmax(acc)), int(np.nanargmin(acc))
-        if clean_cell == corrupt_cell:
-            corrupt_cell = (clean_cell + 1) % len(acc)
-    else:
-        clean_cell, corrupt_cell = cells
-    lam = 0.5 if 0.5 in lambdas else (lambdas[0] if lambdas else 0.5)
-    conds = {"baseline": [], "bapa": [interp.BaPA()], f"agci λ={lam:g}": [interp.AGCI(lam=lam)]}
-    pairs = causal.placement_pairs(lvlm, probe, clean_cell, corrupt_cell, n_items=n_items)
-    ap = causal.activation_patching(lvlm, pairs, conds, batch_size=batch_size, progress=progress)
-    pp = causal.position_patching(lvlm, pairs, conds)
-    ko = causal.knockout_curves(lvlm, pairs, conds)
-    fl = causal.flow_by_placement(lvlm, probe, conds, n_items=min(n_items, 50))
-    atp, rho = causal.attribution_check(lvlm, pairs, ap)
-    _, rho_ig = causal.attribution_check(lvlm, pairs, ap, steps=8)
-    cdir = out / "causal"
-    for stem, df in (("activation_patching", ap), ("position_patching", pp), ("knockout", ko),
-                     ("attention_flow", fl), ("attribution_patching", atp)):
-        _write_table(df, cdir, stem)
-    den = ap[(ap.condition == "baseline") & (ap.direction == "denoise")]
-    top = den.assign(abs_r=den.restoration.abs()).sort_values("abs_r", ascending=False).head(8)
-    own = fl[fl.cell == fl.target_cell]
-    block = {
-        "clean_cell": clean_cell, "corrupt_cell": corrupt_cell, "n_items": len(pairs.ids),
-        "conditions": list(conds), "sites": list(dict.fromkeys(ap.site)),
-        "lm_layers": lvlm.adapter.layer_count(lvlm.model, "lm"),
-        "restoration": {c: ap[ap.condition == c][["site", "group", "direction", "restoration", "clean", "corrupt"]]
-                        .to_dict("records") for c in conds},
-        "top_sites": top[["site", "group", "restoration"]].to_dict("records"),
-        "attribution_patching": {"spearman_vs_exact": rho, "method": "gradient x activation difference (AtP)",
-                                 "spearman_vs_exact_ig8": rho_ig, "patches": len(atp)},
-        "position_patching": pp.to_dict("records"),
-        "knockout": ko.to_dict("records"),
-        "flow_to_target_by_placement": {c: {int(layer): own[(own.condition == c) & (own.layer == layer)]
-                                            .sort_values("target_cell").mass.round(4).tolist()
-                                            for layer in sorted(own.layer.unique())} for c in conds},
-    }
-    figs = {"patching_restoration": figures.restoration_heatmaps(ap, "denoise"),
-            "patching_noising": figures.restoration_heatmaps(ap, "noise"),
-            "position_patching": figures.position_patching_plot(pp),
-            "attention_flow_target": figures.flow_target_by_placement(fl, pairs.grid),
-            "attention_flow_layer_cell": figures.flow_layer_cell(fl),
-            "knockout": figures.knockout_plot(ko)}
-    return block, figs
-
-
-def causal_conclusion(summary: dict) -> str:
-    """The causal picture in words; every number is taken from the summary."""
-    a = summary.get("attribution")
-    if not a:
-        return ""
-    pp = {(r["condition"], r["layers"]): r for r in a["position_patching"]}
-    base_all = pp[("baseline", "all")]
-    layer_txt = ", ".join(f"layer {r['layers']} alone {r['restoration']:.0%}" for (c, w), r in pp.items()
-                          if c == "baseline" and w != "all")
-    rest = {(r["site"], r["group"], r["direction"]): r["restoration"] for r in a["restoration"]["baseline"]}
-    n = a["lm_layers"]
-    lines = [f"Moving the target from cell {a['clean_cell']} (the baseline's best) to cell {a['corrupt_cell']} "
-             f"(its worst) lowers the answer logit difference from {base_all['clean']:.2f} to "
-             f"{base_all['corrupt']:.2f} on {a['n_items']} items.",
-             f"Position-id patching: giving the target's image tokens, unchanged, the position ids they have in the "
-             f"clean placement restores {base_all['restoration']:.0%} of that gap ({layer_txt}); the converse swap "
-             f"on the clean run removes {base_all['damage']:.0%} of it. The rotary position ids of the image "
-             f"tokens carry the position-dependent difference."]
-    per_layer = []
-    for i in range(n):
-        img, txt = rest.get((f"lm.blocks.{i}", "image", "denoise")), rest.get((f"lm.blocks.{i}", "text", "denoise"))
-        if img is not None and txt is not None:
-            per_layer.append(f"after block {i} the image tokens carry {img:.0%} and the text after the image "
-                             f"{txt:.0%}")
-    if per_layer:
-        lines.append("Activation patching (clean → corrupt): at the LM input the target's cell tokens restore "
-                     f"{rest.get(('lm.input', 'target', 'denoise'), float('nan')):.0%}; " + "; ".join(per_layer) +
-                     ": the difference moves from the image tokens into the question tokens where attention reads "
-                     "the image.")
-    flows = a["flow_to_target_by_placement"]
-    for c, by_layer in flows.items():
-        parts = [f"layer {layer}: {min(v):.3f}–{max(v):.3f}" for layer, v in by_layer.items()]
-        lines.append(f"Attention from the last token to the target's cell across the 9 placements ({c}): "
-                     + ", ".join(parts) + ".")
-    ko = [r for r in a["knockout"] if r["condition"] == "baseline" and r["layers"] == "all"]
-    if ko:
-        d = {r["blocked"]: r["drop"] for r in ko}
-        lines.append("Knockout (question tokens blocked from a cell in every layer) changes the logit difference by "
-                     f"{-d['target cell']:+.2f} for the target cell, {-d['distractor cell']:+.2f} for a distractor cell "
-                     f"and {-d['all image tokens']:+.2f} for all image tokens.")
-    for c in a["conditions"][1:]:
-        r = pp.get((c, "all"))
-        if r:
-            lines.append(f"{c}: clean {r['clean']:.2f} vs corrupt {r['corrupt']:.2f} (gap {r['clean'] - r['corrupt']:.2f}); "
-                         f"position-id patching restores {r['restoration']:.0%}.")
-    at = a["attribution_patching"]
-    lines.append(f"Attribution patching vs exact patching over {at['patches']} patches: Spearman "
-                 f"{at['spearman_vs_exact']:.2f} for plain gradient × difference, {at['spearman_vs_exact_ig8']:.2f} "
-                 "with gradients averaged along 8 pixel interpolation steps; exact patching is the reference here.")
-    return " ".join(lines)
+    def has(analysis, metric, **notna):
+        d = df[(df.analysis == analysis) & df.metric.isin([metric] if isinstance(metric, str) else metric)]
+        for col in notna:
+            d = d[d[col].notna()]
+        return d
+    for m, p in pairs(has("eval", "accuracy", cell=1)):
+        specs.append(FigureSpec("cell-accuracy", "cell_accuracy_" + _slug(m, p), "cell_heatmaps",
+                                {"model": m, "probe": p}, f"{m} · {p}"))
+    scal = has("eval", ["mean_accuracy", "range"])
+    if len(scal) and scal.intervention.nunique() > 1:
+        specs.append(FigureSpec("range-accuracy", "range_vs_accuracy", "range_vs_accuracy", {}, "all runs"))
+    if scal.family.isin(["agci", "agci-adaptive"]).any():
+        specs.append(FigureSpec("agci-lambda", "agci_lambda", "lambda_curves", {}, "all runs"))
+    for m, p in pairs(has("similarity", "cell_sim_image")):
+        specs.append(FigureSpec("probe-side", "similarity_" + _slug(m, p), "similarity_maps", {"model": m, "probe": p},
+                                f"similarity · {m} · {p}"))
+    if "occlusion" in tables:
+        for m, p in pairs(tables["occlusion"]):
+            specs.append(FigureSpec("probe-side", "occlusion_" + _slug(m, p), "occlusion_maps",
+                                    {"model": m, "probe": p}, f"occlusion · {m} · {p}", details="occlusion"))
+    ev = tables.get("eval")
+    if ev is not None and "offset" in ev.columns and ev["offset"].notna().any():
+        for m, p in pairs(ev[ev["offset"].notna()]):
+            specs.append(FigureSpec("probe-side", "shift_" + _slug(m, p), "shift_curves", {"model": m, "probe": p},
+                                    f"shift · {m} · {p}", details="eval"))
+    for direction in ("denoise", "noise"):
+        for m, p in pairs(has("patching", f"restoration_{direction}")):
+            specs.append(FigureSpec("patching", f"restoration_{direction}_" + _slug(m, p), "restoration_heatmaps",
+                                    {"model": m, "probe": p, "direction": direction}, f"{direction} · {m} · {p}"))
+    for m, p in pairs(has("patching", "position_restoration")):
+        specs.append(FigureSpec("position-patching", "position_restoration_" + _slug(m, p), "position_restoration",
+                                {"model": m, "probe": p}, f"{m} · {p}"))
+    for m, p in pairs(has("knockout", "knockout_drop")):
+        specs.append(FigureSpec("knockout", "knockout_" + _slug(m, p), "knockout_drops", {"model": m, "probe": p},
+                                f"{m} · {p}"))
+    for m, p in pairs(has("flow", "attention_to_target", cell=1, layer=1)):
+        specs.append(FigureSpec("attention-flow", "attention_to_target_" + _slug(m, p), "attention_to_target",
+                                {"model": m, "probe": p}, f"{m} · {p}"))
+        if "flow" in tables:
+            specs.append(FigureSpec("attention-flow", "attention_layer_cell_" + _slug(m, p), "layer_cell",
+                                    {"model": m, "probe": p}, f"per layer and cell · {m} · {p}", details="flow"))
+    if figures.conditions_table(df).empty:
+        skipped["conditions"] = "no eval scalars (mean_accuracy, range, …) in this run."
+    for anchor, _, _ in SECTIONS:
+        if anchor not in ("summary", "conditions", "reproduce") and not any(s.section == anchor for s in specs):
+            skipped[anchor] = "no rows for it in this run (its analysis was not run, or has too little to show)."
+    return specs, skipped
 
 
-def conclusion(summary: dict) -> str:
-    """The result in words, every number taken from the summary."""
-    b, p = summary["conditions"]["baseline"], summary["conditions"]["bapa"]
-    note = summary.get("model_note") or {}
-    lines = ["[Random-weight model: these numbers measure the pipeline, not a model.]"] if note.get("random_weights") else []
-    lines += [f"Baseline: mean accuracy {b['mean_accuracy']:.3f}, range across cells {b['range']:.3f} "
-             f"(std {b['std']:.3f}; chi-square homogeneity p = {b['chi2_p']:.2g}).",
-             f"BaPA: mean accuracy {p['mean_accuracy']:.3f}, range {p['range']:.3f} "
-             f"(std {p['std']:.3f}; p = {p['chi2_p']:.2g}): the range is "
-             f"{p['range'] / b['range']:.0%} of the baseline's." if b["range"] else
-             f"BaPA: mean accuracy {p['mean_accuracy']:.3f}, range {p['range']:.3f}."]
-    for c in summary["conditions"]["agci"]:
-        lines.append(f"AGCI λ={c['lambda']:g}: mean accuracy {c['mean_accuracy']:.3f}, range {c['range']:.3f}.")
-    return " ".join(lines)
+def write_tables(src: Path, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``results.csv`` and ``tables/{analysis}.parquet|csv``: each analysis' detail tables,
+    concatenated and tagged with their condition; returns them by analysis."""
+    atomic_write_text(src / "results.csv", df.drop(columns=["config", "versions"]).to_csv(index=False))
+    out = {}
+    for analysis in sorted(df.analysis.unique()):
+        t = store.read_details(src, df, analysis)
+        if t.empty:
+            continue
+        buf = io.BytesIO()
+        t.to_parquet(buf, index=False)
+        atomic_write_bytes(src / "tables" / f"{analysis}.parquet", buf.getvalue())
+        atomic_write_text(src / "tables" / f"{analysis}.csv", t.to_csv(index=False))
+        out[analysis] = t
+    return out
 
 
-BASIC_FIGURES = ("cell_accuracy", "cell_p_correct", "agci_lambda", "shift_accuracy")
+# ------------------------------------------------------------------------------------------------
+# HTML
 
 
-def _figures_html(fig_dir: Path, stems: list[str]) -> str:
+def _fmt(v, fmt=".3f") -> str:
+    return "—" if v is None or pd.isna(v) else f"{v:{fmt}}"
+
+
+def _run_html(run: dict) -> str:
     e = html.escape
-    return "".join(
-        f"<figure><img alt='{e(s)}' src='data:image/png;base64,"
-        f"{base64.b64encode((fig_dir / (s + '.png')).read_bytes()).decode()}'>"
-        f"<figcaption>{e(s)} (figures/{e(s)}.png, .svg)</figcaption></figure>" for s in stems)
-
-
-def render_html(summary: dict, fig_dir: Path, stems: list[str]) -> str:
-    """A self-contained page (figures embedded); every string from data is HTML-escaped."""
-    e = html.escape
-    org = summary.get("organism")
-    warn = ""
+    parts = [f"<h3>{e(run['model'])} · {e(run['probe'])}</h3>"]
+    org, note = run.get("organism"), run.get("model_note")
     if org:
-        warn = (f"<p class='warn'><b>Model organism.</b> This model's spatial bias was {e(org['bias_planted'])}. "
-                f"Trained from seed {org['config']['seed']} on {org['config']['threads']} thread(s) for "
-                f"{org['steps']} steps.</p>")
-    note = summary.get("model_note")
+        parts.append(f"<p class='warn'><b>Model organism.</b> This model's spatial bias was "
+                     f"{e(str(org.get('bias_planted', 'planted by its training data')))}. It says nothing about "
+                     "pretrained LVLMs.</p>")
     if note:
         head = "Random weights." if note.get("random_weights") else "Note on this model."
-        warn += f"<p class='warn'><b>{e(head)}</b> {e(str(note.get('note', '')))}</p>"
-    if summary.get("causal_skipped"):
-        warn += f"<p>Causal analyses skipped: {e(summary['causal_skipped'])}.</p>"
-    grid = summary.get("grid", [3, 3])
-    rows = [("baseline", summary["conditions"]["baseline"]), ("BaPA", summary["conditions"]["bapa"])]
-    rows += [(f"AGCI λ={c['lambda']:g}", c) for c in summary["conditions"]["agci"]]
-    table = "".join(
-        f"<tr><td>{e(name)}</td><td>{c['mean_accuracy']:.3f}</td><td>{c['mean_p_correct']:.3f}</td>"
-        f"<td>{c['range']:.3f}</td><td>{c['std']:.3f}</td><td>{c['cv']:.3f}</td><td>{c['chi2_p']:.3g}</td>"
-        f"<td>{c['consistency']:.3f}</td></tr>" for name, c in rows)
-    cells = "".join(
-        f"<tr><td>{e(name)}</td>" + "".join(
-            f"<td>{a:.2f} [{lo:.2f}, {hi:.2f}]</td>"
-            for a, lo, hi in zip(c["cell_accuracy"], c["cell_ci_low"], c["cell_ci_high"])) + "</tr>"
-        for name, c in rows)
-    from probes.format import grid_positions
-    sample = "".join(
-        f"<tr><td>{e(str(r.get('id')))}</td><td>{e(str(r.get('position')))}</td><td>{e(str(r.get('image')))}</td>"
-        f"<td>{e(str(r.get('caption', r.get('question'))))}</td><td>{e(str(r.get('answer')))}</td></tr>"
-        for r in summary.get("probe_sample", []))
-    imgs = _figures_html(fig_dir, [s for s in stems if s in BASIC_FIGURES])
+        parts.append(f"<p class='warn'><b>{e(head)}</b> {e(str(note.get('note', '')))}</p>")
+    r, c = run["grid"]
+    n_items = next((x.get("n_items") for x in run["conditions"].values() if x.get("n_items")), None)
+    parts.append(f"<p>{'' if n_items is None else f'{int(n_items)} items × '}{r * c} positions ({r}×{c} grid) · "
+                 f"seeds {', '.join(map(str, run['seeds']))} · model <code>{e(str(run.get('model_path')))}</code> · "
+                 f"probe <code>{e(str(run.get('probe_path')))}</code></p>")
+    parts.append(f"<p>{e(run['conclusion'])}</p>")
+    if run.get("causal_conclusion"):
+        parts.append(f"<p>{e(run['causal_conclusion'])}</p>")
+    conds = run["conditions"]
+    if conds:
+        cols = [("mean_accuracy", "mean acc"), ("mean_p_correct", "mean p(correct)"), ("range", "range"),
+                ("std", "std"), ("cv", "CV"), ("chi2_p", "χ² p"), ("consistency", "consistency")]
+        rows = "".join(f"<tr><td>{e(iv)}</td>" + "".join(
+            f"<td>{_fmt(c.get(k), '.2g' if k == 'chi2_p' else '.3f')}</td>" for k, _ in cols) + "</tr>"
+            for iv, c in conds.items())
+        parts.append("<table><tr><th>condition</th>" + "".join(f"<th>{e(h)}</th>" for _, h in cols) + f"</tr>{rows}</table>")
+        from probes.format import grid_positions
+        names = grid_positions(*run["grid"])
+        cells = "".join(f"<tr><td>{e(iv)}</td>" + "".join(
+            f"<td>{_fmt(a, '.2f')} [{_fmt(lo, '.2f')}, {_fmt(hi, '.2f')}]</td>"
+            for a, lo, hi in zip(c.get("cell_accuracy", []), c.get("cell_ci_low", []), c.get("cell_ci_high", [])))
+            + "</tr>" for iv, c in conds.items())
+        parts.append("<p>Accuracy per cell with bootstrap 95% intervals:</p><table><tr><th>condition</th>"
+                     + "".join(f"<th>{e(n)}</th>" for n in names) + f"</tr>{cells}</table>")
+    parts.append(_sample_html(run))
+    if run["findings"]:
+        rows = "".join(f"<tr><td>{e(f['claim'])}</td><td>{e(f['intervention'])}</td><td>{_fmt(f['value'])}</td>"
+                       f"<td>{_fmt(f['ci_low'])} – {_fmt(f['ci_high'])}</td></tr>" for f in run["findings"])
+        parts.append("<p>Causal findings (95% bootstrap intervals over items):</p><table><tr><th>claim</th>"
+                     f"<th>condition</th><th>value</th><th>interval</th></tr>{rows}</table>")
+    return "".join(parts)
 
-    def causal_html(summary):
-        if not summary.get("attribution"):
-            return ""
-        return (f"<h2>Where the difference comes from</h2><p>{e(causal_conclusion(summary))}</p>"
-                + _figures_html(fig_dir, [s for s in stems if s not in BASIC_FIGURES])
-                + "<p>Tables: causal/*.parquet|csv.</p>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Spatial bias report: {e(summary['model'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
-td:first-child{{text-align:left}}.warn{{background:#fff4d6;padding:8px;border-left:4px solid #e0a800}}
-img{{max-width:100%}}</style></head><body>
+
+def _sd_fmt(v, sd, fmt=".3f") -> str:
+    """``v`` (``—`` when missing), with ``± sd`` when there is a seed spread."""
+    if v is None or pd.isna(v):
+        return "—"
+    s = f"{v:{fmt}}"
+    return s if sd is None or pd.isna(sd) else f"{s} ± {sd:{'.1g' if fmt.endswith('g') else fmt}}"
+
+
+def _conditions_html(t: pd.DataFrame) -> str:
+    e = html.escape
+    cols = [("mean_accuracy", "mean acc", ".3f"), ("range", "range", ".3f"), ("std", "std", ".3f"),
+            ("cv", "CV", ".3f"), ("chi2_p", "χ² p", ".2g"), ("consistency", "consistency", ".3f"),
+            ("mean_p_correct", "mean p(correct)", ".3f"), ("n_rows", "rows", ".0f")]
+    cols = [c for c in cols if c[0] in t.columns]
+    head = ("<tr><th>model</th><th>probe</th><th>condition</th><th>family</th><th>λ</th><th>seeds</th>"
+            + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols) + "</tr>")
+    rows = []
+    for r in t.to_dict("records"):
+        lam = "" if pd.isna(r["lambda"]) else f"{r['lambda']:g}"
+        rows.append(f"<tr><td>{e(str(r['model']))}</td><td>{e(str(r['probe']))}</td>"
+                    f"<td>{e(str(r['intervention']))}</td><td>{e(str(r['family']))}</td><td>{e(lam)}</td>"
+                    f"<td>{int(r['n_seeds'])}</td>"
+                    + "".join(f"<td>{e(_sd_fmt(r.get(c), None if c == 'n_rows' else r.get(c + '_sd'), f))}</td>"
+                              for c, _, f in cols) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _sample_html(run: dict, size: int = 96) -> str:
+    """One item at every position of the probe's grid: thumbnails with the caption or question."""
+    from PIL import Image
+
+    from probes.format import find_probe, read_rows
+    e = html.escape
+    try:
+        probe = find_probe(run["probe_path"])
+        rows = read_rows(probe)
+    except (SpatialBiasError, TypeError):
+        return ""
+    first = [x for x in rows if x.id == rows[0].id][:run["grid"][0] * run["grid"][1]]
+    cells = []
+    for x in first:
+        try:
+            im = Image.open(probe.image_path(x)).convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+            src = base64.b64encode(buf.getvalue()).decode()
+        except (OSError, SpatialBiasError):
+            continue
+        cells.append(f"<figure class='thumb'><img alt='{e(x.position)}' src='data:image/png;base64,{src}'>"
+                     f"<figcaption>{e(x.position)} · answer {e(x.answer)}</figcaption></figure>")
+    text = e(str(first[0].caption if first and first[0].caption is not None else first[0].question if first else ""))
+    return (f"<p>Probe sample: item {e(str(rows[0].id))} at every position — “{text}”</p>"
+            f"<div class='sample'>{''.join(cells)}</div>") if cells else ""
+
+
+def _figure_html(spec: FigureSpec, png: bytes, src: Path) -> str:
+    e = html.escape
+    return (f"<figure id='fig-{e(spec.stem)}'><img alt='{e(spec.function)}: {e(spec.title)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            f"<figcaption><b>{e(spec.title)}</b> — <code>{e(spec.command(src))}</code> "
+            f"(<a href='figures/{e(spec.stem)}.png'>PNG</a>, <a href='figures/{e(spec.stem)}.svg'>SVG</a>)"
+            f"</figcaption></figure>")
+
+
+CSS = ('body{font-family:sans-serif;max-width:1150px;margin:2em auto;line-height:1.4;color:#111}'
+       'table{border-collapse:collapse;font-size:12px;margin:0.5em 0}'
+       'td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}'
+       'td:first-child,th:first-child{text-align:left}'
+       'pre{background:#f5f5f5;padding:8px;overflow-x:auto;font-size:12px}'
+       'figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:12px;color:#333}code{word-break:break-all}'
+       '.skip{background:#f0f0f0;padding:6px;border-left:4px solid #999}'
+       '.warn{background:#fff4d6;padding:8px;border-left:4px solid #e0a800}nav ol{margin:0.2em 0}'
+       '.sample{display:flex;flex-wrap:wrap;gap:6px}.thumb{margin:0;text-align:center;font-size:11px}'
+       '.thumb img{width:96px;image-rendering:pixelated;border:1px solid #ccc}')
+
+
+def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], pngs: dict[str, bytes],
+           skipped: dict[str, str]) -> str:
+    """The page. Every label from the data is HTML-escaped; nothing depends on the clock."""
+    e = html.escape
+    toc, body = [], []
+    for anchor, heading, blurb in SECTIONS:
+        mine = [s for s in specs if s.section == anchor]
+        sub = "".join(f"<li><a href='#fig-{e(s.stem)}'>{e(s.title)}</a></li>" for s in mine)
+        toc.append(f"<li><a href='#{anchor}'>{e(heading)}</a>" + (f"<ol>{sub}</ol>" if sub else "") + "</li>")
+        body.append(f"<section id='{anchor}'><h2>{e(heading)}</h2>")
+        if anchor in skipped:
+            body.append(f"<p class='skip'>Skipped: {e(skipped[anchor])}</p></section>")
+            continue
+        if blurb:
+            body.append(f"<p>{e(blurb)}</p>")
+        if anchor == "summary":
+            n = df.condition_id.nunique()
+            body.append(f"<p>{n} conditions · {len(df)} result rows · <code>{e(str(src / 'results.parquet'))}</code></p>")
+            body.extend(_run_html(r) for r in summary["runs"])
+        elif anchor == "conditions":
+            body.append(_conditions_html(figures.conditions_table(df)))
+        elif anchor == "reproduce":
+            plan = src / "plan.json"
+            body.append("<p>Each figure above is one call on the run's tables; in Python or a notebook run "
+                        "<code>import pandas as pd, analyses.figures</code> first, then the call printed under the "
+                        f"figure. This page: <code>{e('spatialbias report --from ' + str(src))}</code>.</p>")
+            if plan.is_file():
+                body.append("<p>The plan as run (<code>plan.json</code>):</p><pre>" + e(plan.read_text()) + "</pre>")
+        body.extend(_figure_html(s, pngs[s.stem], src) for s in mine)
+        body.append("</section>")
+    title = ", ".join(f"{r['model']} · {r['probe']}" for r in summary["runs"])
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Spatial bias report: {e(title)}</title>
+<style>{CSS}</style></head><body>
 <h1>Spatial bias report</h1>
-<p>Model: <code>{e(summary['model'])}</code> · probe: <code>{e(summary['probe'])}</code> ·
-{summary['n_items']} items × {grid[0] * grid[1]} positions ({grid[0]}×{grid[1]} grid) · seed {summary['seed']}</p>
-{warn}
-<h2>Conclusion</h2><p>{e(conclusion(summary))}</p>
-<h2>Summary per condition</h2>
-<table><tr><th>condition</th><th>mean acc</th><th>mean p(correct)</th><th>range</th><th>std</th><th>CV</th>
-<th>χ² p</th><th>consistency</th></tr>{table}</table>
-<h2>Accuracy per cell with bootstrap 95% intervals</h2>
-<table><tr><th>condition</th>{''.join(f'<th>{e(p)}</th>' for p in grid_positions(*grid))}</tr>{cells}</table>
-<h2>Probe sample</h2>
-<table><tr><th>id</th><th>position</th><th>image</th><th>caption / question</th><th>answer</th></tr>{sample}</table>
-<h2>Figures</h2>{imgs}
-{causal_html(summary)}
-<p>Made by <code>spatialbias report --model {e(summary['model'])}</code>. Per-row scores: results.parquet / results.csv.</p>
+<nav id="toc"><h2>Contents</h2><ol>{''.join(toc)}</ol></nav>
+{''.join(body)}
 </body></html>
 """
+
+
+def build(src: str | Path) -> Path:
+    """Write ``summary.json``, ``figures/``, the tables and ``index.html`` into the run folder
+    ``src`` (a folder holding ``results.parquet``); returns the page's path. Figures of an earlier
+    report that this table no longer makes are removed."""
+    src = Path(src)
+    df = load_results(src)
+    src = (src.parent if src.suffix == ".parquet" else src).resolve()
+    tables = write_tables(src, df)
+    s = summ.build(src, df)
+    atomic_write_text(src / "summary.json", json.dumps(s, indent=1, default=str) + "\n")
+    fig_dir = src / "figures"
+    specs, skipped = plan_figures(df, tables)
+    pngs = {}
+    for spec in specs:
+        png, _svg = figures.save(spec.draw(df, tables), fig_dir, spec.stem)
+        pngs[spec.stem] = png.read_bytes()
+    keep = {f"{sp.stem}.{ext}" for sp in specs for ext in ("png", "svg")}
+    if fig_dir.is_dir():
+        for p in sorted(fig_dir.iterdir()):
+            if p.suffix in (".png", ".svg") and p.name not in keep:
+                p.unlink()
+    page = src / "index.html"
+    atomic_write_text(page, render(src, df, s, specs, pngs, skipped))
+    return page

@@ -3,6 +3,7 @@ local HF cache (offline; nothing is downloaded), always through safetensors."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +43,8 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
 
     name = str(model_or_path)
     src = ALIASES.get(name, name)
-    from transformers import AutoConfig
-    try:
-        cfg = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        where = "folder" if os.path.isdir(src) else "hub id"
-        raise SpatialBiasError(f"cannot load model {name!r}: {where} has no readable config.json in the local files "
-                               f"({str(e).splitlines()[0][:160]}); pass a local checkpoint folder, or a hub id "
-                               "already in the HF cache (nothing is downloaded)") from None
-    archs = cfg.architectures or []
-    if not archs:
-        raise SpatialBiasError(f"{name}: config.json names no 'architectures'; set it to the model class, e.g. "
-                               f"{adapters.supported_classes()[0]}")
-    adapter = adapters.for_class(archs[0])
+    cfg, adapter = read_config(name, trust_remote_code)
+    archs = cfg.architectures
     import transformers
     cls = getattr(transformers, archs[0])
     try:
@@ -68,6 +58,34 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
     if processor is None:
         processor = _processor(adapter, src, trust_remote_code)
     return LVLM(model, processor, adapter, name=name, source=str(src))
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def read_config(name: str, trust_remote_code: bool = False):
+    """(config, adapter) of a checkpoint, read from the local files only (no weights loaded); one
+    clear error line that tells a missing folder from a hub id missing from the HF cache, a
+    config without ``architectures`` and an unsupported class."""
+    from transformers import AutoConfig
+    src = ALIASES.get(str(name), str(name))
+    try:
+        cfg = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0][:160]
+        if os.path.isdir(src):
+            msg = f"folder {src} has no readable config.json ({why}); pass a folder written by save_pretrained"
+        elif HUB_ID.match(str(src)) and not str(src).startswith("."):
+            msg = (f"hub id {name!r} is not in the local HF cache (nothing is downloaded); download it once where "
+                   "the network is reachable, or pass a local checkpoint folder")
+        else:
+            msg = f"no such checkpoint folder {src}; pass an existing folder, 'organism', or a hub id in the HF cache"
+        raise SpatialBiasError(f"cannot load model {name!r}: {msg}") from None
+    archs = cfg.architectures or []
+    if not archs:
+        raise SpatialBiasError(f"{name}: config.json names no 'architectures'; set it to the model class, e.g. "
+                               f"{adapters.supported_classes()[0]}")
+    return cfg, adapters.for_class(archs[0])
 
 
 def _processor(adapter, src: Any, trust_remote_code: bool):

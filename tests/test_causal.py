@@ -151,12 +151,19 @@ def test_organism_bias_is_carried_by_position_ids(small_probe_50):
     from analyses import causal
     m = interp.load("organism")
     pairs = causal.placement_pairs(m, small_probe_50, clean_cell=8, corrupt_cell=0, n_items=50)
-    pp = causal.position_patching(m, pairs, {"baseline": [], "bapa": [interp.BaPA()]})
-    base = pp[(pp.condition == "baseline") & (pp.layers == "all")].iloc[0]
-    assert base.clean - base.corrupt > 1.0
-    assert base.restoration > 0.8
-    bapa = pp[(pp.condition == "bapa") & (pp.layers == "all")].iloc[0]
-    assert abs(bapa.restoration) < 1e-6 or bapa.clean == bapa.corrupt  # one shared id: nothing to swap
+    import numpy as np
+    for ivs, check in (([], "baseline"), ([interp.BaPA()], "bapa")):
+        items = causal.position_items(m, pairs, ivs)
+        assert len(items) == 50 * (1 + m.adapter.layer_count(m.model, "lm"))  # per item × window
+        rows = {(r["metric"], r["layer"]): r for r in causal.position_rows(items, np.random.default_rng(0))}
+        r = rows[("position_restoration", None)]
+        alls = items[items.layers == "all"]
+        gap = alls.clean.mean() - alls.corrupt.mean()
+        assert r["value"] == pytest.approx((alls.fixed.mean() - alls.corrupt.mean()) / gap)  # a ratio of item means
+        if check == "baseline":
+            assert gap > 1.0 and r["value"] > 0.8 and r["ci_low"] < r["value"] < r["ci_high"] and r["ci_low"] > 0.5
+        else:
+            assert (alls.fixed == alls.corrupt).all()  # one shared id: nothing to swap
 
 
 @pytest.fixture(scope="module")

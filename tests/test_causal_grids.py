@@ -19,19 +19,21 @@ def test_patching_flow_and_knockout_on_a_2x2_grid(setup):
     m, probe, _ = setup
     pairs = causal.placement_pairs(m, probe, clean_cell=3, corrupt_cell=0, n_items=2)
     assert pairs.grid == (2, 2)
-    conds = {"baseline": [], "bapa": [interp.BaPA()]}
-    ap = causal.activation_patching(m, pairs, conds)
+    import numpy as np
+    rng = np.random.default_rng(0)
     last = f"lm.blocks.{m.adapter.layer_count(m.model, 'lm') - 1}"
-    full = ap[(ap.site == last) & (ap.group == "last")]
-    assert len(full) == 4 and (full.restoration - 1).abs().max() < 1e-4  # the last token's final residual is the answer
-    pp = causal.position_patching(m, pairs, conds)
-    assert set(pp.layers) == {"all"} | {str(i) for i in range(m.adapter.layer_count(m.model, "lm"))}
-    fl = causal.flow_by_placement(m, probe, conds, n_items=2)
-    assert sorted(fl.target_cell.unique()) == [0, 1, 2, 3] and sorted(fl.cell.unique()) == [0, 1, 2, 3]
-    per = fl.groupby(["condition", "target_cell", "layer"]).mass.sum()
-    assert ((per > 0) & (per <= 1 + 1e-5)).all()
-    ko = causal.knockout_curves(m, pairs, {"baseline": []})
-    assert set(ko.blocked) == {"target cell", "distractor cell", "all image tokens"}
+    for ivs in ([], [interp.BaPA()]):
+        ap = causal.restoration_rows(causal.activation_items(m, pairs, ivs), rng)
+        full = [r for r in ap if r.get("site") == last and r.get("group") == "last"]
+        assert len(full) == 2 and all(abs(r["value"] - 1) < 1e-4 for r in full)  # the final residual is the answer
+        pp = causal.position_items(m, pairs, ivs)
+        assert set(pp.layers) == {"all"} | {str(i) for i in range(m.adapter.layer_count(m.model, "lm"))}
+        fl = causal.flow_items(m, probe, ivs, n_items=2)
+        assert sorted(fl.target_cell.unique()) == [0, 1, 2, 3] and sorted(fl.cell.unique()) == [0, 1, 2, 3]
+        per = fl.groupby(["item", "target_cell", "layer"]).mass.sum()
+        assert ((per > 0) & (per <= 1 + 1e-5)).all()
+    ko = causal.knockout_items(m, pairs, [])
+    assert set(ko.blocked) == {"target cell", "distractor cell", "all image tokens"} and set(ko["item"]) == {0, 1}
 
 
 def test_probes_without_cells_are_refused(setup):

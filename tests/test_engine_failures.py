@@ -158,7 +158,7 @@ def test_knockout_refuses_attention_it_cannot_edit():
 
 # 8. A sweep's resume must not reuse results computed under other settings or other weights.
 def test_sweep_ids_include_run_settings_and_changed_weights_are_refused(tmp_path):
-    from analyses import sweep as sw
+    from analyses import plan as pl, runner
     org = interp.load("organism")
     tiny.save(org.model, org.processor, tmp_path / "ckpt")
     probe = tmp_path / "probe"
@@ -169,13 +169,13 @@ def test_sweep_ids_include_run_settings_and_changed_weights_are_refused(tmp_path
     (tmp_path / "a.toml").write_text(text)
     (tmp_path / "b.toml").write_text('dtype = "bfloat16"\n' + text)
     (tmp_path / "c.toml").write_text('batch_size = 3\n' + text)
-    ids = [{c.id for c in sw.load_sweep(tmp_path / f, tmp_path / "out").conditions} for f in ("a.toml", "b.toml", "c.toml")]
+    ids = [{c.id for c in pl.load(tmp_path / f, tmp_path / "out").conditions} for f in ("a.toml", "b.toml", "c.toml")]
     assert not ids[0] & ids[1] and not ids[0] & ids[2]  # dtype and batch size are part of every id
     with pytest.raises(SpatialBiasError, match="dtype"):
         (tmp_path / "d.toml").write_text('dtype = "int8"\n' + text)
-        sw.load_sweep(tmp_path / "d.toml", tmp_path / "out")
+        pl.load(tmp_path / "d.toml", tmp_path / "out")
     out = tmp_path / "out"
-    res = sw.run_sweep(tmp_path / "a.toml", out, progress=False)
+    res = runner.run(pl.load(tmp_path / "a.toml", out), out, progress=False)
     assert res["ran"] == 2 and not res["failed"]
     fp = set(__import__("pandas").read_parquet(out / "results.parquet").model_fingerprint)
     assert len(fp) == 1 and None not in fp
@@ -185,4 +185,4 @@ def test_sweep_ids_include_run_settings_and_changed_weights_are_refused(tmp_path
         model.lm_head.weight[0, 0] += 1e-3
     tiny.save(model, org.processor, tmp_path / "ckpt")
     with pytest.raises(SpatialBiasError, match="other weights"):
-        sw.run_sweep(tmp_path / "a.toml", out, progress=False)
+        runner.run(pl.load(tmp_path / "a.toml", out), out, progress=False)

@@ -76,8 +76,9 @@ def test_paper_layout_through_the_cli(layouts, tmp_path):
         r = runner.invoke(app, ["eval", "--model", "organism", "--probe", str(arg), "--out", str(out),
                                 "--condition", "baseline", "--no-progress"])
         assert r.exit_code == 0, r.output
-        tables[name] = pd.read_parquet(out / "results.parquet")
-        assert json.loads((out / "summary.json").read_text())["conditions"]["baseline"]["grid"] == [3, 3]
+        scores = pd.read_parquet(out / "tables" / "eval.parquet")
+        tables[name] = scores[["id", "position", "cell", "answer", "pred", "correct", "p_correct", "logit_diff", "line"]]
+        assert json.loads((out / "summary.json").read_text())["runs"][0]["grid"] == [3, 3]
     assert len(tables["ours"]) == 27
     pd.testing.assert_frame_equal(tables["folder"], tables["ours"])
     pd.testing.assert_frame_equal(tables["file"], tables["ours"])

@@ -142,17 +142,20 @@ def test_real_photo_probe_end_to_end_on_a_tiny_model(tmp_path):
                             "baseline", "--condition", "bapa", "--string-rule", "--similarity",
                             "--occlusion-steps", "2", "--no-progress"])
     assert r.exit_code == 0, r.output
-    df = pd.read_parquet(out / "results.parquet")
+    df = pd.read_parquet(out / "tables" / "eval.parquet")
     assert len(df) == 2 * 2 * 4 * 2 and set(df.grid) == {"2x2"} and set(df.position) == {"r0c0", "r0c1", "r1c0", "r1c1"}
     assert {"pred_text", "correct_prefix", "correct_robust", "line"} <= set(df.columns)
-    s = json.loads((out / "summary.json").read_text())
-    base = s["conditions"]["baseline"]
-    assert base["grid"] == [2, 2] and len(base["cell_accuracy"]) == 4 and base["cell_n"] == [4, 4, 4, 4]
-    assert 0.0 <= s["string_rule"]["baseline"]["accuracy_robust"] <= 1.0
-    assert len(s["similarity"]["max"]["cell_sim_image"]) == 4
-    assert len(pd.read_parquet(out / "occlusion.parquet")) == 16 * 4 * 2
-    for stem in ("cell_accuracy", "similarity", "occlusion_baseline"):
-        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+    res = pd.read_parquet(out / "results.parquet")
+    n = res[(res.intervention == "baseline") & (res.metric == "n")].sort_values("cell").value.tolist()
+    assert n == [4, 4, 4, 4]
+    run, = json.loads((out / "summary.json").read_text())["runs"]
+    base = run["conditions"]["baseline"]
+    assert run["grid"] == [2, 2] and len(base["cell_accuracy"]) == 4
+    assert 0.0 <= base["accuracy_robust"] <= 1.0
+    assert len(run["similarity"]["max"]["cell_sim_image"]) == 4
+    assert len(pd.read_parquet(out / "tables" / "occlusion.parquet")) == 16 * 4 * 2
+    for stem in ("cell_accuracy_", "similarity_", "occlusion_"):
+        assert any(p.stat().st_size > 1000 for p in (out / "figures").glob(f"{stem}*.png")), stem
     # the report on a 2×2 probe and a model labelled as random weights
     (model / "provenance.json").write_text(json.dumps({"random_weights": True, "note": "pipeline check"}))
     rep = tmp_path / "rep"
@@ -162,19 +165,23 @@ def test_real_photo_probe_end_to_end_on_a_tiny_model(tmp_path):
     assert "Random-weight model" in r.output
     page = (rep / "index.html").read_text()
     assert "Random weights." in page and "<th>r1c1</th>" in page and "2×2 grid" in page
-    s = json.loads((rep / "summary.json").read_text())
-    assert s["grid"] == [2, 2] and "causal_skipped" not in s  # the causal analyses run on the probe's grid
-    assert all(len(v) == 4 for v in s["attribution"]["flow_to_target_by_placement"]["baseline"].values())
+    run, = json.loads((rep / "summary.json").read_text())["runs"]
+    assert run["grid"] == [2, 2] and "flow" in run["causal"]  # the causal analyses run on the probe's grid
+    assert all(len(v) == 4 for v in run["causal"]["flow"]["baseline"].values())
 
 
 def test_figures_for_other_grids():
-    from analyses.figures import cell_heatmaps, occlusion_maps
-    s = {"grid": [4, 4], "cell_accuracy": list(np.linspace(0, 1, 16)), "mean_accuracy": 0.5, "range": 1.0}
-    fig = cell_heatmaps({"a": s, "b": s})
+    from analyses.figures import cell_heatmaps
+    acc = np.linspace(0, 1, 16)
+    rows = [{"metric": "accuracy", "cell": c, "value": v} for c, v in enumerate(acc)]
+    rows += [{"metric": "grid_rows", "value": 4}, {"metric": "grid_cols", "value": 4},
+             {"metric": "mean_accuracy", "value": 0.5}, {"metric": "range", "value": 1.0}]
+    df = pd.concat([pd.DataFrame(rows).assign(intervention=iv, family=iv, seed=0, model="m", probe="p",
+                                              analysis="eval") for iv in ("baseline", "bapa")], ignore_index=True)
+    df["lambda"] = np.nan
+    df["cell"] = df["cell"].astype("Int64")
+    fig = cell_heatmaps(df)
     assert fig.axes[0].collections[0].get_array().reshape(4, 4)[3, 3] == pytest.approx(1.0)
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["c0", "c1", "c2", "c3"]
-    fig = occlusion_maps({0: np.ones((3, 3)), 5: np.zeros((3, 3))}, (2, 3))
-    assert len(fig.axes) == 6 and fig.axes[5].get_images()[0].get_array().shape == (3, 3)
 
 
 def test_shift_probe_gets_a_curve(tmp_path, tiny_llava):
@@ -186,4 +193,6 @@ def test_shift_probe_gets_a_curve(tmp_path, tiny_llava):
     c = shift_curve(df, key="p_correct", n_resamples=200)
     assert list(c.offset) == [0, 10, 20, 30, 40] and list(c.n) == [2] * 5
     assert c["mean"].tolist() == pytest.approx(df.groupby("offset").p_correct.mean().tolist())
-    assert shift_curves({"baseline": c}, cell_px=20).axes[0].get_xlabel().startswith("target offset")
+    fig = shift_curves(df.rename(columns={"condition": "intervention"}).assign(model="m", probe="p", family="baseline",
+                                                                             seed=0, **{"lambda": np.nan}))
+    assert fig.axes[0].get_xlabel().startswith("target offset") and len(fig.axes[0].lines) == 1

@@ -63,10 +63,12 @@ def test_eval_skip_bad_scores_the_rest_and_lists_skipped(tmp_path, small_probe):
     r = runner.invoke(app, ["eval", "--model", "organism", "--probe", str(probe), "--out", str(out), "--skip-bad",
                             "--condition", "baseline", "--condition", "bapa", "--no-progress"])
     assert r.exit_code == 0, r.output
-    s = json.loads((out / "summary.json").read_text())
-    assert len(s["skipped"]) == len(expected) and set(s["conditions"]) == {"baseline", "bapa"}
+    skipped = [ln for ln in r.output.splitlines() if ln.startswith("skipped: ")]
+    assert len(skipped) == len(expected) and f"({len(expected)} skipped)" in r.output
+    run, = json.loads((out / "summary.json").read_text())["runs"]
+    assert set(run["conditions"]) == {"baseline", "bapa"}
     import pandas as pd
-    df = pd.read_parquet(out / "results.parquet")
+    df = pd.read_parquet(out / "tables" / "eval.parquet")
     assert len(df) == 2 * (6 * 9 - len(expected))
     assert not set(expected) & set(df.line)
 
@@ -84,17 +86,19 @@ def test_eval_same_seed_same_files(tmp_path, small_probe):
 
 
 def test_report_same_seed_same_files(tmp_path, small_probe):
-    from analyses import report
+    import analyses
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        report.run("organism", out, small_probe, lambdas=[0.5], seed=4, progress=False, causal=False)
-    for name in ("summary.json", "results.parquet", "index.html", "figures/cell_accuracy.svg",
-                 "figures/cell_accuracy.png"):
+        analyses.demo("organism", out, probe=small_probe, lambdas=[0.5], seed=4, progress=False, causal=False)
+    figs = sorted(p.name for p in (outs[0] / "figures").iterdir())
+    assert figs == sorted(p.name for p in (outs[1] / "figures").iterdir()) and len(figs) >= 6
+    for name in ["summary.json", "results.parquet", "tables/eval.parquet"] + [f"figures/{f}" for f in figs]:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    page = [(o / "index.html").read_text().replace(str(o), "OUT") for o in outs]
+    assert page[0] == page[1]  # the page names its folder; otherwise byte-identical
 
 
 def test_caption_script_is_text_in_the_report(tmp_path):
-    from analyses import report
     from interp import tiny
     from probes.build import shapes_probe
     from probes.format import ProbeRow, read_rows, write_rows
@@ -106,7 +110,8 @@ def test_caption_script_is_text_in_the_report(tmp_path):
                      caption="<script>alert(1)</script>") for r in read_rows(probe)]
     write_rows(probe, rows, {"grid": [3, 3]})
     out = tmp_path / "rep"
-    report.run(str(ckpt), out, probe, lambdas=[0.5], progress=False, causal=False)
+    import analyses
+    analyses.demo(str(ckpt), out, probe=probe, lambdas=[0.5], progress=False, causal=False)
     page = (out / "index.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from analyses import sweep as sw
+from analyses import plan as pl, report as rep, runner, store
+from analyses.estimate import estimate
 from analyses.cli import app
 
 KEY = ["condition_id", "metric", "cell", "layer", "site", "group"]
@@ -22,7 +23,7 @@ SWEEP = """
 seeds = [0]
 analyses = ["eval", "patching", "flow"]
 causal_items = 3
-patch_cells = "auto"
+patch_cells = [8, 0]   # corners: the tiny LLaVA's 4×4 patches split evenly there only
 
 [models]
 organism = {{ path = "organism", probes = ["shapes"] }}
@@ -67,33 +68,33 @@ def _sorted(df):
 @pytest.fixture(scope="module")
 def reference(sweep_dir):
     """The sweep run once, uninterrupted, in this process."""
-    res = sw.run_sweep(sweep_dir / "sweep.toml", sweep_dir / "ref", progress=False)
+    res = runner.run(pl.load(sweep_dir / "sweep.toml", sweep_dir / "ref"), sweep_dir / "ref", progress=False)
     assert res["failed"] == [] and res["done"] == res["total"] == 42
     return pd.read_parquet(sweep_dir / "ref" / "results.parquet")
 
 
 def test_plan_is_the_cross_product_with_stable_ids(sweep_dir, tmp_path):
-    s = sw.load_sweep(sweep_dir / "sweep.toml", tmp_path)
+    s = pl.load(sweep_dir / "sweep.toml", tmp_path)
     assert len(s.conditions) == 2 * 7 * 3
     assert len({c.id for c in s.conditions}) == 42
     labels = {c.intervention for c in s.conditions}
-    assert labels == {"baseline", "bapa", "agci λ=0.5", "agci λ=1", "agci-adaptive cos_spread×1",
+    assert labels == {"baseline", "bapa", "agci:0.5", "agci:1", "agci-adaptive:cos_spread:1",
                       "positions:reverse", "positions:shuffle"}
     assert {(c.model, c.probe) for c in s.conditions} == {("organism", "shapes"), ("tiny", "captions")}
-    again = sw.load_sweep(sweep_dir / "sweep.toml", tmp_path / "elsewhere")  # ids do not depend on OUT
+    again = pl.load(sweep_dir / "sweep.toml", tmp_path / "elsewhere")  # ids do not depend on OUT
     assert [c.id for c in again.conditions] == [c.id for c in s.conditions]
     for c in s.conditions:
-        back = sw.Condition.from_dict(json.loads(json.dumps(c.to_dict())))
+        back = pl.Condition.from_dict(json.loads(json.dumps(c.to_dict())))
         assert back == c and back.id == c.id
 
 
 def test_results_table_is_tidy(reference):
-    assert list(reference.columns) == sw.COLUMNS
+    assert list(reference.columns) == store.COLUMNS
     assert not reference.duplicated(KEY).any()
     assert reference.condition_id.nunique() == 42
     ev = reference[(reference.analysis == "eval") & (reference.metric == "accuracy")]
     assert (ev.groupby("condition_id").cell.nunique() == 9).all()
-    agci = reference[reference.intervention == "agci λ=0.5"]
+    agci = reference[reference.intervention == "agci:0.5"]
     assert (agci["lambda"] == 0.5).all() and reference[reference.family == "baseline"]["lambda"].isna().all()
     pat = reference[(reference.analysis == "patching") & (reference.metric == "restoration_denoise")]
     assert set(pat.group) == {"target", "image", "text", "last", "all"}
@@ -105,10 +106,11 @@ def test_results_table_is_tidy(reference):
 
 def test_a_condition_reruns_alone_from_its_config(sweep_dir, reference):
     import interp
-    row = reference[(reference.model == "organism") & (reference.intervention == "agci-adaptive cos_spread×1")
+    row = reference[(reference.model == "organism") & (reference.intervention == "agci-adaptive:cos_spread:1")
                     & (reference.analysis == "eval")].iloc[0]
-    cond = sw.Condition.from_dict(json.loads(row.config))
-    alone = sw.run_condition(interp.load(cond.model_path), cond)
+    cond = pl.Condition.from_dict(json.loads(row.config))
+    alone, details = runner.rerun_alone(cond)
+    assert len(details) == int(reference[(reference.condition_id == cond.id) & (reference.metric == "n_rows")].value.iloc[0])
     ref = reference[reference.condition_id == cond.id]
     pd.testing.assert_frame_equal(_sorted(alone), _sorted(ref), check_dtype=False)
 
@@ -166,13 +168,13 @@ def test_kill_and_resume_completes_without_duplicates_or_recomputation(sweep_dir
     assert not got.duplicated(KEY).any()
     pd.testing.assert_frame_equal(_sorted(got), _sorted(reference))
     assert [json.loads(line)["id"] for line in (out / "conditions.jsonl").read_text().splitlines()] == \
-        [c.id for c in sw.load_sweep(sweep_dir / "sweep.toml", out).conditions]
+        [c.id for c in pl.load(sweep_dir / "sweep.toml", out).conditions]
 
 
 def test_ray_executor_on_a_local_cluster_matches_the_local_run(sweep_dir, reference):
     pytest.importorskip("ray")
     out = sweep_dir / "ray"
-    res = sw.run_sweep(sweep_dir / "sweep.toml", out, executor="ray", num_cpus=2, progress=False)
+    res = runner.run(pl.load(sweep_dir / "sweep.toml", out), out, executor="ray", num_cpus=2, progress=False)
     assert res["failed"] == [] and res["done"] == 42
     pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "results.parquet")), _sorted(reference))
 
@@ -214,7 +216,7 @@ def test_dry_run_lists_conditions_and_cost(sweep_dir, reference):
     r = CliRunner().invoke(app, ["sweep", str(sweep_dir / "sweep.toml"), "--out", str(sweep_dir / "ref"), "--dry-run"])
     assert r.exit_code == 0, r.output
     assert "42 conditions, 42 done, 0 pending" in r.output
-    est = sw.estimate(sw.load_sweep(sweep_dir / "sweep.toml", sweep_dir / "ref"), sweep_dir / "ref")
+    est = estimate(pl.load(sweep_dir / "sweep.toml", sweep_dir / "ref"), sweep_dir / "ref")
     assert (est.forward_rows > 0).all() and est.est_seconds.notna().all()
     fresh = sweep_dir / "fresh"
     r = CliRunner().invoke(app, ["sweep", str(sweep_dir / "sweep.toml"), "--out", str(fresh), "--dry-run"])
@@ -224,7 +226,8 @@ def test_dry_run_lists_conditions_and_cost(sweep_dir, reference):
 @pytest.mark.parametrize("text, needle", [
     ("[models]\no = 'organism'\n", "needs a [probes] table"),
     ("analyses = ['evaluate']\n[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n", "unknown analysis"),
-    ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nagci = [-1]\n", "λ=-1"),
+    ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nagci = [-1]\n",
+     "[interventions] agci: 'agci:-1': λ must be a finite number ≥ 0"),
     ("[models]\no = 'organism'\n[probes]\np = { build = 'shapes' }\n[interventions]\nagci = ['x']\n",
      "list of numbers"),
     ("[models]\no = 'organism'\n[probes]\np = 'no/such/probe'\n", "probe file not found"),
@@ -258,15 +261,15 @@ def test_the_real_sweeps_report_renders(sweep_dir, reference, tmp_path):
     import base64
     import io
 
-    from test_sweep_report import _chromium, parse
+    from test_report import _chromium, parse
 
-    from analyses import sweep_report
     r = CliRunner().invoke(app, ["report", "--from", str(sweep_dir / "ref")])
     assert r.exit_code == 0, r.output
-    page = sweep_dir / "ref" / "report" / "index.html"
+    page = sweep_dir / "ref" / "index.html"
     p = parse(page)
-    specs, skipped = sweep_report.plan(reference)
-    assert skipped == {} and len(p.imgs) == len(specs) >= 8
+    specs, skipped = rep.plan_figures(reference, {a: store.read_details(sweep_dir / "ref", reference, a)
+                                                   for a in ("flow", "eval")})
+    assert set(skipped) == {"probe-side", "knockout"} and len(p.imgs) == len(specs) >= 9
     assert all(a in p.ids for a in p.toc_links)
     for img in p.imgs:
         Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).verify()

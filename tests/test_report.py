@@ -1,6 +1,6 @@
-"""The sweep report (``spatialbias report --from DIR``) on synthetic results tables in the sweep's
-schema: page structure, embedded figures, escaping, determinism, bad input, and a headless
-Chromium rendering when a Chromium is installed."""
+"""The one renderer (``spatialbias report --from DIR``, also the demo's report) on synthetic results
+tables in the store's schema: page structure, embedded figures, escaping, determinism, bad input,
+and a headless Chromium rendering when a Chromium is installed."""
 from __future__ import annotations
 
 import base64
@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from analyses import sweep_figures as sf, sweep_report
+from analyses import figures as sf, report as sweep_report, store
 from analyses.cli import app
-from interp.errors import SpatialBiasError
+from analyses.figures.common import grid_shape
+from spatialbias.errors import SpatialBiasError
 
 runner = CliRunner()
 
@@ -30,11 +31,11 @@ INTERVENTIONS = [  # (label, family, λ, interventions config)
     ("baseline", "baseline", np.nan, []),
     ("bapa", "bapa", np.nan, [{"kind": "bapa", "variant": "reference"}]),
     ("bapa:keep_hw", "bapa", np.nan, [{"kind": "bapa", "variant": "keep_hw"}]),
-    ("agci λ=0.25", "agci", 0.25, [{"kind": "agci", "lam": 0.25}]),
-    ("agci λ=0.5", "agci", 0.5, [{"kind": "agci", "lam": 0.5}]),
-    ("agci λ=1", "agci", 1.0, [{"kind": "agci", "lam": 1.0}]),
-    ("agci-pooled λ=0.5", "agci", 0.5, [{"kind": "agci", "lam": 0.5, "pooled": True}]),
-    ("agci-adaptive cos_spread×1", "agci-adaptive", 1.0, [{"kind": "agci-adaptive", "stat": "cos_spread",
+    ("agci:0.25", "agci", 0.25, [{"kind": "agci", "lam": 0.25}]),
+    ("agci:0.5", "agci", 0.5, [{"kind": "agci", "lam": 0.5}]),
+    ("agci:1", "agci", 1.0, [{"kind": "agci", "lam": 1.0}]),
+    ("agci-pooled:0.5", "agci", 0.5, [{"kind": "agci", "lam": 0.5, "pooled": True}]),
+    ("agci-adaptive:cos_spread:1", "agci-adaptive", 1.0, [{"kind": "agci_adaptive", "rule": "cos_spread",
                                                            "scale": 1.0}]),
     ("positions:shuffle", "positions", np.nan, [{"kind": "positions", "mode": "shuffle"}]),
 ]
@@ -44,26 +45,25 @@ VERSIONS = json.dumps({"torch": "2.13.0", "transformers": "4.99", "nnsight": "0.
 
 def _rows(model, probe, iv, analysis, seed, shape, rng):
     label, family, lam, ivs = iv
-    config = json.dumps({"model": model, "probe": probe, "interventions": ivs, "analysis": analysis, "seed": seed},
-                        sort_keys=True)
+    config = json.dumps({"model": model, "probe": probe, "interventions": ivs, "analysis": analysis, "seed": seed,
+                         "model_path": "", "probe_path": ""}, sort_keys=True)
     cid = hashlib.sha1(config.encode()).hexdigest()[:12]
     base = dict(condition_id=cid, model=model, probe=probe, intervention=label, family=family, analysis=analysis,
-                seed=seed, config=config, versions=VERSIONS)
+                seed=seed, config=config, versions=VERSIONS, details=None, model_fingerprint="f" * 16)
     base["lambda"] = lam
     out = []
 
-    def add(metric, value, cell=None, layer=None, site=None, group=None):
-        out.append(dict(base, metric=metric, cell=cell, layer=layer, site=site, group=group, value=float(value)))
+    def add(metric, value, cell=None, layer=None, site=None, group=None, ci_low=np.nan, ci_high=np.nan):
+        out.append(dict(base, metric=metric, cell=cell, layer=layer, site=site, group=group, value=float(value),
+                        ci_low=ci_low, ci_high=ci_high))
     n = shape[0] * shape[1]
     bias = {"baseline": 0.3, "bapa": 0.05, "agci": 0.3 / (1 + (0 if np.isnan(lam) else lam)),
             "agci-adaptive": 0.12, "positions": 0.2}[family]
     if analysis == "eval":
         acc = np.clip(0.75 - bias / 2 + bias * np.arange(n) / (n - 1) + rng.normal(0, 0.02, n), 0, 1)
         for c in range(n):
-            add("accuracy", acc[c], cell=c)
+            add("accuracy", acc[c], cell=c, ci_low=acc[c] - 0.05, ci_high=acc[c] + 0.05)
             add("p_correct", acc[c] * 0.9, cell=c)
-            add("ci_low", acc[c] - 0.05, cell=c)
-            add("ci_high", acc[c] + 0.05, cell=c)
             add("n", 100, cell=c)
         for metric, v in (("mean_accuracy", acc.mean()), ("mean_p_correct", 0.9 * acc.mean()),
                           ("range", np.ptp(acc)), ("std", acc.std()), ("cv", acc.std() / acc.mean()),
@@ -114,15 +114,16 @@ def synthetic_results(only_eval: bool = False, seeds=(0, 1)) -> pd.DataFrame:
         df[col] = df[col].astype("Int64")
     df["seed"] = df["seed"].astype("int64")
     df["lambda"] = df["lambda"].astype(float)
-    cols = ["condition_id", "model", "probe", "intervention", "family", "lambda", "analysis", "seed", "metric",
-            "cell", "layer", "site", "group", "value", "config", "versions"]
-    return df[cols]
+    for col in ("ci_low", "ci_high"):
+        df[col] = df[col].astype(float)
+    return df[store.COLUMNS]
 
 
 def write_sweep(d: Path, df: pd.DataFrame) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     df.to_parquet(d / "results.parquet", index=False)
-    (d / "sweep.toml").write_text('models = ["organism"]\nnote = "a <b>bold</b> & λ claim"\n', encoding="utf-8")
+    (d / "plan.json").write_text(json.dumps({"models": ["organism"], "note": "a <b>bold</b> & λ claim"}, ensure_ascii=False),
+                                 encoding="utf-8")
     confs = df.drop_duplicates("condition_id").config
     (d / "conditions.jsonl").write_text("".join(c + "\n" for c in confs), encoding="utf-8")
     return d
@@ -180,19 +181,20 @@ def sweep(tmp_path_factory):
     d = write_sweep(tmp_path_factory.mktemp("sweep") / "run", synthetic_results())
     r = runner.invoke(app, ["report", "--from", str(d)])
     assert r.exit_code == 0, r.output
-    assert str(d / "report" / "index.html") in r.output
+    assert str(d / "index.html") in r.output
     return d
 
 
 def test_page_structure(sweep):
-    page = sweep / "report" / "index.html"
+    page = sweep / "index.html"
     p = parse(page)
     assert p.h2 == ["Contents"] + SECTION_HEADINGS
     assert p.toc_links and all(a in p.ids for a in p.toc_links)
     assert {a for a, *_ in sweep_report.SECTIONS} <= set(p.toc_links)
-    specs, skipped = sweep_report.plan(pd.read_parquet(sweep / "results.parquet"))
-    assert skipped == {}  # every section has data
-    assert {s.section for s in specs} == {a for a, *_ in sweep_report.SECTIONS} - {"sweep", "conditions", "reproduce"}
+    specs, skipped = sweep_report.plan_figures(pd.read_parquet(sweep / "results.parquet"), {})
+    assert set(skipped) == {"probe-side", "knockout"}  # no similarity / occlusion / shift / knockout rows here
+    assert {s.section for s in specs} == {a for a, *_ in sweep_report.SECTIONS} - {
+        "summary", "conditions", "reproduce", "probe-side", "knockout"}
     # 3 (model, probe) heatmaps; scatter; λ; denoise + noise; positions; attention
     assert len(specs) == len(p.imgs) == 3 + 1 + 1 + 2 + 1 + 1
     for img in p.imgs:
@@ -202,34 +204,35 @@ def test_page_structure(sweep):
         assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
     for s in specs:
         for ext, magic in (("png", b"\x89PNG"), ("svg", b"<?xml")):
-            f = sweep / "report" / "figures" / f"{s.stem}.{ext}"
+            f = sweep / "figures" / f"{s.stem}.{ext}"
             assert f.read_bytes().startswith(magic), f
-    assert sorted(x.name for x in (sweep / "report" / "figures").iterdir()) == sorted(
+    assert sorted(x.name for x in (sweep / "figures").iterdir()) == sorted(
         f"{s.stem}.{ext}" for s in specs for ext in ("png", "svg"))
 
 
 def test_labels_escaped(sweep):
-    text = (sweep / "report" / "index.html").read_text(encoding="utf-8")
-    p = parse(sweep / "report" / "index.html")
+    text = (sweep / "index.html").read_text(encoding="utf-8")
+    p = parse(sweep / "index.html")
     assert "<script" not in text and "<b>bold" not in text
     assert "script" not in p.tags and p.tags.count("b") == len(p.imgs)  # only the captions' own <b>
     assert html.escape(NASTY) in text
     body = "".join(p.text)
-    assert NASTY in body and "agci λ=0.5" in body and "cos_spread×1" in body and 'a <b>bold</b> & λ claim' in body
+    assert NASTY in body and "agci:0.5" in body and "agci-adaptive:cos_spread:1" in body
+    assert 'a <b>bold</b> & λ claim' in body
 
 
 def test_every_command_redraws_its_figure(sweep):
     """The call printed under each figure is valid Python that returns that figure."""
     import matplotlib.pyplot as plt
 
-    import analyses.sweep_figures  # noqa: F401  (the name the printed calls use)
-    text = (sweep / "report" / "index.html").read_text(encoding="utf-8")
+    import analyses.figures  # noqa: F401  (the name the printed calls use)
+    text = (sweep / "index.html").read_text(encoding="utf-8")
     calls = [html.unescape(c) for c in __import__("re").findall(r"<figcaption><b>.*?</b> — <code>(.*?)</code>", text)]
-    specs, _ = sweep_report.plan(pd.read_parquet(sweep / "results.parquet"))
-    assert calls == [s.command((sweep / "results.parquet").resolve()) for s in specs]
+    specs, _ = sweep_report.plan_figures(pd.read_parquet(sweep / "results.parquet"), {})
+    assert calls == [s.command(sweep.resolve()) for s in specs]
     drawn = set()
     for call, spec in zip(calls, specs):
-        assert call.startswith(f"analyses.sweep_figures.{spec.function}(pd.read_parquet(")
+        assert call.startswith(f"analyses.figures.{spec.function}(pd.read_parquet(")
         if spec.function in drawn:  # the others differ only in their (checked) arguments; keeps the test fast
             continue
         drawn.add(spec.function)
@@ -239,14 +242,14 @@ def test_every_command_redraws_its_figure(sweep):
 
 
 def test_rerun_is_byte_identical(sweep):
-    page = sweep / "report" / "index.html"
+    page = sweep / "index.html"
     before = page.read_bytes()
-    svgs = {f.name: f.read_bytes() for f in (sweep / "report" / "figures").glob("*.svg")}
-    (sweep / "report" / "figures" / "stale.png").write_bytes(b"old")
+    svgs = {f.name: f.read_bytes() for f in (sweep / "figures").glob("*.svg")}
+    (sweep / "figures" / "stale.png").write_bytes(b"old")
     assert sweep_report.build(sweep) == page
     assert page.read_bytes() == before
-    assert {f.name: f.read_bytes() for f in (sweep / "report" / "figures").glob("*.svg")} == svgs
-    assert not (sweep / "report" / "figures" / "stale.png").exists()
+    assert {f.name: f.read_bytes() for f in (sweep / "figures").glob("*.svg")} == svgs
+    assert not (sweep / "figures" / "stale.png").exists()
 
 
 def test_conditions_table_aggregates_seeds(sweep):
@@ -258,17 +261,17 @@ def test_conditions_table_aggregates_seeds(sweep):
               & (df.metric == "range")].value
     assert row["range"] == pytest.approx(vals.mean()) and row["range_sd"] == pytest.approx(vals.std())
     assert list(t[(t.model == "organism") & (t.probe == "shapes")].intervention) == [  # family, then λ, then label
-        "baseline", "bapa", "bapa:keep_hw", "agci λ=0.25", "agci λ=0.5", "agci-pooled λ=0.5", "agci λ=1",
-        "agci-adaptive cos_spread×1", "positions:shuffle"]
-    page = (sweep / "report" / "index.html").read_text(encoding="utf-8")
+        "baseline", "bapa", "bapa:keep_hw", "agci:0.25", "agci:0.5", "agci-pooled:0.5", "agci:1",
+        "agci-adaptive:cos_spread:1", "positions:shuffle"]
+    page = (sweep / "index.html").read_text(encoding="utf-8")
     assert f"{row['range']:.3f} ± {row['range_sd']:.3f}" in page
 
 
 def test_grid_shape_from_metrics():
     df = synthetic_results(only_eval=True, seeds=(0,))
-    assert sf.grid_shape(df, "wide 2×4") == (2, 4)
-    assert sf.grid_shape(df, "shapes", 9) == (3, 3)
-    assert sf.grid_shape(df, "other", 16) == (4, 4)
+    assert grid_shape(df, "wide 2×4") == (2, 4)
+    assert grid_shape(df, "shapes", 9) == (3, 3)
+    assert grid_shape(df, "other", 16) == (4, 4)
     fig = sf.cell_heatmaps(df, model="organism", probe="wide 2×4")
     assert fig.axes[0].collections[0].get_array().shape in ((8,), (2, 4))  # a 2×4 mesh
     import matplotlib.pyplot as plt
@@ -277,12 +280,12 @@ def test_grid_shape_from_metrics():
 
 def test_eval_only_sweep_skips_the_causal_sections(tmp_path):
     df = synthetic_results(only_eval=True, seeds=(0,))
-    d = write_sweep(tmp_path / "ev", df[(df.model == "organism") & df.intervention.isin(["baseline", "agci λ=0.5"])])
+    d = write_sweep(tmp_path / "ev", df[(df.model == "organism") & df.intervention.isin(["baseline", "agci:0.5"])])
     page = sweep_report.build(d)
     p = parse(page)
     assert p.h2 == ["Contents"] + SECTION_HEADINGS and all(a in p.ids for a in p.toc_links)
     text = page.read_text(encoding="utf-8")
-    for anchor in ("patching", "position-patching", "attention-flow"):
+    for anchor in ("patching", "position-patching", "attention-flow", "knockout", "probe-side"):
         assert f"<section id='{anchor}'><h2>" in text
         assert text.split(f"<section id='{anchor}'>")[1].split("</section>")[0].count("Skipped: no ") == 1
     assert "± " not in text.split("id='conditions'")[1].split("<table>")[1].split("</table>")[0]  # one seed
@@ -301,14 +304,16 @@ def test_figure_filters_and_errors():
     fig = sf.range_vs_accuracy(df, model="organism", probe="shapes", intervention=["baseline", "bapa"])
     assert len(fig.axes) == 1 and len(fig.axes[0].texts) == 2
     plt.close(fig)
-    assert sf.agci_variant("agci-pooled λ=0.5") == "agci-pooled" and sf.agci_variant("agci λ=2") == "agci"
-    assert sf.adaptive_rule("agci-adaptive cos_spread×0.5") == "agci-adaptive cos_spread"
+    from analyses.figures.lambdas import adaptive_rule, agci_variant
+    assert agci_variant("agci-pooled:0.5") == "agci-pooled" and agci_variant("agci:2") == "agci"
+    assert adaptive_rule("agci-adaptive:cos_spread:0.5") == "agci-adaptive:cos_spread"
+    assert adaptive_rule("agci-adaptive:cos_spread:0.5:pooled") == "agci-adaptive:cos_spread:pooled"
 
 
 def test_plan_without_eval_skips_the_eval_sections():
     df = synthetic_results(seeds=(0,))
-    specs, skipped = sweep_report.plan(df[df.analysis != "eval"])
-    assert set(skipped) == {"conditions", "cell-accuracy", "range-accuracy", "agci-lambda"}
+    specs, skipped = sweep_report.plan_figures(df[df.analysis != "eval"], {})
+    assert set(skipped) == {"conditions", "cell-accuracy", "range-accuracy", "agci-lambda", "probe-side", "knockout"}
     assert [s.function for s in specs] == ["restoration_heatmaps"] * 2 + ["position_restoration",
                                                                           "attention_to_target"]
     assert all("no " in why for why in skipped.values())
@@ -338,7 +343,7 @@ def test_cli_bad_input(tmp_path):
     pd.DataFrame({"a": [1]}).to_parquet(wrong / "results.parquet")
     line = one_line_error(runner.invoke(app, ["report", "--from", str(wrong)]))
     assert "missing column(s) condition_id" in line
-    assert not (bad / "report").exists() and not (wrong / "report").exists()
+    assert not (bad / "index.html").exists() and not (wrong / "index.html").exists()
 
 
 def _chromium() -> str | None:
@@ -356,7 +361,7 @@ def test_renders_in_headless_chromium(sweep, tmp_path):
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-           (sweep / "report" / "index.html").as_uri()]
+           (sweep / "index.html").as_uri()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     with Image.open(shot) as im:

@@ -1,0 +1,20 @@
+"""Every figure of the toolkit: one public function of a results table (or of its detail
+tables), drawn once, in one module per family — accuracy maps (:mod:`.accuracy`), λ curves
+(:mod:`.lambdas`), patching (:mod:`.patching`), attention flow (:mod:`.flow`). Each returns a
+matplotlib Figure (shown inline in a notebook); :func:`save` writes PNG + SVG.
+
+>>> import pandas as pd
+>>> from analyses import figures
+>>> df = pd.read_parquet("out/demo/results.parquet")
+>>> figures.cell_heatmaps(df, model="organism", probe="shapes")
+"""
+from analyses.figures.accuracy import (cell_heatmaps, conditions_table, occlusion_maps, range_vs_accuracy,
+                                       shift_curves, similarity_maps)
+from analyses.figures.common import save, select
+from analyses.figures.flow import attention_to_target, layer_cell
+from analyses.figures.lambdas import lambda_curves
+from analyses.figures.patching import knockout_drops, position_restoration, restoration_heatmaps
+
+__all__ = ["attention_to_target", "cell_heatmaps", "conditions_table", "knockout_drops", "lambda_curves",
+           "layer_cell", "occlusion_maps", "position_restoration", "range_vs_accuracy", "restoration_heatmaps",
+           "save", "select", "shift_curves", "similarity_maps"]

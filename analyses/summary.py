@@ -1,0 +1,277 @@
+"""The summary of a run folder: per (model, probe) its conditions' metrics, its causal block (one
+key per analysis, every number with its bootstrap 95% interval), the findings in words and as a
+table of claims — all read from ``results.parquet``; every number comes from the table.
+
+Role: ``summary.json`` and the report's text. May import: ``spatialbias``, ``analyses.store``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EVAL_SCALARS = ("mean_accuracy", "mean_p_correct", "range", "std", "cv", "chi2", "chi2_p", "consistency", "n_rows",
+                "n_items", "lambda_mean", "accuracy_prefix", "accuracy_robust")
+
+
+def _f(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x) else float(x)
+
+
+def _vci(r) -> dict:
+    return {"value": _f(r["value"]), "ci_low": _f(r["ci_low"]), "ci_high": _f(r["ci_high"])}
+
+
+def runs(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(model, probe) pairs of a results table, in table order."""
+    return list(dict.fromkeys(zip(df.model, df.probe)))
+
+
+def eval_block(d: pd.DataFrame) -> dict:
+    """Per intervention label (display order): the scalars and per-cell lists of the eval rows of
+    one (model, probe), mean over seeds."""
+    from analyses.figures.common import intervention_order
+    e = d[d.analysis == "eval"]
+    out = {}
+    for iv in intervention_order(e) if len(e) else []:
+        x = e[e.intervention == iv]
+        s = x[x.cell.isna()].groupby("metric")["value"].mean()
+        block = {k: _f(s[k]) for k in EVAL_SCALARS if k in s.index}
+        cells = x[x.cell.notna()].groupby(["metric", "cell"])[["value", "ci_low", "ci_high"]].mean()
+        for name, key in (("accuracy", "cell_accuracy"), ("p_correct", "cell_p_correct")):
+            if name in cells.index.get_level_values(0):
+                c = cells.loc[name].sort_index()
+                block[key] = [_f(v) for v in c.value]
+                if name == "accuracy":
+                    block["cell_ci_low"] = [_f(v) for v in c.ci_low]
+                    block["cell_ci_high"] = [_f(v) for v in c.ci_high]
+        block["family"] = str(x.family.iloc[0])
+        block["lambda"] = _f(x["lambda"].iloc[0])
+        out[iv] = block
+    return out
+
+
+def causal_block(d: pd.DataFrame) -> dict:
+    """One key per causal analysis that ran on this (model, probe), each per intervention label."""
+    from analyses.figures.common import intervention_order
+    out: dict = {}
+    c = d[d.analysis != "eval"]
+    if c.empty:
+        return out
+    for r in c[c.metric.isin(["clean_cell", "corrupt_cell", "n_items"])].drop_duplicates("metric").itertuples():
+        out.setdefault("cells", {})[{"clean_cell": "clean", "corrupt_cell": "corrupt"}.get(r.metric, r.metric)] = \
+            int(r.value)
+    order = intervention_order(c)
+    p = c[c.analysis == "patching"]
+    if len(p):
+        out["patching"] = {iv: {
+            "restoration": [{"direction": r.metric.split("_")[1], "site": r.site, "group": r.group, **_vci(r._asdict())}
+                            for r in p[(p.intervention == iv) & p.metric.str.startswith("restoration_")].itertuples()],
+            **{m: _vci(p[(p.intervention == iv) & (p.metric == m)].iloc[0]) for m in ("logit_diff_clean",
+                                                                                       "logit_diff_corrupt")}}
+            for iv in order if iv in set(p.intervention)}
+        out["position_patching"] = {iv: [
+            {"layers": "all" if pd.isna(r.layer) else int(r.layer), "what": r.metric.split("_")[1], **_vci(r._asdict())}
+            for r in p[(p.intervention == iv) & p.metric.str.startswith("position_")].itertuples()]
+            for iv in order if iv in set(p.intervention)}
+    k = c[c.analysis == "knockout"]
+    if len(k):
+        out["knockout"] = {iv: [{"layers": "all" if pd.isna(r.layer) else int(r.layer), "blocked": r.group,
+                                 **_vci(r._asdict())} for r in k[(k.intervention == iv) &
+                                                                  (k.metric == "knockout_drop")].itertuples()]
+                           for iv in order if iv in set(k.intervention)}
+    f = c[(c.analysis == "flow") & (c.metric == "attention_to_target")]
+    if len(f):
+        out["flow"] = {iv: {int(layer): [_vci(r) for r in g.sort_values("cell").to_dict("records")]
+                            for layer, g in f[f.intervention == iv].groupby("layer")}
+                       for iv in order if iv in set(f.intervention)}
+    a = c[(c.analysis == "attribution") & (c.metric == "attribution_spearman")]
+    if len(a):
+        out["attribution"] = {iv: {r.group: _f(r.value) for r in a[a.intervention == iv].itertuples()}
+                              for iv in order if iv in set(a.intervention)}
+    return out
+
+
+def build(src: str | Path, df: pd.DataFrame | None = None) -> dict:
+    """The summary of a run folder (also what :mod:`analyses.report` writes to ``summary.json``)."""
+    from analyses.store import versions
+    src = Path(src)
+    df = pd.read_parquet(src / "results.parquet") if df is None else df
+    out_runs = []
+    for model, probe in runs(df):
+        d = df[(df.model == model) & (df.probe == probe)]
+        cfg = json.loads(d.config.iloc[0])
+        run = {"model": model, "probe": probe, "model_path": cfg.get("model_path"), "probe_path": cfg.get("probe_path"),
+               "seeds": sorted(int(s) for s in d.seed.unique()), "conditions": eval_block(d), "causal": causal_block(d)}
+        g = d[d.metric.isin(["grid_rows", "grid_cols"])].groupby("metric").value.first()
+        run["grid"] = [int(g["grid_rows"]), int(g["grid_cols"])] if len(g) == 2 else [3, 3]
+        for name, note in (("organism", "training.json"), ("model_note", "provenance.json")):
+            rec = _beside_checkpoint(cfg.get("model_path"), note)
+            if rec is not None:
+                run[name] = rec
+        sim = d[(d.analysis == "similarity") & d.metric.str.startswith("cell_")]
+        if len(sim):
+            run["similarity"] = {how: {m: [_f(v) for v in g2.sort_values("cell").value] for m, g2 in g.groupby("metric")}
+                                 for how, g in sim.groupby("group")}
+        run["findings"] = findings(run)
+        run["conclusion"] = conclusion(run)
+        run["causal_conclusion"] = causal_conclusion(run)
+        out_runs.append(run)
+    plan = src / "plan.json"
+    return {"runs": out_runs, "software": versions(),
+            "plan": json.loads(plan.read_text()) if plan.is_file() else None}
+
+
+def _beside_checkpoint(model_path: str, name: str) -> dict | None:
+    """``training.json`` (an organism's record: how its bias was planted) or ``provenance.json``
+    (e.g. random weights) beside a checkpoint folder."""
+    from interp.load import checkpoint_folder
+    folder = checkpoint_folder(model_path) if model_path else None
+    p = folder / name if folder is not None else None
+    return json.loads(p.read_text()) if p is not None and p.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# words and claims, every number from the run's blocks
+
+
+def _pct(x: dict | None) -> str:
+    if not x or x.get("value") is None:
+        return "n/a"
+    ci = "" if x.get("ci_low") is None else f" [{x['ci_low']:.0%}, {x['ci_high']:.0%}]"
+    return f"{x['value']:.0%}{ci}"
+
+
+def _num(x: dict | None, fmt: str = "+.2f") -> str:
+    if not x or x.get("value") is None:
+        return "n/a"
+    ci = "" if x.get("ci_low") is None else f" [{x['ci_low']:{fmt}}, {x['ci_high']:{fmt}}]"
+    return f"{x['value']:{fmt}}{ci}"
+
+
+def conclusion(run: dict) -> str:
+    """The eval result in words."""
+    conds = run["conditions"]
+    lines = ["[Random-weight model: these numbers measure the pipeline, not a model.]"] \
+        if (run.get("model_note") or {}).get("random_weights") else []
+    b = conds.get("baseline")
+    for iv, c in conds.items():
+        if c.get("mean_accuracy") is None:
+            continue
+        share = f"; the range is {c['range'] / b['range']:.0%} of the baseline's" if b and iv != "baseline" and \
+            b.get("range") and c["family"] == "bapa" else ""
+        p = f"; χ² homogeneity p = {c['chi2_p']:.2g}" if c.get("chi2_p") is not None else ""
+        lines.append(f"{iv}: mean accuracy {c['mean_accuracy']:.3f}, range across cells {c['range']:.3f} "
+                     f"(std {c['std']:.3f}{p}){share}.")
+    return " ".join(lines)
+
+
+def _restoration(run: dict, iv: str, site: str, group: str, direction: str = "denoise") -> dict | None:
+    for r in run["causal"].get("patching", {}).get(iv, {}).get("restoration", []):
+        if (r["site"], r["group"], r["direction"]) == (site, group, direction):
+            return r
+    return None
+
+
+def _position(run: dict, iv: str, layers, what: str) -> dict | None:
+    return next((r for r in run["causal"].get("position_patching", {}).get(iv, [])
+                 if r["layers"] == layers and r["what"] == what), None)
+
+
+def findings(run: dict) -> list[dict]:
+    """The causal findings as claims, one row each: {claim, intervention, value, ci_low, ci_high}."""
+    c, out = run["causal"], []
+
+    def add(claim, iv, x):
+        if x and x.get("value") is not None:
+            out.append({"claim": claim, "intervention": iv, "value": x["value"], "ci_low": x.get("ci_low"),
+                        "ci_high": x.get("ci_high")})
+    cells = c.get("cells", {})
+    for iv, p in c.get("patching", {}).items():
+        add(f"answer logit difference, target in cell {cells.get('clean')} (clean)", iv, p["logit_diff_clean"])
+        add(f"answer logit difference, target in cell {cells.get('corrupt')} (corrupt)", iv, p["logit_diff_corrupt"])
+        add("position-id patching, all layers: share of the gap restored", iv, _position(run, iv, "all", "restoration"))
+        add("converse position-id swap on the clean run: share of the gap removed", iv, _position(run, iv, "all", "damage"))
+        for r in c.get("position_patching", {}).get(iv, []):
+            if r["layers"] != "all" and r["what"] == "restoration":
+                add(f"position-id patching, layer {r['layers']} alone", iv, r)
+        add("the target cell's tokens at the LM input (denoising restoration)", iv, _restoration(run, iv, "lm.input", "target"))
+    for iv, rows in c.get("knockout", {}).items():
+        for r in rows:
+            if r["layers"] == "all":
+                add(f"knockout of the {r['blocked']} in every layer: drop of the logit difference", iv, r)
+    for iv, by_layer in c.get("flow", {}).items():
+        for layer, cells_ in by_layer.items():
+            vals = [x["value"] for x in cells_ if x["value"] is not None]
+            if vals:
+                add(f"attention to the target's cell, layer {layer}: spread (max − min) over placements", iv,
+                    {"value": max(vals) - min(vals)})
+    for iv, rhos in c.get("attribution", {}).items():
+        for name, rho in rhos.items():
+            add(f"attribution patching ({name}) vs exact: Spearman over all patches", iv, {"value": rho})
+    return out
+
+
+def causal_conclusion(run: dict) -> str:
+    """The causal picture of the baseline (and the other conditions' gaps) in words."""
+    c = run["causal"]
+    if not c.get("patching"):
+        return ""
+    cells = c.get("cells", {})
+    base = "baseline" if "baseline" in c["patching"] else next(iter(c["patching"]))
+    p = c["patching"][base]
+    lines = [f"Moving the target from cell {cells.get('clean')} (the baseline's best) to cell {cells.get('corrupt')} "
+             f"(its worst) lowers the answer logit difference from {_num(p['logit_diff_clean'], '.2f')} to "
+             f"{_num(p['logit_diff_corrupt'], '.2f')} on {cells.get('n_items')} items (95% bootstrap intervals)."]
+    layer_txt = ", ".join(f"layer {r['layers']} alone {_pct(r)}" for r in c["position_patching"][base]
+                          if r["layers"] != "all" and r["what"] == "restoration")
+    lines.append(f"Position-id patching: giving the target's image tokens, unchanged, the position ids they have in the "
+                 f"clean placement restores {_pct(_position(run, base, 'all', 'restoration'))} of that gap "
+                 f"({layer_txt}); the converse swap on the clean run removes "
+                 f"{_pct(_position(run, base, 'all', 'damage'))} of it.")
+    n = max((int(r["site"].split(".")[2]) for r in p["restoration"] if r["site"].startswith("lm.blocks.")), default=-1)
+    per_layer = [f"after block {i} the image tokens carry {_pct(_restoration(run, base, f'lm.blocks.{i}', 'image'))} "
+                 f"and the text after the image {_pct(_restoration(run, base, f'lm.blocks.{i}', 'text'))}"
+                 for i in range(n + 1)]
+    lines.append(f"Activation patching (clean → corrupt): the target cell's tokens at the LM input restore "
+                 f"{_pct(_restoration(run, base, 'lm.input', 'target'))}; " + "; ".join(per_layer) + ".")
+    for iv, by_layer in c.get("flow", {}).items():
+        parts = [f"layer {layer}: {min(v['value'] for v in cl):.3f}–{max(v['value'] for v in cl):.3f}"
+                 for layer, cl in by_layer.items()]
+        lines.append(f"Attention from the last token to the target's cell across the placements ({iv}): "
+                     + ", ".join(parts) + ".")
+    ko = {r["blocked"]: r for r in c.get("knockout", {}).get(base, []) if r["layers"] == "all"}
+    if ko:
+        lines.append("Knockout (question tokens blocked from a cell in every layer) changes the logit difference by "
+                     + ", ".join(f"{-(r['value']):+.2f} for {'the ' if b != 'all image tokens' else ''}{b}"
+                                 for b, r in ko.items()) + ".")
+    for iv, q in c["patching"].items():
+        if iv != base:
+            gap = q["logit_diff_clean"]["value"] - q["logit_diff_corrupt"]["value"]
+            lines.append(f"{iv}: clean {q['logit_diff_clean']['value']:.2f} vs corrupt "
+                         f"{q['logit_diff_corrupt']['value']:.2f} (gap {gap:.2f}); position-id patching restores "
+                         f"{_pct(_position(run, iv, 'all', 'restoration'))}.")
+    for iv, rhos in c.get("attribution", {}).items():
+        lines.append(f"Attribution patching vs exact patching ({iv}): Spearman "
+                     + ", ".join(f"{rho:.2f} ({name})" for name, rho in rhos.items()) + "; exact patching is the reference.")
+    return " ".join(lines)
+
+
+def numbers(summary: dict) -> np.ndarray:
+    """Every number of a summary, flattened (to compare two runs)."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(x[k])
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and x is not None:
+            out.append(float(x))
+    walk(summary.get("runs"))
+    return np.asarray(out)
