@@ -127,3 +127,40 @@ def test_causal_command(tmp_path, small_probe):
     line = one_line_error(runner.invoke(app, ["causal", "--probe", str(small_probe), "--out", str(tmp_path / "e"),
                                               "--clean-cell", "9"]))
     assert "--clean-cell 9" in line and "0..8" in line
+
+
+def test_the_demo_is_a_plan_killed_and_resumed_like_any_sweep(tmp_path):
+    """`spatialbias report` runs the built-in plan through the runner: SIGKILLed mid-way and run
+    again, it finishes without recomputing finished conditions and equals an uninterrupted run."""
+    import os
+    import signal
+    import time
+    args = ["--model", "organism", "--n-items", "6", "--causal-items", "3", "--lambdas", "0.5,1", "--no-progress"]
+
+    def start(out):
+        return subprocess.Popen([sys.executable, "-m", "analyses.cli", "report", "--out", str(out), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    out = tmp_path / "killed"
+    proc = start(out)
+    t0 = time.time()
+    while time.time() - t0 < 300 and not (out / "parts").is_dir() or len(list((out / "parts").glob("*.parquet"))) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"the demo ended before it could be killed: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")}
+    assert 2 <= len(done) < 8  # 4 eval + patching, knockout, flow, attribution for 3 conditions: 14 in all
+    assert not (out / "index.html").exists()
+    again = start(out)
+    assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-800:]
+    assert all((out / "parts" / k).stat().st_mtime_ns == v for k, v in done.items()), "finished parts recomputed"
+    ref = tmp_path / "ref"
+    r = runner.invoke(app, ["report", "--out", str(ref), *args])
+    assert r.exit_code == 0, r.output
+    a, b = (pd.read_parquet(d / "results.parquet").drop(columns="config") for d in (out, ref))
+    key = ["condition_id", "metric", "cell", "layer", "site", "group"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
+    sa, sb = (json.loads((d / "summary.json").read_text())["runs"][0] for d in (out, ref))
+    assert sa["conditions"] == sb["conditions"] and sa["causal"] == sb["causal"]  # (their probe paths differ)
