@@ -124,8 +124,9 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
         from analyses.causal import probe_grid
         from probes.format import find_probe, read_rows
         p = find_probe(probe)
+        rows = read_rows(p)  # a bad probe is one error line here, before anything runs
         try:
-            probe_grid(read_rows(p), p.rows_file)
+            probe_grid(rows, p.rows_file)
         except SpatialBiasError as e:  # shift / irregular probes: no cells to patch between
             typer.echo(f"note: causal analyses skipped: {e}")
             causal = False

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from analyses.scoring import AnswerSet, prefix_answer, prompt_text, robust_answer
 from interp.interventions import Intervention
 from interp.model import LVLM
-from probes.format import Probe, ProbeError, ProbeRow, find_probe, grid_name, read_rows, scan_rows
+from probes.format import Probe, ProbeError, ProbeRow, find_probe, grid_name, scan_rows
 from probes.images import load_rgb
 
 Conditions = dict[str, Sequence[Intervention]]

@@ -269,7 +269,9 @@ def test_the_real_sweeps_report_renders(sweep_dir, reference, tmp_path):
     p = parse(page)
     specs, skipped = rep.plan_figures(reference, {a: store.read_details(sweep_dir / "ref", reference, a)
                                                    for a in ("flow", "eval")})
-    assert set(skipped) == {"probe-side", "knockout"} and len(p.imgs) == len(specs) >= 9
+    figs = [i for i in p.imgs if ": " in i["alt"]]  # figures; the others are the probe sample's thumbnails
+    assert set(skipped) == {"probe-side", "knockout"} and len(figs) == len(specs) >= 9
+    assert len(p.imgs) - len(figs) == 2 * 9  # one item at all 9 positions of each (model, probe)
     assert all(a in p.ids for a in p.toc_links)
     for img in p.imgs:
         Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).verify()

@@ -4,7 +4,6 @@ accuracy, the conditions table.
 Role: figures of eval rows. May import: ``analyses.figures.common``."""
 from __future__ import annotations
 
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd

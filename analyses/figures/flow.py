@@ -4,7 +4,6 @@ cell per layer.
 Role: figures of flow rows and flow details. May import: ``analyses.figures.common``."""
 from __future__ import annotations
 
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd

@@ -4,7 +4,6 @@ Role: figures of eval rows of AGCI conditions. May import: ``analyses.figures.co
 ``analyses.figures.accuracy``."""
 from __future__ import annotations
 
-
 import matplotlib.pyplot as plt
 import pandas as pd
 

@@ -4,7 +4,6 @@ layer window, attention knockout.
 Role: figures of the causal rows. May import: ``analyses.figures.common``."""
 from __future__ import annotations
 
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
