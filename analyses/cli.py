@@ -14,19 +14,38 @@ TRUST_HELP = ("Let the checkpoint run its own Python code (transformers' trust_r
               "only do this for checkpoints whose code you have read.")
 
 
-app = typer.Typer(help="Find, trace and mitigate spatial bias in vision-language models.",
+app = typer.Typer(help="Find, trace and mitigate spatial bias in vision-language models.", rich_markup_mode=None,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-probe_app = typer.Typer(help="Build grid probes.", no_args_is_help=True)
-organism_app = typer.Typer(help="The bundled model organism.", no_args_is_help=True)
+probe_app = typer.Typer(help="Build grid probes.", no_args_is_help=True, rich_markup_mode=None)
+organism_app = typer.Typer(help="The bundled model organism.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(probe_app, name="probe")
 app.add_typer(organism_app, name="organism")
 
 
+def _version(value: bool):
+    if value:
+        from spatialbias import __version__
+        typer.echo(f"spatialbias {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup():
+def _setup(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                        help="Print the version and exit.")):
     """Find, trace and mitigate spatial bias in vision-language models."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the toolkit shows its own progress; keeps error output to one line
+
+
+THREADS_HELP = ("torch CPU threads (default: the cores not busy now, i.e. CPU count minus the load "
+                "average, at least 1; also $SPATIALBIAS_THREADS).")
+
+
+def _threads(n: Optional[int]) -> None:
+    from analyses.runner import choose_threads
+    if n is not None and n < 1:
+        raise SpatialBiasError(f"--threads {n}: use 1 or more")
+    choose_threads(n)
 
 
 def clean_errors(fn):
@@ -103,6 +122,7 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
            trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
            progress: bool = typer.Option(True, help="Show progress bars."),
+           threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
            causal: bool = typer.Option(True, help="Add the causal analyses (patching, position-id patching, "
                                        "attention flow, knockout, attribution patching)."),
            causal_items: int = typer.Option(100, help="Items used by the causal analyses."),
@@ -114,6 +134,7 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
     difference arises; write summary.json, tables, figures and index.html. This runs the built-in
     plan analyses/sweeps/demo.toml (resumable like any sweep). With --from DIR: report a run folder."""
     from analyses import plan as pl, report as rep
+    _threads(threads)
     if from_dir is not None:
         typer.echo(f"wrote {rep.build(from_dir)}")
         return
@@ -167,6 +188,7 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
              device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
              dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
+             threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
              progress: bool = typer.Option(True, help="Show progress bars.")):
     """Score a probe: the whole probe is validated first; every bad row is reported at once
     (file, line, reason) and nothing is written, unless --skip-bad. Per-cell metrics use the
@@ -174,6 +196,7 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
     from analyses import plan as pl, vocabulary
     from analyses.evaluate import check_probe
     try:
+        _threads(threads)
         specs = [vocabulary.parse(c, seed) for c in condition]
         if max_new_tokens < 1:
             raise SpatialBiasError(f"--max-new-tokens {max_new_tokens}: use at least 1")
@@ -183,13 +206,14 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
     except SpatialBiasError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    if problems and not skip_bad:
+    if problems and (not skip_bad or not good):
         for p in problems:
             typer.echo(f"error: {p}", err=True)
-        typer.echo(f"error: {len(problems)} bad row(s) in {probe}; fix them or pass --skip-bad", err=True)
-        raise typer.Exit(2)
-    if not good:
-        typer.echo(f"error: {probe}: no usable rows; check the probe file (see the errors above)", err=True)
+        if good:
+            typer.echo(f"error: {len(problems)} bad row(s) in {probe}; fix them or pass --skip-bad", err=True)
+        else:
+            typer.echo(f"error: {probe}: no usable rows; fix the probe (every row above is bad, or it has none)",
+                       err=True)
         raise typer.Exit(2)
     analyses = {"eval": {"string_rule": string_rule, "max_new_tokens": max_new_tokens, "skip_bad": skip_bad}}
     if similarity:
@@ -220,12 +244,14 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+           threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
            progress: bool = typer.Option(True, help="Show progress bars.")):
     """Where does the difference between two placements arise? Activation patching, position-id
     patching, attention flow, knockout and attribution patching for baseline, BaPA and AGCI."""
     from analyses import plan as pl, vocabulary
     from analyses.causal import probe_grid
     from probes.format import find_probe, read_rows
+    _threads(threads)
     agci = vocabulary.parse(f"agci:{lam}", where="--lam").label
     p = find_probe(probe)
     n, m = probe_grid(read_rows(p), p.rows_file)
@@ -250,10 +276,12 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
           quick: bool = typer.Option(False, help="Fewer items and repeats, no demo run."),
           device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
           real_layers: int = typer.Option(2, help="LM layers of the real-shape LLaVA-1.5-7B / Qwen2.5-VL-7B "
-                                          "(random weights); 0 skips them.")):
+                                          "(random weights); 0 skips them."),
+          threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
     """Benchmarks as ratios measured in one run: tracing overhead, batched vs looped patching,
     attribution vs exact patching, scaling with image tokens and sites, demo phases."""
     from analyses import bench as b
+    _threads(threads)
     res = b.run(out, quick=quick, device=device, real_layers=real_layers)
     typer.echo(b.markdown(res))
 
@@ -269,10 +297,12 @@ def sweep(config: Path = typer.Argument(..., help="The sweep file (TOML): models
                                        "estimated cost; run nothing."),
           only: list[str] = typer.Option([], help="Run only this condition id (repeat), again if it is done."),
           report: bool = typer.Option(True, help="Write the report (index.html, summary.json, figures) at the end."),
+          threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
           progress: bool = typer.Option(True, help="Show progress bars.")):
     """Run (or resume) a sweep: the cross product of the file's models, probes, interventions,
     analyses and seeds. Finished conditions are kept; re-running the command computes only what is missing."""
     from analyses import plan as pl, report as rep, runner
+    _threads(threads)
     p = pl.load(config, out)
     if dry_run:
         _print_estimate(p, out)

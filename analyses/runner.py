@@ -23,6 +23,24 @@ from spatialbias.errors import SpatialBiasError
 from spatialbias.files import atomic_write_text
 
 
+def choose_threads(requested: int | None = None) -> int:
+    """Torch threads for this process: ``requested`` (or ``$SPATIALBIAS_THREADS``) when given, else
+    the cores not busy right now — CPU count minus the 1-minute load average, at least 1 — so a
+    run on a shared machine does not oversubscribe it (torch's default, one thread per core,
+    collapses under load: 3–4× slower on a busy 2-core machine). Sets it and returns it."""
+    import torch
+    n = requested or int(os.environ.get("SPATIALBIAS_THREADS", "0") or 0)
+    if not n:
+        cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # no load average on this platform
+            busy = 0.0
+        n = max(1, min(cores, int(cores - busy + 0.5)))
+    torch.set_num_threads(n)
+    return n
+
+
 def check_models(plan: Plan) -> None:
     """Every model of the plan has a readable config naming a supported class (no weights are
     loaded): a typo fails here, before anything runs, not hours later."""
@@ -136,6 +154,7 @@ def _ray(groups: dict[str, list[Condition]], settings: dict, address: str | None
 
     @ray.remote(num_gpus=gpus)
     def task(conds, settings):
+        choose_threads(settings.get("threads"))  # a worker shares its node with others
         for c, res, sec in run_group(conds, settings):
             yield c, res, sec
 

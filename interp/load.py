@@ -51,7 +51,7 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
         model = cls.from_pretrained(src, local_files_only=True, use_safetensors=True, dtype=dtype,
                                     trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise SpatialBiasError(f"cannot load weights of {name!r}: {str(e).splitlines()[0][:200]}; the toolkit "
+        raise SpatialBiasError(f"cannot load weights of {name!r}: {str(e).splitlines()[0]}; the toolkit "
                                "loads safetensors weights only") from None
     if device is not None:
         model = model.to(device)
@@ -72,7 +72,7 @@ def read_config(name: str, trust_remote_code: bool = False):
     try:
         cfg = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        why = str(e).splitlines()[0][:160]
+        why = str(e).splitlines()[0]
         if os.path.isdir(src):
             msg = f"folder {src} has no readable config.json ({why}); pass a folder written by save_pretrained"
         elif HUB_ID.match(str(src)) and not str(src).startswith("."):
@@ -92,7 +92,7 @@ def _processor(adapter, src: Any, trust_remote_code: bool):
     try:
         proc = adapter.load_processor(src, trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SpatialBiasError(f"cannot load the processor of {src!r}: {str(e).splitlines()[0][:160]}; "
+        raise SpatialBiasError(f"cannot load the processor of {src!r}: {str(e).splitlines()[0]}; "
                                "pass processor=... explicitly") from None
     if not hasattr(proc, "image_processor"):
         raise SpatialBiasError(f"{src!r}: the saved processor has no image processor; pass processor=... explicitly")

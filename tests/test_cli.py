@@ -12,11 +12,34 @@ from analyses.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["report"], ["causal"], ["probe"], ["probe", "build"], ["organism"],
-                                  ["organism", "train"]])
-def test_help_on_every_command(args):
-    r = runner.invoke(app, args + ["--help"])
+@pytest.mark.parametrize("args", [[], ["report"], ["eval"], ["causal"], ["sweep"], ["bench"], ["probe"],
+                                  ["probe", "build"], ["organism"], ["organism", "train"]])
+def test_help_on_every_command_reads_at_80_columns(args):
+    r = runner.invoke(app, args + ["--help"], terminal_width=80, env={"COLUMNS": "80"})
     assert r.exit_code == 0 and "Usage" in r.output
+    long = [ln for ln in r.output.splitlines() if len(ln) > 80]
+    assert not long and "…" not in r.output, long
+
+
+def test_version():
+    from spatialbias import __version__
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"spatialbias {__version__}"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["eval", "--model", "organism", "--probe", "P", "--out", "O", "--condition", "agci:-0.5"],
+     "'agci:-0.5': λ must be a finite number ≥ 0"),
+    (["eval", "--model", "organism", "--probe", "P", "--out", "O", "--condition", "agci:x"], "is not a number"),
+    (["eval", "--model", "organism", "--probe", "P", "--out", "O", "--condition", "sideways"], "not understood"),
+    (["report", "--model", "no/such/dir/here", "--out", "O"], "no such checkpoint folder"),
+    (["report", "--model", "nosuchorg/nosuchmodel", "--out", "O"], "not in the local HF cache"),
+    (["report", "--threads", "0", "--out", "O"], "--threads 0"),
+])
+def test_cli_errors_say_what_is_wrong(tmp_path, small_probe, args, needle):
+    args = [str(small_probe) if a == "P" else str(tmp_path / "o") if a == "O" else a for a in args]
+    line = one_line_error(runner.invoke(app, args))
+    assert needle in line, line
 
 
 def test_report_end_to_end(tmp_path, small_probe):
@@ -164,3 +187,11 @@ def test_the_demo_is_a_plan_killed_and_resumed_like_any_sweep(tmp_path):
     pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
     sa, sb = (json.loads((d / "summary.json").read_text())["runs"][0] for d in (out, ref))
     assert sa["conditions"] == sb["conditions"] and sa["causal"] == sb["causal"]  # (their probe paths differ)
+
+
+def test_an_empty_probe_does_not_suggest_skip_bad(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "probe.jsonl").write_text("\n")
+    r = runner.invoke(app, ["eval", "--model", "organism", "--probe", str(tmp_path / "p"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--skip-bad" not in r.output and "no usable rows" in r.output, r.output
+    assert not (tmp_path / "o").exists()
