@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 STAMP     := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean lab notebooks
 
 setup: $(STAMP)
 
@@ -46,6 +46,16 @@ endif
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
+
+# JupyterLab on the notebooks (from the venv). LAB_ARGS adds options, e.g. LAB_ARGS="--no-browser --port 8890".
+LAB_ARGS ?=
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+# Execute every notebook in place, so the committed notebooks carry their outputs (figures
+# included); tests/test_notebooks.py checks that they are current.
+notebooks: $(STAMP)
+	cd notebooks && ../$(BIN)/python execute.py *.ipynb
 
 clean:
 	rm -rf $(VENV) out

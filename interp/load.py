@@ -47,12 +47,18 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
     archs = cfg.architectures
     import transformers
     cls = getattr(transformers, archs[0])
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no per-tensor loading bar in notebooks and logs
     try:
         model = cls.from_pretrained(src, local_files_only=True, use_safetensors=True, dtype=dtype,
                                     trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SpatialBiasError(f"cannot load weights of {name!r}: {str(e).splitlines()[0]}; the toolkit "
                                "loads safetensors weights only") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device is not None:
         model = model.to(device)
     if processor is None:
