@@ -159,7 +159,7 @@ def attribution_task(lvlm, cond: Condition, ctx: Context) -> Result:
                  for k in cond.options.get("steps", [1, 8])}
     details = pd.concat([causal._with_ids(exact, pairs).assign(method="exact")]
                         + [e.assign(method=name) for name, e in estimates.items()], ignore_index=True)
-    return causal.attribution_rows(exact, estimates) + _pair_rows(pairs), details
+    return causal.attribution_rows(exact, estimates, _rng(cond)) + _pair_rows(pairs), details
 
 
 # ------------------------------------------------------------------------------------------------
