@@ -189,6 +189,7 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
              dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
              threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
              progress: bool = typer.Option(True, help="Show progress bars.")):
     """Score a probe: the whole probe is validated first; every bad row is reported at once
     (file, line, reason) and nothing is written, unless --skip-bad. Per-cell metrics use the
@@ -223,7 +224,8 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
     try:
         cfg = pl.command(model, probe, [s.label for s in specs], analyses, seed,
                          _settings(batch_size, device, dtype, trust_remote_code))
-        _run_and_report(cfg, out, "spatialbias eval", progress)
+        if _run_and_report(cfg, out, "spatialbias eval", progress, dry_run) is None:
+            return
     except SpatialBiasError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -245,6 +247,7 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
            threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
            progress: bool = typer.Option(True, help="Show progress bars.")):
     """Where does the difference between two placements arise? Activation patching, position-id
     patching, attention flow, knockout and attribution patching for baseline, BaPA and AGCI."""
@@ -264,7 +267,9 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     analyses = {"patching": {"items": n_items, "cells": cells}, "knockout": {"items": n_items, "cells": cells},
                 "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
     cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype))
-    s = _run_and_report(cfg, out, "spatialbias causal", progress)
+    s = _run_and_report(cfg, out, "spatialbias causal", progress, dry_run)
+    if s is None:
+        return
     for run in s["runs"]:
         typer.echo(run["causal_conclusion"])
     typer.echo(f"wrote {out / 'summary.json'}, {out / 'tables'}, {out / 'figures'}, {out / 'index.html'}")
