@@ -77,11 +77,15 @@ def displayed_pt(fontsize: float, png_width_px: float, dpi: float = DPI) -> floa
 
 def styled(fn):
     """Draw the figure function ``fn`` under :data:`STYLE` (a ``plt.rc_context``): every text it
-    creates gets the report's font sizes; nothing global changes."""
+    creates gets the report's font sizes; nothing global changes. The figure is returned closed
+    to pyplot (not kept in its registry), so a notebook shows it once — as the cell's value — and
+    long runs do not accumulate open figures; ``save`` and ``display`` still work on it."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with plt.rc_context(STYLE):
-            return fn(*args, **kwargs)
+            fig = fn(*args, **kwargs)
+        plt.close(fig)
+        return fig
     return wrapper
 
 
