@@ -38,8 +38,13 @@ def eval_block(d: pd.DataFrame) -> dict:
     out = {}
     for iv in intervention_order(e) if len(e) else []:
         x = e[e.intervention == iv]
-        s = x[x.cell.isna()].groupby("metric")["value"].mean()
+        scal = x[x.cell.isna()]
+        s = scal.groupby("metric")["value"].mean()
         block = {k: _f(s[k]) for k in EVAL_SCALARS if k in s.index}
+        ci = scal.groupby("metric")[["ci_low", "ci_high"]].mean()
+        for k in ("mean_accuracy", "range"):
+            if k in ci.index and pd.notna(ci.loc[k, "ci_low"]):
+                block[f"{k}_ci"] = [_f(ci.loc[k, "ci_low"]), _f(ci.loc[k, "ci_high"])]
         cells = x[x.cell.notna()].groupby(["metric", "cell"])[["value", "ci_low", "ci_high"]].mean()
         for name, key in (("accuracy", "cell_accuracy"), ("p_correct", "cell_p_correct")):
             if name in cells.index.get_level_values(0):
