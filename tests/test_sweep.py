@@ -99,7 +99,9 @@ def test_results_table_is_tidy(reference):
     pat = reference[(reference.analysis == "patching") & (reference.metric == "restoration_denoise")]
     assert set(pat.group) == {"target", "image", "text", "last", "all"}
     flow = reference[reference.analysis == "flow"]
-    assert set(flow.metric) == {"attention_to_target"} and flow.layer.notna().all()
+    assert set(flow.metric) == {"attention_to_target", "attention_spread"} and flow.layer.notna().all()
+    spread = flow[flow.metric == "attention_spread"]
+    assert spread.cell.isna().all() and (spread.ci_low <= spread.value).all() and (spread.value <= spread.ci_high).all()
     v = json.loads(reference.versions.iloc[0])
     assert {"torch", "transformers", "nnsight", "python", "spatialbias"} <= set(v)
 
