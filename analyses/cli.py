@@ -345,7 +345,7 @@ def organism_train(out: Path = typer.Option(..., help="Output checkpoint folder.
                    threads: int = typer.Option(1, help="torch threads; bit-for-bit reproduction needs the same count."),
                    max_steps: int = typer.Option(3000, help="Upper bound on steps (training stops at 80% accuracy).")):
     """Train the model organism from scratch (about a minute on one CPU thread)."""
-    from interp.organism import train as tr
+    from analyses.organisms import train as tr
     model, proc, record = tr.train(tr.TrainConfig(seed=seed, threads=threads, max_steps=max_steps))
     path = tr.save(model, proc, record, out)
     typer.echo(f"wrote {path} after {record['steps']} steps (running accuracy {record['running_acc']:.3f}); "

@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from interp.load import ORGANISM_DIR
-from interp.organism import build, train
+from analyses.organisms import build, train
 from probes import shapes
 
 

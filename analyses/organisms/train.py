@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from interp.organism import build
+from analyses.organisms import build
 from probes import shapes
 from probes.format import atomic_write_text
 
