@@ -27,7 +27,8 @@ DEFAULT_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 
 
 def organism_record(lvlm: interp.LVLM) -> dict | None:
-    """The training record shipped beside an organism checkpoint (how its bias was planted)."""
+    """The training record shipped beside an organism checkpoint (``analyses.organisms.train``:
+    recipe, description of how its bias was planted, seed, threads, steps, ...)."""
     if lvlm.source is None:
         return None
     p = Path(lvlm.source) / "training.json"
@@ -274,9 +275,9 @@ def render_html(summary: dict, fig_dir: Path, stems: list[str]) -> str:
     org = summary.get("organism")
     warn = ""
     if org:
-        warn = (f"<p class='warn'><b>Model organism.</b> This model's spatial bias was {e(org['bias_planted'])}. "
-                f"Trained from seed {org['config']['seed']} on {org['config']['threads']} thread(s) for "
-                f"{org['steps']} steps.</p>")
+        warn = (f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', '')))}).</b> "
+                f"{e(str(org.get('description', '')))} Trained from seed {org['seed']} on {org['threads']} "
+                f"thread(s) for {org['steps']} steps.</p>")
     note = summary.get("model_note")
     if note:
         head = "Random weights." if note.get("random_weights") else "Note on this model."
