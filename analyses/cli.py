@@ -367,7 +367,8 @@ def json_acc(acc) -> str:
 @organism_app.command("zoo")
 @clean_errors
 def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (rewritten after each run)."),
-                 recipes: str = typer.Option("all", help="Comma-separated recipe names, or 'all'."),
+                 recipes: str = typer.Option("all", help="Comma-separated recipe names, 'all', or 'none' (only "
+                                             "print the table of the runs already in --out)."),
                  seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
                  items: int = typer.Option(200, help="Held-out probe items (each at all 9 cells)."),
                  probe_seed: int = typer.Option(12345, help="Seed of the held-out probe."),
@@ -375,8 +376,9 @@ def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (r
                                                       "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
     """Train (once, cached) and measure zoo organisms: per-cell accuracy, range, chi-square, BaPA."""
     from analyses.organisms.recipes import RECIPES
-    from analyses.organisms.runs import campaign
-    names = list(RECIPES) if recipes == "all" else [r.strip() for r in recipes.split(",") if r.strip()]
+    from analyses.organisms.runs import campaign, markdown_table
+    names = list(RECIPES) if recipes == "all" else [] if recipes == "none" else \
+        [r.strip() for r in recipes.split(",") if r.strip()]
     bad = [n for n in names if n not in RECIPES]
     if bad:
         raise SpatialBiasError(f"unknown recipe(s) {', '.join(bad)}; the zoo has {', '.join(RECIPES)}")
@@ -384,7 +386,8 @@ def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (r
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise SpatialBiasError(f"--seeds {seeds!r} is not a comma-separated list of integers") from None
-    campaign(names, seed_list, out, cache, items, probe_seed, log=typer.echo)
+    records = campaign(names, seed_list, out, cache, items, probe_seed, log=typer.echo)
+    typer.echo(markdown_table(records))
 
 
 def main() -> None:

@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the checkpoints in KEEP/<setting>")
     a = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        root = a.keep or Path(tmp)
         for s in a.settings.split(","):
-            rows.append(train_hash(s, a.recipe, a.seed, a.max_steps, Path(tmp) / s))
+            rows.append(train_hash(s, a.recipe, a.seed, a.max_steps, root / s))
             print(json.dumps(rows[-1]), flush=True)
     a.out.write_text(json.dumps({"recipe": a.recipe, "seed": a.seed, "max_steps": a.max_steps, "runs": rows},
                                 indent=1) + "\n")

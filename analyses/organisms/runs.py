@@ -53,3 +53,34 @@ def line(r: dict) -> str:
         for c, v in conds.items():
             parts.append(f"{kind}/{c} acc {v['mean_accuracy']:.3f} range {v['range']:.3f} (p {v['chi2_p']:.2g})")
     return "; ".join(parts)
+
+
+def _cell(v: dict) -> str:
+    return f"{v['range']:.3f} [{v['chi2_p']:.2g}]"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per (recipe, seed, question): steps, wall / CPU seconds (1-minute load average at
+    the start), final running training accuracy, mean accuracy and range [chi-square p] under
+    the baseline and BaPA, the Cochran–Armitage trend z (accuracy against cell index 0..8) under
+    baseline, BaPA and BaPA with the image tokens reversed, and BaPA keep_hw on M-RoPE."""
+    head = ("| organism | seed | steps | train s wall / CPU (load) | train acc | question | baseline acc | "
+            "baseline range [χ² p] | BaPA acc | BaPA range [χ² p] | trend z: base / BaPA / BaPA+rev | other |")
+    rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in sorted(records, key=lambda x: (list(RECIPES).index(x["recipe"]) if x["recipe"] in RECIPES else 99,
+                                            x["seed"])):
+        t = r["training"]
+        acc = t["running_acc"]
+        acc = "/".join(f"{a:.2f}" for a in acc.values()) if isinstance(acc, dict) else f"{acc:.2f}"
+        load = t["loadavg_start"][0] if t.get("loadavg_start") else float("nan")
+        cpu = t.get("train_cpu_seconds")
+        time_s = f"{t['train_seconds']:.0f} / {cpu:.0f} ({load:.1f})" if cpu is not None else f"{t['train_seconds']:.0f} ({load:.1f})"
+        for kind, conds in r["results"].items():
+            b, p = conds["baseline"], conds["bapa"]
+            other = "; ".join(f"{c}: {v['mean_accuracy']:.3f}, {_cell(v)}" for c, v in conds.items()
+                              if c in ("bapa_keep_hw",))
+            z = " / ".join(f"{conds[c]['trend']['z']:+.1f}" if c in conds else "–"
+                           for c in ("baseline", "bapa", "bapa_reversed"))
+            rows.append(f"| {r['recipe']} | {r['seed']} | {t['steps']} | {time_s} | {acc} | {kind} | "
+                        f"{b['mean_accuracy']:.3f} | {_cell(b)} | {p['mean_accuracy']:.3f} | {_cell(p)} | {z} | {other} |")
+    return "\n".join(rows)

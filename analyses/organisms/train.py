@@ -161,47 +161,53 @@ def grid_stage(model, arch: Arch, recipe: Recipe, rng: np.random.Generator, word
             "seconds": time.perf_counter() - t0}
 
 
-def _start(recipe: Recipe, arch: Arch, seed: int, words: tuple[str, ...]):
+def _dependencies(recipe: Recipe, seed: int) -> dict[str, Path]:
+    """Checkpoint folders of the ``base`` and ``vision_from`` recipes (same seed), trained and
+    cached first if needed, so the clock of this run starts after them."""
+    from analyses.organisms.zoo import get
+    return {k: get(v, seed) for k, v in (("base", recipe.base), ("vision_from", recipe.vision_from)) if v}
+
+
+def _load(path: Path):
+    import transformers
+    cls = json.loads((path / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, cls).from_pretrained(path, local_files_only=True)
+
+
+def _start(recipe: Recipe, arch: Arch, seed: int, words: tuple[str, ...], deps: dict[str, Path]):
     """The model the run starts from: fresh, or the base recipe's checkpoint (same seed)."""
     if recipe.base is None:
         model = arch.model(seed, words).train()
         if recipe.vision_pos_std is not None:  # continues the torch RNG stream of the initialisation
             torch.nn.init.normal_(arch.vision_position_embedding(model).weight, std=recipe.vision_pos_std)
         return model
-    from analyses.organisms.zoo import get
-    import transformers
-    path = get(recipe.base, seed)
-    cfg = json.loads((path / "config.json").read_text())
-    return getattr(transformers, cfg["architectures"][0]).from_pretrained(path, local_files_only=True).train()
+    return _load(deps["base"]).train()
 
 
-def _copy_vision(model, arch: Arch, recipe: Recipe, seed: int) -> str:
-    """Load the vision tower of the ``vision_from`` recipe's checkpoint (same seed) into ``model``;
-    returns that checkpoint's weights' sha256."""
-    import transformers
-
-    from analyses.organisms.zoo import get
-    path = get(recipe.vision_from, seed)
-    cls = json.loads((path / "config.json").read_text())["architectures"][0]
-    donor = getattr(transformers, cls).from_pretrained(path, local_files_only=True)
-    arch.vision_module(model).load_state_dict(arch.vision_module(donor).state_dict())
+def _copy_vision(model, arch: Arch, path: Path) -> str:
+    """Load the vision tower of the checkpoint at ``path`` into ``model``; returns that
+    checkpoint's weights' sha256."""
+    arch.vision_module(model).load_state_dict(arch.vision_module(_load(path)).state_dict())
     return sha256(path / "model.safetensors")
 
 
 def train(recipe: Recipe, seed: int = 0, threads: int = 1, progress: bool = True):
     """Train ``recipe`` from its start. Returns (model in eval mode — LoRA already merged —,
     processor, record dict, the unmerged peft model for LoRA recipes else None)."""
+    deps = _dependencies(recipe, seed)
     torch.set_num_threads(threads)
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()
     arch = ARCHS[recipe.arch]
     words = arch.words(recipe.extra_words)
     rng = np.random.default_rng(seed)
-    model = _start(recipe, arch, seed, words)
+    model = _start(recipe, arch, seed, words, deps)
     record: dict = {"recipe": recipe.name, "seed": seed, "config": recipe.training_config(),
                     "fingerprint": recipe.fingerprint(), "description": recipe.description,
                     "expected": recipe.expected}
+    if recipe.base:
+        record["base_sha256"] = sha256(deps["base"] / "model.safetensors")
     if recipe.vision_from:
-        record["vision_from_sha256"] = _copy_vision(model, arch, recipe, seed)
+        record["vision_from_sha256"] = _copy_vision(model, arch, deps["vision_from"])
     if recipe.text_stage:
         record["text_stage"] = text_stage(model, recipe, rng, words, progress)
     peft_model = None
