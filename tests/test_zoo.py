@@ -152,6 +152,14 @@ def test_shipped_checkpoint_matches_its_recipe_and_record(name):
     assert rec["seed"] == 0 and rec["threads"] == 1
 
 
+def test_recency_text_stage_left_a_recency_prior():
+    """The recency organism's LM, after its text stage, answers targets far from the question
+    (index 0 of 9 items) worse than near ones: the prior the pre-registered test looks for."""
+    rec = json.loads((zoo.shipped("recency", 0) / "training.json").read_text())
+    acc = rec["text_stage"]["acc_by_target_index_9_items"]
+    assert acc[0] < acc[-1] - 0.1 and rec["config"]["train_parts"] == ["projector"]
+
+
 @pytest.mark.parametrize("name", ["lora", "lora-bapa"])
 def test_shipped_adapters_are_small_and_recorded(name):
     path = zoo.shipped(name, 0)
@@ -161,5 +169,57 @@ def test_shipped_adapters_are_small_and_recorded(name):
     assert (path / "adapter" / "adapter_model.safetensors").stat().st_size < 200_000
 
 
-def _measure(name, kinds=("colour",), n_items=60):
-    return measure.measure(zoo.get(name, 0), n_items=n_items, seed=999, kinds=kinds)
+def _measure(name, conditions, kinds=("colour",), n_items=60):
+    """Measure the shipped seed-0 organism on a probe none of them was selected on (seed 999)."""
+    return measure.measure(zoo.get(name, 0), n_items=n_items, seed=999, kinds=kinds, conditions=conditions)
+
+
+BAPA, REV = [interp.BaPA()], [measure.ReverseImageTokens()]
+
+
+def test_planted_lm_bias_is_removed_by_bapa():
+    r = _measure("planted-lm", {"baseline": [], "bapa": BAPA})["colour"]
+    assert r["baseline"]["range"] > 0.15 and r["baseline"]["chi2_p"] < 1e-3 and r["baseline"]["trend"]["z"] > 3
+    assert r["bapa"]["range"] < r["baseline"]["range"] / 2
+
+
+def test_uniform_organism_shows_no_bias():
+    r = _measure("uniform", {"baseline": []})["colour"]["baseline"]
+    assert r["range"] < 0.12 and r["chi2_p"] > 0.01 and r["mean_accuracy"] > 0.7
+
+
+def test_planted_order_bias_survives_bapa_and_follows_the_token_order():
+    r = _measure("planted-order", {"bapa": BAPA, "bapa_reversed": BAPA + REV}, n_items=100)["colour"]
+    assert r["bapa"]["range"] > 0.15 and r["bapa"]["trend"]["z"] > 3
+    assert r["bapa_reversed"]["trend"]["z"] < -2  # reversing the tokens mirrors it: it sits in the LM
+
+
+def test_planted_vision_bias_survives_bapa_and_follows_the_content():
+    r = _measure("planted-vision", {"bapa": BAPA, "bapa_reversed": BAPA + REV})["colour"]
+    assert r["bapa"]["range"] > 0.2 and r["bapa"]["trend"]["z"] > 3
+    assert r["bapa_reversed"]["trend"]["z"] > 3  # it stays with the content: it sits before the LM
+
+
+def test_learned_absolute_bias_is_flattened_by_bapa_at_a_cost():
+    r = _measure("learned-absolute", {"baseline": [], "bapa": BAPA}, n_items=100)["colour"]
+    assert r["baseline"]["range"] > 0.3
+    assert r["bapa"]["range"] < 0.2 and r["bapa"]["mean_accuracy"] < r["baseline"]["mean_accuracy"] - 0.15
+
+
+def test_mrope_keep_hw_keeps_the_bias_the_reference_variant_removes():
+    r = _measure("mrope", {"baseline": [], "bapa": BAPA, "keep_hw": [interp.BaPA(variant="keep_hw")]})["colour"]
+    assert r["baseline"]["range"] > 0.15
+    assert r["keep_hw"]["range"] > 0.15 and r["keep_hw"]["trend"]["z"] > 3
+    assert r["bapa"]["trend"]["z"] < r["keep_hw"]["trend"]["z"] / 2
+
+
+def test_where_question_needs_position_ids_and_colour_does_not():
+    r = _measure("where", {"baseline": [], "bapa": BAPA}, kinds=("colour", "where"), n_items=50)
+    assert r["colour"]["baseline"]["mean_accuracy"] > 0.9 and r["colour"]["bapa"]["mean_accuracy"] > 0.9
+    assert r["where"]["baseline"]["mean_accuracy"] > 0.6 and r["where"]["bapa"]["mean_accuracy"] < 0.3
+
+
+def test_lora_bapa_is_flat_under_bapa_and_keeps_the_old_bias_under_plain_ids():
+    r = _measure("lora-bapa", {"baseline": [], "bapa": BAPA})["colour"]
+    assert r["bapa"]["range"] < 0.12 and r["baseline"]["range"] > 0.2
+    assert _measure("lora", {"baseline": []}, n_items=100)["colour"]["baseline"]["range"] < 0.2

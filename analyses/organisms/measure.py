@@ -78,9 +78,24 @@ def trend_test(hits: np.ndarray, n: np.ndarray, scores: np.ndarray | None = None
             "slope": slope}
 
 
+def item_bootstrap(df: pd.DataFrame, n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of the mean accuracy and of the range (max − min over cells),
+    resampling ITEMS (each item keeps its 9 placements, so the pairing across cells is kept)."""
+    m = df.pivot_table(index="id", columns="cell", values="correct", aggfunc="mean").to_numpy(float)  # items × 9
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(m), (n_resamples, len(m)))
+    cells = np.nanmean(m[idx], axis=1)                                                              # R × 9
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    rng_ = cells.max(1) - cells.min(1)
+    mean = cells.mean(1)
+    return {"range_ci": [float(np.percentile(rng_, lo)), float(np.percentile(rng_, hi))],
+            "mean_ci": [float(np.percentile(mean, lo)), float(np.percentile(mean, hi))]}
+
+
 def summarise(df: pd.DataFrame) -> dict:
     """Per-cell metrics of one condition (``cell``, ``id``, ``correct``, ``p_correct`` columns):
-    :func:`analyses.metrics.cell_metrics` plus the trend test, rounded for the record."""
+    :func:`analyses.metrics.cell_metrics`, the trend test and item-bootstrap intervals of the mean
+    accuracy and the range (:func:`item_bootstrap`), rounded for the record."""
     m = cell_metrics(df, n_cells=N_CELLS)
     hits = df.groupby("cell")["correct"].sum().reindex(range(N_CELLS)).to_numpy()
     n = df.groupby("cell")["correct"].size().reindex(range(N_CELLS)).to_numpy()
@@ -88,6 +103,7 @@ def summarise(df: pd.DataFrame) -> dict:
     out = {k: m[k] for k in keep}
     out.update({k: [round(v, 4) for v in m[k]] for k in ("cell_accuracy", "cell_ci_low", "cell_ci_high")})
     out["trend"] = trend_test(hits, n)
+    out.update(item_bootstrap(df))
     return out
 
 

@@ -248,6 +248,11 @@ def save(model, processor, record: dict, out: str | Path, peft_model=None) -> Pa
     record = dict(record, sha256=sha256(out / "model.safetensors"))
     if peft_model is not None:
         peft_model.save_pretrained(out / "adapter")
+        (out / "adapter" / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        cfg_file = out / "adapter" / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = f"zoo:{record['config']['base']} seed {record['seed']}"  # not a local path
+        atomic_write_text(cfg_file, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         record["adapter_sha256"] = sha256(out / "adapter" / "adapter_model.safetensors")
     atomic_write_text(out / "training.json", json.dumps(record, indent=1) + "\n")
     return out
