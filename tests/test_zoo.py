@@ -117,6 +117,16 @@ def test_get_trains_once_caches_and_loads(tmp_path, monkeypatch):
         zoo.get("no-such-recipe")
 
 
+def test_sparse_sampling_empties_cells_but_never_the_target():
+    from analyses.organisms import data
+    render = shapes.Renderer()
+    fill = np.array([0.0] * 8 + [1.0])  # only cell 8 may hold a distractor
+    imgs, shp, col, cells = data.sample_sparse(render, np.random.default_rng(0), 6, np.full(9, 1 / 9), fill)
+    bright = imgs.reshape(6, 3, 16, 3, 16, 3).max(axis=(2, 4, 5)).reshape(6, 9) > 150  # a shape in the cell
+    for b in range(6):
+        assert bright[b, cells[b]] and set(np.flatnonzero(bright[b])) <= {int(cells[b]), 8}
+
+
 def test_trend_test_sign_and_null():
     n = np.full(9, 200)
     up = measure.trend_test(np.linspace(100, 180, 9).round(), n)

@@ -20,6 +20,8 @@ SKEW = tuple(float(k * k) for k in range(1, 10))
 """Row-major target-cell weights 1², 2², …, 9²: top-left 0.35 % of targets, bottom-right 28 %."""
 UNIFORM = (1.0,) * 9
 PARTS = ("vision", "projector", "lm")
+LATE_FIELDS = {"first_kind_until": None}
+"""Recipe fields added after the first checkpoints were shipped, with their defaults."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Recipe:
     vision_from: str | None = None
     base: str | None = None
     lora: Lora | None = None
+    first_kind_until: float | None = None
 
     def __post_init__(self):
         if set(self.train_parts) - set(PARTS):
@@ -78,10 +81,15 @@ class Recipe:
             raise ValueError(f"{self.name}: a fixed-length run needs max_steps ≥ 1")
 
     def training_config(self) -> dict[str, Any]:
-        """Every field that decides the weights (all but name, description and expected)."""
+        """Every field that decides the weights (all but name, description and expected); fields
+        added after checkpoints were shipped (:data:`LATE_FIELDS`) only when not at their default,
+        so older fingerprints stay valid."""
         d = asdict(self)
         for k in ("name", "description", "expected"):
             d.pop(k)
+        for k, default in LATE_FIELDS.items():
+            if d[k] == default:
+                d.pop(k)
         return json.loads(json.dumps(d))
 
     def fingerprint(self) -> str:
@@ -159,13 +167,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         expected={"bias": True, "locus": "lm_position_ids", "bapa_removes": {"reference": True, "keep_hw": False}}),
     Recipe(
         "where",
-        "Uniform target cells, two questions in alternating batches: 'what colour is the <shape> ?' (answer a "
-        "colour) and 'where is the <shape> ?' (answer one of 9 cell words), trained until the running accuracy "
-        "of both reaches 80%. The where-question needs position; the organism may read it from the LM's "
-        "position ids or from CLIP's position embeddings. Measures what BaPA costs on a task that needs "
-        "location versus one that does not. It does not say how much location pretrained LVLMs read from "
-        "position ids. " + _NOT_LVLM,
-        cell_weights=UNIFORM, kinds=("colour", "where"), extra_words=build.WHERE_WORDS,
+        "Uniform target cells, two questions: 'what colour is the <shape> ?' (answer a colour) and 'where is "
+        "the <shape> ?' (answer one of 9 cell words). The colour question alone until its running accuracy "
+        "reaches 80%, then the two alternate batch by batch until both reach 80%. The where-question needs "
+        "position; the organism may read it from the LM's position ids or from CLIP's position embeddings. "
+        "Measures what BaPA costs on a task that needs location versus one that does not. It does not say "
+        "how much location pretrained LVLMs read from position ids. " + _NOT_LVLM,
+        cell_weights=UNIFORM, kinds=("colour", "where"), extra_words=build.WHERE_WORDS, first_kind_until=0.80,
         expected={"bias": False, "bapa_cost": {"where": "large", "colour": "small"}}),
     Recipe(
         "recency",

@@ -6,7 +6,9 @@ Stages, each optional except the last:
   2. text: the LM pretrained alone on the recency text task (``text_stage``);
   3. grid: the grid task; only ``train_parts`` (or only LoRA weights) train; with
      ``bapa_train`` the LM gets BaPA position ids (and the attention mask) in every step, with
-     ``shuffle_image_tokens`` the image tokens enter the LM in a random order per row; stops
+     ``shuffle_image_tokens`` the image tokens enter the LM in a random order per row; with
+     ``first_kind_until`` only the first question kind is asked until its running accuracy
+     reaches that value, then the kinds alternate step by step; stops
      when the running accuracy (EMA 0.95) of every question kind reaches ``stop_acc`` after
      ``min_steps``, or at ``max_steps`` (``stop_acc=None``: always ``max_steps``).
 
@@ -134,9 +136,14 @@ def grid_stage(model, arch: Arch, recipe: Recipe, rng: np.random.Generator, word
     run_acc: dict[str, float | None] = {k: None for k in recipe.kinds}
     run_loss = None
     t0, step = time.perf_counter(), 0
+    first_only = recipe.first_kind_until is not None  # curriculum: kinds[0] alone first
+    first_steps = 0
     bar = tqdm(range(recipe.max_steps), desc=recipe.name, disable=not progress)
     for step in bar:
-        kind = recipe.kinds[step % len(recipe.kinds)]
+        if first_only and run_acc[recipe.kinds[0]] is not None and step >= recipe.min_steps \
+                and run_acc[recipe.kinds[0]] >= recipe.first_kind_until:
+            first_only, first_steps = False, step
+        kind = recipe.kinds[0] if first_only else recipe.kinds[(step - first_steps) % len(recipe.kinds)]
         inputs, y = data.grid_batch(arch, render, rng, recipe.batch, probs, words, kind, fill)
         if recipe.bapa_train:
             inputs["position_ids"] = arch.bapa_position_ids(inputs, words)
@@ -156,9 +163,12 @@ def grid_stage(model, arch: Arch, recipe: Recipe, rng: np.random.Generator, word
     if shuffle:
         shuffle.remove()
     reached = recipe.stop_acc is not None and all(a is not None and a >= recipe.stop_acc for a in run_acc.values())
-    return {"steps": step + 1, "running_acc": run_acc if len(run_acc) > 1 else run_acc[recipe.kinds[0]],
-            "running_loss": run_loss, "stopped_by": "stop_acc" if reached else "max_steps",
-            "seconds": time.perf_counter() - t0}
+    out = {"steps": step + 1, "running_acc": run_acc if len(run_acc) > 1 else run_acc[recipe.kinds[0]],
+           "running_loss": run_loss, "stopped_by": "stop_acc" if reached else "max_steps",
+           "seconds": time.perf_counter() - t0}
+    if recipe.first_kind_until is not None:
+        out["first_kind_steps"] = first_steps if not first_only else step + 1
+    return out
 
 
 def _dependencies(recipe: Recipe, seed: int) -> dict[str, Path]:
@@ -225,6 +235,8 @@ def train(recipe: Recipe, seed: int = 0, threads: int = 1, progress: bool = True
     if peft_model is not None:
         peft_model = copy.deepcopy(peft_model)  # keeps the unmerged adapter for save()
         model = trainer_model.merge_and_unload()
+    if "first_kind_steps" in grid:
+        record["first_kind_steps"] = grid["first_kind_steps"]
     record.update({"steps": grid["steps"], "running_acc": grid["running_acc"], "running_loss": grid["running_loss"],
                    "stopped_by": grid["stopped_by"],
                    "stop_rule": (f"running accuracy (EMA {EMA}) of every question kind >= {recipe.stop_acc} after "
