@@ -35,8 +35,11 @@ def probe_items(n_items: int, seed: int) -> dict[str, np.ndarray]:
     imgs, shp, col, cell, item = [], [], [], [], []
     for i in range(n_items):
         s, c, variants = render.item(rng)
-        for k, v in enumerate(variants):
-            imgs.append(v), shp.append(s), col.append(c), cell.append(k), item.append(i)
+        imgs += variants
+        shp += [s] * len(variants)
+        col += [c] * len(variants)
+        cell += list(range(len(variants)))
+        item += [i] * len(variants)
     return {"images": np.stack(imgs), "shape": np.array(shp), "colour": np.array(col), "cell": np.array(cell),
             "item": np.array(item)}
 
