@@ -27,10 +27,28 @@ from spatialbias.errors import SpatialBiasError
 from spatialbias.files import atomic_write_bytes, atomic_write_text
 
 
-        parts.append(f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', 'planted-lm')))}).</b> "
-                     f"{e(str(org.get('description', 'Its spatial bias was planted by its training data.')))} "
-                     f"Trained from seed {org.get('seed')} on {org.get('threads')} thread(s) for {org.get('steps')} "
-                     "steps. It says nothing about pretrained LVLMs.</p>")
+@dataclass
+class FigureSpec:
+    """One figure: ``analyses.figures.<function>(table, **kwargs)``, where ``table`` is the
+    results table or, with ``details``, that analysis' detail table; saved as ``stem``.
+    ``caption``: what to read from it, printed under it (:func:`plan_figures` fills it from
+    :func:`analyses.figures.caption`)."""
+    section: str
+    stem: str
+    function: str
+    kwargs: dict = field(default_factory=dict)
+    title: str = ""
+    details: str | None = None
+    caption: str = ""
+
+    def command(self, src: Path) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        table = (f"pd.read_parquet({str(src / 'tables' / (self.details + '.parquet'))!r})" if self.details
+                 else f"pd.read_parquet({str(src / 'results.parquet')!r})")
+        return f"analyses.figures.{self.function}({table}{args})"
+
+    def draw(self, df: pd.DataFrame, tables: dict[str, pd.DataFrame]):
+        return getattr(figures, self.function)(tables[self.details] if self.details else df, **self.kwargs)
 
 
 SECTIONS = (
@@ -176,16 +194,10 @@ def _run_html(run: dict) -> str:
     parts = [f"<h3>{e(run['model'])} · {e(run['probe'])}</h3>"]
     org, note = run.get("organism"), run.get("model_note")
     if org:
-<<<<<<< HEAD
-        parts.append(f"<p class='warn'><b>Model organism.</b> This model's spatial bias was "
-                     f"{e(str(org.get('bias_planted', 'planted by its training data')))}. It says nothing about "
-                     "pretrained LVLMs.</p>")
-=======
-        warn = (f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', '')))}).</b> "
-                f"{e(str(org.get('description', '')))} Trained from seed {org['seed']} on {org['threads']} "
-                f"thread(s) for {org['steps']} steps.</p>")
-    note = summary.get("model_note")
->>>>>>> zoo
+        parts.append(f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', 'planted-lm')))}).</b> "
+                     f"{e(str(org.get('description', 'Its spatial bias was planted by its training data.')))} "
+                     f"Trained from seed {org.get('seed')} on {org.get('threads')} thread(s) for {org.get('steps')} "
+                     "steps. It says nothing about pretrained LVLMs.</p>")
     if note:
         head = "Random weights." if note.get("random_weights") else "Note on this model."
         parts.append(f"<p class='warn'><b>{e(head)}</b> {e(str(note.get('note', '')))}</p>")
