@@ -115,7 +115,7 @@ class Knockout(Intervention):
             if mask is None:  # SDPA with no padding passes no mask: causal only
                 mask = torch.ones(L, L, dtype=torch.bool, device=block.device).tril()[None, None]
                 mask = mask.expand(block.shape[0], 1, L, L)
-            return _blocked(mask, block[:, None, -mask.shape[-2]:, -mask.shape[-1]:])
+            return _blocked(mask, block[:, None, -mask.shape[-2]:, -mask.shape[-1]:].to(mask.device))
         return {s: edit for s in sites}
 
     def decode_edits(self, lvlm, batch, step):
@@ -133,7 +133,7 @@ class Knockout(Intervention):
             hit = torch.zeros(B, mask.shape[-1], dtype=torch.bool, device=keys.device)
             inside = (col >= 0) & (col < L)
             hit[:, inside] = keys[:, col[inside]]
-            return _blocked(mask, hit[:, None, None, :])
+            return _blocked(mask, hit[:, None, None, :].to(mask.device))
         return {s: edit for s in sites}
 
 

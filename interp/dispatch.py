@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,14 +52,17 @@ def then(edits: dict[str, Edit], more: dict[str, Edit]) -> dict[str, Edit]:
 class Trace:
     """What a run returns. ``logits``: (B, L, V) (or (B, 1, V) with ``last_only``); for a
     generation (B, N, V), the logits that chose each of the N new tokens. ``tokens``: (B, N)
-    generated ids (None without generation). ``cache``: site name → value in the site's
+    generated ids (None without generation; ``logits`` is None for a run stopped early). ``cache``: site name → value in the site's
     documented shape (``positions="image"``: (n_patches, …) in image raster order; a ``reduce``
     function's output where one was given); for a generation, a list with one value per forward
-    (prefill, then each decode step). ``batch``: the validated, prepared inputs that ran."""
-    logits: torch.Tensor
+    (prefill, then each decode step). ``batch``: the validated, prepared inputs that ran.
+    ``kv``: with ``kv=True``, per LM layer the (keys, values) its attention used, each
+    (B, kv_heads, L, head_dim) after the rotary embedding."""
+    logits: torch.Tensor | None
     cache: dict[str, Any] = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     batch: Batch | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,12 +120,13 @@ class _Run:
 
     def __init__(self, lvlm, batch: Batch, edits: dict[str, Edit], cache: Sequence[str],
                  positions: str | None, reduce: dict[str, Callable] | None, to_cpu: bool, grad: bool,
-                 later: Sequence[str] = ()):
+                 later: Sequence[str] = (), to_disk: str | None = None):
         self.lvlm, self.batch = lvlm, batch
         names = list(dict.fromkeys([*edits, *cache, *later]))  # later: sites edited on decode steps only
         self.sites: dict[str, Site] = {n: resolve(lvlm.adapter, lvlm.model, n) for n in names}
         self.edits, self.cache = dict(edits), list(dict.fromkeys(cache))
         self.reduce, self.to_cpu, self.grad = reduce or {}, to_cpu, grad
+        self.to_disk = None if to_disk is None else Path(to_disk)
         self.positions = positions
         if positions not in (None, "image"):
             raise SpatialBiasError(f"positions={positions!r}: use None (all) or 'image'")
@@ -135,6 +140,7 @@ class _Run:
         self.fired: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.step_edits: dict[str, Edit] = self.edits
+        self.stop = False
 
     @property
     def needs_pattern_kernel(self) -> bool:
@@ -169,6 +175,8 @@ class _Run:
                 raise SpatialBiasError(f"{name} runs more than once per forward on {self.lvlm.adapter.name}; "
                                        f"name one call to cache it: {_call_names(name, self.lvlm)}")
             self.values[name].append(self._keep(site, value))
+            if self.stop and all(len(v) > self._forward_index for v in self.values.values()):
+                raise _Stop
         return value
 
     def _keep(self, site: Site, value):
@@ -176,15 +184,18 @@ class _Run:
             value = self.reduce[site.name](value)
         elif self.positions == "image" and isinstance(value, torch.Tensor):
             value = self._image_tokens(site, value)
+        name = f"{site.name}.{self._forward_index}"
         if isinstance(value, tuple):
-            return tuple(self._detach(v) for v in value)
-        return self._detach(value)
+            return tuple(self._detach(v, f"{name}.{k}") for k, v in enumerate(value))
+        return self._detach(value, name)
 
-    def _detach(self, v):
+    def _detach(self, v, name: str = ""):
         if not isinstance(v, torch.Tensor):
             return v
         if not self.grad:
             v = v.detach()
+        if self.to_disk is not None:
+            return to_file(v, self.to_disk / f"{_file_name(name)}.bin")
         return v.cpu() if self.to_cpu and not self.grad else v
 
     def _image_tokens(self, site: Site, x: torch.Tensor) -> torch.Tensor:
@@ -281,12 +292,31 @@ class _Run:
                                        "input, or a call index that does not occur); nothing to cache")
 
 
+class _Stop(Exception):
+    """Raised by a hook once every cached site of a ``stop=True`` run has been recorded."""
+
+
 class _Unregister:
     def __init__(self, key):
         self.key = key
 
     def remove(self):
         _PATTERN_HOOKS.pop(self.key, None)
+
+
+def to_file(x: torch.Tensor, path: Path) -> torch.Tensor:
+    """``x`` written to ``path`` (raw bytes) and returned as a CPU tensor memory-mapped from it
+    (same shape and dtype; its pages are read back on use, not held in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbytes = x.numel() * x.element_size()
+    storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
+    out = torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape)  # contiguous view of the file
+    out.copy_(x)
+    return out
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def _shape(x) -> str:
@@ -306,7 +336,8 @@ def _call_names(name: str, lvlm) -> str:
 
 def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit] | None = None,
             cache: Sequence[str] = (), positions: str | None = None, reduce: dict[str, Callable] | None = None,
-            to_cpu: bool = False, grad: bool = False, last_only: bool = False, max_new_tokens: int = 0) -> Trace:
+            to_cpu: bool = False, grad: bool = False, last_only: bool = False, max_new_tokens: int = 0,
+            to_disk: str | None = None, kv: bool = False, stop: bool = False) -> Trace:
     """One run of the model's own forward (or a greedy generation) with interventions, edits and caches.
 
     Args:
@@ -318,6 +349,11 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
         cache: site names to record; positions: ``"image"`` keeps only patch tokens, in image
             raster order; reduce: site → ``fn(value)`` applied before storing (memory stays bounded).
         to_cpu: move cached values to the CPU as they are recorded (not with ``grad``).
+        to_disk: a folder: write each cached tensor there as it is recorded and keep a
+            memory-mapped view of the file instead (``{site}.{forward}.bin``; not with ``grad``).
+        kv: also return every LM layer's attention keys and values (:attr:`Trace.kv`).
+        stop: end the forward as soon as every cached site has been recorded (``logits`` None):
+            e.g. ``cache=["lm.input"]`` runs the vision side and the embedding scatter only.
         grad: keep the autograd graph (attribution); default runs under ``no_grad``.
         last_only: logits of the last position only, (B, 1, V).
         max_new_tokens: > 0 generates that many tokens greedily (see :class:`Trace`).
@@ -329,7 +365,14 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
         batch = batch.replace(position_ids=lvlm.adapter.generation_position_ids(lvlm.model, batch))
     batch, iv_edits = lvlm.prepare(batch, interventions)
     later = list(_decode_edits(lvlm, batch, interventions, 1, edits or {})) if max_new_tokens > 1 else []
-    run = _Run(lvlm, batch, then(iv_edits, edits or {}), cache, positions, reduce, to_cpu, grad, later)
+    if (stop or kv) and max_new_tokens:
+        raise SpatialBiasError("stop / kv apply to one forward; not with max_new_tokens")
+    if stop and not cache:
+        raise SpatialBiasError("stop=True ends the forward once the cached sites are recorded: give cache=[...]")
+    if to_disk is not None and grad:
+        raise SpatialBiasError("to_disk writes cached values to files; it cannot keep their autograd graph (grad=True)")
+    run = _Run(lvlm, batch, then(iv_edits, edits or {}), cache, positions, reduce, to_cpu, grad, later, to_disk)
+    run.stop = stop
     handles = run.install()
     impl = PATTERN_IMPL if run.needs_pattern_kernel else None
     try:
@@ -337,9 +380,18 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
             if not max_new_tokens:
                 run.begin_forward(0, run.edits)
                 kw = {"logits_to_keep": 1} if last_only else {}
-                logits = lvlm.model(**batch, use_cache=False, **kw).logits
+                if kv:
+                    from transformers import DynamicCache
+                    kw.update(cache=DynamicCache(), use_cache=True)
+                else:
+                    kw["use_cache"] = False
+                try:
+                    out = lvlm.model(**batch, **kw)
+                except _Stop:
+                    return Trace(None, {n: v[0] for n, v in run.values.items()}, batch=batch)
                 run.end_forward()
-                return Trace(logits, {n: v[0] for n, v in run.values.items()}, batch=batch)
+                keys = [(layer.keys, layer.values) for layer in out.cache.layers] if kv else None
+                return Trace(out.logits, {n: v[0] for n, v in run.values.items()}, batch=batch, kv=keys)
             logits, tokens = _generate(lvlm, batch, interventions, run, max_new_tokens, edits or {})
             return Trace(logits, dict(run.values), tokens=tokens, batch=batch)
     finally:
@@ -381,3 +433,168 @@ def _generate(lvlm, batch: Batch, interventions, run: _Run, n: int, user_edits: 
         step_logits.append(out.logits[:, -1])
         new.append(tok)
     return torch.stack(step_logits, 1), torch.stack(new, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# resuming the LM from a block: what every block received in an unpatched run, and the run of the
+# later blocks only, over the positions that can change
+
+
+RESUME_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+"""The keyword arguments an LM block is called with (besides the KV cache) in transformers 5.24,
+on all five architectures; :func:`capture_lm` records them at ``lm.blocks.{i}#KEY`` sites."""
+RESUMABLE_IMPLS = ("sdpa", "eager", PATTERN_IMPL)
+"""Attention implementations whose blocks take an explicit (B, 1, Lq, Lk) mask, which resuming
+slices to the later queries (flash-attention and flex are refused: their masks are not tensors)."""
+
+
+@dataclass
+class LMStates:
+    """What every LM block received in one run, for :func:`resume`. N LM blocks, B rows, L tokens.
+
+    ``residual[s]``: (B, L, D) the residual stream entering block ``s`` (``residual[0]`` =
+    ``lm.input``, ``residual[N]`` the last block's output). ``kwargs[j]``: block j's recorded
+    keyword arguments (:data:`RESUME_KWARGS`; as the hooks saw them, i.e. after every edit of the
+    run). ``kv[j]``: block j's (keys, values), each (B, kv_heads, L, head_dim). ``reach``: (B, L)
+    the last key position each query attends to in any block (from the masks), for
+    :meth:`prefix`. ``logits``: (B, V) last-position logits of the run."""
+    residual: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    reach: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def layers(self) -> int:
+        return len(self.kwargs)
+
+    def prefix(self, row: int, first: int) -> int:
+        """The longest prefix [0, P) with P ≤ ``first`` whose queries attend to no key at or after
+        P in any block: positions before P are unchanged by any change at ``first`` or later. On a
+        causal LM P = ``first``; inside a Gemma3 image (bidirectional) P is the image's start."""
+        if first <= 0:
+            return 0
+        reach = self.reach[row, :first].cummax(0).values  # furthest key any query < q+1 attends to
+        ok = torch.nonzero(reach < torch.arange(1, first + 1, device=reach.device)).flatten()
+        return int(ok[-1]) + 1 if len(ok) else 0
+
+    def same_inputs(self, a: int, b: int, start: int) -> bool:
+        """Rows ``a`` and ``b`` give blocks ``start``… equal keyword arguments (masks, rotary, ids)."""
+        for kw in self.kwargs[start:]:
+            for name, v in kw.items():
+                for t in (v if isinstance(v, tuple) else (v,)):
+                    d = _batch_dim(name, t) if isinstance(t, torch.Tensor) else 0
+                    if isinstance(t, torch.Tensor) and t.shape[d] > 1 and not torch.equal(t.select(d, a),
+                                                                                            t.select(d, b)):
+                        return False
+        return True
+
+
+def _batch_dim(name: str, t: torch.Tensor) -> int:
+    """The row axis of a recorded block input ``name``: masks (B, 1, Lq, Lk), ids (B, L) and
+    rotary pairs (B, L, hd) have it first; M-RoPE ids (3, B, L) and rotaries (3, B, L, hd) second."""
+    if name == "position_ids":
+        return 1 if t.dim() == 3 else 0
+    if name == "position_embeddings":
+        return 1 if t.dim() == 4 else 0
+    return 0
+
+
+def capture_lm(lvlm, inputs, interventions: Sequence = (), edits: dict[str, Edit] | None = None,
+               cache: Sequence[str] = ()) -> tuple[Trace, LMStates]:
+    """One forward recording what :func:`resume` needs (see :class:`LMStates`), plus ``cache``.
+    Returns (the run's :class:`Trace`, its :class:`LMStates`)."""
+    impl = lvlm.model.config.text_config._attn_implementation
+    if impl not in RESUMABLE_IMPLS:
+        raise SpatialBiasError(f"resuming LM blocks needs tensor attention masks; the {impl!r} attention "
+                               "implementation has none: load the model with attn_implementation='sdpa' or 'eager'")
+    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    res_sites = ["lm.input"] + [f"lm.blocks.{j}" for j in range(n)]
+    kw_sites = [f"lm.blocks.{j}#{k}" for j in range(n) for k in RESUME_KWARGS]
+    t = forward(lvlm, inputs, interventions, edits=edits, cache=[*res_sites, *kw_sites, *cache], kv=True,
+                last_only=True)
+    kwargs = [{k: t.cache.pop(f"lm.blocks.{j}#{k}") for k in RESUME_KWARGS} for j in range(n)]
+    residual = [t.cache.pop(s) if s not in cache else t.cache[s] for s in res_sites]
+    B, L = residual[0].shape[:2]
+    reach = torch.arange(L, device=residual[0].device).expand(B, L).clone()
+    seen = set()
+    for kw in kwargs:
+        m = kw["attention_mask"]
+        if m is None or id(m) in seen:
+            continue  # no mask: causal (what SDPA is given when nothing is padded)
+        seen.add(id(m))
+        allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        L_k = allowed.shape[-1]
+        last = torch.where(allowed.any(1), torch.arange(L_k, device=m.device), -1).amax(-1)  # (B|1, Lq)
+        reach = torch.maximum(reach, last.to(reach.device).expand(B, L))
+    return t, LMStates(residual, kwargs, list(t.kv or []), reach, t.logits[:, -1])
+
+
+class _Prefix:
+    """A KV cache holding one block's keys and values of the positions before the resumed ones:
+    ``update`` returns them with the new positions' appended (it keeps nothing)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, keys, values, layer_idx=None, *args, **kwargs):
+        return (torch.cat([self.keys.to(keys.device, keys.dtype), keys], -2),
+                torch.cat([self.values.to(values.device, values.dtype), values], -2))
+
+
+def _rows_of(name: str, t, rows: torch.Tensor, p: int):
+    """Recorded block input ``name`` for the rows ``rows`` and query positions p…: row axis
+    gathered (unless it broadcasts), token axis sliced (a mask's query axis)."""
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(_rows_of(name, x, rows, p) for x in t)
+    d = _batch_dim(name, t)
+    if t.shape[d] > 1:
+        t = t.index_select(d, rows.to(t.device))
+    return t[..., p:] if name == "position_ids" else t[..., p:, :]
+
+
+def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidden: torch.Tensor,
+           p: int) -> torch.Tensor:
+    """Last-position logits of runs that continue an unpatched run from a block on.
+
+    Row r continues the run's row ``rows[r]`` with ``hidden[r]`` (Lq = L − p positions p…, width D)
+    as the residual entering block ``start[r]`` (N: after the last block). Blocks before it are not
+    run; positions before ``p`` are not recomputed: every block reads their keys and values from
+    ``states.kv``, so ``p`` must not exceed :meth:`LMStates.prefix` of any row's first changed
+    position. Masks, rotary embeddings and ids are the run's own (``states.kwargs``), sliced to
+    the resumed queries. Rows must be sorted by ``start``. Returns (R, V).
+    """
+    n = states.layers
+    order = start.tolist()
+    if order != sorted(order):
+        raise SpatialBiasError("resume: rows must be sorted by their start block")
+    R, L = len(order), states.residual[0].shape[1]
+    blocks = [lvlm.adapter.module(lvlm.model, f"lm.blocks.{j}") for j in range(n)]
+    h = None
+    for j in range(min(order), n):
+        k = sum(1 for s in order if s <= j)  # rows that have joined by block j
+        h = _join(h, hidden, k)
+        kw = {name: _rows_of(name, v, rows[:k], p) for name, v in states.kwargs[j].items()}
+        if kw.get("attention_mask") is None:  # SDPA got no mask (nothing padded): causal, made explicit
+            q = torch.arange(p, L, device=h.device)[:, None]
+            kw["attention_mask"] = (torch.arange(L, device=h.device)[None] <= q)[None, None]
+        K, V = states.kv[j]
+        cache = _Prefix(K.index_select(0, rows[:k].to(K.device))[:, :, :p],
+                        V.index_select(0, rows[:k].to(V.device))[:, :, :p])
+        out = blocks[j](h, cache=cache, **kw)
+        h = out[0] if isinstance(out, tuple) else out
+    h = _join(h, hidden, R)
+    norm = lvlm.adapter.module(lvlm.model, "lm.final_norm")
+    head = lvlm.adapter.module(lvlm.model, "unembed")
+    return head(norm(h[:, -1:]))[:, -1]
+
+
+def _join(h: torch.Tensor | None, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """``h`` (rows already running) with rows len(h)…k of ``hidden`` appended."""
+    if h is None:
+        return hidden[:k]
+    if k > h.shape[0]:
+        return torch.cat([h, hidden[h.shape[0]:k].to(h.device, h.dtype)], 0)
+    return h

@@ -18,16 +18,33 @@ ALIASES = {"organism": ORGANISM_DIR}
 
 
 def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None = None,
-         device: str | torch.device | None = None, trust_remote_code: bool = False) -> LVLM:
+         device: str | torch.device | None = None, device_map: str | dict | None = None,
+         max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
+         trust_remote_code: bool = False) -> LVLM:
     """Wrap a model for probing and interventions.
 
     Args:
         model_or_path: an HF model object, ``"organism"`` (the bundled checkpoint), a local
             folder written by ``save_pretrained``, or a hub id already in the local HF cache.
         processor: the model's processor; loaded from the same place when omitted.
-        dtype / device: passed to ``from_pretrained`` / ``.to``.
+        dtype / device: passed to ``from_pretrained`` / ``.to`` (the whole model on one device).
+        device_map: place the model across devices with accelerate's big-model dispatch (what
+            ``from_pretrained(device_map=...)`` does): ``"auto"`` / ``"balanced"`` /
+            ``"sequential"``, or a dict {HF module path: 0 | "cuda:1" | "cpu" | "disk"}. Modules
+            on ``"disk"`` (and on ``"cpu"`` when a GPU is in the map) are loaded onto the execution
+            device for each forward. Every runner gives the undispatched result (tested).
+        max_memory: with ``device_map="auto"``: the most each device may hold *in weights*
+            ({0: "20GiB", "cpu": "60GiB"}, or ``"0=20GiB,cpu=60GiB"``); see :func:`parse_max_memory`.
+        offload_folder: where weights mapped to ``"disk"`` are written (memory-mapped).
         trust_remote_code: off by default; turning it on lets a checkpoint run its own Python.
     """
+    if device is not None and device_map is not None:
+        raise SpatialBiasError(f"device={device!r} and device_map={device_map!r} were both given; use device for one "
+                               "device, device_map to split the model across devices (and disk)")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise SpatialBiasError("max_memory / offload_folder place weights across devices and need device_map "
+                               "(e.g. device_map='auto')")
+    max_memory = expand_max_memory(parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory)
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
         adapter = adapters.for_model(model)
@@ -39,6 +56,8 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
             processor = _processor(adapter, src, trust_remote_code)
         if device is not None:
             model = model.to(device)
+        if device_map is not None:
+            model = dispatch(model, device_map, max_memory, offload_folder)
         return LVLM(model, processor, adapter, name=type(model).__name__)
 
     name = str(model_or_path)
@@ -50,9 +69,11 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no per-tensor loading bar in notebooks and logs
+    placement = {} if device_map is None else {"device_map": _check_map(device_map), "max_memory": max_memory,
+                                               "offload_folder": _offload_folder(device_map, offload_folder)}
     try:
         model = cls.from_pretrained(src, local_files_only=True, use_safetensors=True, dtype=dtype,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, **placement)
     except OSError as e:
         raise SpatialBiasError(f"cannot load weights of {name!r}: {str(e).splitlines()[0]}; the toolkit "
                                "loads safetensors weights only") from None
@@ -64,6 +85,93 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
     if processor is None:
         processor = _processor(adapter, src, trust_remote_code)
     return LVLM(model, processor, adapter, name=name, source=str(src))
+
+
+MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)
+_UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """Bytes of ``"40GiB"``, ``"512MB"``, ``"1.5TiB"`` or a plain number of bytes; one error line otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise SpatialBiasError(f"{what} {text!r} is not a size; write e.g. 40GiB, 512MiB or 20GB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+def parse_max_memory(text: str) -> dict:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` → {0: bytes, 1: bytes, "cpu": bytes} (accelerate's
+    ``max_memory``; device keys are GPU indices, ``cpu`` or ``disk``). A single size without
+    ``=`` means every GPU and the CPU (``{"all": bytes}``, expanded by the caller)."""
+    out: dict = {}
+    for part in [p for p in str(text).split(",") if p.strip()]:
+        if "=" not in part:
+            out["all"] = parse_size(part, "--max-memory")
+            continue
+        dev, size = (x.strip() for x in part.split("=", 1))
+        key = int(dev) if dev.isdigit() else dev.removeprefix("cuda:") if dev.startswith("cuda:") else dev
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not (isinstance(key, int) or key in ("cpu", "disk", "mps")):
+            raise SpatialBiasError(f"--max-memory device {dev!r}: use a GPU index (0, 1, …), cpu or disk")
+        out[key] = parse_size(size, f"--max-memory {dev}")
+    if not out:
+        raise SpatialBiasError(f"--max-memory {text!r}: give a size (40GiB) or per device (0=20GiB,cpu=60GiB)")
+    return out
+
+
+def expand_max_memory(mem: dict | None) -> dict | None:
+    """A ``{"all": bytes}`` entry (one size for every device) spelled out for every GPU and the CPU."""
+    if not mem or "all" not in mem:
+        return mem
+    out = {k: v for k, v in mem.items() if k != "all"}
+    for i in range(torch.cuda.device_count()):
+        out.setdefault(i, mem["all"])
+    out.setdefault("cpu", mem["all"])
+    return out
+
+
+def _check_map(device_map):
+    if isinstance(device_map, str) and device_map not in MAP_STRATEGIES:
+        raise SpatialBiasError(f"device_map={device_map!r}: use {', '.join(MAP_STRATEGIES)} or a dict "
+                               "{{module path: device}} (a JSON file on the command line)")
+    if not isinstance(device_map, (str, dict)):
+        raise SpatialBiasError(f"device_map must be a strategy name or a dict, got {type(device_map).__name__}")
+    return device_map
+
+
+def _offload_folder(device_map, folder) -> str | None:
+    if folder is not None:
+        return str(folder)
+    if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
+        raise SpatialBiasError("the device map sends modules to 'disk': pass offload_folder (--offload-folder DIR)")
+    return None
+
+
+def dispatch(model: torch.nn.Module, device_map, max_memory: dict | None = None,
+             offload_folder: str | os.PathLike | None = None) -> torch.nn.Module:
+    """An in-memory model placed across devices by accelerate (``infer_auto_device_map`` for a
+    strategy name, then ``dispatch_model``), as ``from_pretrained(device_map=...)`` places a checkpoint."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    device_map = _check_map(device_map)
+    if isinstance(device_map, str):
+        no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+        mem = max_memory
+        if device_map != "sequential":
+            mem = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                      low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=mem, no_split_module_classes=no_split)
+        if set(device_map) == {""} and device_map[""] == "disk":
+            raise SpatialBiasError(f"max_memory={max_memory} leaves no room for any module: the whole model would "
+                                   "go to disk; raise --max-memory")
+    folder = _offload_folder(device_map, offload_folder)
+    model = dispatch_model(model, device_map=device_map, offload_dir=folder)
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

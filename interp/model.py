@@ -15,6 +15,20 @@ from interp.interventions import Intervention
 from interp.sites import resolve
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device when it is dispatched,
+    else the device of its first parameter or buffer that is not on meta, else the CPU."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [*getattr(hook, "hooks", ()), hook]:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
 class LVLM:
     """An HF vision-language model ready for probing and interventions.
 
@@ -31,7 +45,28 @@ class LVLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the execution device of the input embeddings. On a model dispatched
+        by accelerate (``device_map``) parameters may sit on other devices, the CPU or disk (meta);
+        accelerate moves every module's inputs to its own device."""
+        return execution_device(self.model.get_input_embeddings())
+
+    @property
+    def dispatched(self) -> bool:
+        """True when accelerate placed the model across devices or disk (``device_map``)."""
+        return getattr(self.model, "hf_device_map", None) is not None
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of parameters and buffers per place they are stored: ``"cuda:0"``, ``"cpu"``,
+        ``"disk"`` (meta tensors of a disk-offloaded model). Shared (tied) tensors count once."""
+        out: dict[str, int] = {}
+        seen = set()
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            where = "disk" if t.device.type == "meta" else str(t.device)
+            out[where] = out.get(where, 0) + t.numel() * t.element_size()
+        return out
 
     @property
     def tokenizer(self):

@@ -15,6 +15,7 @@ corrupt activation alone creates). Means over items are taken before the ratio.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.batch import concat, select_rows
-from interp.dispatch import forward, then
+from interp.dispatch import RESUMABLE_IMPLS, capture_lm, forward, then
+from interp.dispatch import resume as resume_lm
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention
 from interp.model import LVLM
@@ -53,6 +55,7 @@ def logit_diff(last_logits: torch.Tensor, correct: torch.Tensor, candidates: Seq
     """(B,) logit of the correct token minus the best other candidate. ``correct``: (B,) token ids."""
     cand = torch.as_tensor(list(candidates), device=last_logits.device)
     lg = last_logits.float()
+    correct = correct.to(lg.device)
     right = lg.gather(1, correct[:, None])[:, 0]
     others = lg[:, cand].masked_fill(cand[None, :] == correct[:, None], float("-inf")).max(-1).values
     return right - others
@@ -132,7 +135,7 @@ def _selection(idx: torch.Tensor, masks: dict, row: int, patch: "Patch") -> torc
 def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], patches: Sequence[Patch],
                 correct: torch.Tensor, candidates: Sequence[int], targets: Sequence[Sequence[int]],
                 interventions: Sequence[Intervention] = (), batch_size: int = 32,
-                progress: bool = False, grid: tuple[int, int] = (3, 3)) -> pd.DataFrame:
+                progress: bool = False, grid: tuple[int, int] = (3, 3), resume: bool | None = None) -> pd.DataFrame:
     """Metric (answer logit difference) of every patch on every item.
 
     Args:
@@ -145,9 +148,17 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
         targets: per item, the target's cells (both placements), row-major on ``grid``; the
             ``target`` group needs one image per row.
         interventions: applied to every row (so patching runs on the BaPA/AGCI graph too).
+        batch_size: rows per forward (the unpatched runs of ⌊batch_size/2⌋ items, or resumed rows).
+        resume: how residual-stream patches (``lm.input``, ``lm.blocks.{i}``) and patches before
+            the LM (vision blocks, projector) run. True: resumed (:func:`_resumed_patches`: one
+            unpatched run per item records every block's input; a patch at block ℓ then runs blocks
+            ℓ+1… only, over the positions from its first patched one on); False: one full forward
+            per patch row (the reference scheme); None (default): resumed, unless the model or an
+            intervention cannot be resumed exactly (checked per chunk: a resumed unpatched row must
+            give the run's own logits), then full.
     Returns:
         one row per (item, patch) with ``metric``, plus ``base_metric`` and ``source_metric``
-        (the unpatched rows of the same forward).
+        (the unpatched rows); ``df.attrs["engine"]`` says which scheme ran ("resumed" or "full").
     """
     base, source = lvlm.batch(base), lvlm.batch(source)
     N = base.rows
@@ -155,14 +166,42 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
         raise SpatialBiasError("base and source must have the same shape and images per row (same prompts)")
     if len(targets) != N or correct.shape[0] != N:
         raise SpatialBiasError(f"{N} rows but {len(targets)} target lists and {correct.shape[0]} answers")
-    sites = {p.site: _check_site(lvlm, p.site) for p in patches}
+    for p in patches:
+        _check_site(lvlm, p.site)
     if any(p.group == "target" and p.position is None for p in patches):
         base.need_one_image_per_row("the 'target' token group")
-    # work units: (item, slice of patches) of at most batch_size − 2 patches (+ source and base rows)
+    if batch_size < 3:
+        raise SpatialBiasError(f"batch_size={batch_size}: patching needs at least 3 rows per forward (source, base, "
+                               "one patched row)")
+    both = concat(lvlm, base, source)
+    job = (lvlm, both, N, patches, correct, candidates, targets, interventions, batch_size, progress, grid)
+    why = None if resume is False else _not_resumable(lvlm, patches, interventions, both)
+    if resume is True and why:
+        raise SpatialBiasError(f"resume=True: {why}; use resume=None (falls back to full forwards) or False")
+    out = _resumed_patches(*job, strict=resume is True) if why is None and resume is not False else None
+    engine = "resumed"
+    if out is None:
+        out, engine = _full_patches(*job), "full"
+    df = pd.DataFrame(out)
+    df.attrs["engine"] = engine
+    return df
+
+
+def _row(i: int, p: Patch, metric: float, base_metric: float, source_metric: float) -> dict:
+    return {"item": i, "site": p.site, "group": p.group, "position": p.position, "metric": float(metric),
+            "base_metric": float(base_metric), "source_metric": float(source_metric)}
+
+
+def _full_patches(lvlm, both, N, patches, correct, candidates, targets, interventions, batch_size, progress,
+                  grid) -> list[dict]:
+    """The reference scheme: forwards of at most ``batch_size`` rows; each item (or slice of its
+    patches) contributes its source row, its unpatched base row and one base row per patch, and
+    every edit copies from that source row inside the same forward (the source row is never
+    edited, so it holds the source activations)."""
+    sites = {p.site for p in patches}
     per_unit = max(1, batch_size - 2)
     units = [(i, list(range(j, min(len(patches), j + per_unit)))) for i in range(N)
              for j in range(0, len(patches), per_unit)]
-    both = concat(lvlm, base, source)
     out = []
     bar = tqdm(total=len(units), desc="patching", unit="chunk", disable=not progress)
     u = 0
@@ -180,33 +219,229 @@ def run_patches(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, tor
         chunk, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
         row_targets = [targets[i] for i, s, js in layout for _ in range(2 + len(js))]
         groups = {site: site_groups(lvlm, chunk, site, row_targets, grid) for site in sites}
-        ops: dict[str, tuple[list, list]] = {}
-        for i, s, js in layout:
-            for k, j in enumerate(js):
-                p = patches[j]
-                src = _selection(*groups[p.site], s, p)
-                dst = _selection(*groups[p.site], s + 2 + k, p)
-                if len(src) != len(dst):
-                    raise SpatialBiasError(f"rows of item {i} hold different token layouts at {p.site}; patching "
-                                           "needs placements of the same prompt and image size")
-                d, sr = ops.setdefault(p.site, ([], []))
-                d.append(dst)
-                sr.append(src)
-        edits = then(iv_edits, {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr):
-                                       _copy(x, n, d, sr)) for site, (d, sr) in ops.items()})
+        copies = [(p, s, s + 2 + k) for i, s, js in layout for k, p in enumerate(patches[j] for j in js)]
+        edits = then(iv_edits, _copy_edits(groups, copies))
         with torch.no_grad():
             logits = forward(lvlm, chunk, edits=edits, last_only=True).logits[:, -1]
         corr = torch.cat([correct[i].repeat(2 + len(js)) for i, s, js in layout]).to(logits.device)
         metric = logit_diff(logits, corr, candidates).cpu()
         for i, s, js in layout:
             for k, j in enumerate(js):
-                p = patches[j]
-                out.append({"item": i, "site": p.site, "group": p.group, "position": p.position,
-                            "metric": float(metric[s + 2 + k]), "base_metric": float(metric[s + 1]),
-                            "source_metric": float(metric[s])})
+                out.append(_row(i, patches[j], metric[s + 2 + k], metric[s + 1], metric[s]))
         bar.update(len(take))
     bar.close()
-    return pd.DataFrame(out)
+    return out
+
+
+def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]]) -> dict:
+    """Edits copying, for every (patch, source row, patched row), the patch's tokens of the source
+    row onto the patched row, at the patch's site (within one forward)."""
+    ops: dict[str, tuple[list, list]] = {}
+    for p, src_row, dst_row in copies:
+        src = _selection(*groups[p.site], src_row, p)
+        dst = _selection(*groups[p.site], dst_row, p)
+        if len(src) != len(dst):
+            raise SpatialBiasError(f"rows hold different token layouts at {p.site}; patching needs placements of "
+                                   "the same prompt and image size")
+        d, sr = ops.setdefault(p.site, ([], []))
+        d.append(dst)
+        sr.append(src)
+    return {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
+            for site, (d, sr) in ops.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the resumed scheme
+
+
+_SAFE_EDIT_SITES = re.compile(r"^(vision\..*|projector|lm\.embed|lm\.input|lm\.rotary(@.*)?|lm\.blocks\.\d+#\w+)$")
+"""Sites an intervention may edit for a resumed run to stay exact: everything before block 0,
+and block inputs that :func:`interp.dispatch.capture_lm` records after the edit (masks, rotary)."""
+
+
+def _kind(lvlm: LVLM, site: str) -> tuple[str, int]:
+    """("residual", start block) for ``lm.input`` / ``lm.blocks.{i}``; ("pre", 0) for sites before
+    the LM (vision side, projector, ``lm.embed``); ("other", -1) for the rest (sub-block sites)."""
+    s = resolve(lvlm.adapter, lvlm.model, site)
+    if s.canonical == "lm.input":
+        return "residual", 0
+    m = re.fullmatch(r"lm\.blocks\.(\d+)", s.canonical)
+    if m and s.hook == "output" and s.call is None:
+        return "residual", int(m.group(1)) + 1
+    if s.tokens == "vision" or s.canonical == "lm.embed":
+        return "pre", 0
+    return "other", -1
+
+
+def _not_resumable(lvlm: LVLM, patches, interventions, both) -> str | None:
+    """Why the resumed scheme cannot run here (None: it can)."""
+    impl = lvlm.model.config.text_config._attn_implementation
+    if impl not in RESUMABLE_IMPLS:
+        return f"the {impl!r} attention implementation takes no tensor mask to slice"
+    if lvlm.adapter.rope_kind(lvlm.model) == "none":
+        return "an LM without rotary embeddings (learned positions) is resumed by no recorded input"
+    if not any(_kind(lvlm, p.site)[0] != "other" for p in patches):
+        return "no patch is at lm.input, an LM block output or before the LM"
+    _, edits = lvlm.prepare(select_rows(lvlm, both, [0]), interventions)
+    bad = [e for e in edits if not _SAFE_EDIT_SITES.match(e)]
+    if bad:
+        return f"an intervention edits {bad[0]} inside the LM blocks, which a resumed run does not re-apply"
+    return None
+
+
+def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, interventions, batch_size, progress,
+                     grid, strict: bool = False) -> list[dict] | None:
+    """Residual and pre-LM patches by resuming (other patches: :func:`_full_patches`).
+
+    Per chunk of ⌊batch_size/2⌋ items, one forward over their source and base rows records every
+    block's input (:func:`interp.dispatch.capture_lm`: residual stream, masks, rotary, keys and
+    values). A patch of positions G at ``lm.blocks.ℓ`` (``lm.input``: ℓ = −1) then starts from the
+    base residual after block ℓ with the source's at G and runs blocks ℓ+1… over positions
+    p… only, where p is the first position of G moved back to the start of any bidirectional
+    span it falls in (:meth:`LMStates.prefix`): earlier positions are unchanged (causal attention),
+    so their keys and values are the base run's. Patches before the LM run the vision side and the
+    embedding scatter only (the forward stops at ``lm.input``), then resume from block 0 from the
+    first position where their LM input differs from the base's. A patched start that equals the
+    source's (every differing token patched, e.g. ``all`` at a block) or the base's (nothing
+    changed) takes that run's metric, when the two rows give the blocks equal masks and rotary.
+    Returns None when the first chunk's check fails (a resumed unpatched row must reproduce the
+    run's logits) and ``strict`` is off."""
+    kinds = [_kind(lvlm, p.site) for p in patches]
+    rest = [j for j, (k, _) in enumerate(kinds) if k == "other"]
+    out: dict[tuple[int, int], dict] = {}
+    if rest:
+        full = _full_patches(lvlm, both, N, [patches[j] for j in rest], correct, candidates, targets, interventions,
+                             batch_size, False, grid)
+        for n, r in enumerate(full):  # item-major, then patch order
+            out[(n // len(rest), rest[n % len(rest)])] = r
+    per = max(1, batch_size // 2)
+    chunks = [list(range(a, min(N, a + per))) for a in range(0, N, per)]
+    bar = tqdm(total=N, desc="patching", unit="item", disable=not progress)
+    pre = [j for j, (k, _) in enumerate(kinds) if k == "pre"]
+    res = [j for j, (k, _) in enumerate(kinds) if k == "residual"]
+    for items in chunks:
+        c = len(items)
+        rows = [N + i for i in items] + list(items)  # sources, then bases
+        chunk, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
+        with torch.no_grad():
+            _, st = capture_lm(lvlm, chunk, edits=iv_edits)
+            m = logit_diff(st.logits, correct[items].repeat(2), candidates).cpu()
+            if not _resume_check(lvlm, st, c, chunk):
+                if strict:
+                    raise SpatialBiasError("resume=True: resuming an unpatched row does not reproduce the model's "
+                                           "logits on this model; use resume=None or False")
+                return None
+            src_m, base_m = m[:c], m[c:]
+            row_targets = [targets[i] for i in items] * 2
+            groups = {p.site: site_groups(lvlm, chunk, p.site, row_targets, grid) for j, p in enumerate(patches)
+                      if kinds[j][0] == "residual"}
+            L = chunk["input_ids"].shape[1]
+            jobs = []  # (p, start, local item, patch index, hidden maker)
+            for a, i in enumerate(items):
+                for j in res:
+                    p, s = patches[j], kinds[j][1]
+                    pos = _selection(*groups[p.site], c + a, p) % L  # token positions in the row
+                    h = st.residual[s][c + a].clone()
+                    h[pos.to(h.device)] = st.residual[s][a][pos.to(h.device)]
+                    jobs.append(_job(st, a, c, s, h, j, src_m, base_m, out, i, p))
+            if pre:
+                jobs += _pre_jobs(lvlm, st, both, N, interventions, items, [patches[j] for j in pre], pre, targets,
+                                  grid, batch_size, src_m, base_m, out)
+            _run_jobs(lvlm, st, [j for j in jobs if j is not None], batch_size, correct, candidates, items, patches,
+                      src_m, base_m, out)
+        bar.update(c)
+    bar.close()
+    return [out[(i, j)] for i in range(N) for j in range(len(patches))]
+
+
+def _job(st, a: int, c: int, start: int, h: torch.Tensor, j: int, src_m, base_m, out, item: int, patch: Patch):
+    """A resumed run of base row ``c + a`` from block ``start`` with residual ``h`` (L, D), or None
+    when ``h`` is the source's or the base's own (its metric is then that run's). After the last
+    block (``start`` = N) only the last position reaches the logits."""
+    used = slice(-1, None) if start == st.layers else slice(None)
+    if torch.equal(h[used], st.residual[start][a][used]) and st.same_inputs(a, c + a, start):
+        out[(item, j)] = _row(item, patch, src_m[a], base_m[a], src_m[a])
+        return None
+    if torch.equal(h[used], st.residual[start][c + a][used]):
+        out[(item, j)] = _row(item, patch, base_m[a], base_m[a], src_m[a])
+        return None
+    diff = (h != st.residual[start][c + a]).any(-1).nonzero()
+    p = st.prefix(c + a, int(diff[0]))
+    return (p, start, a, j, h)
+
+
+def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx, targets, grid, batch_size,
+              src_m, base_m, out) -> list:
+    """Patches before the LM: forwards of source rows and patched base rows (prepared afresh from
+    the unprepared inputs ``both``) that stop once ``lm.input`` is recorded (vision side,
+    projector, embedding scatter), then one resumed job per patched row (or its source / base
+    metric when its LM input equals theirs)."""
+    c = len(items)
+    units = [(a, k) for a in range(c) for k in range(len(pre_patches))]
+    per = max(1, batch_size - c)
+    sites = {p.site for p in pre_patches}
+    jobs = []
+    for u0 in range(0, len(units), per):
+        take = units[u0:u0 + per]
+        srcs = sorted({a for a, _ in take})
+        rows = [N + items[a] for a in srcs] + [items[a] for a, _ in take]  # sources, then patched bases
+        sub, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
+        sub_targets = [targets[items[a]] for a in srcs] + [targets[items[a]] for a, _ in take]
+        groups = {site: site_groups(lvlm, sub, site, sub_targets, grid) for site in sites}
+        copies = [(pre_patches[k], srcs.index(a), len(srcs) + n) for n, (a, k) in enumerate(take)]
+        with torch.no_grad():
+            t = forward(lvlm, sub, edits=then(iv_edits, _copy_edits(groups, copies)), cache=["lm.input"], stop=True)
+        x = t.cache["lm.input"]
+        for n, (a, k) in enumerate(take):
+            h = x[len(srcs) + n]
+            i, j = items[a], pre_idx[k]
+            if torch.equal(h, x[srcs.index(a)]) and st.same_inputs(a, c + a, 0):
+                out[(i, j)] = _row(i, pre_patches[k], src_m[a], base_m[a], src_m[a])
+                continue
+            jobs.append(_job(st, a, c, 0, h.to(st.residual[0].device), j, src_m, base_m, out, i, pre_patches[k]))
+    return jobs
+
+
+def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, src_m, base_m, out) -> None:
+    """Resumed runs of ``jobs`` in batches of at most ``batch_size`` rows: jobs sorted by their first
+    position p, a batch closed when the next job's suffix (L − p) is under half the batch's (rows of
+    a batch all run from its smallest p, so a ``last``-token job never pays for an ``image`` one)."""
+    L = st.residual[0].shape[1]
+    jobs = sorted(jobs, key=lambda jb: (jb[0], jb[1]))
+    batches, cur = [], []
+    for jb in jobs:
+        if cur and (len(cur) == batch_size or 2 * (L - jb[0]) < L - cur[0][0]):
+            batches.append(cur)
+            cur = []
+        cur.append(jb)
+    if cur:
+        batches.append(cur)
+    c = len(items)
+    for batch in batches:
+        batch = sorted(batch, key=lambda jb: jb[1])
+        p = min(jb[0] for jb in batch)
+        rows = torch.tensor([c + jb[2] for jb in batch])
+        hidden = torch.stack([jb[4][p:] for jb in batch])
+        logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p)
+        corr = torch.stack([correct[items[jb[2]]] for jb in batch])
+        metric = logit_diff(logits, corr, candidates).cpu()
+        for jb, v in zip(batch, metric):
+            a, j = jb[2], jb[3]
+            out[(items[a], j)] = _row(items[a], patches[j], v, base_m[a], src_m[a])
+
+
+def _resume_check(lvlm, st, c: int, chunk) -> bool:
+    """Resume the first base row from block 0 with its own LM input for its last two positions
+    (every block: the masks sliced to two queries, rotary, the reused keys and values, the head):
+    the logits must be the run's own (fp32: within 1e-4 relative; half types: 2e-2), else resuming
+    is not exact on this model. Costs two positions of one row."""
+    L = chunk["input_ids"].shape[1]
+    p = st.prefix(c, max(0, L - 2))
+    h = st.residual[0][c:c + 1, p:]
+    got = resume_lm(lvlm, st, torch.tensor([c]), torch.tensor([0]), h, p).float()
+    ref = st.logits[c:c + 1].float()
+    tol = 1e-4 if st.residual[0].dtype == torch.float32 else 2e-2
+    return bool((got - ref.to(got.device)).abs().max() <= tol * (1 + ref.abs().max()))
 
 
 def _copy(x: torch.Tensor, n: int, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,7 @@ class AGCI(Intervention):
             h = h.clone()
             for b, sel in _image_groups(imap, self.pooled):
                 if sel.any():
+                    sel = sel.to(h.device)
                     h[b, sel] = agci_inject(h[b, sel], self.strength(h[b, sel]))
             return h
         return {"lm.input": inject}
@@ -151,7 +152,7 @@ class AdaptiveAGCI(AGCI):
         from interp.dispatch import forward
         t = forward(lvlm, inputs, cache=["lm.input"])
         h = t.cache["lm.input"]
-        return [self.strength(h[b, sel]) for b, sel in _image_groups(t.batch.imap, self.pooled) if sel.any()]
+        return [self.strength(h[b, sel.to(h.device)]) for b, sel in _image_groups(t.batch.imap, self.pooled) if sel.any()]
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

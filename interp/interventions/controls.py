@@ -53,11 +53,9 @@ class PositionSwap(Intervention):
         if self.layers is None:
             return {}
         pos = self.swapped_ids(lvlm, batch)
-        like = next(lvlm.model.parameters())
         out = {}
         for i in layer_range(lvlm.adapter.layer_count(lvlm.model, "lm"), self.layers):
-            rope = lvlm.adapter.rotary(lvlm.model, like, pos, i)
-            out[f"lm.blocks.{i}#position_embeddings"] = lambda _old, r=rope: r
+            out[f"lm.blocks.{i}#position_embeddings"] = lambda old, i=i: _rope_like(lvlm, old, pos, i)
         return out
 
     def decode_edits(self, lvlm, batch, step):
@@ -67,6 +65,15 @@ class PositionSwap(Intervention):
 
 
 register(PositionSwap)
+
+
+def _rope_like(lvlm, old, pos: torch.Tensor, layer: int):
+    """Layer ``layer``'s (cos, sin) for ids ``pos``, computed by the model's own rotary module on
+    the device and dtype of the pair ``old`` it replaces (a dispatched model's parameters may be on
+    meta or another device; the rotary module's own hook moves its inputs where it computes)."""
+    like = old[0]
+    rope = lvlm.adapter.rotary(lvlm.model, like, pos, layer)
+    return tuple(t.to(device=like.device, dtype=like.dtype) for t in rope)
 
 
 POSITION_CONTROLS = ("shuffle", "reverse")
