@@ -117,6 +117,16 @@ def position_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
     return _with_ids(pd.concat(frames, ignore_index=True), pairs)
 
 
+def moved_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64) -> pd.DataFrame:
+    """Vision-side patching per item (:func:`interp.patching.run_moved`): the corrupt run with
+    the target's image tokens at ``lm.input`` replaced by the clean run's (the content the vision
+    tower and projector produced at the clean cell), moved into the corrupt cell's slots, position
+    ids kept. Columns as :func:`activation_items`, at site ``lm.input``, group ``moved``."""
+    df = patching.run_moved(lvlm, pairs.corrupt, pairs.clean, pairs.corrupt_cell, pairs.clean_cell, pairs.correct,
+                            pairs.candidates, interventions=ivs, batch_size=max(3, batch_size), grid=pairs.grid)
+    return _with_ids(df.assign(site="lm.input", group="moved", position=None, direction="denoise"), pairs)
+
+
 def knockout_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
     """Per item, on the clean placement: the answer logit difference with the question tokens
     unable to attend to the target's cell, to a distractor cell, or to any image token, one layer

@@ -208,6 +208,8 @@ def findings(run: dict) -> list[dict]:
             if r["layers"] != "all" and r["what"] == "restoration":
                 add(f"position-id patching, layer {r['layers']} alone", iv, r)
         add("the target cell's tokens at the LM input (denoising restoration)", iv, _restoration(run, iv, "lm.input", "target"))
+        add("vision-side patching: the target's clean image tokens moved into the corrupt cell's slots, position ids "
+            "kept (denoising restoration)", iv, _restoration(run, iv, "lm.input", "moved"))
     for iv, rows in c.get("knockout", {}).items():
         for r in rows:
             if r["layers"] == "all":
