@@ -421,6 +421,34 @@ def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (r
     typer.echo(markdown_table(records))
 
 
+@app.command("zoo")
+@clean_errors
+def zoo(out: Path = typer.Option(..., help="Run folder (resumable): results.parquet, zoo.parquet/.csv/.md, "
+                                 "summary.json, figures/zoo_diagnosis.png/.svg."),
+        recipes: str = typer.Option("all", help="Comma-separated organisms (analyses/organisms/recipes.py) or 'all'."),
+        seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds of each organism."),
+        items: int = typer.Option(200, help="Probe items (each at all 9 cells) of the eval conditions."),
+        causal_items: int = typer.Option(50, help="Items of the patching analysis (cells 8 → 0)."),
+        lambdas: str = typer.Option("0.25,0.5,1,2", help="AGCI λ values."),
+        executor: str = typer.Option("local", help="'local' or 'ray'."),
+        cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
+                                             "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+    """Organism zoo: train or load each organism, run eval (baseline, BaPA, AGCI) and patching
+    (activation, position-id, vision-side) through the sweep runner, and score the automatic
+    diagnosis against where each bias was planted."""
+    from analyses.organisms.recipes import RECIPES
+    from analyses.organisms.zoo_table import markdown, run
+    names = list(RECIPES) if recipes == "all" else [r.strip() for r in recipes.split(",") if r.strip()]
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        lams = [float(x) for x in lambdas.split(",") if x.strip()]
+    except ValueError:
+        raise SpatialBiasError(f"--seeds {seeds!r} / --lambdas {lambdas!r}: give comma-separated numbers") from None
+    tab = run(out, names, seed_list, items=items, causal_items=causal_items, lambdas=lams, executor=executor,
+              cache_dir=cache, log=typer.echo)
+    typer.echo(markdown(tab))
+
+
 def main() -> None:
     app()
 
