@@ -449,6 +449,22 @@ def zoo(out: Path = typer.Option(..., help="Run folder (resumable): results.parq
     typer.echo(markdown(tab))
 
 
+@app.command("finetune")
+@clean_errors
+def finetune(out: Path = typer.Option(..., help="Output folder: lora/ and lora-bapa/ checkpoints (with adapter/), "
+                                      "results, report, finetune.parquet/.csv/.md."),
+             seed: int = typer.Option(0, help="Seed of the planted-lm organism and of the fine-tuning."),
+             steps: int = typer.Option(300, help="LoRA steps (300: the zoo's cached lora / lora-bapa recipes)."),
+             items: int = typer.Option(200, help="Probe items (each at all 9 cells)."),
+             cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
+                                                  "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+    """Lightweight fine-tuning of the planted-lm organism on uniform target cells: no fine-tuning
+    vs LoRA vs LoRA with BaPA active, accuracy and range with 95% intervals under baseline and BaPA."""
+    from analyses.organisms.finetune import markdown, run
+    tab = run(out, seed=seed, steps=steps, items=items, cache_dir=cache)
+    typer.echo(markdown(tab, seed, steps))
+
+
 def main() -> None:
     app()
 
