@@ -104,8 +104,9 @@ def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progre
 def position_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
     """Position-id patching per item: the corrupt run with the target's image tokens given their
     clean position ids (``fixed``) and the clean run with the corrupt ids (``broken``), in all
-    layers (``layers`` = "all") and one layer at a time; with the item's ``clean`` and ``corrupt``."""
-    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    layers (``layers`` = "all") and one layer at a time (not on an LM with learned absolute
+    positions, which enter once, at the embedding); with the item's ``clean`` and ``corrupt``."""
+    n = lvlm.adapter.layer_count(lvlm.model, "lm") if lvlm.adapter.rope_kind(lvlm.model) != "none" else 0
     a, b = pairs.corrupt_cell, pairs.clean_cell
     clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs), item_metric(lvlm, pairs.corrupt, pairs, ivs)
     frames = []

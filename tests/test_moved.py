@@ -40,3 +40,22 @@ def test_moved_restoration_row_in_patching_rows(organism, small_probe):
     g = items.sort_values("item")
     want = (g.metric.mean() - g.base_metric.mean()) / (g.source_metric.mean() - g.base_metric.mean())
     assert r["site"] == "lm.input" and abs(r["value"] - want) < 1e-9 and r["ci_low"] <= r["value"] <= r["ci_high"]
+
+
+def test_learned_absolute_lm_position_patching(small_probe):
+    """GPT-2 LM (learned absolute positions, shipped zoo organism): per-layer position swaps are
+    refused with one line (positions enter once, at the embedding); the patching analysis runs
+    the all-layers swap only, and the moved patch runs."""
+    import pytest
+
+    import interp
+    from analyses.organisms.zoo import shipped
+    from interp.interventions import PositionSwap
+    from spatialbias.errors import SpatialBiasError
+    m = interp.load(str(shipped("learned-absolute", 0)))
+    pairs = causal.placement_pairs(m, small_probe, clean_cell=8, corrupt_cell=0, n_items=3)
+    with pytest.raises(SpatialBiasError, match="learned absolute positions"):
+        m.run(pairs.clean, [PositionSwap(a=0, b=8, layers=(0, 1))])
+    pos = causal.position_items(m, pairs, [])
+    assert list(pos.layers.unique()) == ["all"] and not (pos.fixed == pos.corrupt).all()
+    assert len(causal.moved_items(m, pairs, [])) == 3
