@@ -515,6 +515,11 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
     are otherwise unchanged). Each forward holds, per item, its source row, its unpatched base
     row and its patched row; the edit copies from the source row of the same forward.
 
+    On an LM with learned absolute positions (GPT-2), whose ``lm.input`` already holds the
+    position embeddings, the moved tokens are the source's ``lm.input`` minus the source slots'
+    position embeddings plus the base slots' (``lm.positions``, recorded in the same forward),
+    so the position ids stay the base row's there too.
+
     Returns one row per item: ``metric`` (patched), ``base_metric``, ``source_metric`` (answer
     logit differences); denoising restoration is (metric − base) / (source − base).
     """
@@ -546,7 +551,7 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
             src.append(s + 3 * k * L)
             dst.append(d + (3 * k + 2) * L)
         n = len(rows) * chunk["input_ids"].shape[1]
-        move = {"lm.input": lambda x, d=torch.cat(dst), sr=torch.cat(src): _copy(x, n, d, sr)}
+        move = _move_edits(lvlm, n, torch.cat(dst), torch.cat(src))
         with torch.no_grad():
             logits = forward(lvlm, chunk, edits=then(iv_edits, move), last_only=True).logits[:, -1]
         corr = torch.cat([correct[i].repeat(3) for i in items]).to(logits.device)
@@ -554,3 +559,25 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
         out += [{"item": i, "metric": float(m[3 * k + 2]), "base_metric": float(m[3 * k + 1]),
                  "source_metric": float(m[3 * k])} for k, i in enumerate(items)]
     return pd.DataFrame(out)
+
+
+def _move_edits(lvlm: LVLM, n: int, dst: torch.Tensor, src: torch.Tensor) -> dict:
+    """Edits copying tokens ``src`` onto tokens ``dst`` of ``lm.input`` viewed as (n, D); with
+    learned absolute positions the source slots' position embeddings are swapped for the
+    destination slots' (recorded at ``lm.positions`` earlier in the same forward)."""
+    if lvlm.adapter.rope_kind(lvlm.model) != "none":
+        return {"lm.input": lambda x: _copy(x, n, dst, src)}
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(p):
+        seen["p"] = p
+        return p
+
+    def move(x):
+        x = x.clone()
+        view = x.view(n, -1)
+        pos = seen["p"].expand(x.shape).reshape(n, -1).to(x.device)
+        d, s = dst.to(x.device), src.to(x.device)
+        view[d] = view[s] - pos[s] + pos[d]
+        return x
+    return {"lm.positions": record, "lm.input": move}

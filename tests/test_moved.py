@@ -59,3 +59,24 @@ def test_learned_absolute_lm_position_patching(small_probe):
     pos = causal.position_items(m, pairs, [])
     assert list(pos.layers.unique()) == ["all"] and not (pos.fixed == pos.corrupt).all()
     assert len(causal.moved_items(m, pairs, [])) == 3
+
+
+def test_moved_keeps_absolute_positions_on_gpt2(small_probe):
+    """On the learned-absolute organism lm.input already holds wpe(position ids): the moved token
+    must be clean lm.input − wpe(clean slot) + wpe(corrupt slot), built here by hand."""
+    import interp
+    from analyses.organisms.zoo import shipped
+    m = interp.load(str(shipped("learned-absolute", 0)))
+    pairs = causal.placement_pairs(m, small_probe, clean_cell=8, corrupt_cell=0, n_items=3)
+    got = patching.run_moved(m, pairs.corrupt, pairs.clean, 0, 8, pairs.correct, pairs.candidates)
+    wpe = m.model.model.language_model.wpe.weight.detach()
+    img_id = m.model.config.image_token_id
+    clean_in = trace(m, pairs.clean, cache=["lm.input"]).cache["lm.input"]
+    h = trace(m, pairs.corrupt, cache=["lm.input"]).cache["lm.input"].clone()
+    for b in range(h.shape[0]):
+        sc = (pairs.clean["input_ids"][b] == img_id).nonzero().flatten()[8]
+        sb = (pairs.corrupt["input_ids"][b] == img_id).nonzero().flatten()[0]
+        h[b, sb] = clean_in[b, sc] - wpe[sc] + wpe[sb]
+    lg = trace(m, pairs.corrupt, edits={"lm.input": lambda x: h}).logits[:, -1]
+    want = patching.logit_diff(lg, pairs.correct, pairs.candidates).numpy()
+    np.testing.assert_allclose(got.sort_values("item").metric.to_numpy(), want, atol=1e-4)

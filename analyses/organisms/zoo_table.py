@@ -104,7 +104,8 @@ def _get(d: pd.DataFrame, iv: str, metric: str) -> pd.Series | None:
 def table(df: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
     """One row per organism × seed: what was planted, baseline / BaPA / best AGCI range (with
     intervals) and accuracy, the two restorations under the diagnosed condition, the diagnosis
-    and whether it matches the construction."""
+    and whether it matches the construction; for a model diagnosed under BaPA also its diagnosis
+    under baseline ids (off its training distribution, shown, not scored)."""
     rows = []
     for name, path in models.items():
         rec = _training(path)
@@ -118,6 +119,7 @@ def table(df: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
                 if str(iv).startswith("agci:")]
         best = min(agci, key=lambda t: t[1].value) if agci else None
         n = dg["numbers"]
+        base_dg = dg if dg["condition"] == "baseline" else diagnose(df, name, probe, "baseline")
         exp = EXPECTED.get(recipe)
         match = "n/a (exploratory)" if exp is None else (
             "yes" if dg["label"] in exp[0] and (exp[1] is None or dg["note"] == exp[1]) else "no")
@@ -132,8 +134,14 @@ def table(df: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
             "condition_chi2_p": n["chi2_p"],
             **{f"{k}{s}": (n[f"{k}_restoration"] or {}).get(v, np.nan)
                for k in ("position", "vision") for s, v in (("", "value"), ("_lo", "ci_low"), ("_hi", "ci_high"))},
-            "diagnosis": dg["label"], "note": dg["note"] or "", "matches": match})
+            "diagnosis": dg["label"], "note": dg["note"] or "", "matches": match,
+            "baseline_diagnosis": _short(base_dg)})
     return pd.DataFrame(rows)
+
+
+def _short(dg: dict) -> str:
+    """A diagnosis as one string: the label, with its note in brackets."""
+    return dg["label"] + (f" ({dg['note']})" if dg["note"] else "")
 
 
 def _ci(v, lo, hi, fmt=".3f") -> str:
@@ -151,6 +159,8 @@ def markdown(tab: pd.DataFrame) -> str:
     for r in tab.itertuples():
         agci = "–" if r.agci_best is None else f"{r.agci_best_range:.3f} ({r.agci_best.split(':')[1]}, {r.agci_best_acc_cost:+.3f})"
         diag = r.diagnosis + (f" ({r.note})" if r.note else "")
+        if r.condition != "baseline":
+            diag += f"; under baseline ids: {r.baseline_diagnosis}"
         out.append(f"| {r.organism} | {r.seed} | {r.planted} | {r.baseline_acc:.3f} | "
                    f"{_ci(r.baseline_range, r.baseline_range_lo, r.baseline_range_hi)} ({r.baseline_chi2_p:.2g}) | "
                    f"{_ci(r.bapa_range, r.bapa_range_lo, r.bapa_range_hi)} ({r.bapa_acc:.3f}) | {agci} | {r.condition} | "
