@@ -27,3 +27,20 @@ def test_finetune_arms_table_and_loadable_adapters(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     base = interp.load("organism").model.state_dict()
     assert any(not torch.equal(a[k], base[k]) for k in a)  # the adapter changed the LM
+
+
+def test_report_and_summary_carry_the_diagnosis(tmp_path, monkeypatch):
+    """summary.json has a diagnosis per run (None where the rows it needs are missing) and the
+    report page prints each one's text."""
+    import html
+    import json
+
+    from analyses.organisms import finetune
+    monkeypatch.setenv("SPATIALBIAS_THREADS", "1")
+    out = tmp_path / "ft"
+    finetune.run(out, items=12, cache_dir=tmp_path / "c", progress=False)
+    s = json.loads((out / "summary.json").read_text())
+    page = (out / "index.html").read_text()
+    assert all("diagnosis" in r for r in s["runs"])
+    shown = [r["diagnosis"] for r in s["runs"] if r["diagnosis"]]
+    assert shown and all(html.escape(d["text"]) in page for d in shown)
