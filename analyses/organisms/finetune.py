@@ -14,6 +14,7 @@ the χ² p.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def arm_checkpoint(arm: str, seed: int, steps: int, out: Path, cache_dir=None) -
     from analyses.organisms.zoo import get
     dest = out / arm
     if (dest / "training.json").is_file():
+        rec = json.loads((dest / "training.json").read_text())
+        if (rec.get("seed"), rec.get("config", {}).get("max_steps")) != (seed, steps):
+            raise SpatialBiasError(f"{dest} was fine-tuned with seed {rec.get('seed')} for "
+                                   f"{rec.get('config', {}).get('max_steps')} steps, not seed {seed} for {steps}; "
+                                   "use another --out")
         return dest
     recipe = RECIPES[arm]
     tmp = dest.with_name(dest.name + ".tmp")
