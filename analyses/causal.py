@@ -104,8 +104,9 @@ def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progre
 def position_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
     """Position-id patching per item: the corrupt run with the target's image tokens given their
     clean position ids (``fixed``) and the clean run with the corrupt ids (``broken``), in all
-    layers (``layers`` = "all") and one layer at a time; with the item's ``clean`` and ``corrupt``."""
-    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    layers (``layers`` = "all") and one layer at a time (not on an LM with learned absolute
+    positions, which enter once, at the embedding); with the item's ``clean`` and ``corrupt``."""
+    n = lvlm.adapter.layer_count(lvlm.model, "lm") if lvlm.adapter.rope_kind(lvlm.model) != "none" else 0
     a, b = pairs.corrupt_cell, pairs.clean_cell
     clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs), item_metric(lvlm, pairs.corrupt, pairs, ivs)
     frames = []
@@ -115,6 +116,16 @@ def position_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
         frames.append(pd.DataFrame({"item": range(len(clean)), "layers": "all" if w is None else str(w[0]),
                                     "clean": clean, "corrupt": corrupt, "fixed": fixed, "broken": broken}))
     return _with_ids(pd.concat(frames, ignore_index=True), pairs)
+
+
+def moved_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64) -> pd.DataFrame:
+    """Vision-side patching per item (:func:`interp.patching.run_moved`): the corrupt run with
+    the target's image tokens at ``lm.input`` replaced by the clean run's (the content the vision
+    tower and projector produced at the clean cell), moved into the corrupt cell's slots, position
+    ids kept. Columns as :func:`activation_items`, at site ``lm.input``, group ``moved``."""
+    df = patching.run_moved(lvlm, pairs.corrupt, pairs.clean, pairs.corrupt_cell, pairs.clean_cell, pairs.correct,
+                            pairs.candidates, interventions=ivs, batch_size=max(3, batch_size), grid=pairs.grid)
+    return _with_ids(df.assign(site="lm.input", group="moved", position=None, direction="denoise"), pairs)
 
 
 def knockout_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:

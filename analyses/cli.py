@@ -421,6 +421,50 @@ def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (r
     typer.echo(markdown_table(records))
 
 
+@app.command("zoo")
+@clean_errors
+def zoo(out: Path = typer.Option(..., help="Run folder (resumable): results.parquet, zoo.parquet/.csv/.md, "
+                                 "summary.json, figures/zoo_diagnosis.png/.svg."),
+        recipes: str = typer.Option("all", help="Comma-separated organisms (analyses/organisms/recipes.py) or 'all'."),
+        seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds of each organism."),
+        items: int = typer.Option(200, help="Probe items (each at all 9 cells) of the eval conditions."),
+        causal_items: int = typer.Option(50, help="Items of the patching analysis (cells 8 → 0)."),
+        lambdas: str = typer.Option("0.25,0.5,1,2", help="AGCI λ values."),
+        executor: str = typer.Option("local", help="'local' or 'ray'."),
+        cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
+                                             "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+    """Organism zoo: train or load each organism, run eval (baseline, BaPA, AGCI) and patching
+    (activation, position-id, vision-side) through the sweep runner, and score the automatic
+    diagnosis against where each bias was planted."""
+    from analyses.organisms.recipes import RECIPES
+    from analyses.organisms.zoo_table import markdown, run
+    names = list(RECIPES) if recipes == "all" else [r.strip() for r in recipes.split(",") if r.strip()]
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        lams = [float(x) for x in lambdas.split(",") if x.strip()]
+    except ValueError:
+        raise SpatialBiasError(f"--seeds {seeds!r} / --lambdas {lambdas!r}: give comma-separated numbers") from None
+    tab = run(out, names, seed_list, items=items, causal_items=causal_items, lambdas=lams, executor=executor,
+              cache_dir=cache, log=typer.echo)
+    typer.echo(markdown(tab))
+
+
+@app.command("finetune")
+@clean_errors
+def finetune(out: Path = typer.Option(..., help="Output folder: lora/ and lora-bapa/ checkpoints (with adapter/), "
+                                      "results, report, finetune.parquet/.csv/.md."),
+             seed: int = typer.Option(0, help="Seed of the planted-lm organism and of the fine-tuning."),
+             steps: int = typer.Option(300, help="LoRA steps (300: the zoo's cached lora / lora-bapa recipes)."),
+             items: int = typer.Option(200, help="Probe items (each at all 9 cells)."),
+             cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
+                                                  "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+    """Lightweight fine-tuning of the planted-lm organism on uniform target cells: no fine-tuning
+    vs LoRA vs LoRA with BaPA active, accuracy and range with 95% intervals under baseline and BaPA."""
+    from analyses.organisms.finetune import markdown, run
+    tab = run(out, seed=seed, steps=steps, items=items, cache_dir=cache)
+    typer.echo(markdown(tab, seed, steps))
+
+
 def main() -> None:
     app()
 

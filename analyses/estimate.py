@@ -35,7 +35,7 @@ def forward_rows(cond: Condition, n_probe_rows: int, n_items: int, lm_layers: in
     if cond.analysis == "attribution":
         steps = cond.options.get("steps", [1, 8])
         return n * (patches + 2) + sum(n * (2 if k == 1 else k + 1) for k in steps) + auto
-    return n * (2 * (patches + 2) + 2 * (layers + 2)) + auto  # patching: both directions + position ids
+    return n * (2 * (patches + 2) + 2 * (layers + 2) + 3) + auto  # both directions, position ids, moved (3 rows)
 
 
 def estimate(plan: Plan, out: Path) -> pd.DataFrame:

@@ -209,6 +209,8 @@ def _run_html(run: dict) -> str:
     parts.append(f"<p>{e(run['conclusion'])}</p>")
     if run.get("causal_conclusion"):
         parts.append(f"<p>{e(run['causal_conclusion'])}</p>")
+    if run.get("diagnosis"):
+        parts.append(f"<p><b>{e(run['diagnosis']['text'])}</b> (rule: analyses/diagnosis.py)</p>")
     conds = run["conditions"]
     if conds:
         cols = [("mean_accuracy", "mean acc"), ("mean_p_correct", "mean p(correct)"), ("range", "range"),

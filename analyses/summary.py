@@ -125,6 +125,7 @@ def build(src: str | Path, df: pd.DataFrame | None = None) -> dict:
         if len(sim):
             run["similarity"] = {how: {m: [_f(v) for v in g2.sort_values("cell").value] for m, g2 in g.groupby("metric")}
                                  for how, g in sim.groupby("group")}
+        run["diagnosis"] = _diagnosis(df, model, probe, run.get("organism"))
         run["findings"] = findings(run)
         run["conclusion"] = conclusion(run)
         run["causal_conclusion"] = causal_conclusion(run)
@@ -132,6 +133,17 @@ def build(src: str | Path, df: pd.DataFrame | None = None) -> dict:
     plan = src / "plan.json"
     return {"runs": out_runs, "software": versions(),
             "plan": json.loads(plan.read_text()) if plan.is_file() else None}
+
+
+def _diagnosis(df: pd.DataFrame, model: str, probe: str, training: dict | None) -> dict | None:
+    """:func:`analyses.diagnosis.diagnose` of the run under its condition, or None when the rows
+    it needs (eval, and patching where there is a bias) were not run."""
+    from analyses.diagnosis import condition_of, diagnose
+    from spatialbias.errors import SpatialBiasError
+    try:
+        return diagnose(df, model, probe, condition_of(training))
+    except SpatialBiasError:
+        return None
 
 
 def _beside_checkpoint(model_path: str, name: str) -> dict | None:
@@ -208,6 +220,8 @@ def findings(run: dict) -> list[dict]:
             if r["layers"] != "all" and r["what"] == "restoration":
                 add(f"position-id patching, layer {r['layers']} alone", iv, r)
         add("the target cell's tokens at the LM input (denoising restoration)", iv, _restoration(run, iv, "lm.input", "target"))
+        add("vision-side patching: the target's clean image tokens moved into the corrupt cell's slots, position ids "
+            "kept (denoising restoration)", iv, _restoration(run, iv, "lm.input", "moved"))
     for iv, rows in c.get("knockout", {}).items():
         for r in rows:
             if r["layers"] == "all":

@@ -128,9 +128,12 @@ def _pair_rows(pairs: causal.Pairs) -> list[dict]:
 
 
 def patching_task(lvlm, cond: Condition, ctx: Context) -> Result:
-    """Activation patching (both directions, every default patch) and position-id patching."""
+    """Activation patching (both directions, every default patch), the vision-side "moved" patch
+    (``restoration_denoise`` at ``lm.input``, group ``moved``: the target's clean image tokens in
+    the corrupt cell's slots, position ids kept) and position-id patching."""
     pairs, ivs, rng = _pairs(lvlm, cond, ctx), cond.build(), _rng(cond)
     act = causal.activation_items(lvlm, pairs, ivs, batch_size=ctx.batch_size, progress=ctx.progress)
+    act = pd.concat([act, causal.moved_items(lvlm, pairs, ivs, ctx.batch_size)], ignore_index=True)
     pos = causal.position_items(lvlm, pairs, ivs)
     rows = causal.restoration_rows(act, rng) + causal.position_rows(pos, rng) + _pair_rows(pairs)
     return rows, pd.concat([act.assign(kind="activation"), pos.assign(kind="position")], ignore_index=True)

@@ -485,3 +485,99 @@ def default_patches(lvlm: LVLM, groups: Sequence[str] = ("target", "image", "tex
     out += [Patch("lm.input", g) for g in groups]
     out += [Patch(f"lm.blocks.{i}", g) for i in range(a.layer_count(m, "lm")) for g in groups]
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the vision-side restoration: the target's image tokens moved, position ids kept
+
+
+def cell_slots(imap, row: int, cell: int, grid: tuple[int, int] = (3, 3)) -> torch.Tensor:
+    """(k,) sequence positions of row ``row``'s image tokens in ``cell`` (one image per row),
+    sorted in the image's raster order (patch row, then column), whatever the LM's token order."""
+    cells = imap.cells(*grid)[row]
+    pos = (cells == cell).nonzero().flatten()
+    key = imap.row[row][pos] * (int(imap.col[row].max()) + 1) + imap.col[row][pos]
+    return pos[torch.argsort(key)]
+
+
+def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], base_cell: int,
+              source_cell: int, correct: torch.Tensor, candidates: Sequence[int],
+              interventions: Sequence[Intervention] = (), batch_size: int = 32,
+              grid: tuple[int, int] = (3, 3)) -> pd.DataFrame:
+    """The target's image tokens moved between placements at ``lm.input``, position ids kept.
+
+    Row i of ``source`` holds item i's target at ``source_cell`` (the good, clean cell) and row i
+    of ``base`` the same item at ``base_cell`` (the bad, corrupt cell). The patched run is the base
+    row with its LM input at ``base_cell``'s image-token slots, (k, D), replaced by the source
+    row's LM input at ``source_cell``'s slots, patch for patch in raster order: the content as the
+    vision tower and projector produced it at the good cell, read by the LM at the bad cell's
+    sequence slots and position ids (the base row's prepared inputs, interventions included,
+    are otherwise unchanged). Each forward holds, per item, its source row, its unpatched base
+    row and its patched row; the edit copies from the source row of the same forward.
+
+    On an LM with learned absolute positions (GPT-2), whose ``lm.input`` already holds the
+    position embeddings, the moved tokens are the source's ``lm.input`` minus the source slots'
+    position embeddings plus the base slots' (``lm.positions``, recorded in the same forward),
+    so the position ids stay the base row's there too.
+
+    Returns one row per item: ``metric`` (patched), ``base_metric``, ``source_metric`` (answer
+    logit differences); denoising restoration is (metric − base) / (source − base).
+    """
+    base, source = lvlm.batch(base), lvlm.batch(source)
+    N = base.rows
+    if source["input_ids"].shape != base["input_ids"].shape:
+        raise SpatialBiasError("base and source must have the same shape (same prompts)")
+    if correct.shape[0] != N:
+        raise SpatialBiasError(f"{N} rows but {correct.shape[0]} answers")
+    base.need_one_image_per_row("moving the target's image tokens")
+    if batch_size < 3:
+        raise SpatialBiasError(f"batch_size={batch_size}: the moved patch needs at least 3 rows per forward")
+    both = concat(lvlm, base, source)
+    per = max(1, batch_size // 3)
+    out = []
+    for a in range(0, N, per):
+        items = list(range(a, min(N, a + per)))
+        rows = [r for i in items for r in (N + i, i, i)]  # source, unpatched base, patched base
+        chunk, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
+        imap = lvlm.batch(chunk).imap
+        dst, src = [], []
+        for k in range(len(items)):
+            s, d = cell_slots(imap, 3 * k, source_cell, grid), cell_slots(imap, 3 * k + 2, base_cell, grid)
+            if len(s) != len(d) or not len(s):
+                raise SpatialBiasError(f"cells {source_cell} and {base_cell} hold {len(s)} and {len(d)} image tokens; "
+                                       "moving the target needs equal, non-zero counts (a grid that divides the "
+                                       "image's patch grid)")
+            L = chunk["input_ids"].shape[1]
+            src.append(s + 3 * k * L)
+            dst.append(d + (3 * k + 2) * L)
+        n = len(rows) * chunk["input_ids"].shape[1]
+        move = _move_edits(lvlm, n, torch.cat(dst), torch.cat(src))
+        with torch.no_grad():
+            logits = forward(lvlm, chunk, edits=then(iv_edits, move), last_only=True).logits[:, -1]
+        corr = torch.cat([correct[i].repeat(3) for i in items]).to(logits.device)
+        m = logit_diff(logits, corr, candidates).cpu()
+        out += [{"item": i, "metric": float(m[3 * k + 2]), "base_metric": float(m[3 * k + 1]),
+                 "source_metric": float(m[3 * k])} for k, i in enumerate(items)]
+    return pd.DataFrame(out)
+
+
+def _move_edits(lvlm: LVLM, n: int, dst: torch.Tensor, src: torch.Tensor) -> dict:
+    """Edits copying tokens ``src`` onto tokens ``dst`` of ``lm.input`` viewed as (n, D); with
+    learned absolute positions the source slots' position embeddings are swapped for the
+    destination slots' (recorded at ``lm.positions`` earlier in the same forward)."""
+    if lvlm.adapter.rope_kind(lvlm.model) != "none":
+        return {"lm.input": lambda x: _copy(x, n, dst, src)}
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(p):
+        seen["p"] = p
+        return p
+
+    def move(x):
+        x = x.clone()
+        view = x.view(n, -1)
+        pos = seen["p"].expand(x.shape).reshape(n, -1).to(x.device)
+        d, s = dst.to(x.device), src.to(x.device)
+        view[d] = view[s] - pos[s] + pos[d]
+        return x
+    return {"lm.positions": record, "lm.input": move}

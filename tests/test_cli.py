@@ -49,7 +49,7 @@ def test_report_end_to_end(tmp_path, small_probe):
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     run, = s["runs"]
-    assert run["model"] == "organism" and run["organism"]["bias_planted"]
+    assert run["model"] == "organism" and run["organism"]["recipe"] == "planted-lm"
     conds = run["conditions"]
     assert list(conds) == ["baseline", "bapa", "agci:0.5", "agci:1"]
     for c in conds.values():

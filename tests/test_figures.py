@@ -148,6 +148,23 @@ def occlusion_details(grid=(4, 4), steps: int = 8) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def zoo_table():
+    """A zoo table (analyses/organisms/zoo_table.py) of 10 organisms × 3 seeds, restorations spread
+    over and beyond the axes."""
+    rng = np.random.default_rng(0)
+    names = ["planted-lm", "uniform", "planted-order", "planted-vision", "learned-absolute", "mrope", "where",
+             "recency", "lora", "lora-bapa"]
+    rows = []
+    for o in names:
+        for s in range(3):
+            p, v = rng.uniform(-0.6, 1.6, 2)
+            rows.append({"organism": o, "seed": s, "position": p, "position_lo": p - 0.2, "position_hi": p + 0.2,
+                         "vision": v, "vision_lo": v - 0.3, "vision_hi": v + 0.3,
+                         "diagnosis": "no significant spatial bias" if o in ("uniform", "where") else "mixed / undetermined",
+                         "matches": "yes" if s else "no"})
+    return pd.DataFrame(rows)
+
+
 CASES = {  # function → [(case id, table, kwargs)], the largest realistic panel counts
     "cell_heatmaps": [("9 conditions, 3×3, 2 seeds", "synthetic", {"model": "organism", "probe": "shapes"}),
                       ("9 conditions, 4×4, 2 seeds", "big", {}),
@@ -168,6 +185,7 @@ CASES = {  # function → [(case id, table, kwargs)], the largest realistic pane
     "layer_cell": [("32 layers × 16 cells", "flow", {}), ("2 layers × 9 cells", "flow-small", {})],
     "shift_curves": [("9 conditions", "shift", {})],
     "occlusion_maps": [("4×4", "occlusion", {}), ("3×3", "occlusion-3x3", {})],
+    "zoo_diagnosis": [("10 organisms × 3 seeds", "zoo", {})],
 }
 HEATMAPS = {"cell_heatmaps", "similarity_maps", "restoration_heatmaps", "attention_to_target", "layer_cell",
             "occlusion_maps"}
@@ -178,7 +196,7 @@ UNIT_SCALED = {"cell_heatmaps"}  # heatmaps of an accuracy or a probability: col
 def tables():
     return {"synthetic": synthetic_results(), "big": big_results(), "flow": flow_details(),
             "flow-small": flow_details(n_layers=2, n_cells=9), "shift": shift_details(),
-            "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3))}
+            "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3)), "zoo": zoo_table()}
 
 
 def test_every_figure_function_has_cases():

@@ -97,7 +97,7 @@ def test_results_table_is_tidy(reference):
     agci = reference[reference.intervention == "agci:0.5"]
     assert (agci["lambda"] == 0.5).all() and reference[reference.family == "baseline"]["lambda"].isna().all()
     pat = reference[(reference.analysis == "patching") & (reference.metric == "restoration_denoise")]
-    assert set(pat.group) == {"target", "image", "text", "last", "all"}
+    assert set(pat.group) == {"target", "image", "text", "last", "all", "moved"}
     flow = reference[reference.analysis == "flow"]
     assert set(flow.metric) == {"attention_to_target", "attention_spread"} and flow.layer.notna().all()
     spread = flow[flow.metric == "attention_spread"]

@@ -16,7 +16,8 @@ from analyses.figures.common import caption, save, select  # noqa: F401  (captio
 from analyses.figures.flow import attention_to_target, layer_cell
 from analyses.figures.lambdas import lambda_curves
 from analyses.figures.patching import knockout_drops, position_restoration, restoration_heatmaps
+from analyses.figures.zoo import zoo_diagnosis
 
 __all__ = ["attention_to_target", "cell_heatmaps", "conditions_table", "knockout_drops", "lambda_curves",
            "layer_cell", "occlusion_maps", "position_restoration", "range_vs_accuracy", "restoration_heatmaps",
-           "save", "select", "shift_curves", "similarity_maps"]
+           "save", "select", "shift_curves", "similarity_maps", "zoo_diagnosis"]

@@ -29,6 +29,7 @@ LM = {
 }
 GPT2_LM = {
     "lm.embed": "model.language_model.wte",
+    "lm.positions": "model.language_model.wpe",
     "lm.blocks.{i}.attn": "model.language_model.h.{i}.attn",
     "lm.blocks.{i}.mlp": "model.language_model.h.{i}.mlp",
     "lm.blocks.{i}": "model.language_model.h.{i}",
@@ -39,6 +40,8 @@ GPT2_LM = {
 LM_SHAPES = {
     "lm.input": "(B, L, D) embeddings after the image features were scattered in; input of block 0",
     "lm.embed": "(B, L, D) token embeddings before the image scatter",
+    "lm.positions": "(B or 1, L, D) learned absolute position embeddings (GPT-2's wpe), added to the scattered "
+                    "embeddings to make lm.input",
     "lm.blocks.{i}.attn": "(B, L, D) attention output before the residual add",
     "lm.blocks.{i}.attn.heads": "(B, L, H, head_dim) per-head attention output: the o_proj input split into heads",
     "lm.blocks.{i}.attn.pattern": "(B, H, L, L) attention weights after softmax (the run switches to eager)",

@@ -52,6 +52,10 @@ class PositionSwap(Intervention):
     def edits(self, lvlm, batch):
         if self.layers is None:
             return {}
+        if lvlm.adapter.rope_kind(lvlm.model) == "none":
+            raise SpatialBiasError(f"PositionSwap(layers={self.layers}) swaps the rotary embeddings of some layers; "
+                                   "this LM has learned absolute positions, added once at the embedding: use "
+                                   "layers=None")
         pos = self.swapped_ids(lvlm, batch)
         out = {}
         for i in layer_range(lvlm.adapter.layer_count(lvlm.model, "lm"), self.layers):

@@ -1,0 +1,160 @@
+"""Where does a model's spatial bias live? One label per model × probe, from the results table.
+
+Role: the automatic diagnosis that ``summary.json``, the HTML report and ``spatialbias zoo``
+carry. May import: ``spatialbias``. Reads only the tidy rows of ``results.parquet`` (eval rows of
+the diagnosed condition and of BaPA; the patching rows of the diagnosed condition).
+
+The decision rule (fixed before the zoo was scored under it; see docs/zoo.md)
+-------------------------------------------------------------------------------
+Inputs, all from one (model, probe) and the diagnosed condition ``c`` (``"baseline"`` unless
+the model was trained with BaPA position ids, when its own condition is ``"bapa"``):
+
+* ``p`` = the χ² homogeneity p of per-cell accuracy under ``c`` (eval);
+* ``P`` = position-id restoration, all layers (patching, ``position_restoration``, layer null):
+  the corrupt run with the target's image tokens given their clean position ids, as a share of
+  the clean − corrupt logit-difference gap, with its item-bootstrap 95 % interval [P.lo, P.hi];
+* ``V`` = vision-side restoration (patching, ``restoration_denoise`` at ``lm.input``, group
+  ``moved``): the corrupt run with the target's clean image tokens (as the vision tower and
+  projector made them at the clean cell) moved into the corrupt cell's slots, position ids and
+  sequence slots kept; interval [V.lo, V.hi].
+
+Rule (``ALPHA`` = 0.01, ``MOST`` = 0.5):
+
+1. ``p ≥ ALPHA`` → **no significant spatial bias** (the causal numbers are then ratios of a gap
+   that is not there, and are reported but not read).
+2. ``P.lo ≥ MOST`` and ``V.hi < MOST`` → **bias carried by the LM's image position ids**: giving
+   the tokens their clean ids restores most of the gap, moving their content does not.
+3. ``V.lo ≥ MOST`` and ``P.hi < MOST`` → **bias present before the LM (vision tower /
+   projector)**: the content moved into the bad slot restores most of the gap, the ids do not.
+4. anything else → **mixed / undetermined**, with a note naming the pattern:
+   ``"lm_order"`` when ``P.hi < MOST`` and ``V.hi < MOST`` (neither the ids nor the content
+   carries the gap: what is left inside the LM is the tokens' sequence slot — their order under
+   the causal mask; an LM-side bias that BaPA does not remove, NOT a vision-side one);
+   ``"both"`` when ``P.lo ≥ MOST`` and ``V.lo ≥ MOST``; ``"wide"`` otherwise (an interval
+   straddles ``MOST``: more items would decide it).
+
+The BaPA range (eval under ``bapa``, with its interval and χ² p) is reported beside the label
+as corroboration and is not part of the rule. ``ALPHA`` = 0.01 rather than 0.05 because a zoo
+scores tens of runs and a 5 % false alarm per null run would, by design, call a bias in one of
+every twenty; ``MOST`` = 0.5 is "most of the gap".
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from spatialbias.errors import SpatialBiasError
+
+ALPHA = 0.01
+MOST = 0.5
+NONE = "no significant spatial bias"
+LM_IDS = "bias carried by the LM's image position ids"
+BEFORE_LM = "bias present before the LM (vision tower / projector)"
+MIXED = "mixed / undetermined"
+LABELS = (NONE, LM_IDS, BEFORE_LM, MIXED)
+NOTES = {
+    "lm_order": "neither the position ids nor the moved content restores most of the gap: the LM reads the "
+                "tokens' sequence slot (their order under the causal mask); an LM-side bias that BaPA keeps",
+    "both": "the position ids and the moved content each restore most of the gap",
+    "wide": "an interval straddles 0.5: more items would decide",
+}
+
+
+def _num(x) -> float | None:
+    return None if x is None or pd.isna(x) else float(x)
+
+
+def _row(d: pd.DataFrame, **match) -> dict | None:
+    """{value, ci_low, ci_high} of the one row matching ``match`` (null-valued keys match NaN)."""
+    sel = d
+    for k, v in match.items():
+        sel = sel[sel[k].isna()] if v is None else sel[sel[k] == v]
+    if sel.empty:
+        return None
+    r = sel.iloc[0]
+    return {"value": _num(r["value"]), "ci_low": _num(r.get("ci_low")), "ci_high": _num(r.get("ci_high"))}
+
+
+def condition_of(training: dict | None) -> str:
+    """The condition a model is diagnosed under: ``"bapa"`` for an organism trained with BaPA
+    position ids (its ``training.json`` config has ``bapa_train``), else ``"baseline"``."""
+    return "bapa" if ((training or {}).get("config") or {}).get("bapa_train") else "baseline"
+
+
+def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baseline") -> dict:
+    """The diagnosis of one (model, probe) of a results table under ``condition``.
+
+    Returns {label, note, condition, numbers: {range, chi2_p, bapa_range, bapa_chi2_p,
+    position_restoration, vision_restoration}, text}; each number with ``value``/``ci_low``/
+    ``ci_high`` where it has an interval. Rows of the lowest plan seed are used. Refuses (one
+    line) when the eval or patching rows the rule needs are missing."""
+    d = df[(df.model == model) & (df.probe == probe)]
+    if d.empty:
+        raise SpatialBiasError(f"diagnosis: no rows for model {model!r}, probe {probe!r}")
+    d = d[d.seed == d.seed.min()]
+    ev = d[(d.analysis == "eval") & d.cell.isna()]
+    pa = d[(d.analysis == "patching") & (d.intervention == condition)]
+    e = ev[ev.intervention == condition]
+    rng, chi = _row(e, metric="range"), _row(e, metric="chi2_p")
+    if rng is None or chi is None:
+        raise SpatialBiasError(f"diagnosis of {model} / {probe}: no eval rows under {condition!r}; run the eval "
+                               f"analysis with the {condition} condition")
+    pos = _row(pa, metric="position_restoration", layer=None)
+    vis = _row(pa, metric="restoration_denoise", site="lm.input", group="moved")
+    b = ev[ev.intervention == "bapa"]
+    numbers = {"condition_range": rng, "chi2_p": chi["value"], "bapa_range": _row(b, metric="range"),
+               "bapa_chi2_p": (_row(b, metric="chi2_p") or {}).get("value"),
+               "position_restoration": pos, "vision_restoration": vis}
+    if chi["value"] >= ALPHA:
+        label, note = NONE, None
+    else:
+        if pos is None or vis is None:
+            raise SpatialBiasError(f"diagnosis of {model} / {probe}: a significant bias (χ² p {chi['value']:.2g}) but "
+                                   f"no position-id or vision-side patching rows under {condition!r}; run the "
+                                   "patching analysis with that condition")
+        label, note = rule(pos, vis)
+    return {"label": label, "note": note, "condition": condition, "numbers": numbers,
+            "text": text(label, note, condition, numbers)}
+
+
+def rule(pos: dict, vis: dict) -> tuple[str, str | None]:
+    """Steps 2–4 of the module's rule, from the two restorations' intervals."""
+    p_lo, p_hi = _bounds(pos)
+    v_lo, v_hi = _bounds(vis)
+    if p_lo >= MOST and v_hi < MOST:
+        return LM_IDS, None
+    if v_lo >= MOST and p_hi < MOST:
+        return BEFORE_LM, None
+    if p_hi < MOST and v_hi < MOST:
+        return MIXED, "lm_order"
+    if p_lo >= MOST and v_lo >= MOST:
+        return MIXED, "both"
+    return MIXED, "wide"
+
+
+def _bounds(x: dict) -> tuple[float, float]:
+    """(lo, hi) of an interval; a missing or non-finite bound is taken as the open side (the
+    rule then cannot call the number high or low)."""
+    lo, hi = x.get("ci_low"), x.get("ci_high")
+    lo = -math.inf if lo is None or not math.isfinite(lo) else lo
+    hi = math.inf if hi is None or not math.isfinite(hi) else hi
+    return lo, hi
+
+
+def _fmt(x: dict | None, pct: bool = False) -> str:
+    if not x or x.get("value") is None:
+        return "n/a"
+    f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3f}")
+    ci = "" if x.get("ci_low") is None or x.get("ci_high") is None else f" [{f(x['ci_low'])}, {f(x['ci_high'])}]"
+    return f"{f(x['value'])}{ci}"
+
+
+def text(label: str, note: str | None, condition: str, n: dict) -> str:
+    """The diagnosis in one paragraph, every number from ``n``."""
+    out = (f"Diagnosis ({condition}): {label}" + (f" — {NOTES[note]}" if note else "") + ". "
+           f"Range across cells {_fmt(n['condition_range'])} (χ² p {n['chi2_p']:.2g}); BaPA range "
+           f"{_fmt(n['bapa_range'])}" + (f" (χ² p {n['bapa_chi2_p']:.2g})" if n.get("bapa_chi2_p") is not None else "")
+           + f"; position-id restoration {_fmt(n['position_restoration'], True)}; vision-side (moved content) "
+           f"restoration {_fmt(n['vision_restoration'], True)}.")
+    return out

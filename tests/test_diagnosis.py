@@ -1,0 +1,59 @@
+"""The diagnosis rule (analyses/diagnosis.py) on hand-made results rows: each label from the
+numbers that should give it, the BaPA-trained condition, and a refusal when rows are missing."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses import diagnosis as dg
+from spatialbias.errors import SpatialBiasError
+
+
+def table(chi2_p, pos, vis, condition="baseline"):
+    nan = np.nan
+    rows = []
+    for iv in ("baseline", "bapa"):
+        p = chi2_p if iv == condition else 0.9
+        rows += [dict(intervention=iv, analysis="eval", metric="range", value=0.3, ci_low=0.2, ci_high=0.4),
+                 dict(intervention=iv, analysis="eval", metric="chi2_p", value=p)]
+    rows += [dict(intervention=condition, analysis="patching", metric="position_restoration", layer=nan,
+                  value=pos[0], ci_low=pos[1], ci_high=pos[2]),
+             dict(intervention=condition, analysis="patching", metric="position_restoration", layer=0.0,
+                  value=0.0, ci_low=0.0, ci_high=0.0),
+             dict(intervention=condition, analysis="patching", metric="restoration_denoise", site="lm.input",
+                  group="moved", value=vis[0], ci_low=vis[1], ci_high=vis[2]),
+             dict(intervention=condition, analysis="patching", metric="restoration_denoise", site="lm.input",
+                  group="target", value=0.99, ci_low=0.98, ci_high=1.0)]
+    df = pd.DataFrame(rows)
+    for k in ("cell", "layer", "site", "group", "ci_low", "ci_high"):
+        df[k] = df[k] if k in df else nan
+    return df.assign(model="m", probe="p", seed=0)
+
+
+@pytest.mark.parametrize("chi2_p,pos,vis,label,note", [
+    (0.5, (0.9, 0.8, 1.0), (0.0, -0.1, 0.1), dg.NONE, None),
+    (1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3), dg.LM_IDS, None),
+    (1e-6, (0.1, -0.1, 0.3), (0.9, 0.6, 1.1), dg.BEFORE_LM, None),
+    (1e-6, (0.1, -0.1, 0.3), (0.1, -0.2, 0.4), dg.MIXED, "lm_order"),
+    (1e-6, (0.8, 0.6, 1.0), (0.8, 0.55, 1.0), dg.MIXED, "both"),
+    (1e-6, (0.8, 0.4, 1.0), (0.1, -0.2, 0.3), dg.MIXED, "wide"),
+    (0.009, (0.9, 0.6, 1.1), (0.1, -0.1, float("nan")), dg.MIXED, "wide"),
+])
+def test_rule(chi2_p, pos, vis, label, note):
+    d = dg.diagnose(table(chi2_p, pos, vis), "m", "p")
+    assert (d["label"], d["note"]) == (label, note)
+    assert d["numbers"]["position_restoration"]["value"] == pos[0]  # the all-layers row, not layer 0
+    assert d["numbers"]["vision_restoration"]["value"] == vis[0]    # the moved group, not target
+    assert d["label"] in d["text"]
+
+
+def test_bapa_trained_model_is_diagnosed_under_bapa():
+    assert dg.condition_of({"config": {"bapa_train": True}}) == "bapa"
+    assert dg.condition_of({"config": {"bapa_train": False}}) == "baseline" == dg.condition_of(None)
+    d = dg.diagnose(table(1e-9, (0.0, -0.1, 0.1), (0.9, 0.7, 1.1), condition="bapa"), "m", "p", "bapa")
+    assert d["label"] == dg.BEFORE_LM and d["condition"] == "bapa"
+
+
+def test_missing_patching_rows_refused():
+    df = table(1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3))
+    with pytest.raises(SpatialBiasError, match="patching"):
+        dg.diagnose(df[df.analysis == "eval"], "m", "p")
