@@ -43,8 +43,10 @@ def _cands(m):
 
 
 def test_right_padding_rolls_every_plane_of_mrope_position_ids():
-    """Kills _left_padded: position_ids not rolled ("position_ids" misspelt), rolled flattened
-    (roll(s, None) / roll(s)); the mixed-padding check reduced over the whole batch (all(None))."""
+    """Kills _left_padded: position_ids not rolled ("position_ids" misspelt); the mixed-padding check
+    reduced over the whole batch (all(None)). (A flattened roll, roll(s, None), is equivalent: it
+    moves the same real-token ids and only changes ids at masked padding slots.) Also the bug this
+    found: a left-padded row of a mixed batch was rolled too, opening a padding hole."""
     ids = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 9]])  # row 0 right padded, row 1 full
     mask = (torch.arange(5)[None] < torch.tensor([[3], [5]])).long()
     pos = torch.stack([torch.arange(5)[None].expand(2, 5) * (k + 1) + 10 * k for k in range(3)])  # (3, B, L)
@@ -171,8 +173,7 @@ def test_per_head_site_cached_at_image_positions(llava):
 
 
 def test_gemma3_rotary_call_labels_select_their_own_call():
-    """Kills _Run._matching: a call label matching the other call (`==` → `!=`), or matched
-    without the call's kwargs / with a mangled site name; _output_hook passing no kwargs."""
+    """Kills _Run._matching: a call label matching the other call (`==` → `!=`)."""
     model, proc = tiny.build_gemma3()
     m = interp.load(model, proc)
     inputs = m.inputs([tiny.image(seed=1)], [m.prompt("what is this ?")])
@@ -248,18 +249,25 @@ def test_single_position_patch_equals_a_hand_made_copy(llava, resume):
         patching.run_patches(llava, base, src, [patching.Patch(site, position=L)], correct, cands, [(0,)] * 2)
 
 
-@pytest.mark.parametrize("resume", [False, None])
-def test_patching_runs_under_the_interventions(llava, resume):
-    """Kills _full_patches: lvlm.prepare(…) without the interventions (BaPA/AGCI silently off)."""
+def test_patching_runs_under_the_interventions(llava):
+    """Kills _full_patches / _resumed_patches / _pre_jobs: lvlm.prepare(…) without the
+    interventions (BaPA/AGCI silently off in the unpatched or the patched rows)."""
     base, src, correct, cands = _items(llava)
     ivs = [BaPA(), AGCI(lam=0.5)]
-    df = patching.run_patches(llava, base, src, [patching.Patch("lm.input", "image")], correct, cands,
-                              [(0,)] * 2, interventions=ivs, resume=resume).sort_values("item")
+    ps = [patching.Patch("lm.input", "image"), patching.Patch("projector", "target"), patching.Patch("lm.blocks.1", "text")]
+    full = patching.run_patches(llava, base, src, ps, correct, cands, [(0,)] * 2, interventions=ivs, resume=False)
+    res = patching.run_patches(llava, base, src, ps, correct, cands, [(0,)] * 2, interventions=ivs)
+    assert res.attrs["engine"] == "resumed"
     with torch.no_grad():
         want_base = patching.logit_diff(llava.run(base, ivs, last_only=True)[:, -1], correct, cands)
         plain = patching.logit_diff(llava.run(base, last_only=True)[:, -1], correct, cands)
     assert (want_base - plain).abs().max() > 1e-3  # the interventions matter here
-    assert torch.allclose(torch.tensor(df.base_metric.to_numpy()), want_base.double(), atol=1e-5)
+    for df in (full, res):
+        df = df.sort_values(["site", "item"])
+        got = df[df.site == "lm.input"].base_metric.to_numpy()
+        assert torch.allclose(torch.tensor(got), want_base.double(), atol=1e-5)
+    a, b = full.sort_values(["site", "item"]), res.sort_values(["site", "item"])
+    assert torch.allclose(torch.tensor(a.metric.to_numpy()), torch.tensor(b.metric.to_numpy()), atol=1e-4)
 
 
 def test_grid_reaches_the_target_group_and_vision_sites_have_an_image_group(llava):
@@ -292,7 +300,8 @@ def test_run_patches_refuses_mismatched_inputs(llava):
 
 def test_restoration_table_columns_order_and_counts():
     """Kills restoration: groups re-sorted (sort=True / default), columns misnamed or dropped
-    (patched, clean, corrupt, n_items, direction)."""
+    (patched, clean, corrupt, n_items, direction). (Sorting the n_items groupby is equivalent:
+    pandas aligns it on the index.)"""
     df = pd.DataFrame({"item": [0, 1, 0, 1, 0], "site": ["z", "z", "a", "a", "a"],
                        "group": ["all"] * 5, "metric": [1.0, 3.0, 0.0, 2.0, 4.0],
                        "base_metric": [0.0] * 5, "source_metric": [4.0] * 5})
@@ -432,3 +441,33 @@ def test_resolved_sites_carry_call_key_heads_and_token_axis(llava):
     for i in range(n):
         assert f"lm.blocks.{i}.attn.heads" in sites and f"lm.blocks.{i}.attn.pattern" in sites
     assert not any(x.startswith("vision.") and x.endswith((".heads", ".pattern")) for x in sites)
+
+
+def test_select_rows_keeps_inputs_after_the_image_inputs():
+    """Kills select_rows: ``continue`` → ``break`` at the first image input (Gemma3's processor puts
+    token_type_ids, which make image attention bidirectional, after pixel_values)."""
+    model, proc = tiny.build_gemma3()
+    m = interp.load(model, proc)
+    b = m.batch(m.inputs([tiny.image(seed=1), tiny.image(seed=2)], [m.prompt("what is this ?")] * 2))
+    assert list(b).index("token_type_ids") > list(b).index("pixel_values")
+    sel = batch_mod.select_rows(m, b, [1, 0])
+    assert set(sel) == set(b)
+    assert torch.equal(sel["token_type_ids"], b["token_type_ids"][[1, 0]])
+
+
+def test_knockout_on_decode_steps_blocks_an_image_token_at_column_0(llava):
+    """Kills Knockout.decode_edits: ``col >= 0`` → ``col > 0`` / ``col >= 1`` (a prompt that starts
+    with the image, as checkpoints without a chat template build it, has a patch at key 0)."""
+    inputs = dict(llava.inputs([tiny.image(seed=1)], ["<image>\nwhat is this ?"]))
+    for k in ("input_ids", "attention_mask"):  # drop the BOS: the image starts the sequence
+        inputs[k] = inputs[k][:, 1:]
+    img_id = llava.tokenizer.convert_tokens_to_ids(llava.image_token)
+    assert int(inputs["input_ids"][0, 0]) == img_id
+    ko = attention.Knockout(cells=(0,), query="text")
+    t = trace(llava, inputs, interventions=[ko], max_new_tokens=3)
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], t.tokens[:, :2]], 1)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    with torch.no_grad():
+        want = llava.run(full, [ko])[0, -3:]
+    assert torch.allclose(t.logits[0], want, atol=1e-4)
