@@ -471,3 +471,17 @@ def test_knockout_on_decode_steps_blocks_an_image_token_at_column_0(llava):
     with torch.no_grad():
         want = llava.run(full, [ko])[0, -3:]
     assert torch.allclose(t.logits[0], want, atol=1e-4)
+
+
+def test_one_line_refusals_instead_of_other_errors(llava):
+    """Kills select_rows (row == B let through to torch's IndexError), bapa_position_ids (the 2-D
+    check's `or` → `and`), from_dict (a dict without "kind": KeyError instead of the refusal)."""
+    from interp.interventions import from_dict
+    from interp.interventions.bapa import bapa_position_ids
+    b = llava.batch(llava.inputs([tiny.image(seed=1)], [llava.prompt("what is this ?")]))
+    with pytest.raises(SpatialBiasError, match="row index out of range"):
+        batch_mod.select_rows(llava, b, [1])
+    with pytest.raises(SpatialBiasError, match="must both be \\(B, L\\)"):
+        bapa_position_ids(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(SpatialBiasError, match="unknown intervention kind None"):
+        from_dict({"lam": 0.5})
