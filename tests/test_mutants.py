@@ -4,15 +4,14 @@ Each test names the mutants it kills (``module.function``: the mutation). Every 
 applying the mutation to the code by hand, seeing the test fail, and reverting. References never go
 through the code under test: hand-built tensors, the model's own modules, formulas written out.
 """
-import math
-
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 import interp
-from interp import attention, batch as batch_mod, patching, tiny
+from interp import attention, patching, tiny
+from interp import batch as batch_mod
 from interp.dispatch import forward, then
 from interp.errors import SpatialBiasError
 from interp.interventions import AGCI, BaPA
@@ -121,7 +120,7 @@ def test_non_square_grids_keep_rows_and_cols_apart(qwen):
     """Kills imagemap.build (rows=cols field) and from_fields (rows read from the cols column):
     on a 2×3 merged grid cells must follow the row and the column of each patch."""
     b = qwen.batch(qwen.inputs([tiny.image(56, 84, seed=3)], [qwen.prompt("what is this ?")]))
-    t, h, w = b["image_grid_thw"][0].tolist()
+    _, h, w = b["image_grid_thw"][0].tolist()
     merge = qwen.model.config.vision_config.spatial_merge_size
     rows, cols = h // merge, w // merge
     assert rows != cols
@@ -411,11 +410,13 @@ def test_resolved_sites_carry_call_key_heads_and_token_axis(llava):
     a, mdl = llava.adapter, llava.model
     n = a.layer_count(mdl, "lm")
     H = a.head_count(mdl)
-    r = lambda name: resolve(a, mdl, name)  # noqa: E731
+    def r(name):
+        return resolve(a, mdl, name)
     s = r("module:model.language_model.norm@1")
     assert (s.hook, s.call, s.canonical) == ("output", 1, "module:model.language_model.norm")
     s = r("module:model.language_model.layers.0#attention_mask@1")
-    assert (s.hook, s.key, s.call) == ("kwarg", "attention_mask", 1)
+    assert (s.name, s.hook, s.key, s.call) == ("module:model.language_model.layers.0#attention_mask@1", "kwarg",
+                                               "attention_mask", 1)
     s = r("lm.input@1")
     assert (s.hook, s.call, s.tokens, s.canonical) == ("input", 1, "lm", "lm.input")
     s = r("lm.blocks.0#input@1")

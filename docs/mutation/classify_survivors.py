@@ -83,7 +83,8 @@ R: dict[tuple[str, str], list[tuple[object, str, str]]] = {
         ({17, 20}, "dtype", "as_tensor of Python ints is already long"),
         ({18, 21, 43, 69, 71}, "device", ""),
         ({26}, "closed", "`continue` → `break` dropped Gemma3's token_type_ids (after pixel_values in its processor's dict)"),
-        ({27, 28, 29, 30, 31}, "closed", "(3, B, L) position ids selected per row"),
+        ({27}, "equivalent", "`and` → `or`: every other per-row input is (B, L), where v[..., idx, :] == v[idx]"),
+        ({28, 29, 30, 31}, "closed", "(3, B, L) position ids selected per row"),
         ({32, 33}, "equivalent", "operator precedence: every tensor input is per row, so the branch is the same"),
         ({82, 83, 84, 85, 86}, "unreached", "selected rows without any image (text-only patching is refused earlier)"),
         ({90}, "perf", "owner None: re-validated later (same result)"),
@@ -234,6 +235,7 @@ R: dict[tuple[str, str], list[tuple[object, str, str]]] = {
     ],
     ("patching", "restoration"): [
         ({61, 63, 68}, "equivalent", "the n_items groupby's order: pandas aligns the column on the index"),
+        ({3}, "equivalent", "groupby(sort=None) does not sort, like sort=False"),
         ("*", "closed", "restoration table: columns, first-seen order, counts"),
     ],
     ("patching", "default_patches"): [("*", "closed", "every site and group listed")],
@@ -264,9 +266,9 @@ def mutants(mut_dir: Path):
             mut = funcs[fname].replace(fname, "F", 1).splitlines()
             diff = [d for d in difflib.unified_diff(orig, mut, lineterm="", n=0) if not d.startswith(("---", "+++", "@@"))]
             func = base[2:] if base.startswith("x_") else base[1:].strip("ǁ").replace("ǁ", ".")
-            yield dict(module=mod, function=func, mutant=int(num), name=key, exit_code=code,
-                       before=" ".join(d[1:].strip() for d in diff if d.startswith("-")),
-                       after=" ".join(d[1:].strip() for d in diff if d.startswith("+")))
+            yield {"module": mod, "function": func, "mutant": int(num), "name": key, "exit_code": code,
+                   "before": " ".join(d[1:].strip() for d in diff if d.startswith("-")),
+                   "after": " ".join(d[1:].strip() for d in diff if d.startswith("+"))}
 
 
 def classify(row) -> tuple[str, str]:

@@ -8,8 +8,10 @@ expression) the mutation is applied to the file by hand, the selected tests run 
 Prints one line per mutant: KILLED or SURVIVED(rc=…); BAD-PATTERN when the text is not found once.
 Do not edit interp/ or tests/ while it runs.
 """
-import json, os, sys
+import os
+import sys
 from pathlib import Path
+
 ROOT = str(Path(__file__).resolve().parents[2])
 M = [
  # id (mutmut name at fe4f911), file, old, new, -k expression
@@ -99,6 +101,11 @@ M = [
  ("batch.select_rows_8", "interp/batch.py", "if any(not 0 <= r < B for r in rows):", "if any(not 0 <= r <= B for r in rows):", "one_line_refusals"),
  ("interventions.bapa_position_ids_1", "interp/interventions/bapa.py", "if input_ids.dim() != 2 or image_mask.shape != input_ids.shape:", "if input_ids.dim() != 2 and image_mask.shape != input_ids.shape:", "one_line_refusals"),
  ("interventions.from_dict_6", "interp/interventions/base.py", 'kind = d.pop("kind", None)', 'kind = d.pop("kind", )', "one_line_refusals"),
+ ("sites.resolve_30", "interp/sites.py", 'call=call, canonical=base), key, name)', 'call=call, canonical=base), key, None)', "resolved_sites"),
+ ("sites.resolve_69", "interp/sites.py", 'hook="input", call=call,\n                    tokens="lm" if base == "lm.input"', 'hook="input", tokens="lm" if base == "lm.input"', "resolved_sites"),
+ ("sites.resolve_135", "interp/sites.py", 'tokens="lm" if heads else None,\n                    canonical=canonical)', 'canonical=canonical)', "resolved_sites"),
+ ("interventions.AdaptiveAGCI.lambdas_17", "interp/interventions/agci.py", "_image_groups(t.batch.imap, self.pooled)", "_image_groups(t.batch.imap, )", "scale_and_cap"),
+ ("patching.run_patches_211", "interp/patching.py", '"group": p.group, "position": p.position', '"group": p.group, "POSITION": p.position', "single_position"),
  ("sites.resolve_29", "interp/sites.py", 'call=call, canonical=base), key, name)', 'call=call, canonical=base), None, name)', "resolved_sites"),
  ("sites.resolve_37", "interp/sites.py", 'hook="output", call=call, canonical=base), key, name)', 'hook="output", call=None, canonical=base), key, name)', "resolved_sites"),
  ("sites.resolve_43", "interp/sites.py", 'hook="output", call=call, canonical=base), key, name)', 'hook="output", call=call, ), key, name)', "resolved_sites"),
@@ -125,7 +132,7 @@ only = sys.argv[1:]
 # fork server: heavy third-party imports once; each child imports interp (mutated) fresh and runs pytest
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch, transformers, pandas, pytest, PIL.Image, nnsight  # noqa
-import transformers.models.llava.modeling_llava, transformers.models.qwen2_vl.modeling_qwen2_vl  # noqa
+import transformers.models.llava.modeling_llava, transformers.models.qwen2_vl.modeling_qwen2_vl
 import transformers.models.gemma3.modeling_gemma3  # noqa
 torch.set_num_threads(1)
 os.chdir(ROOT)
@@ -145,16 +152,18 @@ assert run_child("") == 0, "the unmutated tests must pass"
 for mid, f, old, new, k in M:
     if only and not any(o in mid for o in only):
         continue
-    p = os.path.join(ROOT, f)
-    src = open(p).read()
+    p = Path(ROOT, f)
+    src = p.read_text()
     n = src.count(old)
     if n != 1 or old == new:
-        results.append((mid, "BAD-PATTERN", n)); print(mid, "BAD-PATTERN", n, flush=True); continue
-    open(p, "w").write(src.replace(old, new))
+        results.append((mid, "BAD-PATTERN", n))
+        print(mid, "BAD-PATTERN", n, flush=True)
+        continue
+    p.write_text(src.replace(old, new))
     try:
         rc = run_child(k)
         status = "KILLED" if rc == 1 else f"SURVIVED(rc={rc})"
     finally:
-        open(p, "w").write(src)
+        p.write_text(src)
     results.append((mid, status, k)); print(mid, status, k, flush=True)
 print(f"{sum(r[1] == 'KILLED' for r in results)} of {len(results)} killed")

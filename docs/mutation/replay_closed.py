@@ -37,9 +37,9 @@ FILES = {"interventions": ["interp/interventions/agci.py", "interp/interventions
                            "interp/interventions/bapa.py", "interp/interventions/base.py"]}
 
 os.environ["OMP_NUM_THREADS"] = "1"
-import torch  # noqa: E402
-import pytest  # noqa: E402
-import transformers  # noqa: E402,F401
+import pytest
+import torch
+import transformers  # noqa: F401
 
 torch.set_num_threads(1)
 os.chdir(ROOT)
