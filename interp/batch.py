@@ -119,7 +119,8 @@ def _left_padded(t: dict[str, Any]) -> dict[str, Any]:
         r = int(bad.nonzero()[0])
         raise SpatialBiasError(f"row {r} of the attention mask has padding between real tokens; give left- or "
                                "right-padded rows (LVLM.inputs pads on the left)")
-    shift = (L - n_real).tolist()  # right-padded rows roll their padding to the front
+    # right-padded rows roll their padding to the front; left-padded rows stay (a batch may mix both)
+    shift = torch.where(left_ok.all(-1), 0, L - n_real).tolist()
     out = dict(t)
     for k, v in t.items():
         if k in SEQ_KEYS or k == "position_ids":
