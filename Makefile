@@ -49,8 +49,9 @@ test: $(STAMP)
 
 # JupyterLab on the notebooks (from the venv). LAB_ARGS adds options, e.g. LAB_ARGS="--no-browser --port 8890".
 LAB_ARGS ?=
+AS_ROOT   := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(AS_ROOT) $(LAB_ARGS)
 
 # Execute every notebook in place, so the committed notebooks carry their outputs (figures
 # included); tests/test_notebooks.py checks that they are current.

@@ -189,6 +189,7 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
              dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
              threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
              progress: bool = typer.Option(True, help="Show progress bars.")):
     """Score a probe: the whole probe is validated first; every bad row is reported at once
     (file, line, reason) and nothing is written, unless --skip-bad. Per-cell metrics use the
@@ -223,7 +224,8 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
     try:
         cfg = pl.command(model, probe, [s.label for s in specs], analyses, seed,
                          _settings(batch_size, device, dtype, trust_remote_code))
-        _run_and_report(cfg, out, "spatialbias eval", progress)
+        if _run_and_report(cfg, out, "spatialbias eval", progress, dry_run) is None:
+            return
     except SpatialBiasError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -245,6 +247,7 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
            threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
            progress: bool = typer.Option(True, help="Show progress bars.")):
     """Where does the difference between two placements arise? Activation patching, position-id
     patching, attention flow, knockout and attribution patching for baseline, BaPA and AGCI."""
@@ -264,7 +267,9 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     analyses = {"patching": {"items": n_items, "cells": cells}, "knockout": {"items": n_items, "cells": cells},
                 "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
     cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype))
-    s = _run_and_report(cfg, out, "spatialbias causal", progress)
+    s = _run_and_report(cfg, out, "spatialbias causal", progress, dry_run)
+    if s is None:
+        return
     for run in s["runs"]:
         typer.echo(run["causal_conclusion"])
     typer.echo(f"wrote {out / 'summary.json'}, {out / 'tables'}, {out / 'figures'}, {out / 'index.html'}")
@@ -367,15 +372,53 @@ def probe_build(out: Path = typer.Option(..., help="Output folder."),
 @organism_app.command("train")
 @clean_errors
 def organism_train(out: Path = typer.Option(..., help="Output checkpoint folder."),
+                   recipe: str = typer.Option("planted-lm", help="Zoo recipe (analyses/organisms/recipes.py); "
+                                              "planted-lm is the shipped organism."),
                    seed: int = typer.Option(0, help="Seed (the shipped checkpoint used 0 with 1 thread)."),
                    threads: int = typer.Option(1, help="torch threads; bit-for-bit reproduction needs the same count."),
-                   max_steps: int = typer.Option(3000, help="Upper bound on steps (training stops at 80% accuracy).")):
-    """Train the model organism from scratch (about a minute on one CPU thread)."""
+                   max_steps: Optional[int] = typer.Option(None, help="Upper bound on steps (default: the recipe's; "
+                                                           "most recipes stop at 80% running accuracy).")):
+    """Train an organism of the zoo from scratch (planted-lm: about a minute on one CPU thread)."""
     from analyses.organisms import train as tr
-    model, proc, record = tr.train(tr.TrainConfig(seed=seed, threads=threads, max_steps=max_steps))
-    path = tr.save(model, proc, record, out)
-    typer.echo(f"wrote {path} after {record['steps']} steps (running accuracy {record['running_acc']:.3f}); "
+    from analyses.organisms.recipes import RECIPES
+    if recipe not in RECIPES:
+        raise SpatialBiasError(f"unknown recipe {recipe!r}; the zoo has {', '.join(RECIPES)}")
+    rec = RECIPES[recipe] if max_steps is None else RECIPES[recipe].with_(max_steps=max_steps)
+    model, proc, record, peft_model = tr.train(rec, seed=seed, threads=threads)
+    path = tr.save(model, proc, record, out, peft_model)
+    typer.echo(f"wrote {path} after {record['steps']} steps (running accuracy {json_acc(record['running_acc'])}); "
                f"sha256 {tr.sha256(path / 'model.safetensors')}")
+
+
+def json_acc(acc) -> str:
+    """A running accuracy, or one per question kind."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) if isinstance(acc, dict) else f"{acc:.3f}"
+
+
+@organism_app.command("zoo")
+@clean_errors
+def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (rewritten after each run)."),
+                 recipes: str = typer.Option("all", help="Comma-separated recipe names, 'all', or 'none' (only "
+                                             "print the table of the runs already in --out)."),
+                 seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+                 items: int = typer.Option(200, help="Held-out probe items (each at all 9 cells)."),
+                 probe_seed: int = typer.Option(12345, help="Seed of the held-out probe."),
+                 cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
+                                                      "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+    """Train (once, cached) and measure zoo organisms: per-cell accuracy, range, chi-square, BaPA."""
+    from analyses.organisms.recipes import RECIPES
+    from analyses.organisms.runs import campaign, markdown_table
+    names = list(RECIPES) if recipes == "all" else [] if recipes == "none" else \
+        [r.strip() for r in recipes.split(",") if r.strip()]
+    bad = [n for n in names if n not in RECIPES]
+    if bad:
+        raise SpatialBiasError(f"unknown recipe(s) {', '.join(bad)}; the zoo has {', '.join(RECIPES)}")
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SpatialBiasError(f"--seeds {seeds!r} is not a comma-separated list of integers") from None
+    records = campaign(names, seed_list, out, cache, items, probe_seed, log=typer.echo)
+    typer.echo(markdown_table(records))
 
 
 def main() -> None:

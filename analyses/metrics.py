@@ -8,6 +8,8 @@ the ``n_cells`` argument, or is the paper's 9.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -96,6 +98,7 @@ def cell_metrics(df: pd.DataFrame, seed: int = 0, n_resamples: int = 2000, n_cel
     present = n > 0
     chi2, chi2_p = chi2_homogeneity(hits[present], n[present])
     mean = float(np.nanmean(acc))
+    (range_lo, range_hi), (mean_lo, mean_hi) = _item_intervals(df, n_cells, rng, n_resamples)
     per_item = df.groupby("id")["correct"].agg(["min", "max"])
     return {
         "cell_accuracy": _list(acc), "cell_p_correct": _list(pc), "cell_n": n.tolist(),
@@ -105,8 +108,31 @@ def cell_metrics(df: pd.DataFrame, seed: int = 0, n_resamples: int = 2000, n_cel
         "cv": float(np.nanstd(acc) / mean) if mean else float("nan"),
         "chi2": chi2, "chi2_p": chi2_p,
         "consistency": float((per_item["min"] == per_item["max"]).mean()),
+        "range_ci": [range_lo, range_hi], "mean_accuracy_ci": [mean_lo, mean_hi],
         "grid": [int(grid[0]), int(grid[1])],
     }
+
+
+def _item_intervals(df: pd.DataFrame, n_cells: int, rng: np.random.Generator, n_resamples: int
+                    ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Percentile 95% intervals of the range across cells and of the mean accuracy, with items
+    resampled (an item keeps all its placements, so cells stay paired as in the probe)."""
+    wide = df.pivot_table(index="id", columns="cell", values="correct", aggfunc="mean")
+    wide = wide.reindex(columns=range(n_cells)).to_numpy(float)  # (items, cells), NaN where absent
+    n = len(wide)
+    if n < 2:
+        return (float("nan"), float("nan")), (float("nan"), float("nan"))
+    ranges, means = [], []
+    for start in range(0, n_resamples, 200):  # bounded memory: (200, items, cells) at a time
+        idx = rng.integers(0, n, (min(200, n_resamples - start), n))
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an item-less cell in a resample
+            per_cell = np.nanmean(wide[idx], axis=1)  # (R, cells)
+            ranges.append(np.nanmax(per_cell, 1) - np.nanmin(per_cell, 1))
+            means.append(np.nanmean(per_cell, 1))
+    r, m = np.concatenate(ranges), np.concatenate(means)
+    return tuple(float(x) for x in np.nanpercentile(r, [2.5, 97.5])), \
+        tuple(float(x) for x in np.nanpercentile(m, [2.5, 97.5]))
 
 
 def shift_curve(df: pd.DataFrame, key: str = "correct", seed: int = 0, n_resamples: int = 2000,

@@ -5,8 +5,10 @@ Role: views of the table. May import: ``spatialbias``, ``probes.format``, ``anal
 summary, figures}``. Writes into the run folder: ``summary.json``, ``index.html``,
 ``figures/*.png|svg``, ``results.csv`` and ``tables/{analysis}.parquet|csv`` (the per-row / per-item
 detail tables of every condition, concatenated). Every figure is one call of
-:mod:`analyses.figures` on those tables; the page prints the call under it. The same input gives
-byte-identical files (no clock, fixed SVG hash salt).
+:mod:`analyses.figures` on those tables; the page prints under it a caption saying what to read
+from it (the first paragraph of the figure function's docstring: :func:`analyses.figures.caption`)
+and then the call. Figures are sized for the page's 1150 px (see :mod:`analyses.figures.common`).
+The same input gives byte-identical files (no clock, fixed SVG hash salt).
 """
 from __future__ import annotations
 
@@ -28,13 +30,16 @@ from spatialbias.files import atomic_write_bytes, atomic_write_text
 @dataclass
 class FigureSpec:
     """One figure: ``analyses.figures.<function>(table, **kwargs)``, where ``table`` is the
-    results table or, with ``details``, that analysis' detail table; saved as ``stem``."""
+    results table or, with ``details``, that analysis' detail table; saved as ``stem``.
+    ``caption``: what to read from it, printed under it (:func:`plan_figures` fills it from
+    :func:`analyses.figures.caption`)."""
     section: str
     stem: str
     function: str
     kwargs: dict = field(default_factory=dict)
     title: str = ""
     details: str | None = None
+    caption: str = ""
 
     def command(self, src: Path) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
@@ -102,7 +107,8 @@ def _slug(*labels) -> str:
 
 
 def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[list[FigureSpec], dict[str, str]]:
-    """The figures this folder supports, and for each section without data the reason."""
+    """The figures this folder supports, each with its caption, and for each section without
+    data the reason."""
     specs: list[FigureSpec] = []
     skipped: dict[str, str] = {}
     pairs = lambda d: sorted(set(zip(d.model, d.probe)))  # noqa: E731
@@ -148,6 +154,8 @@ def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[lis
         if "flow" in tables:
             specs.append(FigureSpec("attention-flow", "attention_layer_cell_" + _slug(m, p), "layer_cell",
                                     {"model": m, "probe": p}, f"per layer and cell · {m} · {p}", details="flow"))
+    for s in specs:
+        s.caption = s.caption or figures.caption(s.function)
     if figures.conditions_table(df).empty:
         skipped["conditions"] = "no eval scalars (mean_accuracy, range, …) in this run."
     for anchor, _, _ in SECTIONS:
@@ -186,9 +194,10 @@ def _run_html(run: dict) -> str:
     parts = [f"<h3>{e(run['model'])} · {e(run['probe'])}</h3>"]
     org, note = run.get("organism"), run.get("model_note")
     if org:
-        parts.append(f"<p class='warn'><b>Model organism.</b> This model's spatial bias was "
-                     f"{e(str(org.get('bias_planted', 'planted by its training data')))}. It says nothing about "
-                     "pretrained LVLMs.</p>")
+        parts.append(f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', 'planted-lm')))}).</b> "
+                     f"{e(str(org.get('description', 'Its spatial bias was planted by its training data.')))} "
+                     f"Trained from seed {org.get('seed')} on {org.get('threads')} thread(s) for {org.get('steps')} "
+                     "steps. It says nothing about pretrained LVLMs.</p>")
     if note:
         head = "Random weights." if note.get("random_weights") else "Note on this model."
         parts.append(f"<p class='warn'><b>{e(head)}</b> {e(str(note.get('note', '')))}</p>")
@@ -285,7 +294,8 @@ def _figure_html(spec: FigureSpec, png: bytes, src: Path) -> str:
     e = html.escape
     return (f"<figure id='fig-{e(spec.stem)}'><img alt='{e(spec.function)}: {e(spec.title)}' "
             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-            f"<figcaption><b>{e(spec.title)}</b> — <code>{e(spec.command(src))}</code> "
+            f"<figcaption><b>{e(spec.title)}</b> — <span class='caption'>{e(spec.caption)}</span>"
+            f"<br>Redraw: <code>{e(spec.command(src))}</code> "
             f"(<a href='figures/{e(spec.stem)}.png'>PNG</a>, <a href='figures/{e(spec.stem)}.svg'>SVG</a>)"
             f"</figcaption></figure>")
 
@@ -327,7 +337,8 @@ def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], 
             plan = src / "plan.json"
             body.append("<p>Each figure above is one call on the run's tables; in Python or a notebook run "
                         "<code>import pandas as pd, analyses.figures</code> first, then the call printed under the "
-                        f"figure. This page: <code>{e('spatialbias report --from ' + str(src))}</code>.</p>")
+                        "figure (its caption is <code>analyses.figures.caption(name)</code>)."
+                        f" This page: <code>{e('spatialbias report --from ' + str(src))}</code>.</p>")
             if plan.is_file():
                 body.append("<p>The plan as run (<code>plan.json</code>):</p><pre>" + e(plan.read_text()) + "</pre>")
         body.extend(_figure_html(s, pngs[s.stem], src) for s in mine)

@@ -38,8 +38,13 @@ def eval_block(d: pd.DataFrame) -> dict:
     out = {}
     for iv in intervention_order(e) if len(e) else []:
         x = e[e.intervention == iv]
-        s = x[x.cell.isna()].groupby("metric")["value"].mean()
+        scal = x[x.cell.isna()]
+        s = scal.groupby("metric")["value"].mean()
         block = {k: _f(s[k]) for k in EVAL_SCALARS if k in s.index}
+        ci = scal.groupby("metric")[["ci_low", "ci_high"]].mean()
+        for k in ("mean_accuracy", "range"):
+            if k in ci.index and pd.notna(ci.loc[k, "ci_low"]):
+                block[f"{k}_ci"] = [_f(ci.loc[k, "ci_low"]), _f(ci.loc[k, "ci_high"])]
         cells = x[x.cell.notna()].groupby(["metric", "cell"])[["value", "ci_low", "ci_high"]].mean()
         for name, key in (("accuracy", "cell_accuracy"), ("p_correct", "cell_p_correct")):
             if name in cells.index.get_level_values(0):
@@ -88,9 +93,13 @@ def causal_block(d: pd.DataFrame) -> dict:
         out["flow"] = {iv: {int(layer): [_vci(r) for r in g.sort_values("cell").to_dict("records")]
                             for layer, g in f[f.intervention == iv].groupby("layer")}
                        for iv in order if iv in set(f.intervention)}
+    sp = c[(c.analysis == "flow") & (c.metric == "attention_spread")]
+    if len(sp):
+        out["flow_spread"] = {iv: {int(r.layer): _vci(r._asdict()) for r in sp[sp.intervention == iv].itertuples()}
+                              for iv in order if iv in set(sp.intervention)}
     a = c[(c.analysis == "attribution") & (c.metric == "attribution_spearman")]
     if len(a):
-        out["attribution"] = {iv: {r.group: _f(r.value) for r in a[a.intervention == iv].itertuples()}
+        out["attribution"] = {iv: {r.group: _vci(r._asdict()) for r in a[a.intervention == iv].itertuples()}
                               for iv in order if iv in set(a.intervention)}
     return out
 
@@ -202,16 +211,14 @@ def findings(run: dict) -> list[dict]:
     for iv, rows in c.get("knockout", {}).items():
         for r in rows:
             if r["layers"] == "all":
-                add(f"knockout of the {r['blocked']} in every layer: drop of the logit difference", iv, r)
-    for iv, by_layer in c.get("flow", {}).items():
-        for layer, cells_ in by_layer.items():
-            vals = [x["value"] for x in cells_ if x["value"] is not None]
-            if vals:
-                add(f"attention to the target's cell, layer {layer}: spread (max − min) over placements", iv,
-                    {"value": max(vals) - min(vals)})
+                what = r["blocked"] if r["blocked"] == "all image tokens" else f"the {r['blocked']}"
+                add(f"knockout of {what} in every layer: drop of the logit difference", iv, r)
+    for iv, by_layer in c.get("flow_spread", {}).items():
+        for layer, x in by_layer.items():
+            add(f"attention to the target's cell, layer {layer}: spread (max − min) over placements", iv, x)
     for iv, rhos in c.get("attribution", {}).items():
         for name, rho in rhos.items():
-            add(f"attribution patching ({name}) vs exact: Spearman over all patches", iv, {"value": rho})
+            add(f"attribution patching ({name}) vs exact: Spearman over all patches", iv, rho)
     return out
 
 
@@ -256,7 +263,8 @@ def causal_conclusion(run: dict) -> str:
                          f"{_pct(_position(run, iv, 'all', 'restoration'))}.")
     for iv, rhos in c.get("attribution", {}).items():
         lines.append(f"Attribution patching vs exact patching ({iv}): Spearman "
-                     + ", ".join(f"{rho:.2f} ({name})" for name, rho in rhos.items()) + "; exact patching is the reference.")
+                     + ", ".join(f"{_num(rho, '.2f')} ({name})" for name, rho in rhos.items())
+                     + "; exact patching is the reference.")
     return " ".join(lines)
 
 

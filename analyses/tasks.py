@@ -66,8 +66,9 @@ def eval_task(lvlm, cond: Condition, ctx: Context) -> Result:
                      max_new_tokens=opts.get("max_new_tokens", 4))
     df["line"] = df["row"].map(dict(enumerate(n for n, _ in good)))
     m = cell_metrics(df, seed=cond.seed)
-    rows = [{"metric": k, "value": m[k]} for k in ("mean_accuracy", "mean_p_correct", "range", "std", "cv", "chi2",
-                                                    "chi2_p", "consistency")]
+    rows = [{"metric": k, "value": m[k], **({"ci_low": m[f"{k}_ci"][0], "ci_high": m[f"{k}_ci"][1]}
+                                            if f"{k}_ci" in m else {})}
+            for k in ("mean_accuracy", "mean_p_correct", "range", "std", "cv", "chi2", "chi2_p", "consistency")]
     rows += [{"metric": "n_rows", "value": len(df)}, {"metric": "n_items", "value": df["id"].nunique()},
              {"metric": "n_skipped", "value": len(problems)},
              {"metric": "grid_rows", "value": m["grid"][0]}, {"metric": "grid_cols", "value": m["grid"][1]}]
@@ -159,7 +160,7 @@ def attribution_task(lvlm, cond: Condition, ctx: Context) -> Result:
                  for k in cond.options.get("steps", [1, 8])}
     details = pd.concat([causal._with_ids(exact, pairs).assign(method="exact")]
                         + [e.assign(method=name) for name, e in estimates.items()], ignore_index=True)
-    return causal.attribution_rows(exact, estimates) + _pair_rows(pairs), details
+    return causal.attribution_rows(exact, estimates, _rng(cond)) + _pair_rows(pairs), details
 
 
 # ------------------------------------------------------------------------------------------------

@@ -129,3 +129,25 @@ def test_shift_curve_by_hand():
     assert shift_curve(df, key="p_correct")["mean"].tolist() == pytest.approx([0.85, 0.55, 0.15])
     with pytest.raises(ValueError, match="no 'offset' column"):
         shift_curve(df.drop(columns="offset"))
+
+
+def test_range_and_mean_intervals_resample_items():
+    import numpy as np
+    import pandas as pd
+    from analyses.metrics import cell_metrics
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(200):
+        p = rng.random()  # item difficulty, shared by its 9 placements
+        for c in range(9):
+            rows.append({"id": str(i), "cell": c, "correct": rng.random() < (0.3 + 0.05 * c if i % 2 else p),
+                         "p_correct": 0.5})
+    df = pd.DataFrame(rows)
+    m = cell_metrics(df, seed=1)
+    lo, hi = m["range_ci"]
+    assert lo <= m["range"] <= hi and lo > 0.1  # a planted 0.4 slope over half the items: clearly > 0
+    mlo, mhi = m["mean_accuracy_ci"]
+    assert mlo < m["mean_accuracy"] < mhi and mhi - mlo < 0.15
+    flat = df.assign(correct=df["id"].astype(int) % 2 == 0)  # right or wrong everywhere: no spatial effect
+    f = cell_metrics(flat, seed=1)
+    assert f["range"] == 0 and f["range_ci"] == [0.0, 0.0]  # resampled items keep their placements paired

@@ -46,3 +46,39 @@ def test_notebook_runs_and_its_committed_outputs_are_current(path):
         assert img1 == img0, f"cell {k + 1}: a figure is missing from the committed notebook; run `make notebooks`"
     if any(img for _, img in got):  # notebooks that draw show their figures inline
         assert any(img for _, img in want)
+
+
+def test_make_lab_starts_a_jupyterlab_server_from_the_venv():
+    """`make lab` starts JupyterLab on notebooks/ (a short start-and-stop: the server answers with
+    the lab page listing, then it is stopped)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = DIR.parent
+    proc = subprocess.Popen(["make", "lab", f"LAB_ARGS=--no-browser --port={port} --ServerApp.ip=127.0.0.1 "
+                             "--IdentityProvider.token=spatialbias-test"], cwd=root, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, body = time.time() + 600, None  # generous: a busy machine starts it slowly
+        while time.time() < deadline and body is None:
+            if proc.poll() is not None:
+                pytest.fail(f"make lab exited: {proc.stdout.read().decode()[-1500:]}")
+            try:
+                url = f"http://127.0.0.1:{port}/api/contents?token=spatialbias-test"
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "the server did not answer"
+        assert "quickstart.ipynb" in body  # it serves the notebooks folder
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab?token=spatialbias-test", timeout=30) as r:
+            assert r.status == 200 and "JupyterLab" in r.read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)

@@ -8,6 +8,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from interp.load import ORGANISM_DIR
 from analyses.organisms import build, train
+from analyses.organisms.recipes import RECIPES, SKEW
 from probes import shapes
 
 
@@ -18,8 +19,9 @@ def test_checkpoint_loads_with_plain_hf_and_matches_its_record():
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     record = json.loads((ORGANISM_DIR / "training.json").read_text())
     assert record["sha256"] == train.sha256(ORGANISM_DIR / "model.safetensors")
-    assert "planted" in record["bias_planted"] and record["stopped_by"] == "stop_acc"
-    assert record["config"]["cell_weights"] == list(train.SKEW)
+    assert "planted on purpose" in record["description"] and record["stopped_by"] == "stop_acc"
+    assert record["config"]["cell_weights"] == list(SKEW) and record["recipe"] == "planted-lm"
+    assert record["fingerprint"] == RECIPES["planted-lm"].fingerprint()
     assert proc.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
 
 
@@ -35,10 +37,10 @@ def test_processor_path_equals_training_path():
 
 
 def test_training_is_deterministic_for_a_seed():
-    cfg = train.TrainConfig(seed=5, max_steps=3, batch=8)
-    a, _, ra = train.train(cfg, progress=False)
-    b, _, rb = train.train(cfg, progress=False)
-    c, _, _ = train.train(train.TrainConfig(seed=6, max_steps=3, batch=8), progress=False)
+    recipe = RECIPES["planted-lm"].with_(max_steps=3, batch=8)
+    a, _, ra, _ = train.train(recipe, seed=5, progress=False)
+    b, _, rb, _ = train.train(recipe, seed=5, progress=False)
+    c, _, _, _ = train.train(recipe, seed=6, progress=False)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)

@@ -227,9 +227,12 @@ def test_every_command_redraws_its_figure(sweep):
 
     import analyses.figures  # noqa: F401  (the name the printed calls use)
     text = (sweep / "index.html").read_text(encoding="utf-8")
-    calls = [html.unescape(c) for c in __import__("re").findall(r"<figcaption><b>.*?</b> — <code>(.*?)</code>", text)]
+    found = __import__("re").findall(r"<figcaption><b>.*?</b> — <span class='caption'>(.*?)</span><br>Redraw: "
+                                     r"<code>(.*?)</code>", text)
+    calls = [html.unescape(c) for _, c in found]
     specs, _ = sweep_report.plan_figures(pd.read_parquet(sweep / "results.parquet"), {})
     assert calls == [s.command(sweep.resolve()) for s in specs]
+    assert [html.unescape(c) for c, _ in found] == [s.caption for s in specs] and all(s.caption for s in specs)
     drawn = set()
     for call, spec in zip(calls, specs):
         assert call.startswith(f"analyses.figures.{spec.function}(pd.read_parquet(")
@@ -354,20 +357,36 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium (chromium / chromium-browser) installed: the HTML "
-                    "structure tests still run; .ci/run installs it where apt works")
-def test_renders_in_headless_chromium(sweep, tmp_path):
-    shot = tmp_path / "shot.png"
+DISPLAY_WIDTH = 1150  # the report's body{max-width}: the width at which its figures are read
+
+
+def screenshot(page: Path, shot: Path, profile: Path, width: int = DISPLAY_WIDTH, height: int = 2000) -> np.ndarray:
+    """A headless-Chromium screenshot of ``page`` in a ``width`` × ``height`` window, as grey levels."""
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-           (sweep / "index.html").as_uri()]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+           "--hide-scrollbars", "--force-device-scale-factor=1", f"--user-data-dir={profile}",
+           f"--screenshot={shot}", f"--window-size={width},{height}", page.as_uri()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     with Image.open(shot) as im:
         im.verify()
     with Image.open(shot) as im:
-        assert im.format == "PNG" and im.size == (1200, 2000)
-        a = np.asarray(im.convert("L"), float)
+        assert im.format == "PNG" and im.size == (width, height)
+        return np.asarray(im.convert("L"), float)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium (chromium / chromium-browser) installed: the HTML "
+                    "structure tests still run; .ci/run installs it where apt works")
+def test_renders_in_headless_chromium(sweep, tmp_path):
+    """The page at its display width (a 1150 px window): drawn, and every figure's PNG fits it, so
+    the browser shows it unshrunk (the size the figures' text sizes are checked at)."""
+    a = screenshot(sweep / "index.html", tmp_path / "shot.png", tmp_path / "profile")
     assert a.var() > 0
     assert (a < 250).mean() > 0.02  # text, the table of contents and the first figures are drawn
+    p = parse(sweep / "index.html")
+    for img in p.imgs:
+        im = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
+        assert im.size[0] <= DISPLAY_WIDTH, (img["alt"], im.size)
+    # a figure scrolled into view is drawn too: the page is long; shoot its full height at 1150
+    tall = screenshot(sweep / "index.html", tmp_path / "tall.png", tmp_path / "profile2", height=12000)
+    assert (tall[6000:] < 250).mean() > 0.02

@@ -99,7 +99,9 @@ def test_results_table_is_tidy(reference):
     pat = reference[(reference.analysis == "patching") & (reference.metric == "restoration_denoise")]
     assert set(pat.group) == {"target", "image", "text", "last", "all"}
     flow = reference[reference.analysis == "flow"]
-    assert set(flow.metric) == {"attention_to_target"} and flow.layer.notna().all()
+    assert set(flow.metric) == {"attention_to_target", "attention_spread"} and flow.layer.notna().all()
+    spread = flow[flow.metric == "attention_spread"]
+    assert spread.cell.isna().all() and (spread.ci_low <= spread.value).all() and (spread.value <= spread.ci_high).all()
     v = json.loads(reference.versions.iloc[0])
     assert {"torch", "transformers", "nnsight", "python", "spatialbias"} <= set(v)
 
@@ -261,7 +263,7 @@ def test_the_real_sweeps_report_renders(sweep_dir, reference, tmp_path):
     import base64
     import io
 
-    from test_report import _chromium, parse
+    from test_report import DISPLAY_WIDTH, _chromium, parse, screenshot
 
     r = CliRunner().invoke(app, ["report", "--from", str(sweep_dir / "ref")])
     assert r.exit_code == 0, r.output
@@ -277,10 +279,5 @@ def test_the_real_sweeps_report_renders(sweep_dir, reference, tmp_path):
         Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).verify()
     if _chromium() is None:
         pytest.skip("no Chromium: the HTML checks above ran, the screenshot is skipped")
-    shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
-                    page.as_uri()], capture_output=True, timeout=60, check=True)
-    a = np.asarray(Image.open(shot).convert("L"), float)
-    assert a.shape == (3000, 1200) and a.var() > 0 and (a < 250).mean() > 0.02
+    a = screenshot(page, tmp_path / "shot.png", tmp_path / "profile", height=3000)  # at the page's display width
+    assert a.shape == (3000, DISPLAY_WIDTH) and a.var() > 0 and (a < 250).mean() > 0.02

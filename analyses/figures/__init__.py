@@ -1,7 +1,9 @@
 """Every figure of the toolkit: one public function of a results table (or of its detail
 tables), drawn once, in one module per family — accuracy maps (:mod:`.accuracy`), λ curves
 (:mod:`.lambdas`), patching (:mod:`.patching`), attention flow (:mod:`.flow`). Each returns a
-matplotlib Figure (shown inline in a notebook); :func:`save` writes PNG + SVG.
+matplotlib Figure (shown inline in a notebook); :func:`save` writes PNG + SVG. The first paragraph of
+each figure's docstring says what to read from it (:func:`caption`; the report prints it under the
+figure). Sizes, colour scales and the 0–1 anchoring of accuracies: :mod:`analyses.figures.common`.
 
 >>> import pandas as pd
 >>> from analyses import figures
@@ -10,7 +12,7 @@ matplotlib Figure (shown inline in a notebook); :func:`save` writes PNG + SVG.
 """
 from analyses.figures.accuracy import (cell_heatmaps, conditions_table, occlusion_maps, range_vs_accuracy,
                                        shift_curves, similarity_maps)
-from analyses.figures.common import save, select
+from analyses.figures.common import caption, save, select  # noqa: F401  (caption: a helper, not a figure)
 from analyses.figures.flow import attention_to_target, layer_cell
 from analyses.figures.lambdas import lambda_curves
 from analyses.figures.patching import knockout_drops, position_restoration, restoration_heatmaps

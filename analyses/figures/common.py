@@ -1,5 +1,19 @@
 """What every figure shares: selection of a results table, seed means, display order and colours
-of the conditions, the annotated heatmap, and PNG + SVG saving.
+of the conditions, the annotated heatmap, the page-size rules, and PNG + SVG saving.
+
+Readability rules (tested in ``tests/test_figures.py``):
+
+* **Size.** The report shows a figure's PNG (saved at :data:`DPI` = 130, where one PNG pixel is one
+  CSS px) in a page at most :data:`PAGE_WIDTH_PX` = 1150 CSS px wide; a wider PNG is shrunk by the
+  browser. Every text must read at ≥ :data:`MIN_DISPLAY_PT` = 9 pt there (:func:`displayed_pt`), so
+  figures are at most :data:`MAX_WIDTH_IN` wide (panels wrap into rows, :func:`_panels`) and no text
+  is under :data:`ANNOT_PT` = 7 pt. The font sizes come from :data:`STYLE`, applied by
+  :func:`styled` around each figure function (global rcParams are never changed).
+* **Colour scales.** Panels that are compared share one colour scale, with a colour bar.
+* **Anchored scales.** Accuracy and probability (p(correct)) scales — colours and axes — span
+  0–1 (:data:`UNIT`), never the data's range, so a colour or a height means the same in every
+  panel and every run and noise cannot look like contrast. Other quantities (attention mass,
+  restoration, cosine) use the scale their figure documents.
 
 Role: helpers of :mod:`analyses.figures`. May import: ``spatialbias``, ``analyses.vocabulary``,
 matplotlib, pandas. Nothing here touches a model; the backend is never forced here (notebooks
@@ -7,8 +21,11 @@ show figures inline); :func:`save` renders files through an off-screen canvas.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import math
+import textwrap
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -21,8 +38,6 @@ from analyses.vocabulary import FAMILIES
 from spatialbias.errors import SpatialBiasError
 from spatialbias.files import atomic_write_bytes
 
-matplotlib.rcParams["svg.hashsalt"] = "spatialbias"  # SVG ids do not change between runs
-
 Labels = Optional[Union[str, Iterable[str]]]
 
 FAMILY_ORDER = FAMILIES
@@ -31,6 +46,83 @@ FAMILY_COLOURS = {"baseline": "#4d4d4d", "bapa": "#1f77b4", "agci": "#d62728", "
 _EXTRA_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 GROUP_ORDER = ("all", "target", "image", "text", "last")
 CONDITION_KEYS = ["model", "probe", "intervention", "family", "lambda"]
+
+DPI = 130
+"""PNG resolution of :func:`save`: at 130 dpi one PNG pixel is one CSS px of the report."""
+PAGE_WIDTH_PX = 1150
+"""The report's ``body{max-width}``: a wider PNG is shown shrunk to this width."""
+MIN_DISPLAY_PT = 9.0
+"""The smallest text size, in pt as displayed, that any figure may show."""
+MAX_WIDTH_IN = 8.6
+"""Widest figure (inches): 8.6 in + the 0.1 in of tight-bbox padding on each side is 8.8 in =
+1144 px at 130 dpi, so the PNG is shown unshrunk."""
+ANNOT_PT = 7.0
+"""The smallest font size used (annotations inside cells): 7 pt at 130 dpi unshrunk shows as 9.5 pt."""
+CBAR_IN = 0.8
+"""Width reserved for a colour bar with its tick labels and label."""
+UNIT = (0.0, 1.0)
+"""The scale of every accuracy and probability (colour or axis)."""
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7.5,
+         "ytick.labelsize": 7.5, "legend.fontsize": 7.5, "legend.title_fontsize": 7.5, "figure.titlesize": 9,
+         "svg.hashsalt": "spatialbias"}
+"""Font sizes of every figure (pt), applied by :func:`styled`; SVG ids do not change between runs."""
+
+
+def displayed_pt(fontsize: float, png_width_px: float, dpi: float = DPI) -> float:
+    """The size (pt) at which text of ``fontsize`` pt shows in the report, for a PNG saved at
+    ``dpi`` and ``png_width_px`` wide: a PNG pixel is one CSS px at 130 dpi, a PNG wider than
+    :data:`PAGE_WIDTH_PX` is shrunk to it, and 1 pt = 4/3 CSS px."""
+    return fontsize * (dpi / 72) * min(1.0, PAGE_WIDTH_PX / png_width_px) * 0.75
+
+
+def styled(fn):
+    """Draw the figure function ``fn`` under :data:`STYLE` (a ``plt.rc_context``): every text it
+    creates gets the report's font sizes; nothing global changes. The figure is returned closed
+    to pyplot (not kept in its registry), so a notebook shows it once — as the cell's value — and
+    long runs do not accumulate open figures; ``save`` and ``display`` still work on it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            fig = fn(*args, **kwargs)
+        plt.close(fig)
+        return fig
+    return wrapper
+
+
+def caption(function) -> str:
+    """What to read from a figure: the first paragraph of its function's docstring, on one line
+    (the report prints it under the figure). ``function``: a figure function or its name."""
+    if isinstance(function, str):
+        import analyses.figures as figs
+        function = getattr(figs, function)
+    doc = inspect.cleandoc(function.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` with each line wrapped to fit ``width_in`` inches at ``fontsize`` pt: broken at its
+    " · " separators first, inside a part (at spaces) only when the part alone is too long."""
+    chars = max(12, int(width_in * 72 / (0.55 * fontsize)))
+    out = []
+    for line in str(text).split("\n"):
+        cur = ""
+        for part in line.split(" · "):
+            if cur and len(cur) + 3 + len(part) <= chars:
+                cur += " · " + part
+                continue
+            if cur:
+                out.append(cur + " ·")
+            pieces = textwrap.wrap(part, chars, break_long_words=False, break_on_hyphens=False) or [""]
+            out.extend(pieces[:-1])
+            cur = pieces[-1]
+        out.append(cur)
+    return "\n".join(out)
+
+
+def _suptitle(fig, text: str) -> None:
+    """A figure title wrapped to the figure's width."""
+    size = plt.rcParams["figure.titlesize"]
+    fig.suptitle(_wrap(text, fig.get_figwidth() - 0.2, size if isinstance(size, (int, float)) else 9))
 
 
 def _as_list(x: Labels) -> list[str] | None:
@@ -151,10 +243,11 @@ def _grid(values: pd.Series, cells: pd.Series, shape: tuple[int, int]) -> np.nda
     return g.reshape(shape)
 
 
-def _heat(ax, grid: np.ndarray, annot: np.ndarray, vmin: float, vmax: float, cmap: str, fontsize: float,
-          cax=None, square: bool = True, xlabels=None, ylabels=None):
+def _heat(ax, grid: np.ndarray, annot: np.ndarray, vmin: float, vmax: float, cmap: str,
+          fontsize: float = ANNOT_PT, square: bool = True, xlabels=None, ylabels=None):
     """A small annotated heatmap (row 0 at the top). Like seaborn's, without its full-figure
-    redraw per panel (what made many-panel figures slow); NaN cells stay blank."""
+    redraw per panel (what made many-panel figures slow); NaN cells stay blank. Returns the mesh
+    (for :func:`_colourbar`)."""
     cm = plt.get_cmap(cmap)
     norm = matplotlib.colors.Normalize(vmin, vmax)
     mesh = ax.pcolormesh(np.ma.masked_invalid(np.asarray(grid, float)), cmap=cm, norm=norm)
@@ -166,26 +259,81 @@ def _heat(ax, grid: np.ndarray, annot: np.ndarray, vmin: float, vmax: float, cma
         if np.isfinite(v) and annot[i, j]:
             r, g, b, _ = cm(norm(v))
             lum = 0.2126 * r + 0.7152 * g + 0.0722 * b
-            ax.text(j + 0.5, i + 0.5, annot[i, j], ha="center", va="center", fontsize=fontsize,
+            ax.text(j + 0.5, i + 0.5, annot[i, j], ha="center", va="center", fontsize=max(fontsize, ANNOT_PT),
                     color="black" if lum > 0.408 else "white")
     ax.set_xticks(np.arange(grid.shape[1]) + 0.5 if xlabels is not None else [],
-                  [_t(x) for x in xlabels] if xlabels is not None else [], fontsize=7)
+                  [_t(x) for x in xlabels] if xlabels is not None else [])
     ax.set_yticks(np.arange(grid.shape[0]) + 0.5 if ylabels is not None else [],
-                  [_t(y) for y in ylabels] if ylabels is not None else [], fontsize=7)
+                  [_t(y) for y in ylabels] if ylabels is not None else [])
     ax.tick_params(length=0)
     for sp in ax.spines.values():
         sp.set_visible(False)
-    if cax is not None:
-        ax.figure.colorbar(mesh, cax=cax)
     return mesh
 
 
-def _panels(n: int, per_row: int = 5):
-    cols = min(n, per_row)
+def _colourbar(mesh, cax, label: str = "", extend: str = "neither"):
+    """The one colour bar of a figure's heatmap panels (they share ``mesh``'s norm); horizontal
+    when ``cax`` is wider than tall (the bar above very tall panels, :func:`_heat_figure`)."""
+    pos = cax.get_position()
+    horizontal = pos.width * cax.figure.get_figwidth() > pos.height * cax.figure.get_figheight()
+    cb = cax.figure.colorbar(mesh, cax=cax, extend=extend, orientation="horizontal" if horizontal else "vertical")
+    if label:
+        cb.set_label(label)
+    if horizontal:
+        cax.xaxis.set_ticks_position("top")
+        cax.xaxis.set_label_position("top")
+    return cb
+
+
+def _panels(n: int, panel_width: float, budget: float = MAX_WIDTH_IN) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels of ``panel_width`` inches: as many columns as fit in
+    ``budget`` inches (at least one), then as many rows as needed."""
+    cols = max(1, min(n, int(budget / panel_width + 1e-6)))
     return math.ceil(n / cols), cols
 
 
-def _label_points(ax, xs: np.ndarray, ys: np.ndarray, labels: list[str], fontsize: float = 6) -> None:
+def _heat_figure(n: int, panel_w: float, panel_h: float, head_h: float = 0.5, row_starts: list[int] | None = None,
+                 label_w: float = 0.0):
+    """A figure of ``n`` heatmap panels (each ``panel_w`` × ``panel_h`` inches with its title and
+    labels) wrapped into rows within :data:`MAX_WIDTH_IN`, and one colour-bar axis, laid out by
+    matplotlib's constrained layout (titles never overlap the panel above); returns (fig, panel
+    axes, colour-bar axis). The colour bar stands beside the first rows (at most 6 in of them);
+    above panels taller than that (a 32-layer patching map), it lies across the top.
+    ``label_w``: room for the row labels, which only the first panel of each row shows
+    (:func:`_first_col`). ``row_starts``: indices of panels that must begin a new row (e.g. each
+    condition of a condition × layer grid)."""
+    tall = panel_h > 6.0
+    nr, nc = _panels(n, panel_w, MAX_WIDTH_IN - label_w - (0 if tall else CBAR_IN))
+    slots, r, c = [], 0, 0
+    starts = set(row_starts or [])
+    for k in range(n):
+        if k and (c == nc or k in starts):
+            r, c = r + 1, 0
+        slots.append((r, c))
+        c += 1
+    nr = r + 1 if n else 1
+    nc = max((j for _, j in slots), default=0) + 1
+    if tall:
+        fig = plt.figure(figsize=(min(MAX_WIDTH_IN, nc * panel_w + label_w), nr * panel_h + head_h + 0.7),
+                         layout="constrained")
+        gs = fig.add_gridspec(nr + 1, nc, height_ratios=[0.12 / panel_h] + [1] * nr)
+        axes = [fig.add_subplot(gs[i + 1, j]) for i, j in slots]
+        cax = fig.add_subplot(gs[0, :max(1, nc - 1)] if nc > 2 else gs[0, :])
+        return fig, axes, cax
+    fig = plt.figure(figsize=(min(MAX_WIDTH_IN, nc * panel_w + label_w + CBAR_IN), nr * panel_h + head_h),
+                     layout="constrained")
+    gs = fig.add_gridspec(nr, nc + 1, width_ratios=[1] * nc + [0.12 / panel_w])
+    axes = [fig.add_subplot(gs[i, j]) for i, j in slots]
+    cax = fig.add_subplot(gs[:max(1, min(nr, int(6.0 / panel_h))), -1])
+    return fig, axes, cax
+
+
+def _first_col(ax) -> bool:
+    """Whether ``ax`` is the first panel of its row (the one that shows the row labels)."""
+    return ax.get_subplotspec().is_first_col()
+
+
+def _label_points(ax, xs: np.ndarray, ys: np.ndarray, labels: list[str], fontsize: float = ANNOT_PT) -> None:
     """Write each label beside its point, moved up or down (greedily, in label order) so that
     labels of coinciding or close points do not overlap."""
     x0, x1 = ax.get_xlim()
@@ -217,9 +365,10 @@ def save(fig, out_dir: str | Path, stem: str) -> list[Path]:
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)  # render off-screen whatever backend a notebook chose
     paths = []
-    for ext, kw in (("png", {"dpi": 130}), ("svg", {"metadata": {"Date": None}})):
+    for ext, kw in (("png", {"dpi": DPI}), ("svg", {"metadata": {"Date": None}})):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
+        with plt.rc_context({"svg.hashsalt": STYLE["svg.hashsalt"]}):
+            fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
         p = out_dir / f"{stem}.{ext}"
         atomic_write_bytes(p, buf.getvalue())
         paths.append(p)

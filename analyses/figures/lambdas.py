@@ -7,7 +7,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analyses.figures.common import (Labels, _t, family_colours, select)
+from analyses.figures.common import (MAX_WIDTH_IN, UNIT, Labels, _suptitle, _t, family_colours, select, styled)
 from spatialbias.errors import SpatialBiasError
 from analyses.figures.accuracy import _condition_scalars
 
@@ -25,12 +25,16 @@ def adaptive_rule(label: str) -> str:
     return ":".join(parts[:2] + parts[3:])
 
 
+@styled
 def lambda_curves(df: pd.DataFrame, model: Labels = None, probe: Labels = None):
-    """Mean accuracy and range across cells against AGCI's λ, one row of panels per (model,
-    probe): fixed-λ AGCI as lines (one per variant, e.g. agci and agci-pooled), adaptive AGCI
-    as marked points at the mean λ its rule chose over the probe (``lambda_mean``; at its scale
-    where that was not recorded), baseline and BaPA as horizontal reference lines; error bars are
-    the seed sd."""
+    """How AGCI's strength λ trades mean accuracy (left) against the range of accuracy across cells
+    (right): fixed λ as lines, adaptive AGCI as marked points, baseline and BaPA as horizontal
+    reference lines. A good λ lowers the range without lowering accuracy; accuracy spans 0–1.
+
+    One row of panels per (model, probe): fixed-λ AGCI as lines (one per variant, e.g. agci and
+    agci-pooled), adaptive AGCI as marked points at the mean λ its rule chose over the probe
+    (``lambda_mean``; at its scale where that was not recorded); error bars are the seed sd;
+    one legend for the figure, under the panels."""
     d = select(df, model, probe, analysis="eval")
     w = _condition_scalars(d)
     if not w.family.isin(["agci", "agci-adaptive"]).any():
@@ -38,7 +42,8 @@ def lambda_curves(df: pd.DataFrame, model: Labels = None, probe: Labels = None):
     pairs = sorted(set(zip(w[w.family.isin(["agci", "agci-adaptive"])].model,
                            w[w.family.isin(["agci", "agci-adaptive"])].probe)))
     colours = family_colours(w.family)
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(9.5, 3.2 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(MAX_WIDTH_IN, 3.0 * len(pairs) + 1.0), squeeze=False,
+                             layout="constrained")
     shapes = ("s", "D", "^", "v", "P", "X", "*")
     rules = sorted(set(w[w.family == "agci-adaptive"].intervention.map(adaptive_rule)))
     markers = {rule: shapes[k % len(shapes)] for k, rule in enumerate(rules)}
@@ -68,12 +73,19 @@ def lambda_curves(df: pd.DataFrame, model: Labels = None, probe: Labels = None):
                 for k, r in enumerate(sub[sub.family == fam].to_dict("records")):
                     ax.axhline(r[key], ls=("-", "--", "-.", ":")[(k + (fam == "bapa")) % 4],
                                color=colours[fam], lw=0.9, label=_t(r["intervention"]))
+            if key == "mean_accuracy":
+                ax.set_ylim(*UNIT)
+            else:
+                ax.set_ylim(bottom=0)
             ax.set_xlabel("λ (adaptive: mean λ chosen, else scale)")
             ax.set_ylabel(name)
-            ax.set_title(f"{_t(m)} · {_t(p)}", fontsize=9)
+            ax.set_title(f"{_t(m)} · {_t(p)}")
             ax.grid(alpha=0.3)
-        row[1].legend(fontsize=6, loc="best")
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(3, len(handles)))
     n = d["seed"].nunique()
-    fig.suptitle("AGCI: fixed λ vs adaptive" + (f" (mean of {n} seeds, bars: sd)" if n > 1 else ""), fontsize=10)
-    fig.tight_layout()
+    _suptitle(fig, "AGCI: fixed λ vs adaptive" + (f" (mean of {n} seeds, bars: sd)" if n > 1 else ""))
     return fig

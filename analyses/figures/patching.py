@@ -8,8 +8,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analyses.figures.common import (GROUP_ORDER, Labels, _heat, _panels,
-                                     _pick, _pm, _seeds_note, _t, family_colours, intervention_order, seed_mean)
+from analyses.figures.common import (GROUP_ORDER, MAX_WIDTH_IN, Labels, _colourbar, _first_col, _heat, _heat_figure,
+                                     _panels,
+                                     _pick, _pm, _seeds_note, _suptitle, _t, family_colours, intervention_order,
+                                     seed_mean, styled)
 from spatialbias.errors import SpatialBiasError
 
 
@@ -20,15 +22,23 @@ def _logit_note(d: pd.DataFrame, iv: str) -> str:
     if {"logit_diff_clean", "logit_diff_corrupt"} <= set(v.index):
         cells = (f" (cell {v['clean_cell']:.0f} → {v['corrupt_cell']:.0f})"
                  if {"clean_cell", "corrupt_cell"} <= set(v.index) else "")
-        return f"\nclean {v['logit_diff_clean']:.2f} · corrupt {v['logit_diff_corrupt']:.2f}{cells}"
+        return f"\nclean {v['logit_diff_clean']:.2f} · corrupt {v['logit_diff_corrupt']:.2f}" + (
+            f"\n{cells.strip()}" if cells else "")
     return ""
 
 
+@styled
 def restoration_heatmaps(df: pd.DataFrame, model: Labels = None, probe: Labels = None, intervention: Labels = None,
                          direction: str = "denoise"):
-    """Activation patching: normalised restoration per site (rows, forward order) × token group
+    """Each panel is one condition; a square is the share of the clean − corrupt logit difference
+    restored by patching one site (row) at one token group (column): 1 means that activation alone
+    carries the target's position, 0 that it carries none. One shared scale, −0.2 to 1.2; values
+    beyond it keep the end colours and are printed.
+
+    Activation patching: normalised restoration per site (rows, forward order) × token group
     (columns), one panel per intervention of one (model, probe); ``direction`` is ``denoise``
-    (clean → corrupt) or ``noise`` (corrupt → clean). Seed spread under each mean."""
+    (clean → corrupt) or ``noise`` (corrupt → clean). Seed spread under each mean; titles give
+    the clean and corrupt logit differences and the two cells."""
     if direction not in ("denoise", "noise"):
         raise SpatialBiasError(f"restoration_heatmaps: direction {direction!r}; use 'denoise' or 'noise'")
     metric = f"restoration_{direction}"
@@ -40,13 +50,13 @@ def restoration_heatmaps(df: pd.DataFrame, model: Labels = None, probe: Labels =
     groups = [g for g in GROUP_ORDER if g in set(r.group)] + sorted(set(r.group.dropna()) - set(GROUP_ORDER))
     agg = seed_mean(r, ["intervention", "site", "group"])
     order = [i for i in intervention_order(d) if i in set(agg.intervention)]
-    nr, nc = _panels(len(order), 4)
-    fig, axes = plt.subplots(nr, nc + 1, figsize=(0.75 * len(groups) * nc + 2.2, (0.36 * len(sites) + 1.3) * nr),
-                             gridspec_kw={"width_ratios": [1] * nc + [0.06]}, squeeze=False)
-    for k, ax in enumerate(axes[:, :nc].flat):
-        if k >= len(order):
-            ax.axis("off")
-            continue
+    lines = 2 if agg.sd.notna().any() else 1
+    label_w = 0.055 * max(len(str(s)) for s in sites) + 0.25  # site names and the axis label
+    cell_w = 0.45 if len(sites) > 16 else 0.4  # tall maps get their colour bar on top: room for wider cells
+    fig, axes, cax = _heat_figure(len(order), cell_w * len(groups) + 0.2, (0.13 * lines + 0.08) * len(sites) + 1.2,
+                                  head_h=0.4, label_w=label_w)
+    mesh = None
+    for k, ax in enumerate(axes):
         a = agg[agg.intervention == order[k]]
         piv = a.pivot_table(index="site", columns="group", values="value", dropna=False).reindex(index=sites,
                                                                                                   columns=groups)
@@ -54,23 +64,24 @@ def restoration_heatmaps(df: pd.DataFrame, model: Labels = None, probe: Labels =
                                                                                               columns=groups)
         annot = np.array([_pm(v, s) for v, s in zip(piv.to_numpy().flat, sd.to_numpy().flat)],
                          dtype=object).reshape(piv.shape)
-        _heat(ax, piv.to_numpy(float), annot, -0.2, 1.2, "RdBu_r", 5.5, cax=axes[0, nc] if k == 0 else None,
-              square=False, xlabels=groups, ylabels=sites if k % nc == 0 else None)
-        ax.set_title(_t(order[k]) + _logit_note(d, order[k]), fontsize=8)
+        mesh = _heat(ax, piv.to_numpy(float), annot, -0.2, 1.2, "RdBu_r", square=False, xlabels=groups,
+                     ylabels=sites if _first_col(ax) else None)
+        ax.set_title(_t(order[k]) + _logit_note(d, order[k]))
         ax.set_xlabel("token group")
-        ax.set_ylabel("site" if k % nc == 0 else "")
-    for ax in axes[1:, nc]:
-        ax.axis("off")
-    fig.suptitle(f"activation patching ({direction}): restoration · {_t(m)} · {_t(p)} · {_seeds_note(r)}",
-                 fontsize=9)
-    fig.tight_layout()
+        ax.set_ylabel("site" if _first_col(ax) else "")
+    _colourbar(mesh, cax, "restoration", extend="both")
+    _suptitle(fig, f"activation patching ({direction}): restoration · {_t(m)} · {_t(p)} · {_seeds_note(r)}")
     return fig
 
 
+@styled
 def position_restoration(df: pd.DataFrame, model: Labels = None, probe: Labels = None, intervention: Labels = None):
-    """Position-id patching: share of the clean − corrupt gap restored when the target's image
-    tokens get their clean position ids, in all layers at once ("all") and layer by layer;
-    bars per intervention, error bars = seed sd."""
+    """The share of the clean − corrupt gap restored by giving the target's image tokens their clean
+    position ids, in all layers at once ("all") and one layer at a time: a bar at 1 (dashed line)
+    means the position ids alone carry the bias; 0, that they carry none.
+
+    Position-id patching: bars per intervention, error bars = seed sd; the legend is under the
+    axes."""
     d, m, p = _pick(df, "position_restoration", "patching", None, model, probe, intervention)
     r = d[d.metric == "position_restoration"]
     if r.empty:
@@ -82,7 +93,8 @@ def position_restoration(df: pd.DataFrame, model: Labels = None, probe: Labels =
     order = [i for i in intervention_order(d) if i in set(agg.intervention)]
     colours = family_colours(d.family)
     fam = d.drop_duplicates("intervention").set_index("intervention").family
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(wheres) * max(1, len(order)) ** 0.5, 3.0))
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(5.0, 1.2 + 0.18 * len(wheres) * (len(order) + 1))), 3.6),
+                           layout="constrained")
     width = 0.8 / len(order)
     shades = {}
     for k, iv in enumerate(order):
@@ -94,26 +106,35 @@ def position_restoration(df: pd.DataFrame, model: Labels = None, probe: Labels =
     ax.axhline(1.0, ls="--", color="grey", lw=0.8)
     ax.axhline(0.0, color="black", lw=0.6)
     ax.set_xticks(range(len(wheres)), wheres)
+    ax.set_xlim(-0.6, len(wheres) - 0.4)
     ax.set_xlabel("layers with the clean position ids")
     ax.set_ylabel("restoration")
-    ax.legend(fontsize=7)
-    ax.set_title(f"position-id patching · {_t(m)} · {_t(p)} · {_seeds_note(r)}", fontsize=9)
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=min(4, len(order)))
+    _suptitle(fig, f"position-id patching · {_t(m)} · {_t(p)} · {_seeds_note(r)}")
     return fig
 
 
+@styled
 def knockout_drops(df: pd.DataFrame, model: Labels = None, probe: Labels = None, intervention: Labels = None):
-    """Attention knockout: drop of the answer logit difference when the question tokens cannot
-    attend to the target's cell, a distractor cell or every image token, per knocked-out layer and
-    in all layers; one panel per intervention, error bars the bootstrap 95% interval over items."""
+    """How much the answer's logit difference drops when the question tokens cannot attend to the
+    target's cell, a distractor cell or any image token, per layer and in all layers: a tall
+    target-cell bar marks where the answer reads the target. Panels share the y scale.
+
+    Attention knockout: one panel per intervention, error bars the bootstrap 95% interval over
+    items; the legend is under the panels."""
     d, m, p = _pick(df, "knockout_drops", "knockout", "knockout_drop", model, probe, intervention)
     d = d.assign(where=d.layer.map(lambda x: "all" if pd.isna(x) else str(int(x))))
     order = [i for i in intervention_order(d) if i in set(d.intervention)]
     wheres = sorted((w for w in set(d["where"]) if w != "all"), key=int) + ["all"]
     blocked = list(dict.fromkeys(d.group))
-    fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order) + 0.6, 3.0), squeeze=False, sharey=True)
+    panel_w = min(MAX_WIDTH_IN - 0.6, 0.9 + 0.12 * len(wheres) * (len(blocked) + 1))
+    nr, nc = _panels(len(order), panel_w, MAX_WIDTH_IN - 0.6)
+    fig, axes = plt.subplots(nr, nc, figsize=(panel_w * nc + 0.6, 2.8 * nr + 0.9), squeeze=False, sharey=True,
+                             layout="constrained")
     width = 0.8 / max(1, len(blocked))
-    for ax, iv in zip(axes[0], order):
+    for ax in axes.flat[len(order):]:
+        ax.axis("off")
+    for ax, iv in zip(axes.flat, order):
         a = seed_mean(d[d.intervention == iv], ["where", "group"])
         ci = d[d.intervention == iv].groupby(["where", "group"])[["ci_low", "ci_high"]].mean()
         for k, b in enumerate(blocked):
@@ -124,10 +145,12 @@ def knockout_drops(df: pd.DataFrame, model: Labels = None, probe: Labels = None,
                    color=f"C{k}", label=_t(b), edgecolor="black", lw=0.4)
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xticks(range(len(wheres)), wheres)
+        ax.set_xlim(-0.6, len(wheres) - 0.4)
         ax.set_xlabel("knocked-out layer(s)")
-        ax.set_title(_t(iv), fontsize=9)
-    axes[0, 0].set_ylabel("drop in logit difference")
-    axes[0, -1].legend(fontsize=7)
-    fig.suptitle(f"attention knockout from the question tokens · {_t(m)} · {_t(p)}", fontsize=9)
-    fig.tight_layout()
+        ax.set_title(_t(iv))
+    for row in axes:
+        row[0].set_ylabel("drop in logit difference")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels))
+    _suptitle(fig, f"attention knockout from the question tokens · {_t(m)} · {_t(p)}")
     return fig

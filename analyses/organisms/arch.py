@@ -1,0 +1,96 @@
+"""The three organism architectures behind one small interface, so one trainer serves the zoo.
+
+* ``llava-llama``: CLIP + projector + Llama (1-D RoPE) — the shipped organism's.
+* ``llava-gpt2``: CLIP + projector + GPT-2 (learned absolute position embeddings ``wpe``).
+* ``qwen2vl``: Qwen2-VL ViT + 2×2 merger + Qwen2 LM with 2-D M-RoPE.
+
+Every architecture turns uint8 canvases (B, 48, 48, 3) and queried shapes (B,) into exactly
+the tensors its HF processor makes (tests check this), so training and probing see the same
+inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analyses.organisms import build, qwen
+from interp.interventions import bapa_position_ids
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture. ``name`` is the registry key; ``lm`` the LLaVA text model (unused for Qwen)."""
+    name: str
+    lm: str = "llama"
+
+    @property
+    def is_qwen(self) -> bool:
+        return self.name == "qwen2vl"
+
+    def words(self, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The vocabulary: the base words of the architecture, then ``extra`` (task words)."""
+        return (qwen.WORDS if self.is_qwen else build.WORDS) + tuple(extra)
+
+    def model(self, seed: int, words: tuple[str, ...]) -> torch.nn.Module:
+        return qwen.model(seed, words) if self.is_qwen else build.model(seed, words, self.lm)
+
+    def processor(self, words: tuple[str, ...]):
+        return qwen.processor(words) if self.is_qwen else build.processor(words)
+
+    def image_token(self) -> str:
+        return "<|image_pad|>" if self.is_qwen else "<image>"
+
+    def inputs(self, images: np.ndarray, shapes_idx: np.ndarray, words: tuple[str, ...],
+               kind: str = "colour") -> dict[str, torch.Tensor]:
+        """Model inputs for uint8 images (B, 48, 48, 3) and queried shape indices (B,); no padding.
+        LLaVA: input_ids / attention_mask (B, L), pixel_values (B, 3, 48, 48); Qwen: see
+        :func:`analyses.organisms.qwen.inputs`."""
+        if self.is_qwen:
+            return qwen.inputs(images, shapes_idx, words, kind)
+        ids = build.input_ids(shapes_idx, words, kind)
+        return {"input_ids": ids, "pixel_values": build.pixel_values(images), "attention_mask": torch.ones_like(ids)}
+
+    def bapa_position_ids(self, inputs: dict[str, torch.Tensor], words: tuple[str, ...]) -> torch.Tensor:
+        """BaPA ids for training (the engine's ``BaPA()`` at inference gives the same): (B, L), or
+        (3, B, L) on Qwen with the 1-D scheme on all three rows (the reference variant)."""
+        ids = inputs["input_ids"]
+        pos = bapa_position_ids(ids, ids == words.index(self.image_token()), inputs["attention_mask"])
+        return pos.unsqueeze(0).repeat(3, 1, 1) if self.is_qwen else pos
+
+    def parts(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters by part: ``vision`` (the tower), ``projector`` (LLaVA's MLP, Qwen's merger),
+        ``lm`` (the language model and its unembedding)."""
+        inner = model.model
+        if self.is_qwen:
+            merger = {id(p) for p in inner.visual.merger.parameters()}
+            vision = [p for p in inner.visual.parameters() if id(p) not in merger]
+            projector = list(inner.visual.merger.parameters())
+        else:
+            vision, projector = list(inner.vision_tower.parameters()), list(inner.multi_modal_projector.parameters())
+        return {"vision": vision, "projector": projector,
+                "lm": list(inner.language_model.parameters()) + list(model.lm_head.parameters())}
+
+    def projector_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """LLaVA's projector (output (B, 9, D)) or Qwen's merger (output (B·9, D))."""
+        return model.model.visual.merger if self.is_qwen else model.model.multi_modal_projector
+
+    def vision_position_embedding(self, model: torch.nn.Module) -> torch.nn.Embedding:
+        """CLIP's learned position embedding (10 × 64: CLS + 9 patches); Qwen's ViT has none."""
+        if self.is_qwen:
+            raise ValueError("the Qwen2-VL vision tower has no absolute position embedding (2-D rotary only)")
+        return model.model.vision_tower.embeddings.position_embedding
+
+    def vision_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision tower (LLaVA's CLIP; Qwen's ViT including its merger)."""
+        return model.model.visual if self.is_qwen else model.model.vision_tower
+
+    def lora_targets(self) -> str:
+        """Regex of the LM's linear layers that LoRA adapts (attention and MLP projections)."""
+        if self.lm == "gpt2" and not self.is_qwen:
+            return r".*language_model\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+        return r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (Arch("llava-llama"), Arch("llava-gpt2", lm="gpt2"), Arch("qwen2vl"))}
