@@ -98,6 +98,12 @@ def _print_estimate(p, out: Path) -> None:
     est = estimate(p, out)
     with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
         typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
+    peak = est.groupby("analysis", sort=False).peak_GiB.max()
+    if peak.notna().any():
+        typer.echo("predicted peak (weights + activations, GiB) per analysis: "
+                   + ", ".join(f"{a} {v:.2f}" for a, v in peak.items() if v == v))
+    for note in est.attrs.get("memory_notes", []):
+        typer.echo(f"memory: {note}")
     pend = est[est.status == "pending"]
     known = pend.est_seconds.notna()
     eta = (f"; about {pend.est_seconds[known].sum():.0f} s for the {int(known.sum())} with timings from earlier "

@@ -40,8 +40,11 @@ def forward_rows(cond: Condition, n_probe_rows: int, n_items: int, lm_layers: in
 
 
 def estimate(plan: Plan, out: Path) -> pd.DataFrame:
-    """One row per condition: status (done/pending), forward rows and, where earlier runs in ``out``
-    timed the same model and analysis, an estimate of seconds (their seconds per row × rows)."""
+    """One row per condition: status (done/pending), forward rows, the memory model's rows per
+    step under the budget and predicted peak (weights + activations, ``peak_GiB``; see
+    :func:`memory_row`) and, where earlier runs in ``out`` timed the same model and analysis, an
+    estimate of seconds (their seconds per row × rows). ``attrs["memory_notes"]``: one line per
+    condition group that does not fit or has no config.json to read shapes from."""
     from probes.format import read_rows
     store = Store(out)
     done = store.done()
@@ -61,6 +64,10 @@ def estimate(plan: Plan, out: Path) -> pd.DataFrame:
                      "analysis": c.analysis, "seed": c.seed, "status": "done" if c.id in done else "pending",
                      "forward_rows": forward_rows(c, nr, ni, _lm_layers(c.model_path))})
     df = pd.DataFrame(rows)
+    mem = [memory_row(c, plan.settings) for c in plan.conditions]
+    df["rows_per_step"] = [r for r, _, _ in mem]
+    df["peak_GiB"] = [round(p / 2 ** 30, 2) if p is not None else np.nan for _, p, _ in mem]
+    df.attrs["memory_notes"] = sorted({n for _, _, n in mem if n})
     t = store.timings().merge(df[["condition_id", "forward_rows"]], on="condition_id")
     rate = (t.seconds / t.forward_rows).groupby([t.model, t.analysis]).median() if len(t) else pd.Series(dtype=float)
     df["est_seconds"] = [float(rate.get((m, a), np.nan)) * r for m, a, r in zip(df.model, df.analysis, df.forward_rows)]
@@ -68,14 +75,70 @@ def estimate(plan: Plan, out: Path) -> pd.DataFrame:
 
 
 @functools.cache
-def _lm_layers(model_path: str) -> int | None:
+def _config(model_path: str) -> dict | None:
     from interp.load import ALIASES
     p = Path(ALIASES.get(model_path, model_path)) / "config.json"
-    if not p.is_file():
-        return None
-    cfg = json.loads(p.read_text())
-    text = cfg.get("text_config", cfg)
-    return text.get("num_hidden_layers")
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _lm_layers(model_path: str) -> int | None:
+    cfg = _config(model_path)
+    return None if cfg is None else cfg.get("text_config", cfg).get("num_hidden_layers")
+
+
+@functools.cache
+def _image_px(probe_path: str) -> tuple[int, int]:
+    """(h, w) of the probe's first image; 336² when the probe is not built yet."""
+    try:
+        from PIL import Image
+
+        from probes.format import find_probe, read_rows
+        probe = find_probe(probe_path)
+        with Image.open(probe.image_path(read_rows(probe_path)[0])) as im:
+            return im.height, im.width
+    except Exception:  # noqa: BLE001 — not built yet, or a layout without images: the default
+        return 336, 336
+
+
+def plan_budget(settings: dict) -> int | None:
+    """Activation bytes per step of a plan's runs before loading: ``max_memory`` on the run's
+    device (or its one size for all) less the weights, else what the device has free (the run
+    measures again after loading); None when unknown (a GPU on a machine without one)."""
+    dev = str(settings.get("device") or "cpu")
+    mm = settings.get("max_memory") or {}
+    key = int(dev.split(":")[1]) if dev.startswith("cuda:") else 0 if dev == "cuda" else "cpu"
+    if key in mm or "all" in mm:
+        return int(mm.get(key, mm.get("all")))
+    if dev.startswith("cuda"):
+        try:
+            import torch
+            return int(torch.cuda.mem_get_info(key)[0]) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001
+            return None
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def memory_row(cond: Condition, settings: dict) -> tuple[int, int | None, str]:
+    """(rows per step, predicted peak bytes = weights + activations at those rows, note) of one
+    condition, from its model's config.json (dtype and batch size from the condition, text of
+    :data:`TEXT_TOKENS` tokens, images of the probe's size). Rows 0 and a note when one step does
+    not fit the budget; peak None when the model has no config.json here."""
+    cfg = _config(cond.model_path)
+    if cfg is None:
+        return 0, None, f"{cond.model}: no config.json to read shapes from; no memory estimate"
+    s = Shapes.from_config(cfg, cond.options.get("dtype") or "float32", image_px=_image_px(cond.probe_path))
+    room = plan_budget(settings)
+    limit = int(cond.options.get("batch_size", 64))
+    kind = ANALYSIS_KIND.get(cond.analysis, "forward")
+    if room is None:
+        return limit, s.weights + activation_peak(s, kind, limit), ""
+    placed = s.weights if not settings.get("device_map") else 0  # dispatched: weights already within max_memory
+    try:
+        r = choose_rows(s, cond.analysis, room - placed, limit, f"{cond.model} {cond.analysis}")
+    except SpatialBiasError as e:
+        return 0, placed + activation_peak(s, kind, 2 if kind in ("patching", "attribution") else 1), str(e)
+    return r, placed + activation_peak(s, kind, r), ""
 
 
 # ------------------------------------------------------------------------------------------------
