@@ -67,8 +67,24 @@ def _floats(text: str) -> list[float]:
         raise SpatialBiasError(f"--lambdas {text!r} is not a comma-separated list of numbers, e.g. 0.25,0.5,1") from None
 
 
-def _settings(batch_size: int, device: str | None, dtype: str | None, trust_remote_code: bool = False) -> dict:
-    out = {"batch_size": batch_size, "device": device, "dtype": dtype}
+DEVICE_MAP_HELP = ("Split the model across devices and disk with accelerate: auto, balanced, sequential "
+                   "(needs --offload-folder when weights go to disk). Results equal the unsplit model's.")
+MAX_MEMORY_HELP = ("Memory per device, e.g. 40GiB or 0=40GiB,1=40GiB,cpu=100GiB: bounds the weights placed by "
+                   "--device-map and the rows per forward (default: what the device has free).")
+OFFLOAD_HELP = "Folder for weights --device-map puts on disk (memory-mapped)."
+
+
+def _settings(batch_size: int, device: str | None, dtype: str | None, trust_remote_code: bool = False,
+              device_map: str | None = None, max_memory: str | None = None,
+              offload_folder: Path | None = None) -> dict:
+    """Run settings into the plan: dtype enters every condition id (it changes numbers);
+    device_map / max_memory / offload_folder are placement settings outside the ids (dispatched
+    and chunked runs equal undispatched, unchunked ones: tests/test_dispatch.py, test_memory.py)."""
+    out = {"batch_size": batch_size, "device": device, "dtype": dtype, "device_map": device_map,
+           "max_memory": max_memory, "offload_folder": None if offload_folder is None else str(offload_folder)}
+    if device_map is not None and device is not None:
+        raise SpatialBiasError(f"--device {device} and --device-map {device_map} were both given: use --device for "
+                               "one device, --device-map to split the model across devices and disk")
     if trust_remote_code:
         out["trust_remote_code"] = True
     return out
@@ -126,6 +142,9 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+           device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+           max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+           offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
            trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
            progress: bool = typer.Option(True, help="Show progress bars."),
            threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -158,7 +177,8 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
             typer.echo(f"note: causal analyses skipped: {e}")
             causal = False
     cfg = pl.demo(model, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, causal=causal,
-                  causal_items=causal_items, settings=_settings(batch_size, device, dtype, trust_remote_code),
+                  causal_items=causal_items, settings=_settings(batch_size, device, dtype, trust_remote_code, device_map,
+                                                                      max_memory, offload_folder),
                   organism=organism)
     s = _run_and_report(cfg, out, "spatialbias report", progress, dry_run)
     if s is None:
@@ -193,6 +213,9 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
              seed: int = typer.Option(0, help="Seed of the bootstrap intervals (recorded)."),
              device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
              dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+             device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+             max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+             offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
              threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
@@ -229,7 +252,8 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
         analyses["occlusion"] = {"steps": occlusion_steps, **({"square": occlusion_square} if occlusion_square else {})}
     try:
         cfg = pl.command(model, probe, [s.label for s in specs], analyses, seed,
-                         _settings(batch_size, device, dtype, trust_remote_code))
+                         _settings(batch_size, device, dtype, trust_remote_code, device_map, max_memory,
+                                   offload_folder))
         if _run_and_report(cfg, out, "spatialbias eval", progress, dry_run) is None:
             return
     except SpatialBiasError as e:
@@ -252,6 +276,9 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+           device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+           max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+           offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
            threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
            progress: bool = typer.Option(True, help="Show progress bars.")):
@@ -272,7 +299,8 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     cells = [clean_cell, corrupt_cell]
     analyses = {"patching": {"items": n_items, "cells": cells}, "knockout": {"items": n_items, "cells": cells},
                 "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
-    cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype))
+    cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype, False, device_map, max_memory,
+                                                        offload_folder))
     s = _run_and_report(cfg, out, "spatialbias causal", progress, dry_run)
     if s is None:
         return

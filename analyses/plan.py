@@ -198,6 +198,8 @@ def _placement(cfg: dict, where: str) -> dict[str, Any]:
     if cfg.get("offload_folder") is not None:
         if not isinstance(cfg["offload_folder"], str):
             raise PlanError(f"{where}: offload_folder must be a folder path")
+        if dm is None:
+            raise PlanError(f"{where}: offload_folder holds weights device_map puts on disk; add device_map = \"auto\"")
         out["offload_folder"] = cfg["offload_folder"]
     g = cfg.get("gpus_per_model")
     if g is not None:

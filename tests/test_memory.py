@@ -94,3 +94,82 @@ def test_budget_reads_max_memory_for_the_execution_device(setup):
     assert memory.budget(m, None) > 0  # the available RAM
     with pytest.raises(SpatialBiasError, match="--max-memory"):
         memory.rows(m, memory.budget(m, {"cpu": w // 2}), "eval", setup[1].clean, limit=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# the placement and budget flags through the command line (dry runs on the organism)
+
+
+def _dry(args, tmp_path):
+    from typer.testing import CliRunner
+
+    from analyses.cli import app
+    r = CliRunner().invoke(app, ["causal", "--probe", str(tmp_path / "probe"), "--out", str(tmp_path / "o"),
+                                 "--n-items", "4", "--dry-run", *args])
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory):
+    from probes.build import shapes_probe
+    d = tmp_path_factory.mktemp("cli")
+    shapes_probe(d / "probe", n_items=4, seed=3, progress=False)
+    return d
+
+
+def _ids(out: str) -> list[str]:
+    return sorted(ln.split()[0] for ln in out.splitlines() if ln[:12].isalnum() and len(ln.split()[0]) == 12)
+
+
+def test_dtype_enters_ids_and_placement_does_not(probe_dir):
+    code, plain = _dry([], probe_dir)
+    assert code == 0 and "predicted peak" in plain, plain
+    code, bf16 = _dry(["--dtype", "bfloat16"], probe_dir)
+    assert code == 0 and set(_ids(bf16)).isdisjoint(_ids(plain))  # dtype changes numbers: new conditions
+    code, placed = _dry(["--device-map", "auto", "--max-memory", "cpu=8GiB", "--offload-folder",
+                         str(probe_dir / "off")], probe_dir)
+    assert code == 0 and _ids(placed) == _ids(plain), placed  # placement changes no number: same conditions
+
+
+def test_max_memory_too_small_names_the_flag(probe_dir):
+    code, out = _dry(["--max-memory", "1MiB"], probe_dir)
+    assert code == 0 and "memory:" in out and "--max-memory" in out, out  # the dry run says it will not fit
+    notes = [ln for ln in out.splitlines() if ln.startswith("memory:")]
+    assert notes and all("--max-memory" in ln for ln in notes)
+    code, big = _dry(["--max-memory", "100GiB"], probe_dir)
+    assert code == 0 and "memory:" not in big
+
+
+def test_placement_flag_errors_are_one_line(probe_dir):
+    code, out = _dry(["--offload-folder", str(probe_dir / "off")], probe_dir)
+    assert code != 0 and "device_map" in out and len(out.strip().splitlines()) == 1, out
+    code, out = _dry(["--max-memory", "lots"], probe_dir)
+    assert code != 0 and "--max-memory" in out and len(out.strip().splitlines()) == 1, out
+    code, out = _dry(["--device", "cpu", "--device-map", "auto"], probe_dir)
+    assert code != 0 and "--device-map" in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_eval_runs_dispatched_with_a_budget_equal_to_the_plain_run(tiny_probe_eval):
+    plain, placed = tiny_probe_eval
+    assert plain[["metric", "cell"]].equals(placed[["metric", "cell"]])
+    diff = (plain.value - placed.value).abs().max()
+    assert diff <= TOL, diff  # chunks of a few rows: float32 rounding only (see TOL)
+
+
+@pytest.fixture(scope="module")
+def tiny_probe_eval(probe_dir):
+    """``spatialbias eval`` on the organism: plain, and split to disk under a small weight budget
+    with a row budget that forces chunks of a few rows."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from analyses.cli import app
+    out = {}
+    for name, extra in (("plain", []), ("placed", ["--device-map", "auto", "--max-memory", "cpu=1MiB",
+                                                   "--offload-folder", str(probe_dir / "off2")])):
+        r = CliRunner().invoke(app, ["eval", "--model", "organism", "--probe", str(probe_dir / "probe"), "--out",
+                                     str(probe_dir / name), "--condition", "baseline", "--no-progress", *extra])
+        assert r.exit_code == 0, r.output
+        df = pd.read_parquet(probe_dir / name / "results.parquet")
+        out[name] = df.sort_values(["metric", "cell"]).reset_index(drop=True)[["metric", "cell", "value"]]
+    return out["plain"], out["placed"]
