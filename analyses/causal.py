@@ -96,12 +96,21 @@ def item_metric(lvlm: LVLM, inputs, pairs: Pairs, ivs, batch_size: int | None = 
     return torch.cat(out).numpy()
 
 
-def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progress: bool = False) -> pd.DataFrame:
+def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progress: bool = False,
+                     screen: int | None = None) -> pd.DataFrame:
     """Denoising (clean → corrupt) and noising patches of every default patch: one row per item ×
-    direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``."""
+    direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``. With
+    ``screen`` K: attribution ranks the patches per direction and only the top K are patched
+    exactly (:func:`interp.screen.screened_patches`; column ``exact``)."""
+    from interp.screen import screened_patches
     ps = patching.default_patches(lvlm)
     out = []
     for direction, base, source in (("denoise", pairs.corrupt, pairs.clean), ("noise", pairs.clean, pairs.corrupt)):
+        if screen is not None:
+            df = screened_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets, screen,
+                                  interventions=ivs, batch_size=batch_size, grid=pairs.grid)
+            out.append(df.assign(direction=direction))
+            continue
         df = patching.run_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets,
                                   interventions=ivs, batch_size=batch_size, progress=progress, grid=pairs.grid)
         out.append(df.assign(direction=direction))

@@ -272,6 +272,8 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            clean_cell: int = typer.Option(8, help="Cell of the clean placement (row-major, 0 = top left)."),
            corrupt_cell: int = typer.Option(0, help="Cell of the corrupt placement."),
            n_items: int = typer.Option(100, help="Items to use."),
+           screen: Optional[int] = typer.Option(None, help="Patching: rank every patch by attribution and patch "
+                                                "only the top K exactly (default: all exactly)."),
            lam: float = typer.Option(0.5, help="AGCI λ of the AGCI condition."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
@@ -297,7 +299,8 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     if n_items < 1:
         raise SpatialBiasError(f"--n-items {n_items}: use at least 1")
     cells = [clean_cell, corrupt_cell]
-    analyses = {"patching": {"items": n_items, "cells": cells}, "knockout": {"items": n_items, "cells": cells},
+    analyses = {"patching": {"items": n_items, "cells": cells, **({"screen": screen} if screen is not None else {})},
+                "knockout": {"items": n_items, "cells": cells},
                 "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
     cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype, False, device_map, max_memory,
                                                         offload_folder))
@@ -316,11 +319,28 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
           device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
           real_layers: int = typer.Option(2, help="LM layers of the real-shape LLaVA-1.5-7B / Qwen2.5-VL-7B "
                                           "(random weights); 0 skips them."),
-          threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
+          threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+          only: Optional[str] = typer.Option(None, help="Run only these scale sections, comma separated: memory, "
+                                             "speed, sharding, screen (bench.json + bench.md in OUT).")):
     """Benchmarks as ratios measured in one run: tracing overhead, batched vs looped patching,
     attribution vs exact patching, scaling with image tokens and sites, demo phases."""
     from analyses import bench as b
     _threads(threads)
+    if only is not None:
+        import json
+
+        from analyses import bench_scale as bs
+        from spatialbias.files import atomic_write_text
+        names = tuple(x.strip() for x in only.split(",") if x.strip())
+        bad = [x for x in names if x not in bs.SECTIONS]
+        if bad or not names:
+            raise SpatialBiasError(f"--only {only!r}: use sections from {', '.join(bs.SECTIONS)}")
+        out.mkdir(parents=True, exist_ok=True)
+        res = bs.run(out, names)
+        atomic_write_text(out / "bench.json", json.dumps(res, indent=1, default=str) + "\n")
+        atomic_write_text(out / "bench.md", bs.markdown(res))
+        typer.echo(bs.markdown(res))
+        return
     res = b.run(out, quick=quick, device=device, real_layers=real_layers)
     typer.echo(b.markdown(res))
 

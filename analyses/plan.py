@@ -34,7 +34,7 @@ from spatialbias.errors import SpatialBiasError
 DTYPES = ("float32", "bfloat16", "float16")
 ANALYSES: dict[str, dict[str, Any]] = {
     "eval": {"string_rule": False, "max_new_tokens": 4, "skip_bad": False},
-    "patching": {"items": None, "cells": None},
+    "patching": {"items": None, "cells": None, "screen": None},
     "knockout": {"items": None, "cells": None},
     "flow": {"items": None, "query": "last"},
     "attribution": {"items": None, "cells": None, "steps": [1, 8]},
@@ -249,6 +249,13 @@ def _analyses(cfg: dict, where: str) -> dict[str, tuple[dict, list[str] | None]]
             opts["items"] = items if opts["items"] is None else opts["items"]
             if not isinstance(opts["items"], int) or isinstance(opts["items"], bool) or opts["items"] < 1:
                 raise PlanError(f"{where}: [analysis.{a}] items must be a positive integer, got {opts['items']!r}")
+        if a == "patching":
+            k = opts.pop("screen")  # absent at its default (None: exact patching), so earlier ids stay
+            if k is not None:
+                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                    raise PlanError(f"{where}: [analysis.patching] screen must be a positive integer (patches "
+                                    f"confirmed exactly), got {k!r}")
+                opts["screen"] = k
         if "cells" in opts:
             opts["cells"] = cells if opts["cells"] is None else opts["cells"]
             c = opts["cells"]

@@ -151,7 +151,7 @@ def patching_task(lvlm, cond: Condition, ctx: Context) -> Result:
     """Activation patching (both directions, every default patch) and position-id patching."""
     pairs, ivs, rng = _pairs(lvlm, cond, ctx), cond.build(), _rng(cond)
     act = causal.activation_items(lvlm, pairs, ivs, batch_size=ctx.rows(lvlm, "patching", pairs.clean, "patching"),
-                                  progress=ctx.progress)
+                                  progress=ctx.progress, screen=cond.options.get("screen"))
     pos = causal.position_items(lvlm, pairs, ivs, batch_size=ctx.rows(lvlm, "forward", pairs.clean, "patching"))
     rows = causal.restoration_rows(act, rng) + causal.position_rows(pos, rng) + _pair_rows(pairs)
     return rows, pd.concat([act.assign(kind="activation"), pos.assign(kind="position")], ignore_index=True)
