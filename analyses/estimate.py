@@ -105,7 +105,7 @@ def plan_budget(settings: dict) -> int | None:
     device (or its one size for all) less the weights, else what the device has free (the run
     measures again after loading); None when unknown (a GPU on a machine without one)."""
     dev = str(settings.get("device") or "cpu")
-    mm = settings.get("max_memory") or {}
+    mm = {} if settings.get("device_map") else settings.get("max_memory") or {}  # dispatched: bounds weights
     key = int(dev.split(":")[1]) if dev.startswith("cuda:") else 0 if dev == "cuda" else "cpu"
     if key in mm or "all" in mm:
         return int(mm.get(key, mm.get("all")))
@@ -137,7 +137,7 @@ def memory_row(cond: Condition, settings: dict) -> tuple[int, int | None, str]:
     try:
         r = choose_rows(s, cond.analysis, room - placed, limit, f"{cond.model} {cond.analysis}")
     except SpatialBiasError as e:
-        return 0, placed + activation_peak(s, kind, 2 if kind in ("patching", "attribution") else 1), str(e)
+        return 0, placed + activation_peak(s, kind, MIN_ROWS.get(kind, 1)), str(e)
     return r, placed + activation_peak(s, kind, r), ""
 
 
@@ -336,11 +336,16 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
     raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(sorted(set(ANALYSIS_KIND.values())))}")
 
 
+MIN_ROWS = {"patching": 3, "attribution": 2}
+"""Rows of the smallest step: patching runs a source, a base and one patched row together;
+attribution a base row with its graph and its source row."""
+
+
 def choose_rows(s: Shapes, analysis: str, budget: int | None, limit: int, what: str = "") -> int:
     """The most rows (≤ ``limit``) per step whose predicted peak fits ``budget`` bytes of
     activations (None: ``limit``). One row that does not fit is one error line naming the numbers."""
     kind = ANALYSIS_KIND.get(analysis, analysis)
-    lo = 2 if kind in ("patching", "attribution") else 1
+    lo = MIN_ROWS.get(kind, 1)
     if budget is None:
         return max(lo, limit)
     if activation_peak(s, kind, lo) > budget:

@@ -28,8 +28,12 @@ def free_bytes(device: torch.device) -> int:
 def budget(lvlm, max_memory: dict | None) -> int:
     """Activation bytes a step may use on the model's execution device: ``max_memory``'s entry
     for that device (or its one size for all, ``{"all": …}``) less the weights stored there, else
-    what the device has free now (the weights are loaded already)."""
+    what the device has free now (the weights are loaded already). On a dispatched model
+    ``max_memory`` was accelerate's bound on *weights* per device (it fills devices up to it), so
+    the budget is what the execution device has free after loading."""
     dev = lvlm.device
+    if getattr(lvlm, "dispatched", False):
+        return free_bytes(dev)
     key = dev.index if dev.type == "cuda" else dev.type
     limit = None
     if max_memory:

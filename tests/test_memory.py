@@ -74,12 +74,12 @@ def test_rows_fill_the_budget_and_refuse_below_one_step(setup):
     assert s.seq_len == pairs.clean["input_ids"].shape[1] and s.vision_tokens > 0
     for analysis in ("eval", "flow", "knockout", "patching", "attribution"):
         kind = estimate.ANALYSIS_KIND[analysis]
-        lo = 2 if kind in ("patching", "attribution") else 1
+        lo = estimate.MIN_ROWS.get(kind, 1)
         room = estimate.activation_peak(s, kind, lo + 3)  # exactly what lo + 3 rows need
         r = memory.rows(m, room, analysis, pairs.clean, limit=64)
-        assert r == lo + 3, (analysis, r)
+        assert r >= lo + 3, (analysis, r)  # patching's peak steps by items (2 rows): 7 rows may fit as 6 do
         assert estimate.activation_peak(s, kind, r) <= room < estimate.activation_peak(s, kind, r + 1)
-        assert memory.rows(m, room, analysis, pairs.clean, limit=2) == min(2, r) or lo == 2
+        assert memory.rows(m, room, analysis, pairs.clean, limit=lo + 1) == lo + 1
         with pytest.raises(SpatialBiasError, match="--max-memory") as e:
             memory.rows(m, estimate.activation_peak(s, kind, lo) - 1, analysis, pairs.clean, limit=64)
         assert "\n" not in str(e.value)
@@ -149,27 +149,36 @@ def test_placement_flag_errors_are_one_line(probe_dir):
     assert code != 0 and "--device-map" in out and len(out.strip().splitlines()) == 1, out
 
 
-def test_eval_runs_dispatched_with_a_budget_equal_to_the_plain_run(tiny_probe_eval):
-    plain, placed = tiny_probe_eval
-    assert plain[["metric", "cell"]].equals(placed[["metric", "cell"]])
-    diff = (plain.value - placed.value).abs().max()
-    assert diff <= TOL, diff  # chunks of a few rows: float32 rounding only (see TOL)
+def test_eval_dispatched_or_chunked_equals_the_plain_run(tiny_probe_eval):
+    plain = tiny_probe_eval.pop("plain")
+    for name, other in tiny_probe_eval.items():
+        assert plain[["metric", "cell"]].equals(other[["metric", "cell"]]), name
+        diff = (plain.value - other.value).abs().max()
+        assert diff <= TOL, (name, diff)  # chunks of a few rows: float32 rounding only (see TOL)
 
 
 @pytest.fixture(scope="module")
 def tiny_probe_eval(probe_dir):
-    """``spatialbias eval`` on the organism: plain, and split to disk under a small weight budget
-    with a row budget that forces chunks of a few rows."""
+    """``spatialbias eval`` on the organism: plain; split to disk under a 1 MiB weight budget; and
+    with --max-memory the weights plus what two rows need (chunks of 2 rows)."""
     import pandas as pd
     from typer.testing import CliRunner
 
     from analyses.cli import app
+    from analyses import memory
+    from analyses.evaluate import probe_batches
+    from probes.format import read_rows
+    m = interp.load("organism")
+    _, _, _, x = next(probe_batches(m, probe_dir / "probe", read_rows(probe_dir / "probe")[:8], 8))
+    two_rows = m.weight_bytes()["cpu"] + estimate.activation_peak(memory.run_shapes(m, x), "forward", 2)
+    assert memory.rows(m, two_rows - m.weight_bytes()["cpu"], "eval", x, 64) == 2  # the budget forces 2-row chunks
     out = {}
     for name, extra in (("plain", []), ("placed", ["--device-map", "auto", "--max-memory", "cpu=1MiB",
-                                                   "--offload-folder", str(probe_dir / "off2")])):
+                                                   "--offload-folder", str(probe_dir / "off2")]),
+                        ("chunked", ["--max-memory", f"cpu={two_rows}B"])):
         r = CliRunner().invoke(app, ["eval", "--model", "organism", "--probe", str(probe_dir / "probe"), "--out",
                                      str(probe_dir / name), "--condition", "baseline", "--no-progress", *extra])
         assert r.exit_code == 0, r.output
         df = pd.read_parquet(probe_dir / name / "results.parquet")
         out[name] = df.sort_values(["metric", "cell"]).reset_index(drop=True)[["metric", "cell", "value"]]
-    return out["plain"], out["placed"]
+    return out
