@@ -173,8 +173,8 @@ def flow_task(lvlm, cond: Condition, ctx: Context) -> Result:
 def _flow_rows(lvlm, cond: Condition, ctx: Context) -> int | None:
     if ctx.budget is None:
         return None  # one forward per target cell, as before
-    pairs = _pairs(lvlm, cond, ctx)
-    return ctx.rows(lvlm, "flow", pairs.clean, "flow")
+    from probes.format import read_rows
+    return _probe_rows(lvlm, cond, ctx, read_rows(cond.probe_path)[:8], "flow")  # no cells needed (no pairs)
 
 
 def attribution_task(lvlm, cond: Condition, ctx: Context) -> Result:
