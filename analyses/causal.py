@@ -82,37 +82,54 @@ def probe_grid(rows, where) -> tuple[int, int]:
 # their aggregates with bootstrap 95% intervals over items (ratios of means, as the point values)
 
 
-def item_metric(lvlm: LVLM, inputs, pairs: Pairs, ivs) -> np.ndarray:
-    """(N,) answer logit difference of every item under ``ivs``."""
+def item_metric(lvlm: LVLM, inputs, pairs: Pairs, ivs, batch_size: int | None = None) -> np.ndarray:
+    """(N,) answer logit difference of every item under ``ivs``, in forwards of ``batch_size`` rows
+    (None: one forward)."""
+    batch = lvlm.batch(inputs)
+    step = batch.rows if batch_size is None else max(1, batch_size)
+    out = []
     with torch.no_grad():
-        lg = lvlm.run(inputs, ivs, last_only=True)[:, -1]
-    return patching.logit_diff(lg, pairs.correct.to(lg.device), pairs.candidates).double().cpu().numpy()
+        for a in range(0, batch.rows, step):
+            rows = list(range(a, min(batch.rows, a + step)))
+            lg = lvlm.run(lvlm.rows(batch, rows) if step < batch.rows else batch, ivs, last_only=True)[:, -1]
+            out.append(patching.logit_diff(lg, pairs.correct[rows].to(lg.device), pairs.candidates).double().cpu())
+    return torch.cat(out).numpy()
 
 
-def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progress: bool = False) -> pd.DataFrame:
+def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progress: bool = False,
+                     screen: int | None = None) -> pd.DataFrame:
     """Denoising (clean → corrupt) and noising patches of every default patch: one row per item ×
-    direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``."""
+    direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``. With
+    ``screen`` K: attribution ranks the patches per direction and only the top K are patched
+    exactly (:func:`interp.screen.screened_patches`; column ``exact``)."""
+    from interp.screen import screened_patches
     ps = patching.default_patches(lvlm)
     out = []
     for direction, base, source in (("denoise", pairs.corrupt, pairs.clean), ("noise", pairs.clean, pairs.corrupt)):
+        if screen is not None:
+            df = screened_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets, screen,
+                                  interventions=ivs, batch_size=batch_size, grid=pairs.grid)
+            out.append(df.assign(direction=direction))
+            continue
         df = patching.run_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets,
                                   interventions=ivs, batch_size=batch_size, progress=progress, grid=pairs.grid)
         out.append(df.assign(direction=direction))
     return _with_ids(pd.concat(out, ignore_index=True), pairs)
 
 
-def position_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
+def position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame:
     """Position-id patching per item: the corrupt run with the target's image tokens given their
     clean position ids (``fixed``) and the clean run with the corrupt ids (``broken``), in all
     layers (``layers`` = "all") and one layer at a time (not on an LM with learned absolute
     positions, which enter once, at the embedding); with the item's ``clean`` and ``corrupt``."""
     n = lvlm.adapter.layer_count(lvlm.model, "lm") if lvlm.adapter.rope_kind(lvlm.model) != "none" else 0
     a, b = pairs.corrupt_cell, pairs.clean_cell
-    clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs), item_metric(lvlm, pairs.corrupt, pairs, ivs)
+    bs = batch_size
+    clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs, bs), item_metric(lvlm, pairs.corrupt, pairs, ivs, bs)
     frames = []
     for w in [None] + [(i, i + 1) for i in range(n)]:
-        fixed = item_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)])
-        broken = item_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)])
+        fixed = item_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)], bs)
+        broken = item_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)], bs)
         frames.append(pd.DataFrame({"item": range(len(clean)), "layers": "all" if w is None else str(w[0]),
                                     "clean": clean, "corrupt": corrupt, "fixed": fixed, "broken": broken}))
     return _with_ids(pd.concat(frames, ignore_index=True), pairs)
@@ -128,25 +145,26 @@ def moved_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64) -> pd.DataF
     return _with_ids(df.assign(site="lm.input", group="moved", position=None, direction="denoise"), pairs)
 
 
-def knockout_items(lvlm: LVLM, pairs: Pairs, ivs) -> pd.DataFrame:
+def knockout_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame:
     """Per item, on the clean placement: the answer logit difference with the question tokens
     unable to attend to the target's cell, to a distractor cell, or to any image token, one layer
     at a time and in all layers (``base``: without knockout; ``drop`` = base − metric)."""
     n = lvlm.adapter.layer_count(lvlm.model, "lm")
     distractor = next(c for c in range(pairs.grid[0] * pairs.grid[1]) if c not in (pairs.clean_cell, pairs.corrupt_cell))
-    base = item_metric(lvlm, pairs.clean, pairs, ivs)
+    base = item_metric(lvlm, pairs.clean, pairs, ivs, batch_size)
     frames = []
     for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
         for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
                             ("all image tokens", None)):
-            v = item_metric(lvlm, pairs.clean, pairs, ivs + [attention.Knockout(cells=cells, layers=w, query="text",
-                                                                                  grid=pairs.grid)])
+            ko = attention.Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
+            v = item_metric(lvlm, pairs.clean, pairs, ivs + [ko], batch_size)
             frames.append(pd.DataFrame({"item": range(len(base)), "layers": "all" if w == (0, n) else str(w[0]),
                                         "blocked": what, "base": base, "metric": v, "drop": base - v}))
     return _with_ids(pd.concat(frames, ignore_index=True), pairs)
 
 
-def flow_items(lvlm: LVLM, probe_dir: str | Path | Probe, ivs, n_items: int, query: str = "last") -> pd.DataFrame:
+def flow_items(lvlm: LVLM, probe_dir: str | Path | Probe, ivs, n_items: int, query: str = "last",
+               batch_size: int | None = None) -> pd.DataFrame:
     """Attention mass from the query rows to each cell (mean over heads), for every placement of
     the first ``n_items`` items: one row per item × target cell × layer × cell."""
     probe = find_probe(probe_dir)
@@ -155,7 +173,8 @@ def flow_items(lvlm: LVLM, probe_dir: str | Path | Probe, ivs, n_items: int, que
     for cell in range(n * m):
         other = 0 if cell != 0 else n * m - 1
         pairs = placement_pairs(lvlm, probe, clean_cell=cell, corrupt_cell=other, n_items=n_items)
-        f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid).mean(2)  # (B, layers, cells)
+        f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid,
+                                batch_size=batch_size).mean(2)  # (B, layers, cells)
         B, L, C = f.shape
         frames.append(pd.DataFrame({"item": np.repeat(np.arange(B), L * C), "id": np.repeat(pairs.ids, L * C),
                                     "target_cell": cell, "layer": np.tile(np.repeat(np.arange(L), C), B),

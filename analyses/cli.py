@@ -67,8 +67,24 @@ def _floats(text: str) -> list[float]:
         raise SpatialBiasError(f"--lambdas {text!r} is not a comma-separated list of numbers, e.g. 0.25,0.5,1") from None
 
 
-def _settings(batch_size: int, device: str | None, dtype: str | None, trust_remote_code: bool = False) -> dict:
-    out = {"batch_size": batch_size, "device": device, "dtype": dtype}
+DEVICE_MAP_HELP = ("Split the model across devices and disk with accelerate: auto, balanced, sequential "
+                   "(needs --offload-folder when weights go to disk). Results equal the unsplit model's.")
+MAX_MEMORY_HELP = ("Memory per device, e.g. 40GiB or 0=40GiB,1=40GiB,cpu=100GiB: bounds the weights placed by "
+                   "--device-map and the rows per forward (default: what the device has free).")
+OFFLOAD_HELP = "Folder for weights --device-map puts on disk (memory-mapped)."
+
+
+def _settings(batch_size: int, device: str | None, dtype: str | None, trust_remote_code: bool = False,
+              device_map: str | None = None, max_memory: str | None = None,
+              offload_folder: Path | None = None) -> dict:
+    """Run settings into the plan: dtype enters every condition id (it changes numbers);
+    device_map / max_memory / offload_folder are placement settings outside the ids (dispatched
+    and chunked runs equal undispatched, unchunked ones: tests/test_dispatch.py, test_memory.py)."""
+    out = {"batch_size": batch_size, "device": device, "dtype": dtype, "device_map": device_map,
+           "max_memory": max_memory, "offload_folder": None if offload_folder is None else str(offload_folder)}
+    if device_map is not None and device is not None:
+        raise SpatialBiasError(f"--device {device} and --device-map {device_map} were both given: use --device for "
+                               "one device, --device-map to split the model across devices and disk")
     if trust_remote_code:
         out["trust_remote_code"] = True
     return out
@@ -98,6 +114,12 @@ def _print_estimate(p, out: Path) -> None:
     est = estimate(p, out)
     with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
         typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
+    peak = est.groupby("analysis", sort=False).peak_GiB.max()
+    if peak.notna().any():
+        typer.echo("predicted peak (weights + activations, GiB) per analysis: "
+                   + ", ".join(f"{a} {v:.2f}" for a, v in peak.items() if v == v))
+    for note in est.attrs.get("memory_notes", []):
+        typer.echo(f"memory: {note}")
     pend = est[est.status == "pending"]
     known = pend.est_seconds.notna()
     eta = (f"; about {pend.est_seconds[known].sum():.0f} s for the {int(known.sum())} with timings from earlier "
@@ -120,6 +142,9 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+           device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+           max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+           offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
            trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
            progress: bool = typer.Option(True, help="Show progress bars."),
            threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -152,7 +177,8 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
             typer.echo(f"note: causal analyses skipped: {e}")
             causal = False
     cfg = pl.demo(model, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, causal=causal,
-                  causal_items=causal_items, settings=_settings(batch_size, device, dtype, trust_remote_code),
+                  causal_items=causal_items, settings=_settings(batch_size, device, dtype, trust_remote_code, device_map,
+                                                                      max_memory, offload_folder),
                   organism=organism)
     s = _run_and_report(cfg, out, "spatialbias report", progress, dry_run)
     if s is None:
@@ -187,6 +213,9 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
              seed: int = typer.Option(0, help="Seed of the bootstrap intervals (recorded)."),
              device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
              dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+             device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+             max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+             offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
              trust_remote_code: bool = typer.Option(False, help=TRUST_HELP),
              threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
@@ -223,7 +252,8 @@ def evaluate(model: str = typer.Option(..., help="'organism', a local checkpoint
         analyses["occlusion"] = {"steps": occlusion_steps, **({"square": occlusion_square} if occlusion_square else {})}
     try:
         cfg = pl.command(model, probe, [s.label for s in specs], analyses, seed,
-                         _settings(batch_size, device, dtype, trust_remote_code))
+                         _settings(batch_size, device, dtype, trust_remote_code, device_map, max_memory,
+                                   offload_folder))
         if _run_and_report(cfg, out, "spatialbias eval", progress, dry_run) is None:
             return
     except SpatialBiasError as e:
@@ -242,10 +272,15 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            clean_cell: int = typer.Option(8, help="Cell of the clean placement (row-major, 0 = top left)."),
            corrupt_cell: int = typer.Option(0, help="Cell of the corrupt placement."),
            n_items: int = typer.Option(100, help="Items to use."),
+           screen: Optional[int] = typer.Option(None, help="Patching: rank every patch by attribution and patch "
+                                                "only the top K exactly (default: all exactly)."),
            lam: float = typer.Option(0.5, help="AGCI λ of the AGCI condition."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),
            dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
+           device_map: Optional[str] = typer.Option(None, help=DEVICE_MAP_HELP),
+           max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+           offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
            threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; run nothing."),
            progress: bool = typer.Option(True, help="Show progress bars.")):
@@ -264,9 +299,11 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     if n_items < 1:
         raise SpatialBiasError(f"--n-items {n_items}: use at least 1")
     cells = [clean_cell, corrupt_cell]
-    analyses = {"patching": {"items": n_items, "cells": cells}, "knockout": {"items": n_items, "cells": cells},
+    analyses = {"patching": {"items": n_items, "cells": cells, **({"screen": screen} if screen is not None else {})},
+                "knockout": {"items": n_items, "cells": cells},
                 "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
-    cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype))
+    cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype, False, device_map, max_memory,
+                                                        offload_folder))
     s = _run_and_report(cfg, out, "spatialbias causal", progress, dry_run)
     if s is None:
         return
@@ -282,11 +319,28 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
           device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
           real_layers: int = typer.Option(2, help="LM layers of the real-shape LLaVA-1.5-7B / Qwen2.5-VL-7B "
                                           "(random weights); 0 skips them."),
-          threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
+          threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+          only: Optional[str] = typer.Option(None, help="Run only these scale sections, comma separated: memory, "
+                                             "speed, sharding, screen (bench.json + bench.md in OUT).")):
     """Benchmarks as ratios measured in one run: tracing overhead, batched vs looped patching,
     attribution vs exact patching, scaling with image tokens and sites, demo phases."""
     from analyses import bench as b
     _threads(threads)
+    if only is not None:
+        import json
+
+        from analyses import bench_scale as bs
+        from spatialbias.files import atomic_write_text
+        names = tuple(x.strip() for x in only.split(",") if x.strip())
+        bad = [x for x in names if x not in bs.SECTIONS]
+        if bad or not names:
+            raise SpatialBiasError(f"--only {only!r}: use sections from {', '.join(bs.SECTIONS)}")
+        out.mkdir(parents=True, exist_ok=True)
+        res = bs.run(out, names)
+        atomic_write_text(out / "bench.json", json.dumps(res, indent=1, default=str) + "\n")
+        atomic_write_text(out / "bench.md", bs.markdown(res))
+        typer.echo(bs.markdown(res))
+        return
     res = b.run(out, quick=quick, device=device, real_layers=real_layers)
     typer.echo(b.markdown(res))
 

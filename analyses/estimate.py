@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,11 @@ def forward_rows(cond: Condition, n_probe_rows: int, n_items: int, lm_layers: in
 
 
 def estimate(plan: Plan, out: Path) -> pd.DataFrame:
-    """One row per condition: status (done/pending), forward rows and, where earlier runs in ``out``
-    timed the same model and analysis, an estimate of seconds (their seconds per row × rows)."""
+    """One row per condition: status (done/pending), forward rows, the memory model's rows per
+    step under the budget and predicted peak (weights + activations, ``peak_GiB``; see
+    :func:`memory_row`) and, where earlier runs in ``out`` timed the same model and analysis, an
+    estimate of seconds (their seconds per row × rows). ``attrs["memory_notes"]``: one line per
+    condition group that does not fit or has no config.json to read shapes from."""
     from probes.format import read_rows
     store = Store(out)
     done = store.done()
@@ -60,6 +64,10 @@ def estimate(plan: Plan, out: Path) -> pd.DataFrame:
                      "analysis": c.analysis, "seed": c.seed, "status": "done" if c.id in done else "pending",
                      "forward_rows": forward_rows(c, nr, ni, _lm_layers(c.model_path))})
     df = pd.DataFrame(rows)
+    mem = [memory_row(c, plan.settings) for c in plan.conditions]
+    df["rows_per_step"] = [r for r, _, _ in mem]
+    df["peak_GiB"] = [round(p / 2 ** 30, 2) if p is not None else np.nan for _, p, _ in mem]
+    df.attrs["memory_notes"] = sorted({n for _, _, n in mem if n})
     t = store.timings().merge(df[["condition_id", "forward_rows"]], on="condition_id")
     rate = (t.seconds / t.forward_rows).groupby([t.model, t.analysis]).median() if len(t) else pd.Series(dtype=float)
     df["est_seconds"] = [float(rate.get((m, a), np.nan)) * r for m, a, r in zip(df.model, df.analysis, df.forward_rows)]
@@ -67,11 +75,289 @@ def estimate(plan: Plan, out: Path) -> pd.DataFrame:
 
 
 @functools.cache
-def _lm_layers(model_path: str) -> int | None:
+def _config(model_path: str) -> dict | None:
     from interp.load import ALIASES
     p = Path(ALIASES.get(model_path, model_path)) / "config.json"
-    if not p.is_file():
-        return None
-    cfg = json.loads(p.read_text())
-    text = cfg.get("text_config", cfg)
-    return text.get("num_hidden_layers")
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _lm_layers(model_path: str) -> int | None:
+    cfg = _config(model_path)
+    return None if cfg is None else cfg.get("text_config", cfg).get("num_hidden_layers")
+
+
+@functools.cache
+def _image_px(probe_path: str) -> tuple[int, int]:
+    """(h, w) of the probe's first image; 336² when the probe is not built yet."""
+    try:
+        from PIL import Image
+
+        from probes.format import find_probe, read_rows
+        probe = find_probe(probe_path)
+        with Image.open(probe.image_path(read_rows(probe_path)[0])) as im:
+            return im.height, im.width
+    except Exception:  # noqa: BLE001 — not built yet, or a layout without images: the default
+        return 336, 336
+
+
+def plan_budget(settings: dict) -> int | None:
+    """Activation bytes per step of a plan's runs before loading: ``max_memory`` on the run's
+    device (or its one size for all) less the weights, else what the device has free (the run
+    measures again after loading); None when unknown (a GPU on a machine without one)."""
+    dev = str(settings.get("device") or "cpu")
+    mm = {} if settings.get("device_map") else settings.get("max_memory") or {}  # dispatched: bounds weights
+    key = int(dev.split(":")[1]) if dev.startswith("cuda:") else 0 if dev == "cuda" else "cpu"
+    if key in mm or "all" in mm:
+        return int(mm.get(key, mm.get("all")))
+    if dev.startswith("cuda"):
+        try:
+            import torch
+            return int(torch.cuda.mem_get_info(key)[0]) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001
+            return None
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def memory_row(cond: Condition, settings: dict) -> tuple[int, int | None, str]:
+    """(rows per step, predicted peak bytes = weights + activations at those rows, note) of one
+    condition, from its model's config.json (dtype and batch size from the condition, text of
+    :data:`TEXT_TOKENS` tokens, images of the probe's size). Rows 0 and a note when one step does
+    not fit the budget; peak None when the model has no config.json here."""
+    cfg = _config(cond.model_path)
+    if cfg is None:
+        return 0, None, f"{cond.model}: no config.json to read shapes from; no memory estimate"
+    s = Shapes.from_config(cfg, cond.options.get("dtype") or "float32", image_px=_image_px(cond.probe_path))
+    room = plan_budget(settings)
+    limit = int(cond.options.get("batch_size", 64))
+    kind = ANALYSIS_KIND.get(cond.analysis, "forward")
+    if room is None:
+        return limit, s.weights + activation_peak(s, kind, limit), ""
+    placed = s.weights if not settings.get("device_map") else 0  # dispatched: weights already within max_memory
+    try:
+        r = choose_rows(s, cond.analysis, room - placed, limit, f"{cond.model} {cond.analysis}")
+    except SpatialBiasError as e:
+        return 0, placed + activation_peak(s, kind, MIN_ROWS.get(kind, 1)), str(e)
+    return r, placed + activation_peak(s, kind, r), ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: peak bytes of one condition, from config shapes × dtype × rows × what the analysis keeps
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TEXT_TOKENS = 64
+"""Text tokens per row the dry run assumes beside the image tokens (prompts of the built probes
+and chat templates are 20–60 tokens); a run uses its inputs' real length."""
+
+# Live tensors per token, in units of the layer width × dtype bytes (see activation_peak); each list
+# below is what exists at the phase's peak, the numbers were checked against the bench section
+# ``memory`` (docs/benchmarks.md): LLaVA-1.5-7B and Qwen2.5-VL-7B shapes, bf16, CPU.
+LM_LIVE = 5.2
+"""Beside an LM block's MLP (gate, its activation, up: 3 F): the embeddings the multimodal
+wrapper still holds, the image features, the block input, its normed copy, the output forming."""
+VISION_LIVE = 5.2
+"""The same beside a vision block's MLP (3 Fv)."""
+VISION_ATTN_LIVE = {"qwen2_vl": 19.0, "qwen2_5_vl": 19.0}
+"""A vision block's attention phase where it is the larger one: Qwen's vision rotary runs in fp32
+(q and k copied to fp32 and rotated: 8 Dv) beside qkv (3 Dv), q, k, v, the block input and its
+fp32-normed copy; other towers (CLIP, SigLIP: 7 Dv) peak in their MLP."""
+ATTN_LIVE = 6.0
+"""While an eager attention map exists (flow's pattern kernel): the wrapper's embeddings and image
+features, the block input, its normed copy, q, k, v (rotated)."""
+SOFTMAX_BYTES = 8
+"""Bytes per attention-map element beyond the map itself at eager attention's softmax: the fp32
+copy of a half-precision input and the fp32 output (fp32 maps: the output only, 4)."""
+INPUT_COPIES = 3
+"""Copies of the step's pixel inputs (fp32, as the processor makes them) a step makes: placements
+joined, rows selected, rows prepared — large for Qwen (4.7 kB per 14 px patch)."""
+GRAD_SAVED_D, GRAD_SAVED_F = 6.0, 3.0
+"""Tensors autograd keeps per token of one LM block when gradients flow to activations only
+(parameters frozen, :func:`interp.attribution.frozen`): the two RMSNorm inputs in fp32 and their
+normalisers, SDPA's q, k, v and output (6 widths D); SiLU's input and the gate·up product's two
+factors (3 widths F). A vision block keeps the same share of its widths (6 Dv + 3 Fv)."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the memory model reads from a model config, plus the run's token counts.
+
+    ``seq_len``: L, LM tokens per row; ``vision_tokens``: tokens per row through the vision tower
+    (all crops / patches of the row's image); ``image_tokens``: the row's image tokens in the LM;
+    ``bytes``: per element of the model dtype; ``weights``: bytes of the parameters."""
+    lm_layers: int
+    width: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    vision_layers: int
+    vision_width: int
+    vision_ffn: int
+    vision_heads: int
+    seq_len: int
+    vision_tokens: int
+    image_tokens: int
+    bytes: int
+    weights: int
+    keeps_vision_states: bool = False
+    vision_attn_live: float = 7.0
+    pixel_bytes: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: dict, dtype: str = "float32", image_px: tuple[int, int] = (336, 336),
+                    text_tokens: int = TEXT_TOKENS, weights: int | None = None) -> "Shapes":
+        """Shapes of a config.json mapping (an LVLM's: ``text_config`` and ``vision_config``) for
+        images of ``image_px`` (h, w) pixels; ``weights`` defaults to a parameter count from the shapes."""
+        if dtype not in DTYPE_BYTES:
+            raise SpatialBiasError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+        t, v = cfg.get("text_config", cfg), cfg.get("vision_config", {})
+        D = int(t["hidden_size"])
+        H = int(t["num_attention_heads"])
+        hd = int(t.get("head_dim") or D // H)
+        Dv = int(v.get("embed_dim") or v.get("hidden_size") or 1)  # Qwen2-VL names its vision width embed_dim
+        Fv = int(v.get("intermediate_size") or Dv * v.get("mlp_ratio", 4))
+        n_img, n_vis = _image_tokens(cfg, v, image_px)
+        s = cls(lm_layers=int(t["num_hidden_layers"]), width=D, ffn=int(t["intermediate_size"]), heads=H,
+                kv_heads=int(t.get("num_key_value_heads") or H), head_dim=hd, vocab=int(t["vocab_size"]),
+                vision_layers=int(v.get("num_hidden_layers") or v.get("depth") or 0), vision_width=Dv, vision_ffn=Fv,
+                vision_heads=int(v.get("num_attention_heads") or v.get("num_heads") or 1),
+                seq_len=n_img + text_tokens, vision_tokens=n_vis, image_tokens=n_img, bytes=DTYPE_BYTES[dtype],
+                weights=0, keeps_vision_states="vision_feature_layer" in cfg,
+                vision_attn_live=VISION_ATTN_LIVE.get(cfg.get("model_type", ""), 7.0),
+                pixel_bytes=_pixel_bytes(cfg, v, n_vis))
+        return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
+
+    def param_count(self, cfg: dict) -> int:
+        """Parameters from the shapes (LM blocks, embeddings and head, vision blocks, projector);
+        within a few % of the real count (biases and norms aside)."""
+        D, F, hd = self.width, self.ffn, self.head_dim
+        block = D * hd * (2 * self.heads + 2 * self.kv_heads) + 3 * D * F
+        tied = cfg.get("tie_word_embeddings") or cfg.get("text_config", {}).get("tie_word_embeddings")
+        lm = self.lm_layers * block + self.vocab * D * (1 if tied else 2)
+        Dv, Fv = self.vision_width, self.vision_ffn
+        vision = self.vision_layers * (4 * Dv * Dv + 2 * Dv * Fv) + 3 * 14 * 14 * Dv * 2
+        projector = Dv * D + D * D if "merger" not in str(cfg) else 16 * Dv * Dv + 4 * Dv * D
+        return int(lm + vision + projector)
+
+    def with_run(self, seq_len: int, vision_tokens: int, image_tokens: int | None = None) -> "Shapes":
+        """The same model with a run's real token counts."""
+        pixels = self.pixel_bytes * int(vision_tokens) // max(1, self.vision_tokens)
+        return replace(self, seq_len=int(seq_len), vision_tokens=int(vision_tokens), pixel_bytes=pixels,
+                       image_tokens=self.image_tokens if image_tokens is None else int(image_tokens))
+
+
+def _pixel_bytes(cfg: dict, v: dict, vision_tokens: int) -> int:
+    """Bytes of one row's pixel inputs (fp32): Qwen's flattened patches (3 × 2 frames × p² each),
+    else the image(s) at the tower's resolution (3 × side² per crop)."""
+    if cfg.get("model_type", "") in ("qwen2_vl", "qwen2_5_vl"):
+        p = int(v.get("patch_size", 14))
+        return vision_tokens * 3 * int(v.get("temporal_patch_size", 2)) * p * p * 4
+    side, patch = int(v.get("image_size", 336)), int(v.get("patch_size", 14))
+    crops = max(1, round(vision_tokens / ((side // patch) ** 2 + 1)))
+    return crops * 3 * side * side * 4
+
+
+def _image_tokens(cfg: dict, v: dict, px: tuple[int, int]) -> tuple[int, int]:
+    """(image tokens in the LM, tokens through the vision tower) of one image of ``px`` pixels."""
+    kind = cfg.get("model_type", "")
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        p, m = int(v.get("patch_size", 14)), int(v.get("spatial_merge_size", 2))
+        h, w = (max(p * m, round(x / (p * m)) * p * m) for x in px)
+        n = (h // p) * (w // p)
+        return n // (m * m), n
+    if kind == "gemma3":
+        side = int(v.get("image_size", 896)) // int(v.get("patch_size", 14))
+        return int(cfg.get("mm_tokens_per_image", 256)), side * side
+    side = int(v.get("image_size", 336)) // int(v.get("patch_size", 14))
+    if kind == "llava_next":  # base view + the largest anyres grid (worst case) with newline tokens
+        pins = cfg.get("image_grid_pinpoints") or [[672, 672]]
+        tiles = max(a * b for a, b in pins) // int(v.get("image_size", 336)) ** 2
+        return side * side * (1 + tiles) + side * 2, (side * side + 1) * (1 + tiles)
+    return side * side, side * side + 1
+
+
+ANALYSIS_KIND = {"eval": "forward", "similarity": "forward", "occlusion": "forward", "knockout": "forward",
+                 "flow": "flow", "patching": "patching", "attribution": "attribution"}
+"""Which memory profile each analysis' largest step has (its ``rows`` are what it chunks)."""
+
+
+def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) -> int:
+    """Peak bytes above the loaded model of one step of ``rows`` rows (B rows, L tokens, widths
+    D/F, N LM blocks, vision P tokens of width Dv/Fv, b bytes per element):
+
+    * ``forward`` (a no-grad forward, last-position logits): the step's pixel-input copies, then
+      the larger of the vision tower's phase (B·P·max(5.2 Dv + 3 Fv, its attention's live set)·b)
+      and the LM's (B·L·(5.2 D + 3 F)·b): one block at a time, so no term grows with the number of
+      layers but LLaVA's record of every vision block's output (it reads ``vision_feature_layer``
+      from it), (Nv + 1)·B·P·Dv·b;
+    * ``flow`` (attention flow: eager attention, reduced inside each block): the forward, or one
+      block's attention map at its softmax (B·H·L²·(b + 8): the map, its fp32 copy and the fp32
+      output) with 6 widths D alive, whichever is larger — one block's map, never all of them;
+    * ``patching`` (resumed): ``rows`` // 2 = c items captured at once keep every block's residual
+      stream and keys/values, 2c·L·((N+1)·D + 2N·Dkv)·b, on top of the larger of the capture's
+      forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a resumed batch
+      of ``rows`` rows (a block's MLP, or its attention with the reused keys and values: 6 D + 4 Dkv);
+    * ``attribution`` (``rows`` // 2 = g base rows through the graph, parameters frozen, the
+      source rows without it): per base row, token and LM block 6 D + 3 F kept for the backward,
+      per vision token and block 6 Dv + 3 Fv when the sites reach into the vision tower, plus
+      the forward of the step.
+    """
+    b, B = s.bytes, max(1, rows)
+    L, D, F, P = s.seq_len, s.width, s.ffn, s.vision_tokens
+    Dv, Fv = s.vision_width, s.vision_ffn
+    Dkv = s.kv_heads * s.head_dim
+
+    def fwd(n: int) -> float:
+        vision = n * P * max(VISION_LIVE * Dv + 3 * Fv, s.vision_attn_live * Dv) * b
+        lm = n * L * (LM_LIVE * D + 3 * F) * b
+        return max(vision, lm) + kept_vision(n) + INPUT_COPIES * n * s.pixel_bytes
+
+    def kept_vision(n: int) -> float:
+        return n * P * Dv * b * (s.vision_layers + 1) if s.keeps_vision_states else 0
+
+    if kind == "forward":
+        return int(fwd(B))
+    if kind == "flow":
+        att = B * s.heads * L * L * (b + (SOFTMAX_BYTES if b < 4 else 4)) + B * L * ATTN_LIVE * D * b
+        return int(max(fwd(B), att + kept_vision(B) + INPUT_COPIES * B * s.pixel_bytes))
+    if kind == "patching":
+        c = max(1, B // 2)
+        kept = 2 * c * L * ((s.lm_layers + 1) * D + 2 * s.lm_layers * Dkv) * b
+        resumed = B * L * max(LM_LIVE * D + 3 * F, ATTN_LIVE * D + 4 * Dkv) * b
+        return int(kept + max(fwd(2 * c), resumed))
+    if kind == "attribution":
+        g = max(1, B // 2)
+        saved = g * s.lm_layers * L * (GRAD_SAVED_D * D + GRAD_SAVED_F * F) * b
+        if vision_sites:
+            saved += g * s.vision_layers * P * (GRAD_SAVED_D * Dv + GRAD_SAVED_F * Fv) * b
+        return int(saved + fwd(B))
+    raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(sorted(set(ANALYSIS_KIND.values())))}")
+
+
+MIN_ROWS = {"patching": 3, "attribution": 2}
+"""Rows of the smallest step: patching runs a source, a base and one patched row together;
+attribution a base row with its graph and its source row."""
+
+
+def choose_rows(s: Shapes, analysis: str, budget: int | None, limit: int, what: str = "") -> int:
+    """The most rows (≤ ``limit``) per step whose predicted peak fits ``budget`` bytes of
+    activations (None: ``limit``). One row that does not fit is one error line naming the numbers."""
+    kind = ANALYSIS_KIND.get(analysis, analysis)
+    lo = MIN_ROWS.get(kind, 1)
+    if budget is None:
+        return max(lo, limit)
+    if activation_peak(s, kind, lo) > budget:
+        raise SpatialBiasError(f"{what or analysis}: one step needs {gib(activation_peak(s, kind, lo))} of activations "
+                               f"({s.seq_len} tokens, {s.lm_layers} LM layers, {s.bytes}-byte dtype) but --max-memory "
+                               f"leaves {gib(budget)} after the weights; raise --max-memory, use bfloat16, or "
+                               "offload weights (--device-map auto)")
+    best = lo
+    while best < limit and activation_peak(s, kind, best + 1) <= budget:
+        best += 1
+    return best
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"

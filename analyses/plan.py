@@ -34,7 +34,7 @@ from spatialbias.errors import SpatialBiasError
 DTYPES = ("float32", "bfloat16", "float16")
 ANALYSES: dict[str, dict[str, Any]] = {
     "eval": {"string_rule": False, "max_new_tokens": 4, "skip_bad": False},
-    "patching": {"items": None, "cells": None},
+    "patching": {"items": None, "cells": None, "screen": None},
     "knockout": {"items": None, "cells": None},
     "flow": {"items": None, "query": "last"},
     "attribution": {"items": None, "cells": None, "steps": [1, 8]},
@@ -45,7 +45,12 @@ ANALYSES: dict[str, dict[str, Any]] = {
 ONLY_BASELINE = ("attribution", "similarity")
 """Analyses that run on the baseline only unless ``[analysis.NAME] interventions`` says otherwise."""
 TOP_KEYS = {"seeds", "analyses", "batch_size", "causal_items", "patch_cells", "device", "models", "probes",
-            "interventions", "dtype", "analysis", "trust_remote_code"}
+            "interventions", "dtype", "analysis", "trust_remote_code", "device_map", "max_memory", "offload_folder",
+            "gpus_per_model"}
+PLACEMENT_KEYS = ("device_map", "max_memory", "offload_folder", "gpus_per_model")
+"""Run settings that place the model and bound memory but change no number (dispatched runs equal
+undispatched ones, tests/test_dispatch.py; chunking changes rows per forward only,
+tests/test_memory.py): in ``Plan.settings``, not in the condition options or ids."""
 DEMO = Path(__file__).parent / "sweeps" / "demo.toml"
 
 
@@ -143,6 +148,7 @@ def from_mapping(cfg: dict[str, Any], base: Path, out: str | os.PathLike, where:
         raise PlanError(f"{where}: device = {settings['device']!r}: use a torch device string, e.g. \"cuda\"")
     if cfg.get("trust_remote_code"):  # lets checkpoints run their own code; recorded, off by default
         settings["trust_remote_code"] = True
+    placement = _placement(cfg, where)
     analyses = _analyses(cfg, where)
     base, out = Path(base), Path(out)
     models = _models(cfg, base, where)
@@ -171,7 +177,50 @@ def from_mapping(cfg: dict[str, Any], base: Path, out: str | os.PathLike, where:
     if not conditions:
         raise PlanError(f"{where}: the plan has no conditions (check [models] probes = [...] and [analysis.*] "
                         "interventions)")
-    return Plan(conditions, builds, settings, cfg, where, base)
+    return Plan(conditions, builds, {**settings, **placement}, cfg, where, base)
+
+
+def _placement(cfg: dict, where: str) -> dict[str, Any]:
+    """The placement settings (:data:`PLACEMENT_KEYS`), validated: ``device_map`` a strategy or a
+    table {module path = device}; ``max_memory`` a size ("40GiB") or a table {0 = "20GiB", cpu =
+    "60GiB"}; ``offload_folder`` a path; ``gpus_per_model`` a positive integer (Ray)."""
+    from spatialbias.sizes import MAP_STRATEGIES
+    out: dict[str, Any] = {}
+    dm = cfg.get("device_map")
+    if dm is not None:
+        if not (dm in MAP_STRATEGIES or isinstance(dm, dict)):
+            raise PlanError(f"{where}: device_map = {dm!r}: use {', '.join(MAP_STRATEGIES)} or a table "
+                            "{{\"module.path\" = \"cpu\" | \"disk\" | 0}}")
+        out["device_map"] = dm
+    mm = cfg.get("max_memory")
+    if mm is not None:
+        out["max_memory"] = memory_limits(mm, where)
+    if cfg.get("offload_folder") is not None:
+        if not isinstance(cfg["offload_folder"], str):
+            raise PlanError(f"{where}: offload_folder must be a folder path")
+        if dm is None:
+            raise PlanError(f"{where}: offload_folder holds weights device_map puts on disk; add device_map = \"auto\"")
+        out["offload_folder"] = cfg["offload_folder"]
+    g = cfg.get("gpus_per_model")
+    if g is not None:
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise PlanError(f"{where}: gpus_per_model must be a positive integer, got {g!r}")
+        out["gpus_per_model"] = g
+    return out
+
+
+def memory_limits(value: Any, where: str = "--max-memory") -> dict:
+    """{device: bytes} of a ``max_memory`` setting: a size for every device ("40GiB" →
+    {"all": …}), ``"0=20GiB,cpu=60GiB"``, or a table {0 = "20GiB", cpu = "60GiB"}."""
+    from spatialbias.sizes import parse_max_memory, parse_size
+    try:
+        if isinstance(value, dict):
+            return {int(k) if str(k).isdigit() else str(k): parse_size(v, f"max_memory.{k}") for k, v in value.items()}
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"all": int(value)}
+        return parse_max_memory(str(value))
+    except SpatialBiasError as e:
+        raise PlanError(f"{where}: {e}") from None
 
 
 def _analyses(cfg: dict, where: str) -> dict[str, tuple[dict, list[str] | None]]:
@@ -200,6 +249,13 @@ def _analyses(cfg: dict, where: str) -> dict[str, tuple[dict, list[str] | None]]
             opts["items"] = items if opts["items"] is None else opts["items"]
             if not isinstance(opts["items"], int) or isinstance(opts["items"], bool) or opts["items"] < 1:
                 raise PlanError(f"{where}: [analysis.{a}] items must be a positive integer, got {opts['items']!r}")
+        if a == "patching":
+            k = opts.pop("screen")  # absent at its default (None: exact patching), so earlier ids stay
+            if k is not None:
+                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                    raise PlanError(f"{where}: [analysis.patching] screen must be a positive integer (patches "
+                                    f"confirmed exactly), got {k!r}")
+                opts["screen"] = k
         if "cells" in opts:
             opts["cells"] = cells if opts["cells"] is None else opts["cells"]
             c = opts["cells"]

@@ -105,15 +105,22 @@ def run_group(conditions: list[Condition], settings: dict, progress: bool = Fals
     from analyses.tasks import Context, run_condition
     from interp.load import fingerprint
     try:
-        lvlm = interp.load(conditions[0].model_path, device=settings.get("device"),
-                           dtype=getattr(torch, settings.get("dtype") or "float32"),
-                           trust_remote_code=bool(settings.get("trust_remote_code")))
+        # device_map / offload place the weights and change no number (dispatched runs equal
+        # undispatched ones: tests/test_dispatch.py), so they stay out of condition ids; dtype does
+        # change numbers and is part of every condition's options (and id)
+        place = ({"device_map": settings["device_map"], "max_memory": settings.get("max_memory"),
+                  "offload_folder": settings.get("offload_folder")} if settings.get("device_map") is not None
+                 else {"device": settings.get("device")})
+        lvlm = interp.load(conditions[0].model_path, dtype=getattr(torch, settings.get("dtype") or "float32"),
+                           trust_remote_code=bool(settings.get("trust_remote_code")), **place)
         fp = fingerprint(lvlm.source or lvlm.model)
+        from analyses.memory import budget
+        room = budget(lvlm, settings.get("max_memory"))
     except SpatialBiasError as e:
         for c in conditions:
             yield c, str(e), 0.0
         return
-    ctx = Context(batch_size=settings.get("batch_size", 64), progress=progress)
+    ctx = Context(batch_size=settings.get("batch_size", 64), progress=progress, budget=room)
     for c in conditions:
         t0 = time.perf_counter()
         try:

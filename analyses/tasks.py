@@ -28,10 +28,17 @@ class Context:
     """What the conditions of one loaded model share: the auto-chosen cells per probe, the
     placement pairs per (probe, cells, items), the batch size and progress switch."""
 
-    def __init__(self, batch_size: int = 64, progress: bool = False):
+    def __init__(self, batch_size: int = 64, progress: bool = False, budget: int | None = None):
         self.batch_size, self.progress = batch_size, progress
+        self.budget = budget  # activation bytes per step (analyses.memory.budget); None: batch_size rows
         self.cells: dict = {}
         self.pairs: dict = {}
+
+    def rows(self, lvlm, analysis: str, inputs, what: str = "") -> int:
+        """Rows per forward of ``analysis`` on rows like ``inputs``: at most the batch size, and as
+        many as the memory model fits in the budget (:func:`analyses.memory.rows`)."""
+        from analyses import memory
+        return memory.rows(lvlm, self.budget, analysis, inputs, self.batch_size, what)
 
 
 def run_condition(lvlm, cond: Condition, ctx: Context | None = None) -> Result:
@@ -61,7 +68,8 @@ def eval_task(lvlm, cond: Condition, ctx: Context) -> Result:
     if not good:
         raise SpatialBiasError(f"{cond.probe_path}: no usable rows")
     ivs = cond.build()
-    df = score_probe(lvlm, cond.probe_path, {cond.intervention: ivs}, batch_size=ctx.batch_size,
+    bs = _probe_rows(lvlm, cond, ctx, [r for _, r in good])
+    df = score_probe(lvlm, cond.probe_path, {cond.intervention: ivs}, batch_size=bs,
                      progress=ctx.progress, rows=[r for _, r in good], string_rule=opts.get("string_rule", False),
                      max_new_tokens=opts.get("max_new_tokens", 4))
     df["line"] = df["row"].map(dict(enumerate(n for n, _ in good)))
@@ -80,10 +88,19 @@ def eval_task(lvlm, cond: Condition, ctx: Context) -> Result:
         rows += [{"metric": "accuracy_prefix", "value": float(df.correct_prefix.mean())},
                  {"metric": "accuracy_robust", "value": float(df.correct_robust.mean())}]
     if cond.family == "agci-adaptive":  # what the rule chose: λ per image, over the probe
-        lams = _adaptive_lambdas(lvlm, cond, ivs[0], [r for _, r in good], ctx.batch_size)
+        lams = _adaptive_lambdas(lvlm, cond, ivs[0], [r for _, r in good], bs)
         rows += [{"metric": k, "value": v} for k, v in (("lambda_mean", np.mean(lams)), ("lambda_min", np.min(lams)),
                                                          ("lambda_max", np.max(lams)))]
     return rows, df
+
+
+def _probe_rows(lvlm, cond: Condition, ctx: Context, rows, analysis: str = "eval") -> int:
+    """Rows per forward over a probe: the memory model on its first (up to 8) rows as one batch."""
+    from analyses.evaluate import probe_batches
+    if ctx.budget is None:
+        return ctx.batch_size
+    _, _, _, sample = next(probe_batches(lvlm, cond.probe_path, rows[:8], 8))
+    return ctx.rows(lvlm, analysis, sample, f"{cond.analysis} on {cond.probe}")
 
 
 def _adaptive_lambdas(lvlm, cond: Condition, iv, rows, batch_size: int) -> list[float]:
@@ -107,7 +124,10 @@ def _cells(lvlm, cond: Condition, ctx: Context) -> tuple[int, int]:
     if key not in ctx.cells:
         from analyses.evaluate import score_probe
         from analyses.metrics import cell_metrics
-        df = score_probe(lvlm, cond.probe_path, {"baseline": []}, batch_size=ctx.batch_size, progress=False)
+        from analyses.evaluate import check_probe
+        good, _ = check_probe(cond.probe_path)
+        df = score_probe(lvlm, cond.probe_path, {"baseline": []}, progress=False,
+                         batch_size=_probe_rows(lvlm, cond, ctx, [r for _, r in good]))
         acc = np.asarray(cell_metrics(df, seed=cond.seed)["cell_accuracy"])
         best, worst = int(np.nanargmax(acc)), int(np.nanargmin(acc))
         ctx.cells[key] = (best, worst) if best != worst else (best, (best + 1) % len(acc))
@@ -132,23 +152,33 @@ def patching_task(lvlm, cond: Condition, ctx: Context) -> Result:
     (``restoration_denoise`` at ``lm.input``, group ``moved``: the target's clean image tokens in
     the corrupt cell's slots, position ids kept) and position-id patching."""
     pairs, ivs, rng = _pairs(lvlm, cond, ctx), cond.build(), _rng(cond)
-    act = causal.activation_items(lvlm, pairs, ivs, batch_size=ctx.batch_size, progress=ctx.progress)
-    act = pd.concat([act, causal.moved_items(lvlm, pairs, ivs, ctx.batch_size)], ignore_index=True)
-    pos = causal.position_items(lvlm, pairs, ivs)
+    patch_rows = ctx.rows(lvlm, "patching", pairs.clean, "patching")
+    act = causal.activation_items(lvlm, pairs, ivs, batch_size=patch_rows, progress=ctx.progress,
+                                  screen=cond.options.get("screen"))
+    act = pd.concat([act, causal.moved_items(lvlm, pairs, ivs, patch_rows)], ignore_index=True)
+    pos = causal.position_items(lvlm, pairs, ivs, batch_size=ctx.rows(lvlm, "forward", pairs.clean, "patching"))
     rows = causal.restoration_rows(act, rng) + causal.position_rows(pos, rng) + _pair_rows(pairs)
     return rows, pd.concat([act.assign(kind="activation"), pos.assign(kind="position")], ignore_index=True)
 
 
 def knockout_task(lvlm, cond: Condition, ctx: Context) -> Result:
     pairs = _pairs(lvlm, cond, ctx)
-    items = causal.knockout_items(lvlm, pairs, cond.build())
+    items = causal.knockout_items(lvlm, pairs, cond.build(), batch_size=ctx.rows(lvlm, "knockout", pairs.clean,
+                                                                                  "knockout"))
     return causal.knockout_rows(items, _rng(cond)) + _pair_rows(pairs), items
 
 
 def flow_task(lvlm, cond: Condition, ctx: Context) -> Result:
     items = causal.flow_items(lvlm, cond.probe_path, cond.build(), cond.options["items"],
-                              cond.options.get("query", "last"))
+                              cond.options.get("query", "last"), batch_size=_flow_rows(lvlm, cond, ctx))
     return causal.flow_rows(items, _rng(cond)), items
+
+
+def _flow_rows(lvlm, cond: Condition, ctx: Context) -> int | None:
+    if ctx.budget is None:
+        return None  # one forward per target cell, as before
+    from probes.format import read_rows
+    return _probe_rows(lvlm, cond, ctx, read_rows(cond.probe_path)[:8], "flow")  # no cells needed (no pairs)
 
 
 def attribution_task(lvlm, cond: Condition, ctx: Context) -> Result:
@@ -157,9 +187,11 @@ def attribution_task(lvlm, cond: Condition, ctx: Context) -> Result:
     from interp import patching
     pairs, ivs = _pairs(lvlm, cond, ctx), cond.build()
     exact = patching.run_patches(lvlm, pairs.corrupt, pairs.clean, patching.default_patches(lvlm), pairs.correct,
-                                 pairs.candidates, pairs.targets, interventions=ivs, batch_size=ctx.batch_size,
+                                 pairs.candidates, pairs.targets, interventions=ivs,
+                                 batch_size=ctx.rows(lvlm, "patching", pairs.clean, "attribution"),
                                  grid=pairs.grid).assign(direction="denoise")
-    estimates = {("atp" if k == 1 else f"atp×{k}"): causal.attribution_items(lvlm, pairs, ivs, steps=k)
+    estimates = {("atp" if k == 1 else f"atp×{k}"): causal.attribution_items(
+        lvlm, pairs, ivs, steps=k, batch_size=ctx.rows(lvlm, "attribution", pairs.clean, "attribution"))
                  for k in cond.options.get("steps", [1, 8])}
     details = pd.concat([causal._with_ids(exact, pairs).assign(method="exact")]
                         + [e.assign(method=name) for name, e in estimates.items()], ignore_index=True)

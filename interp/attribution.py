@@ -45,6 +45,7 @@ per-position averages to line up (placements of the same prompt do).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import pandas as pd
@@ -68,8 +69,33 @@ def _capture(lvlm: LVLM, inputs, sites, interventions, grad: bool, extra_edits=N
     graph is kept so that :func:`torch.autograd.grad` can reach the recorded tensors.
     ``extra_edits``: {site: fn} applied after the interventions' edits (and before recording).
     """
-    t = forward(lvlm, inputs, interventions, edits=extra_edits, cache=list(sites), grad=grad, last_only=True)
+    if not grad:
+        t = forward(lvlm, inputs, interventions, edits=extra_edits, cache=list(sites), last_only=True)
+        return t.batch, t.logits[:, -1], t.cache
+    with frozen(lvlm.model):  # gradients reach the sites only: no weight's input is kept for the backward
+        t = forward(lvlm, inputs, interventions, edits=extra_edits, cache=list(sites), grad=True, leaves=True,
+                    last_only=True)
     return t.batch, t.logits[:, -1], t.cache
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """The model's parameters with ``requires_grad`` off for one block of code, then as they were.
+    Gradients with respect to activations are unchanged; autograd saves far less (a linear layer
+    keeps its input only to form its weight's gradient)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep = {id(p) for p in head.parameters()} if head is not None else set()
+    # the unembedding stays as it was: its backward keeps only the last position's (B, 1, D) input,
+    # and a frozen head multiplies through another matmul path (last bit differs: the dispatched
+    # model's logits would not equal the undispatched one's, tests/test_dispatch.py)
+    names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in keep]
+    for n in names:
+        model.get_parameter(n).requires_grad_(False)
+    try:
+        yield
+    finally:  # by name: accelerate's offload hooks may have put new parameter objects in place
+        for n in names:
+            model.get_parameter(n).requires_grad_(True)
 
 
 def _rows(x: torch.Tensor, B: int) -> torch.Tensor:

@@ -141,6 +141,7 @@ class _Run:
         self.calls: dict[str, int] = {}
         self.step_edits: dict[str, Edit] = self.edits
         self.stop = False
+        self.leaves = False
 
     @property
     def needs_pattern_kernel(self) -> bool:
@@ -171,6 +172,9 @@ class _Run:
             value = new
             self.fired[name] = self.fired.get(name, 0) + 1
         if name in self.values:
+            if self.leaves and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                    and not value.requires_grad:
+                value = value.detach().requires_grad_(True)  # the graph starts here (parameters frozen)
             if site.call is None and len(self.values[name]) > self._forward_index:
                 raise SpatialBiasError(f"{name} runs more than once per forward on {self.lvlm.adapter.name}; "
                                        f"name one call to cache it: {_call_names(name, self.lvlm)}")
@@ -337,7 +341,7 @@ def _call_names(name: str, lvlm) -> str:
 def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit] | None = None,
             cache: Sequence[str] = (), positions: str | None = None, reduce: dict[str, Callable] | None = None,
             to_cpu: bool = False, grad: bool = False, last_only: bool = False, max_new_tokens: int = 0,
-            to_disk: str | None = None, kv: bool = False, stop: bool = False) -> Trace:
+            to_disk: str | None = None, kv: bool = False, stop: bool = False, leaves: bool = False) -> Trace:
     """One run of the model's own forward (or a greedy generation) with interventions, edits and caches.
 
     Args:
@@ -354,6 +358,9 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
         kv: also return every LM layer's attention keys and values (:attr:`Trace.kv`).
         stop: end the forward as soon as every cached site has been recorded (``logits`` None):
             e.g. ``cache=["lm.input"]`` runs the vision side and the embedding scatter only.
+        leaves: with ``grad``, a cached site's value that does not require grad becomes a leaf
+            that does, so gradients reach the sites when the parameters are frozen (attribution:
+            autograd then keeps only what the sites' gradients need, not the weights' inputs).
         grad: keep the autograd graph (attribution); default runs under ``no_grad``.
         last_only: logits of the last position only, (B, 1, V).
         max_new_tokens: > 0 generates that many tokens greedily (see :class:`Trace`).
@@ -373,6 +380,7 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
         raise SpatialBiasError("to_disk writes cached values to files; it cannot keep their autograd graph (grad=True)")
     run = _Run(lvlm, batch, then(iv_edits, edits or {}), cache, positions, reduce, to_cpu, grad, later, to_disk)
     run.stop = stop
+    run.leaves = leaves and grad
     handles = run.install()
     impl = PATTERN_IMPL if run.needs_pattern_kernel else None
     try:

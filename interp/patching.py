@@ -336,51 +336,57 @@ def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, inter
             groups = {p.site: site_groups(lvlm, chunk, p.site, row_targets, grid) for j, p in enumerate(patches)
                       if kinds[j][0] == "residual"}
             L = chunk["input_ids"].shape[1]
-            jobs = []  # (p, start, local item, patch index, hidden maker)
+            run = (lvlm, st, batch_size, correct, candidates, items, patches, src_m, base_m, out)
+            if pre:  # run as they come: at most one forward's rows of patched LM inputs held at once
+                _pre_jobs(lvlm, st, both, N, interventions, items, [patches[j] for j in pre], pre, targets, grid,
+                          batch_size, run)
+            jobs = []
             for a, i in enumerate(items):
                 for j in res:
                     p, s = patches[j], kinds[j][1]
                     pos = _selection(*groups[p.site], c + a, p) % L  # token positions in the row
-                    h = st.residual[s][c + a].clone()
-                    h[pos.to(h.device)] = st.residual[s][a][pos.to(h.device)]
-                    jobs.append(_job(st, a, c, s, h, j, src_m, base_m, out, i, p))
-            if pre:
-                jobs += _pre_jobs(lvlm, st, both, N, interventions, items, [patches[j] for j in pre], pre, targets,
-                                  grid, batch_size, src_m, base_m, out)
-            _run_jobs(lvlm, st, [j for j in jobs if j is not None], batch_size, correct, candidates, items, patches,
-                      src_m, base_m, out)
+                    jobs.append(_residual_job(st, a, c, s, pos, j, src_m, base_m, out, i, p))
+            _run_jobs(*run[:2], [j for j in jobs if j is not None], *run[2:])
         bar.update(c)
     bar.close()
     return [out[(i, j)] for i in range(N) for j in range(len(patches))]
 
 
-def _job(st, a: int, c: int, start: int, h: torch.Tensor, j: int, src_m, base_m, out, item: int, patch: Patch):
-    """A resumed run of base row ``c + a`` from block ``start`` with residual ``h`` (L, D), or None
-    when ``h`` is the source's or the base's own (its metric is then that run's). After the last
-    block (``start`` = N) only the last position reaches the logits."""
-    used = slice(-1, None) if start == st.layers else slice(None)
-    if torch.equal(h[used], st.residual[start][a][used]) and st.same_inputs(a, c + a, start):
+def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src_m, base_m, out, item: int,
+                  patch: Patch):
+    """Patch ``pos`` (token positions) of base row ``c + a`` with source row ``a`` at the residual
+    entering block ``start``: a resumed job (p, start, a, j, None, pos), or None when the patched
+    residual is the source's or the base's own (its metric is then that run's). Nothing of size L
+    is kept per job: the residual is built when its batch runs. After the last block (``start`` = N)
+    only the last position reaches the logits."""
+    base, src = st.residual[start][c + a], st.residual[start][a]
+    differs = (base != src).any(-1)  # (L,) positions where the two runs' residuals differ
+    patched = torch.zeros_like(differs)
+    patched[pos.to(differs.device)] = True
+    used = torch.zeros_like(differs)
+    used[-1 if start == st.layers else slice(None)] = True
+    if not (differs & used & ~patched).any() and st.same_inputs(a, c + a, start):
         out[(item, j)] = _row(item, patch, src_m[a], base_m[a], src_m[a])
         return None
-    if torch.equal(h[used], st.residual[start][c + a][used]):
+    changed = (differs & patched & used).nonzero().flatten()
+    if not len(changed):
         out[(item, j)] = _row(item, patch, base_m[a], base_m[a], src_m[a])
         return None
-    diff = (h != st.residual[start][c + a]).any(-1).nonzero()
-    p = st.prefix(c + a, int(diff[0]))
-    return (p, start, a, j, h)
+    return (st.prefix(c + a, int(changed[0])), start, a, j, None, changed)
 
 
 def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx, targets, grid, batch_size,
-              src_m, base_m, out) -> list:
+              run) -> None:
     """Patches before the LM: forwards of source rows and patched base rows (prepared afresh from
     the unprepared inputs ``both``) that stop once ``lm.input`` is recorded (vision side,
-    projector, embedding scatter), then one resumed job per patched row (or its source / base
-    metric when its LM input equals theirs)."""
+    projector, embedding scatter); each forward's patched rows are then resumed from block 0 from
+    the first position where their LM input differs from the base's (or take the source's / base's
+    metric when it equals theirs)."""
     c = len(items)
+    src_m, base_m, out = run[-3:]
     units = [(a, k) for a in range(c) for k in range(len(pre_patches))]
     per = max(1, batch_size - c)
     sites = {p.site for p in pre_patches}
-    jobs = []
     for u0 in range(0, len(units), per):
         take = units[u0:u0 + per]
         srcs = sorted({a for a, _ in take})
@@ -392,14 +398,22 @@ def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx
         with torch.no_grad():
             t = forward(lvlm, sub, edits=then(iv_edits, _copy_edits(groups, copies)), cache=["lm.input"], stop=True)
         x = t.cache["lm.input"]
+        jobs = []
         for n, (a, k) in enumerate(take):
-            h = x[len(srcs) + n]
-            i, j = items[a], pre_idx[k]
-            if torch.equal(h, x[srcs.index(a)]) and st.same_inputs(a, c + a, 0):
-                out[(i, j)] = _row(i, pre_patches[k], src_m[a], base_m[a], src_m[a])
+            h = x[len(srcs) + n].to(st.residual[0].device)
+            i, j, p = items[a], pre_idx[k], pre_patches[k]
+            base = st.residual[0][c + a]
+            if (torch.equal(h, x[srcs.index(a)].to(h.device)) or torch.equal(h, st.residual[0][a])) \
+                    and st.same_inputs(a, c + a, 0):
+                out[(i, j)] = _row(i, p, src_m[a], base_m[a], src_m[a])
                 continue
-            jobs.append(_job(st, a, c, 0, h.to(st.residual[0].device), j, src_m, base_m, out, i, pre_patches[k]))
-    return jobs
+            changed = (h != base).any(-1).nonzero().flatten()
+            if not len(changed):
+                out[(i, j)] = _row(i, p, base_m[a], base_m[a], src_m[a])
+                continue
+            jobs.append((st.prefix(c + a, int(changed[0])), 0, a, j, h, None))
+        del t, x
+        _run_jobs(*run[:2], jobs, *run[2:])
 
 
 def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, src_m, base_m, out) -> None:
@@ -421,13 +435,25 @@ def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, s
         batch = sorted(batch, key=lambda jb: jb[1])
         p = min(jb[0] for jb in batch)
         rows = torch.tensor([c + jb[2] for jb in batch])
-        hidden = torch.stack([jb[4][p:] for jb in batch])
+        hidden = torch.stack([_hidden(st, c, jb, p) for jb in batch])
         logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p)
         corr = torch.stack([correct[items[jb[2]]] for jb in batch])
         metric = logit_diff(logits, corr, candidates).cpu()
         for jb, v in zip(batch, metric):
             a, j = jb[2], jb[3]
             out[(items[a], j)] = _row(items[a], patches[j], v, base_m[a], src_m[a])
+
+
+def _hidden(st, c: int, job, p: int) -> torch.Tensor:
+    """(L − p, D): a job's residual entering its start block, positions p…: the patched LM input it
+    carries, or the base residual with the source's at its changed positions."""
+    _, start, a, _, h, pos = job
+    if h is not None:
+        return h[p:]
+    x = st.residual[start][c + a][p:].clone()
+    pos = pos.to(x.device)
+    x[pos - p] = st.residual[start][a][pos]
+    return x
 
 
 def _resume_check(lvlm, st, c: int, chunk) -> bool:

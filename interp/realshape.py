@@ -23,20 +23,9 @@ def llava_15_7b(lm_layers: int = 32, vision_layers: int = 24, image_size: int = 
                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """LLaVA-1.5-7B: CLIP ViT-L/14 (``image_size`` px → (image_size/14)² image tokens; 576 at 336)
     + Llama-2-7B (4096 wide, 32 layers). Returns (model, processor)."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
     tok = tiny.tokenizer()
-    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                          num_attention_heads=16, image_size=image_size, patch_size=14, projection_dim=768,
-                          hidden_act="quick_gelu")
-    tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    n_img = (image_size // 14) ** 2
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2 if vision_layers > 1 else -1, vision_feature_select_strategy="default",
-                      image_seq_length=n_img, projector_hidden_act="gelu")
-    cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg = llava_15_7b_config(lm_layers, vision_layers, image_size)
     model = _build(LlavaForConditionalGeneration, cfg, dtype, device)
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                                image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -70,3 +59,21 @@ def qwen25_vl_7b(lm_layers: int = 28, vision_layers: int = 32, dtype: torch.dtyp
     ip = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
     return model, image_only_processor(ip, tok, chat_template=tiny.QWEN_CHAT)
+
+
+def llava_15_7b_config(lm_layers: int = 32, vision_layers: int = 24, image_size: int = 336):
+    """The LlavaConfig of :func:`llava_15_7b` (no weights; the memory model reads it)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    tok = tiny.tokenizer()
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                          num_attention_heads=16, image_size=image_size, patch_size=14, projection_dim=768,
+                          hidden_act="quick_gelu")
+    tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=lm_layers, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    n_img = (image_size // 14) ** 2
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2 if vision_layers > 1 else -1, vision_feature_select_strategy="default",
+                      image_seq_length=n_img, projector_hidden_act="gelu")
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    return cfg

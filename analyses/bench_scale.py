@@ -1,0 +1,198 @@
+"""Scale sections of ``spatialbias bench`` (``--only memory,speed,sharding,screen``):
+
+* ``memory``: peak memory per analysis at LLaVA-1.5-7B and Qwen2.5-VL-7B widths (random weights,
+  bf16, 1–2 LM layers, CPU), measured in a fresh process each (:func:`analyses.bench.measure_memory`)
+  against :func:`analyses.estimate.activation_peak`; the per-layer growth measured vs predicted
+  (linear in layers), and the memory model's 32-layer figure for ``spatialbias report``.
+* ``speed``: a full position-swap patching map (every LM block × target/image/text/last × items,
+  denoising) by :func:`interp.patching.run_patches` vs the per-patch loop one writes by hand
+  (:func:`analyses.bench._loop_patching`: per item one cached source run, then one hooked forward
+  per patch), outputs asserted equal, on tiny models, the organism and 7B widths.
+* ``sharding``: every tiny architecture split across CPU and disk (accelerate), logits equal.
+* ``screen``: how often ``--screen K`` misses an exact effect ≥ 5 % of the gap on the organism.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+import interp
+from analyses import bench as b, estimate
+from interp import patching
+
+SECTIONS = ("memory", "speed", "sharding", "screen")
+
+
+def memory(models=("llava15", "qwen25vl"), layers=(1, 2), analyses=b.MEMORY_ANALYSES, rows: int = 2,
+           parallel: int = 2, qwen_px: tuple[int, int] = (448, 448)) -> dict:
+    """Measured vs predicted peak (bytes above the loaded model) per model, layers and analysis,
+    ``parallel`` fresh processes at a time (one torch thread each). Qwen at ``qwen_px`` images
+    (the default 840 px canvas needs more RAM than this machine has to spare)."""
+    specs = [{"model": m, "layers": n, "analysis": a, "rows": 4 if a == "patching" else rows, "threads": 1,
+              "dtype": "bfloat16",
+              **({"image_px": list(qwen_px)} if m == "qwen25vl" else {})}
+             for m in models for n in layers for a in analyses]
+    with ThreadPoolExecutor(parallel) as pool:
+        got = list(pool.map(b.measure_memory, specs))
+    linear = {}
+    for m in models:
+        for a in analyses:
+            r = {x["layers"]: x for x in got if x["model"] == m and x["analysis"] == a}
+            if len(r) >= 2:
+                lo, hi = min(r), max(r)
+                d = hi - lo
+                linear[f"{m}/{a}"] = {"measured_per_layer": (r[hi]["measured_bytes"] - r[lo]["measured_bytes"]) / d,
+                                      "predicted_per_layer": (r[hi]["predicted_bytes"] - r[lo]["predicted_bytes"]) / d}
+    return {"runs": got, "linear": linear, "report_llava7b": report_prediction()}
+
+
+def report_prediction(budget_gib: float = 40.0) -> dict:
+    """The memory model on ``spatialbias report``'s analyses at LLaVA-1.5-7B shapes (bf16, 32
+    layers, 336 px, the shapes prompt): peak at the default 64 rows per step, and the rows each
+    analysis gets under ``budget_gib`` of GPU memory with its peak."""
+    from interp import realshape
+    cfg = realshape.llava_15_7b_config(32, 24).to_dict()
+    s = estimate.Shapes.from_config(cfg, "bfloat16", image_px=(336, 336))
+    room = int(budget_gib * 2 ** 30) - s.weights
+    out = {"weights_bytes": s.weights, "seq_len": s.seq_len, "budget_bytes": int(budget_gib * 2 ** 30), "analyses": {}}
+    for a in ("eval", "flow", "knockout", "patching", "attribution"):
+        kind = estimate.ANALYSIS_KIND[a]
+        r = estimate.choose_rows(s, a, room, 64)  # noqa: the report's default batch size
+        out["analyses"][a] = {"peak_at_64_rows": s.weights + estimate.activation_peak(s, kind, 64),
+                              "rows_under_budget": r, "peak_under_budget": s.weights + estimate.activation_peak(s, kind, r)}
+    return out
+
+
+def position_map(lvlm) -> list[patching.Patch]:
+    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    return [patching.Patch(f"lm.blocks.{i}", g) for i in range(n) for g in ("target", "image", "text", "last")]
+
+
+def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items: int = 2, real_layers: int = 2) -> dict:
+    """Resumed batched patching vs the hand-written loop (see the module doc); real widths in fp32
+    so that equality is checked at 1e-3 (bf16 differences would need a loose tolerance)."""
+    from interp import tiny
+    res = {}
+    m, pairs = b.organism_pairs(out, organism_items)
+    res["organism"] = b.patching_speed(m, pairs.corrupt, pairs.clean, position_map(m), pairs.correct,
+                                       pairs.candidates, pairs.targets)
+    for name, build in tiny.BUILDERS.items():
+        lvlm = interp.load(*build())
+        clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, tiny_items, (48, 48))
+        res[f"tiny/{name}"] = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets)
+    for name in ("llava15", "qwen25vl"):
+        lvlm, size = b.real_model(name, real_layers, torch.float32, vision_layers=real_layers)
+        if name == "qwen25vl":
+            size = (448, 448)
+        clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, real_items, size)
+        r = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets, batch_size=4)
+        res[f"{name}/{real_layers} layers"] = {**r, "image_px": list(size), "dtype": "float32"}
+        del lvlm
+    return res
+
+
+def sharding(tmp: Path) -> dict:
+    """Every tiny architecture: accelerate's ``device_map="auto"`` under a CPU budget of half the
+    weights (the rest memory-mapped from disk) vs the plain model: logits equal bit for bit."""
+    from interp import tiny
+    out = {}
+    for name, build in tiny.BUILDERS.items():
+        plain = interp.load(*build())
+        model, proc = build()
+        half = sum(t.numel() * t.element_size() for t in model.parameters()) // 2
+        split = interp.load(model, proc, device_map="auto", max_memory={"cpu": half}, offload_folder=tmp / name)
+        x = plain.inputs([tiny.image(48, 48, seed=s) for s in range(2)], [plain.prompt("what is this ?")] * 2)
+        with torch.no_grad():
+            a, c = plain.run(x), split.run(x)
+        out[name] = {"weights": split.weight_bytes(), "equal": bool(torch.equal(a, c))}
+        if not out[name]["equal"]:
+            raise AssertionError(f"{name}: split logits differ by {(a - c).abs().max()}")
+    return out
+
+
+def screen(out: Path, items: int = 100, ks=(5, 10, 20, 40)) -> dict:
+    """Full exact patching and attribution patching of the default patches on the organism
+    (denoising, cells 8 ← 0): per K, the effects ≥ 5 % of the gap outside the top K by attribution."""
+    from interp.attribution import attribution_patching
+    from interp.screen import screen_misses
+    m, pairs = b.organism_pairs(out, items)
+    ps = patching.default_patches(m)
+    args = (pairs.corrupt, pairs.clean, ps, pairs.correct, pairs.candidates, pairs.targets)
+    t0 = time.perf_counter()
+    exact = patching.run_patches(m, *args)
+    t1 = time.perf_counter()
+    est = attribution_patching(m, *args)
+    t2 = time.perf_counter()
+    return {"items": items, "patches": len(ps), "exact_s": t1 - t0, "attribution_s": t2 - t1,
+            "ks": screen_misses(exact, est, ks)}
+
+
+def run(out: Path, only: tuple[str, ...]) -> dict:
+    """The named sections; each records its wall time and the machine's load average at start."""
+    import os
+    res = {"machine": b.machine(), "sections": list(only)}
+    for name in only:
+        t0, load = time.perf_counter(), os.getloadavg()
+        if name == "memory":
+            r = memory()
+        elif name == "speed":
+            r = speed(out)
+        elif name == "sharding":
+            r = sharding(out / "offload")
+        elif name == "screen":
+            r = screen(out)
+        else:
+            raise ValueError(name)
+        res[name] = {**r, "wall_s": time.perf_counter() - t0, "loadavg_at_start": load}
+    return res
+
+
+def markdown(res: dict) -> str:
+    """The scale sections as docs/benchmarks.md tables."""
+    g = 2 ** 30
+    lines = []
+    if "memory" in res:
+        r = res["memory"]
+        lines += [f"### memory (wall {r['wall_s']:.0f} s, load average at start {r['loadavg_at_start'][0]:.1f})", "",
+                  "| model | LM layers | analysis | rows | tokens | measured MiB | predicted MiB | predicted / measured |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x in r["runs"]:
+            lines.append(f"| {x['model']} | {x['layers']} | {x['analysis']} | {x['rows']} | {x['seq_len']} | "
+                         f"{x['measured_bytes'] / 2 ** 20:.0f} | {x['predicted_bytes'] / 2 ** 20:.0f} | {x['ratio']:.2f} |")
+        lines += ["", "| model/analysis | measured MiB per LM layer | predicted MiB per LM layer |", "|---|---|---|"]
+        for k, v in r["linear"].items():
+            lines.append(f"| {k} | {v['measured_per_layer'] / 2 ** 20:.0f} | {v['predicted_per_layer'] / 2 ** 20:.0f} |")
+        p = r["report_llava7b"]
+        lines += ["", f"`spatialbias report` at LLaVA-1.5-7B shapes (bf16, 32 layers, {p['seq_len']} tokens; "
+                  f"weights {p['weights_bytes'] / g:.1f} GiB), memory model:", "",
+                  "| analysis | peak at 64 rows (GiB) | rows under 40 GiB | peak then (GiB) |", "|---|---|---|---|"]
+        for a, v in p["analyses"].items():
+            lines.append(f"| {a} | {v['peak_at_64_rows'] / g:.1f} | {v['rows_under_budget']} | "
+                         f"{v['peak_under_budget'] / g:.1f} |")
+    if "speed" in res:
+        r = res["speed"]
+        lines += ["", f"### speed (wall {r['wall_s']:.0f} s, load average at start {r['loadavg_at_start'][0]:.1f})",
+                  "", "| model | patches × items | resumed batched (s) | hand-written loop (s) | speed-up | max |Δ| |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in r.items():
+            if isinstance(v, dict) and "speedup" in v:
+                lines.append(f"| {k} | {v['patches']} × {v['items']} | {v['batched_s']:.2f} | {v['loop_s']:.2f} | "
+                             f"{v['speedup']:.1f}× | {v['max_abs_diff']:.1e} |")
+    if "sharding" in res:
+        r = res["sharding"]
+        lines += ["", "### sharding", "", "| tiny model | weights per place (bytes) | logits equal |", "|---|---|---|"]
+        for k, v in r.items():
+            if isinstance(v, dict) and "equal" in v:
+                lines.append(f"| {k} | {v['weights']} | {v['equal']} |")
+    if "screen" in res:
+        r = res["screen"]
+        lines += ["", f"### screen (organism, {r['items']} items, {r['patches']} patches; exact {r['exact_s']:.1f} s, "
+                  f"attribution {r['attribution_s']:.1f} s)", "",
+                  "| K | effects ≥ 5 % of the gap | missed by the top K | miss rate | missed |", "|---|---|---|---|---|"]
+        for v in r["ks"]:
+            lines.append(f"| {v['k']} | {v['effects']} | {v['missed']} | {v['miss_rate']:.2f} | "
+                         f"{', '.join(v['missed_patches']) or '—'} |")
+    return "\n".join(lines) + "\n"
