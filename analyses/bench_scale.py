@@ -26,27 +26,38 @@ from interp import patching
 SECTIONS = ("memory", "speed", "sharding", "screen")
 
 
-def memory(models=("llava15", "qwen25vl"), layers=(1, 2), analyses=b.MEMORY_ANALYSES, rows: int = 2,
-           parallel: int = 2, qwen_px: tuple[int, int] = (448, 448)) -> dict:
-    """Measured vs predicted peak (bytes above the loaded model) per model, layers and analysis,
-    ``parallel`` fresh processes at a time (one torch thread each). Qwen at ``qwen_px`` images
-    (the default 840 px canvas needs more RAM than this machine has to spare)."""
-    specs = [{"model": m, "layers": n, "analysis": a, "rows": 4 if a == "patching" else rows, "threads": 1,
-              "dtype": "bfloat16",
+def memory(models=("llava15", "qwen25vl"), layers=(2, 8), analyses=b.MEMORY_ANALYSES, rows: int = 2,
+           parallel: int = 2, qwen_px: tuple[int, int] = (448, 448), vision_layers: int = 2) -> dict:
+    """Measured vs predicted peak (bytes above the loaded model) per model, LM layers and analysis,
+    ``parallel`` fresh processes at a time (one torch thread each), the vision tower fixed at
+    ``vision_layers`` blocks so that the growth between the layer counts is the LM's per layer.
+    Qwen at ``qwen_px`` images (the default 840 px canvas needs more RAM than this machine has to
+    spare)."""
+    specs = [{"model": m, "layers": n, "vision_layers": vision_layers, "analysis": a,
+              "rows": 4 if a == "patching" else rows, "threads": 1, "dtype": "bfloat16",
               **({"image_px": list(qwen_px)} if m == "qwen25vl" else {})}
              for m in models for n in layers for a in analyses]
     with ThreadPoolExecutor(parallel) as pool:
         got = list(pool.map(b.measure_memory, specs))
-    linear = {}
-    for m in models:
-        for a in analyses:
-            r = {x["layers"]: x for x in got if x["model"] == m and x["analysis"] == a}
-            if len(r) >= 2:
-                lo, hi = min(r), max(r)
-                d = hi - lo
-                linear[f"{m}/{a}"] = {"measured_per_layer": (r[hi]["measured_bytes"] - r[lo]["measured_bytes"]) / d,
-                                      "predicted_per_layer": (r[hi]["predicted_bytes"] - r[lo]["predicted_bytes"]) / d}
-    return {"runs": got, "linear": linear, "report_llava7b": report_prediction()}
+    return {"runs": got, "linear": linear(got), "report_llava7b": report_prediction()}
+
+
+def linear(runs: list[dict], full: dict | None = None) -> dict:
+    """Per model/analysis with two or more LM layer counts: growth per LM layer, measured and
+    predicted, between the fewest and most layers, and both carried on to the model's full depth
+    (``full``: LLaVA-1.5-7B 32, Qwen2.5-VL-7B 28 layers) from the deepest run."""
+    full = full or {"llava15": 32, "qwen25vl": 28}
+    out = {}
+    for key in dict.fromkeys((x["model"], x["analysis"]) for x in runs):
+        r = {x["layers"]: x for x in runs if (x["model"], x["analysis"]) == key}
+        if len(r) < 2:
+            continue
+        lo, hi = min(r), max(r)
+        per = {k: (r[hi][f"{k}_bytes"] - r[lo][f"{k}_bytes"]) / (hi - lo) for k in ("measured", "predicted")}
+        n = full.get(key[0], hi)
+        out["/".join(key)] = {"measured_per_layer": per["measured"], "predicted_per_layer": per["predicted"],
+                              "layers": n, **{f"{k}_at_full": r[hi][f"{k}_bytes"] + (n - hi) * per[k] for k in per}}
+    return out
 
 
 def report_prediction(budget_gib: float = 40.0) -> dict:
@@ -162,9 +173,13 @@ def markdown(res: dict) -> str:
         for x in r["runs"]:
             lines.append(f"| {x['model']} | {x['layers']} | {x['analysis']} | {x['rows']} | {x['seq_len']} | "
                          f"{x['measured_bytes'] / 2 ** 20:.0f} | {x['predicted_bytes'] / 2 ** 20:.0f} | {x['ratio']:.2f} |")
-        lines += ["", "| model/analysis | measured MiB per LM layer | predicted MiB per LM layer |", "|---|---|---|"]
+        lines += ["", "| model/analysis | measured MiB per LM layer | predicted MiB per LM layer | all layers: "
+                  "measured (extrapolated) MiB | predicted MiB | predicted / measured |", "|---|---|---|---|---|---|"]
         for k, v in r["linear"].items():
-            lines.append(f"| {k} | {v['measured_per_layer'] / 2 ** 20:.0f} | {v['predicted_per_layer'] / 2 ** 20:.0f} |")
+            mib = [int(round(v[x] / 2 ** 20)) for x in ("measured_per_layer", "predicted_per_layer", "measured_at_full",
+                                                         "predicted_at_full")]
+            lines.append(f"| {k} | {mib[0]} | {mib[1]} | {mib[2]} ({v['layers']} layers) | {mib[3]} | "
+                         f"{v['predicted_at_full'] / max(v['measured_at_full'], 1):.2f} |")
         p = r["report_llava7b"]
         lines += ["", f"`spatialbias report` at LLaVA-1.5-7B shapes (bf16, 32 layers, {p['seq_len']} tokens; "
                   f"weights {p['weights_bytes'] / g:.1f} GiB), memory model:", "",
@@ -175,7 +190,7 @@ def markdown(res: dict) -> str:
     if "speed" in res:
         r = res["speed"]
         lines += ["", f"### speed (wall {r['wall_s']:.0f} s, load average at start {r['loadavg_at_start'][0]:.1f})",
-                  "", "| model | patches × items | resumed batched (s) | hand-written loop (s) | speed-up | max |Δ| |",
+                  "", "| model | patches × items | resumed batched (s) | hand-written loop (s) | speed-up | max abs. difference |",
                   "|---|---|---|---|---|---|"]
         for k, v in r.items():
             if isinstance(v, dict) and "speedup" in v:

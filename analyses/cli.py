@@ -116,7 +116,8 @@ def _print_estimate(p, out: Path) -> None:
         typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
     peak = est.groupby("analysis", sort=False).peak_GiB.max()
     if peak.notna().any():
-        typer.echo("predicted peak (weights + activations, GiB) per analysis: "
+        what = "activations" if p.settings.get("device_map") else "weights + activations"
+        typer.echo(f"predicted peak ({what}, GiB) per analysis: "
                    + ", ".join(f"{a} {v:.2f}" for a, v in peak.items() if v == v))
     for note in est.attrs.get("memory_notes", []):
         typer.echo(f"memory: {note}")

@@ -78,6 +78,13 @@ def estimate(plan: Plan, out: Path) -> pd.DataFrame:
 def _config(model_path: str) -> dict | None:
     from interp.load import ALIASES
     p = Path(ALIASES.get(model_path, model_path)) / "config.json"
+    if not p.is_file():  # a hub id: its config.json in the HF cache, if there (nothing is downloaded)
+        from huggingface_hub import try_to_load_from_cache
+        try:
+            got = try_to_load_from_cache(model_path, "config.json")
+        except Exception:  # noqa: BLE001 — not a valid repo id: no estimate
+            got = None
+        p = Path(got) if isinstance(got, str) else p
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -131,14 +138,18 @@ def memory_row(cond: Condition, settings: dict) -> tuple[int, int | None, str]:
     room = plan_budget(settings)
     limit = int(cond.options.get("batch_size", 64))
     kind = ANALYSIS_KIND.get(cond.analysis, "forward")
+    if settings.get("device_map"):  # weights placed by accelerate within max_memory; rows chosen after loading
+        return limit, activation_peak(s, kind, limit), (
+            f"{cond.model}: split by --device-map, so peak_GiB counts activations at {limit} rows only (the weights "
+            "are placed within --max-memory per device); the run chooses its rows from what the execution device "
+            "has free after loading")
     if room is None:
         return limit, s.weights + activation_peak(s, kind, limit), ""
-    placed = s.weights if not settings.get("device_map") else 0  # dispatched: weights already within max_memory
     try:
-        r = choose_rows(s, cond.analysis, room - placed, limit, f"{cond.model} {cond.analysis}")
+        r = choose_rows(s, cond.analysis, room - s.weights, limit, f"{cond.model} {cond.analysis}")
     except SpatialBiasError as e:
-        return 0, placed + activation_peak(s, kind, MIN_ROWS.get(kind, 1)), str(e)
-    return r, placed + activation_peak(s, kind, r), ""
+        return 0, s.weights + activation_peak(s, kind, MIN_ROWS.get(kind, 1)), str(e)
+    return r, s.weights + activation_peak(s, kind, r), ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,11 +182,19 @@ copy of a half-precision input and the fp32 output (fp32 maps: the output only, 
 INPUT_COPIES = 3
 """Copies of the step's pixel inputs (fp32, as the processor makes them) a step makes: placements
 joined, rows selected, rows prepared — large for Qwen (4.7 kB per 14 px patch)."""
-GRAD_SAVED_D, GRAD_SAVED_F = 6.0, 3.0
-"""Tensors autograd keeps per token of one LM block when gradients flow to activations only
-(parameters frozen, :func:`interp.attribution.frozen`): the two RMSNorm inputs in fp32 and their
-normalisers, SDPA's q, k, v and output (6 widths D); SiLU's input and the gate·up product's two
-factors (3 widths F). A vision block keeps the same share of its widths (6 Dv + 3 Fv)."""
+GRAD_NORM_BYTES = 8
+"""Bytes per width D autograd keeps per token of one LM block for its two RMSNorms (their inputs,
+upcast to fp32 whatever the model dtype: 2 × 4 bytes)."""
+GRAD_SAVED_D, GRAD_SAVED_KV, GRAD_SAVED_F = 4.0, 2.0, 3.0
+"""Widths (× dtype bytes) autograd keeps per token of one LM block when gradients flow to
+activations only (parameters frozen, :func:`interp.attribution.frozen`), beside the norms: SDPA's
+q and output (2 D) plus, for the attribution sites, the source's activation at the block and the
+gradient returned for it (2 D); SDPA's k and v at the key/value width (2 Dkv: not repeated for
+grouped-query attention); SiLU's input and the gate·up product's two factors (3 F). Counted with
+saved-tensor hooks on one Llama and one Qwen2 block in fp32 and bf16 (exact to 0.2 %), and per
+layer in the bench section ``memory`` (docs/benchmarks.md). A vision block keeps 6 Dv + 3 Fv
+(CLIP keeps 6 Dv + 2 Fv: an over-estimate there)."""
+GRAD_SAVED_DV, GRAD_SAVED_FV = 6.0, 3.0
 
 
 @dataclass(frozen=True)
@@ -300,7 +319,8 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
       forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a resumed batch
       of ``rows`` rows (a block's MLP, or its attention with the reused keys and values: 6 D + 4 Dkv);
     * ``attribution`` (``rows`` // 2 = g base rows through the graph, parameters frozen, the
-      source rows without it): per base row, token and LM block 6 D + 3 F kept for the backward,
+      source rows without it): per base row, token and LM block 8 bytes × D (the norms' fp32
+      inputs) + (4 D + 2 Dkv + 3 F)·b kept for the backward (see :data:`GRAD_SAVED_D`),
       per vision token and block 6 Dv + 3 Fv when the sites reach into the vision tower, plus
       the forward of the step.
     """
@@ -329,9 +349,9 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
         return int(kept + max(fwd(2 * c), resumed))
     if kind == "attribution":
         g = max(1, B // 2)
-        saved = g * s.lm_layers * L * (GRAD_SAVED_D * D + GRAD_SAVED_F * F) * b
+        saved = g * s.lm_layers * L * (GRAD_NORM_BYTES * D + (GRAD_SAVED_D * D + GRAD_SAVED_KV * Dkv + GRAD_SAVED_F * F) * b)
         if vision_sites:
-            saved += g * s.vision_layers * P * (GRAD_SAVED_D * Dv + GRAD_SAVED_F * Fv) * b
+            saved += g * s.vision_layers * P * (GRAD_SAVED_DV * Dv + GRAD_SAVED_FV * Fv) * b
         return int(saved + fwd(B))
     raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(sorted(set(ANALYSIS_KIND.values())))}")
 

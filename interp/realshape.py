@@ -39,22 +39,11 @@ def qwen25_vl_7b(lm_layers: int = 28, vision_layers: int = 32, dtype: torch.dtyp
                  device: str = "cpu"):
     """Qwen2.5-VL-7B: a 32-block windowed ViT (1280 wide) + merger + Qwen2 LM (3584 wide, 28
     layers, M-RoPE); an 840 px canvas gives 60×60 patches → 900 merged image tokens."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from interp.adapters.qwen import image_only_processor
     tok = tiny.tokenizer()
-    full = [i for i in (7, 15, 23, 31) if i < vision_layers] or [vision_layers - 1]
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=lm_layers,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                         vocab_size=152064, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id),
-        vision_config=dict(depth=vision_layers, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=112, fullatt_block_indexes=full),
-        **tiny._qwen_ids(tok))
-    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg = qwen25_vl_7b_config(lm_layers, vision_layers)
     model = _build(Qwen2_5_VLForConditionalGeneration, cfg, dtype, device)
     ip = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
@@ -76,4 +65,23 @@ def llava_15_7b_config(lm_layers: int = 32, vision_layers: int = 24, image_size:
                       vision_feature_layer=-2 if vision_layers > 1 else -1, vision_feature_select_strategy="default",
                       image_seq_length=n_img, projector_hidden_act="gelu")
     cfg.architectures = ["LlavaForConditionalGeneration"]
+    return cfg
+
+
+def qwen25_vl_7b_config(lm_layers: int = 28, vision_layers: int = 32):
+    """The Qwen2_5_VLConfig of :func:`qwen25_vl_7b` (no weights; the memory model reads it)."""
+    from transformers import Qwen2_5_VLConfig
+    tok = tiny.tokenizer()
+    full = [i for i in (7, 15, 23, 31) if i < vision_layers] or [vision_layers - 1]
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=lm_layers,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                         vocab_size=152064, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id),
+        vision_config=dict(depth=vision_layers, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=full),
+        **tiny._qwen_ids(tok))
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return cfg

@@ -129,6 +129,9 @@ def test_dtype_enters_ids_and_placement_does_not(probe_dir):
     code, placed = _dry(["--device-map", "auto", "--max-memory", "cpu=8GiB", "--offload-folder",
                          str(probe_dir / "off")], probe_dir)
     assert code == 0 and _ids(placed) == _ids(plain), placed  # placement changes no number: same conditions
+    # a split model's weights are placed by accelerate: the dry run counts activations only, and says so
+    assert "predicted peak (activations, GiB)" in placed and "split by --device-map" in placed, placed
+    assert "predicted peak (weights + activations, GiB)" in plain, plain
 
 
 def test_max_memory_too_small_names_the_flag(probe_dir):
@@ -182,3 +185,27 @@ def tiny_probe_eval(probe_dir):
         df = pd.read_parquet(probe_dir / name / "results.parquet")
         out[name] = df.sort_values(["metric", "cell"]).reset_index(drop=True)[["metric", "cell", "value"]]
     return out
+
+
+def test_dry_run_reads_a_hub_models_config_from_the_hf_cache(tmp_path):
+    """A hub id (no local folder) gets its memory estimate from config.json in the HF cache, read
+    where huggingface_hub keeps it (refs/main → snapshots/<rev>/); nothing is downloaded."""
+    import os
+    import subprocess
+    import sys
+
+    from interp import realshape
+    snap = tmp_path / "hub" / "models--someone--llava-7b" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    realshape.llava_15_7b_config(32, 24).save_pretrained(snap)
+    (tmp_path / "hub" / "models--someone--llava-7b" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--llava-7b" / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", "someone/llava-7b", "--dry-run",
+                        "--dtype", "bfloat16", "--max-memory", "40GiB", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
+    # 7B in bf16 is 13.2 GiB of weights; under --max-memory 40GiB every analysis's peak stays below it
+    values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
+    assert all(13 < v <= 40 for v in values), peaks

@@ -39,7 +39,7 @@ def _commands():
     for lang, src in BLOCKS:
         if lang != "bash":
             continue
-        for line in src.splitlines():
+        for line in src.replace("\\\n", " ").splitlines():  # a line ending in \ continues
             cmd = line.split("#", 1)[0].strip()
             if cmd:
                 yield cmd

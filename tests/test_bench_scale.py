@@ -1,0 +1,85 @@
+"""The scale benchmark's arithmetic and the memory model's claims that the README quotes.
+
+* ``linear``: per-layer growth between the fewest and most LM layers and its carry to full depth;
+* the memory model's per-block autograd term equals what autograd really keeps (saved-tensor
+  hooks on one Llama and one Qwen2 block, fp32 and bf16, frozen parameters): the bug this
+  catches is the one found by the bench (the norms' fp32 inputs counted at the model dtype);
+* ``spatialbias report`` at LLaVA-1.5-7B shapes fits 40 GiB (the README's claim);
+* the sharding section on the tiny models (accelerate CPU/disk split, logits equal).
+"""
+import pytest
+import torch
+
+from analyses import bench_scale as bs, estimate
+
+
+def test_linear_slope_and_full_depth():
+    runs = [{"model": "llava15", "analysis": "patching", "layers": n, "measured_bytes": 100 + 10 * n,
+             "predicted_bytes": 90 + 12 * n} for n in (2, 8)]
+    runs.append({"model": "llava15", "analysis": "eval", "layers": 2, "measured_bytes": 5, "predicted_bytes": 5})
+    got = bs.linear(runs)
+    assert set(got) == {"llava15/patching"}  # one layer count: no slope
+    r = got["llava15/patching"]
+    assert r["measured_per_layer"] == 10 and r["predicted_per_layer"] == 12 and r["layers"] == 32
+    assert r["measured_at_full"] == 100 + 10 * 32 and r["predicted_at_full"] == 90 + 12 * 32
+
+
+def _saved_bytes_per_token(layer, x, **kw) -> float:
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, **kw)
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    skip |= {t.untyped_storage().data_ptr() for t in kw["position_embeddings"]}
+    return sum(v for k, v in seen.items() if k not in skip) / x.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attribution_term_is_what_autograd_keeps(arch, dtype):
+    """Per token of one LM block: the memory model's autograd term (less the 2 D the attribution
+    sites add: source activation and returned gradient, outside the block) equals the bytes of the
+    tensors autograd saves with frozen parameters, to 1 %."""
+    if arch == "llama":
+        from transformers import LlamaConfig as Config
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer as Layer, LlamaRotaryEmbedding as Rot
+        D, F, H, KV = 256, 688, 4, 4
+    else:
+        from transformers import Qwen2Config as Config
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer as Layer, Qwen2RotaryEmbedding as Rot
+        D, F, H, KV = 448, 1216, 7, 1  # grouped-query: k and v at the key/value width
+    cfg = Config(hidden_size=D, intermediate_size=F, num_attention_heads=H, num_key_value_heads=KV)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = Layer(cfg, 0).to(dtype)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    L = 40
+    x = torch.randn(1, L, D, dtype=dtype, requires_grad=True)
+    pos = torch.arange(L)[None]
+    got = _saved_bytes_per_token(layer, x, attention_mask=None, position_ids=pos, position_embeddings=Rot(cfg)(x, pos))
+    b, Dkv = torch.finfo(dtype).bits // 8, KV * (D // H)
+    model = (estimate.GRAD_NORM_BYTES * D
+             + ((estimate.GRAD_SAVED_D - 2) * D + estimate.GRAD_SAVED_KV * Dkv + estimate.GRAD_SAVED_F * F) * b)
+    assert model == pytest.approx(got, rel=0.01), (got, model)
+
+
+def test_report_at_llava_7b_shapes_fits_40_gib():
+    r = bs.report_prediction(40.0)
+    assert 13 * 2 ** 30 < r["weights_bytes"] < 14 * 2 ** 30  # 7B parameters in bf16
+    for a, v in r["analyses"].items():
+        assert v["rows_under_budget"] >= estimate.MIN_ROWS.get(estimate.ANALYSIS_KIND[a], 1), a
+        assert v["peak_under_budget"] <= 40 * 2 ** 30, (a, v)
+    assert r["analyses"]["attribution"]["peak_at_64_rows"] > 40 * 2 ** 30  # the budget is what makes it fit
+
+
+def test_sharding_section_on_the_tiny_models(tmp_path):
+    got = bs.sharding(tmp_path)
+    assert set(got) == {"llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3"}
+    for name, v in got.items():
+        assert v["equal"] and set(v["weights"]) == {"cpu", "disk"}, (name, v)
+    md = bs.markdown({"sharding": got})
+    assert md.count("| True |") == 5
