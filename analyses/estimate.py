@@ -182,16 +182,21 @@ copy of a half-precision input and the fp32 output (fp32 maps: the output only, 
 INPUT_COPIES = 3
 """Copies of the step's pixel inputs (fp32, as the processor makes them) a step makes: placements
 joined, rows selected, rows prepared — large for Qwen (4.7 kB per 14 px patch)."""
-GRAD_NORM_BYTES = 8
-"""Bytes per width D autograd keeps per token of one LM block for its two RMSNorms (their inputs,
-upcast to fp32 whatever the model dtype: 2 × 4 bytes)."""
+GRAD_NORM_BYTES = 4
+"""Bytes per width autograd keeps per token for each RMSNorm of an LM block: its input, upcast to
+fp32 whatever the model dtype (Llama / Qwen2 blocks have 2 norms of width D; Gemma3 blocks 4, plus
+per-head norms of q and k: 4 × (Dq + Dkv) more)."""
+BLOCK_NORMS = {"gemma3": 4}
+"""RMSNorms of width D per LM block where not 2 (Gemma3: before and after attention and MLP)."""
+QK_NORM = ("gemma3",)
+"""Model types whose attention normalises q and k per head."""
 GRAD_SAVED_D, GRAD_SAVED_KV, GRAD_SAVED_F = 4.0, 2.0, 3.0
 """Widths (× dtype bytes) autograd keeps per token of one LM block when gradients flow to
 activations only (parameters frozen, :func:`interp.attribution.frozen`), beside the norms: SDPA's
-q and output (2 D) plus, for the attribution sites, the source's activation at the block and the
+q and output (2 Dq, Dq = heads × head dim, D but for Gemma3) plus, for the attribution sites, the source's activation at the block and the
 gradient returned for it (2 D); SDPA's k and v at the key/value width (2 Dkv: not repeated for
 grouped-query attention); SiLU's input and the gate·up product's two factors (3 F). Counted with
-saved-tensor hooks on one Llama and one Qwen2 block in fp32 and bf16 (exact to 0.2 %), and per
+saved-tensor hooks on one Llama, Qwen2 and Gemma3 block in fp32 and bf16 (within 2 %), and per
 layer in the bench section ``memory`` (docs/benchmarks.md). A vision block keeps 6 Dv + 3 Fv
 (CLIP keeps 6 Dv + 2 Fv: an over-estimate there)."""
 GRAD_SAVED_DV, GRAD_SAVED_FV = 6.0, 3.0
@@ -223,6 +228,8 @@ class Shapes:
     keeps_vision_states: bool = False
     vision_attn_live: float = 7.0
     pixel_bytes: int = 0
+    block_norms: int = 2
+    qk_norm: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict, dtype: str = "float32", image_px: tuple[int, int] = (336, 336),
@@ -245,6 +252,7 @@ class Shapes:
                 seq_len=n_img + text_tokens, vision_tokens=n_vis, image_tokens=n_img, bytes=DTYPE_BYTES[dtype],
                 weights=0, keeps_vision_states="vision_feature_layer" in cfg,
                 vision_attn_live=VISION_ATTN_LIVE.get(cfg.get("model_type", ""), 7.0),
+                block_norms=BLOCK_NORMS.get(cfg.get("model_type", ""), 2), qk_norm=cfg.get("model_type") in QK_NORM,
                 pixel_bytes=_pixel_bytes(cfg, v, n_vis))
         return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
 
@@ -319,8 +327,9 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
       forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a resumed batch
       of ``rows`` rows (a block's MLP, or its attention with the reused keys and values: 6 D + 4 Dkv);
     * ``attribution`` (``rows`` // 2 = g base rows through the graph, parameters frozen, the
-      source rows without it): per base row, token and LM block 8 bytes × D (the norms' fp32
-      inputs) + (4 D + 2 Dkv + 3 F)·b kept for the backward (see :data:`GRAD_SAVED_D`),
+      source rows without it): per base row, token and LM block the norms' fp32 inputs (8 bytes
+      × D for Llama and Qwen) + (2 Dq + 2 D + 2 Dkv + 3 F)·b kept for the backward
+      (:func:`lm_block_saved`),
       per vision token and block 6 Dv + 3 Fv when the sites reach into the vision tower, plus
       the forward of the step.
     """
@@ -349,11 +358,20 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
         return int(kept + max(fwd(2 * c), resumed))
     if kind == "attribution":
         g = max(1, B // 2)
-        saved = g * s.lm_layers * L * (GRAD_NORM_BYTES * D + (GRAD_SAVED_D * D + GRAD_SAVED_KV * Dkv + GRAD_SAVED_F * F) * b)
+        saved = g * s.lm_layers * L * lm_block_saved(s)
         if vision_sites:
             saved += g * s.vision_layers * P * (GRAD_SAVED_DV * Dv + GRAD_SAVED_FV * Fv) * b
         return int(saved + fwd(B))
     raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(sorted(set(ANALYSIS_KIND.values())))}")
+
+
+def lm_block_saved(s: Shapes, sites: bool = True) -> int:
+    """Bytes autograd keeps per token of one LM block with frozen parameters (see
+    :data:`GRAD_SAVED_D`); ``sites``: with the 2 D the attribution sites keep beside it."""
+    Dq, Dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    norms = GRAD_NORM_BYTES * (s.block_norms * s.width + (Dq + Dkv if s.qk_norm else 0))
+    widths = (GRAD_SAVED_D - 2) * Dq + (2 * s.width if sites else 0) + GRAD_SAVED_KV * Dkv + GRAD_SAVED_F * s.ffn
+    return int(norms + widths * s.bytes)
 
 
 MIN_ROWS = {"patching": 3, "attribution": 2}
