@@ -21,3 +21,19 @@ def paper_probe(folder, n_items: int = 2, size: int = 60, ext: str = "jpg"):
                                      "answer": "Yes"}))
     (folder / "probe.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def mirrored_pair(m, n: int = 3, size: int = 48, questions=None):
+    """Two placements of ``n`` tiny images for a loaded model ``m``: as drawn (clean) and mirrored
+    on both axes (corrupt, so each item's content moves to the opposite cell), with the same
+    prompts (``questions``, default "what is this ?" for every row); answer candidates cat/dog/red
+    and each row's correct one (cycling). Returns (clean, corrupt, correct (n,), candidates)."""
+    import torch
+
+    from interp import tiny
+    imgs = [tiny.image(size, size, seed=s) for s in range(n)]
+    qs = list(questions) if questions is not None else [m.prompt("what is this ?")] * n
+    clean = m.inputs(imgs, qs)
+    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], qs)
+    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
+    return clean, corrupt, torch.tensor([cands[i % 3] for i in range(n)]), cands

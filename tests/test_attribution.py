@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import interp
+from helpers import mirrored_pair
 from interp import attribution as A
 from interp import patching, tiny
 from interp.errors import SpatialBiasError
@@ -14,13 +15,7 @@ from interp.tracing import trace
 @pytest.fixture(scope="module")
 def llava():
     m = interp.load(*tiny.build_llava())
-    n = 3
-    imgs = [tiny.image(48, 48, seed=s) for s in range(n)]
-    clean = m.inputs(imgs, [m.prompt("what is this ?")] * n)
-    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], [m.prompt("what is this ?")] * n)
-    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    correct = torch.tensor([cands[i % 3] for i in range(n)])
-    return m, clean, corrupt, correct, cands
+    return (m, *mirrored_pair(m, 3))
 
 
 def _effects(df):

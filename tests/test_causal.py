@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import interp
+from helpers import mirrored_pair
 from interp import attention, attribution, patching, tiny
 from interp.interventions import PositionSwap
 
@@ -11,13 +12,7 @@ from interp.interventions import PositionSwap
 def make(name, n=3):
     model, proc = tiny.BUILDERS[name]()
     m = interp.load(model, proc)
-    imgs = [tiny.image(48, 48, seed=s) for s in range(n)]
-    clean = m.inputs(imgs, [m.prompt("what is this ?")] * n)
-    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], [m.prompt("what is this ?")] * n)
-    tok = m.tokenizer
-    cands = [tok.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    correct = torch.tensor([cands[i % 3] for i in range(n)])
-    return m, clean, corrupt, correct, cands
+    return (m, *mirrored_pair(m, n))
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2vl"])

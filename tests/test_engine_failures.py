@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import interp
+from helpers import mirrored_pair
 from interp import attention, patching, tiny
 from interp.errors import SpatialBiasError
 from interp.tracing import trace
@@ -15,11 +16,7 @@ def _pair(name, n=2, size=64):
     """Two placements of ``n`` items (the second mirrored), prompts equal; answer candidates."""
     model, proc = tiny.BUILDERS[name]()
     m = interp.load(model, proc)
-    imgs = [tiny.image(size, size, seed=s) for s in range(n)]
-    clean = m.inputs(imgs, [m.prompt("what is this ?")] * n)
-    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], [m.prompt("what is this ?")] * n)
-    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    return m, clean, corrupt, torch.tensor([cands[i % 3] for i in range(n)]), cands
+    return (m, *mirrored_pair(m, n, size))
 
 
 # 1. Qwen2.5-VL's merger output is in vision-window order: cell masks must follow the site's own token order.

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import interp
+from helpers import mirrored_pair
 from analyses import causal, estimate, memory
 from interp import attention, attribution, patching, tiny
 from spatialbias.errors import SpatialBiasError
@@ -21,12 +22,8 @@ def setup(request):
     model, proc = tiny.BUILDERS[request.param]()
     m = interp.load(model, proc)
     n = 5
-    imgs = [tiny.image(48, 48, seed=s) for s in range(n)]
     qs = [m.prompt("what is this ?"), m.prompt("what is this a picture of ?")] * 3
-    clean = m.inputs(imgs, qs[:n])
-    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], qs[:n])
-    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    correct = torch.tensor([cands[i % 3] for i in range(n)])
+    clean, corrupt, correct, cands = mirrored_pair(m, n, questions=qs[:n])
     pairs = causal.Pairs(clean=clean, corrupt=corrupt, correct=correct, candidates=cands, targets=[(0, 8)] * n,
                          ids=list(range(n)), clean_cell=0, corrupt_cell=8, grid=(3, 3))
     return m, pairs

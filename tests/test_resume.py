@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import interp
+from helpers import mirrored_pair
 from interp import attention, patching, tiny
 from interp.dispatch import capture_lm, forward, resume
 from interp.errors import SpatialBiasError
@@ -28,12 +29,8 @@ NAMES = list(tiny.BUILDERS)
 def make(name, n=3, dtype=None):
     model, proc = tiny.BUILDERS[name]()
     m = interp.load(model if dtype is None else model.to(dtype), proc)
-    imgs = [tiny.image(48, 48, seed=s) for s in range(n)]
     qs = [m.prompt("what is this ?"), m.prompt("what is this a picture of ?"), m.prompt("what is this ?")][:n]
-    clean = m.inputs(imgs, qs)  # rows of different lengths: left padding, real masks
-    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], qs)
-    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    return m, clean, corrupt, torch.tensor([cands[i % 3] for i in range(n)]), cands
+    return (m, *mirrored_pair(m, n, questions=qs))  # rows of different lengths: left padding, real masks
 
 
 @pytest.fixture(scope="module", params=NAMES)

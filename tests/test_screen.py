@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import interp
+from helpers import mirrored_pair
 from interp import attribution, patching, screen, tiny
 from spatialbias.errors import SpatialBiasError
 
@@ -15,11 +16,7 @@ from spatialbias.errors import SpatialBiasError
 def setup():
     m = interp.load(*tiny.build_llava())
     n = 3
-    imgs = [tiny.image(48, 48, seed=s) for s in range(n)]
-    clean = m.inputs(imgs, [m.prompt("what is this ?")] * n)
-    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], [m.prompt("what is this ?")] * n)
-    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    correct = torch.tensor([cands[i % 3] for i in range(n)])
+    clean, corrupt, correct, cands = mirrored_pair(m, n)
     ps = patching.default_patches(m)
     return m, (corrupt, clean, ps, correct, cands, [(0, 8)] * n)
 
