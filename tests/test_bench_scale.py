@@ -96,3 +96,14 @@ def test_sharding_section_on_the_tiny_models(tmp_path):
         assert v["equal"] and set(v["weights"]) == {"cpu", "disk"}, (name, v)
     md = bs.markdown({"sharding": got})
     assert md.count("| True |") == 5
+
+
+@pytest.mark.parametrize("only", ["foo", "memory,foo", ","])
+def test_bench_only_refuses_unknown_sections_with_one_line(only, tmp_path):
+    from typer.testing import CliRunner
+
+    from analyses.cli import app
+    r = CliRunner().invoke(app, ["bench", "--only", only, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and r.output.strip().startswith("error: --only"), r.output
+    assert len(r.output.strip().splitlines()) == 1 and "memory, speed, sharding, screen" in r.output
+    assert not (tmp_path / "b").exists()  # nothing written
