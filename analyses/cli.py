@@ -90,6 +90,10 @@ def _settings(batch_size: int, device: str | None, dtype: str | None, trust_remo
     return out
 
 
+DRY_RUN_CANVAS = 336
+"""Probe side a dry run plans with when the model's files are not here to size it (the paper's)."""
+
+
 def _run_and_report(cfg: dict, out: Path, where: str, progress: bool, dry_run: bool = False) -> dict | None:
     """Plan → runner → report, the one data path every command takes. Returns the summary (None
     for a dry run, which prints the plan and its cost instead)."""
@@ -164,9 +168,16 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
     if from_dir is not None:
         typer.echo(f"wrote {rep.build(from_dir)}")
         return
-    from interp.load import checkpoint_folder
-    folder = checkpoint_folder(model)
-    organism = folder is not None and (folder / "training.json").is_file()
+    from interp.load import probe_canvas
+    canvas = None
+    if probe is None:
+        try:
+            canvas = probe_canvas(model, trust_remote_code)
+        except SpatialBiasError as e:
+            if not dry_run:
+                raise
+            canvas = DRY_RUN_CANVAS  # a dry run of a hub id not in the cache: plan with the paper's size
+            typer.echo(f"note: {e}; the dry run plans a {canvas} px probe")
     if causal and probe is not None:
         from analyses.causal import probe_grid
         from probes.format import find_probe, read_rows
@@ -180,15 +191,16 @@ def report(model: str = typer.Option("organism", help="'organism', a local check
     cfg = pl.demo(model, probe, n_items=n_items, lambdas=_floats(lambdas), seed=seed, causal=causal,
                   causal_items=causal_items, settings=_settings(batch_size, device, dtype, trust_remote_code, device_map,
                                                                       max_memory, offload_folder),
-                  organism=organism)
+                  canvas=canvas)
     s = _run_and_report(cfg, out, "spatialbias report", progress, dry_run)
     if s is None:
         return
-    for run in s["runs"]:
-        typer.echo(run["conclusion"])
-        if run.get("causal_conclusion"):
-            typer.echo(run["causal_conclusion"])
-    typer.echo(f"wrote {out / 'index.html'}, {out / 'summary.json'}, {out / 'figures'}")
+    for run in s["runs"]:  # the page's top: the verdict and the diagnosis; the rest is in the report
+        typer.echo(run["verdict"])
+        if run.get("diagnosis"):
+            typer.echo(run["diagnosis"]["text"])
+    typer.echo(f"wrote {out / 'index.html'} (verdict, figures, then the numbers in detail), {out / 'summary.json'}, "
+               f"{out / 'figures'}")
 
 
 @app.command("eval")
@@ -399,9 +411,11 @@ def probe_build(out: Path = typer.Option(..., help="Output folder."),
                 boxes: Optional[int] = typer.Option(None, help="Irregular kind: boxes per canvas (default: the grid's "
                                                     "cell count)."),
                 cell_px: int = typer.Option(16, help="Shapes only: cell size in pixels (16: the organism's 48 px)."),
-                progress: bool = typer.Option(True, help="Show a progress bar.")):
+                progress: bool = typer.Option(True, help="Show a progress bar."),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
     """Build a grid probe: every item at every position (rows in the paper's JSONL format;
     other grids, shift and irregular rows add grid, box and canvas keys; docs/probes.md)."""
+    _threads(threads)
     from probes.build import KINDS, caption_probe, shapes_probe
     from probes.format import parse_grid
     if n < 1:
@@ -459,8 +473,10 @@ def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (r
                  items: int = typer.Option(200, help="Held-out probe items (each at all 9 cells)."),
                  probe_seed: int = typer.Option(12345, help="Seed of the held-out probe."),
                  cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
-                                                      "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+                                                      "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias)."),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
     """Train (once, cached) and measure zoo organisms: per-cell accuracy, range, chi-square, BaPA."""
+    _threads(threads)
     from analyses.organisms.recipes import RECIPES
     from analyses.organisms.runs import campaign, markdown_table
     names = list(RECIPES) if recipes == "all" else [] if recipes == "none" else \
@@ -487,10 +503,12 @@ def zoo(out: Path = typer.Option(..., help="Run folder (resumable): results.parq
         lambdas: str = typer.Option("0.25,0.5,1,2", help="AGCI λ values."),
         executor: str = typer.Option("local", help="'local' or 'ray'."),
         cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
-                                             "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+                                             "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias)."),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
     """Organism zoo: train or load each organism, run eval (baseline, BaPA, AGCI) and patching
     (activation, position-id, vision-side) through the sweep runner, and score the automatic
     diagnosis against where each bias was planted."""
+    _threads(threads)
     from analyses.organisms.recipes import RECIPES
     from analyses.organisms.zoo_table import markdown, run
     names = list(RECIPES) if recipes == "all" else [r.strip() for r in recipes.split(",") if r.strip()]
@@ -512,9 +530,11 @@ def finetune(out: Path = typer.Option(..., help="Output folder: lora/ and lora-b
              steps: int = typer.Option(300, help="LoRA steps (300: the zoo's cached lora / lora-bapa recipes)."),
              items: int = typer.Option(200, help="Probe items (each at all 9 cells)."),
              cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
-                                                  "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias).")):
+                                                  "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias)."),
+        threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
     """Lightweight fine-tuning of the planted-lm organism on uniform target cells: no fine-tuning
     vs LoRA vs LoRA with BaPA active, accuracy and range with 95% intervals under baseline and BaPA."""
+    _threads(threads)
     from analyses.organisms.finetune import markdown, run
     tab = run(out, seed=seed, steps=steps, items=items, cache_dir=cache)
     typer.echo(markdown(tab, seed, steps))

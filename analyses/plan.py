@@ -311,10 +311,11 @@ def _probes(cfg: dict, base: Path, out: Path, where: str):
 
 def demo(model: str = "organism", probe: str | os.PathLike | None = None, n_items: int | None = None,
          lambdas=None, seed: int | None = None, causal: bool = True, causal_items: int | None = None,
-         settings: dict | None = None, organism: bool | None = None) -> dict[str, Any]:
+         settings: dict | None = None, canvas: int | None = None) -> dict[str, Any]:
     """The demo (``spatialbias report --model M``): ``analyses/sweeps/demo.toml`` with the given
-    overrides, as a mapping for :func:`from_mapping`. A model that is not an organism gets a
-    336 px probe (112 px cells) instead of the organism's 48 px one."""
+    overrides, as a mapping for :func:`from_mapping`. ``canvas``: the built probe's side in
+    pixels (:func:`interp.load.probe_canvas`, what the model's processor takes as drawn; 48 for
+    the organism), drawn as a 3×3 grid of ``canvas // 3`` px cells."""
     cfg = tomllib.loads(DEMO.read_text(encoding="utf-8"))
     if model != "organism":
         cfg["models"] = {Path(str(model)).name or str(model): str(model)}
@@ -326,8 +327,8 @@ def demo(model: str = "organism", probe: str | os.PathLike | None = None, n_item
             spec["n"] = n_items
         if seed is not None:
             spec["seed"] = seed
-        if organism is False:
-            spec["cell_px"] = 112
+        if canvas is not None:
+            spec["cell_px"] = int(canvas) // 3
         cfg["probes"] = {"shapes": spec}
     if lambdas is not None:  # the causal analyses take λ = 0.5 when it is among them, else the first
         lams = [float(x) for x in lambdas]

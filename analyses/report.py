@@ -52,9 +52,7 @@ class FigureSpec:
 
 
 SECTIONS = (
-    ("summary", "Summary", None),
-    ("conditions", "Conditions", "Eval scalars per model × probe × condition (mean over seeds; ± sd across seeds "
-                                 "when there are several)."),
+    ("verdict", "Verdict", None),
     ("cell-accuracy", "Accuracy per grid cell", "Per-cell accuracy on the probe's grid, one panel per condition."),
     ("range-accuracy", "Range vs mean accuracy", "One point per condition, coloured by family."),
     ("agci-lambda", "AGCI: accuracy and range against λ", "Fixed λ as lines, adaptive AGCI as marked points, "
@@ -65,12 +63,18 @@ SECTIONS = (
                                         "token group, between the baseline's best and worst cell."),
     ("position-patching", "Position-id patching", "Share of the gap restored by giving the target's image tokens "
                                                   "their clean position ids, all layers and per layer."),
-    ("knockout", "Attention knockout", "Drop of the logit difference when the question tokens cannot attend to a "
+    ("knockout", "Attention knockout", "Change of the logit difference when the question tokens cannot attend to a "
                                        "cell, per layer and in all layers."),
     ("attention-flow", "Attention flow", "Attention from the last token to the target's cell at each placement, "
                                          "and to every cell per layer."),
+    ("details", "Numbers in detail", None),
     ("reproduce", "Reproduce", None),
 )
+"""The page top-down: the verdict (what was measured, the answer, the diagnosis) with the
+per-cell maps right under it, then one section per figure family, then the tables and the
+numbers in words folded under "Numbers in detail", then how to reproduce."""
+TEXT_SECTIONS = ("verdict", "details", "reproduce")
+"""Sections that are text and tables, never skipped for want of figures."""
 
 
 def load_results(src: str | Path) -> pd.DataFrame:
@@ -118,7 +122,14 @@ def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[lis
         for col in notna:
             d = d[d[col].notna()]
         return d
-    for m, p in pairs(has("eval", "accuracy", cell=1)):
+    cells = has("eval", "accuracy", cell=1)
+    for m, p in summ.runs(cells):  # in the order the verdict lists the runs
+        present = set(cells[(cells.model == m) & (cells.probe == p)].intervention)
+        shown = [iv for iv in ("baseline", "bapa") if iv in present]
+        if shown:
+            specs.append(FigureSpec("verdict", "verdict_cells_" + _slug(m, p), "cell_heatmaps",
+                                    {"model": m, "probe": p, "intervention": shown}, f"{m} · {p}"))
+    for m, p in pairs(cells):
         specs.append(FigureSpec("cell-accuracy", "cell_accuracy_" + _slug(m, p), "cell_heatmaps",
                                 {"model": m, "probe": p}, f"{m} · {p}"))
     scal = has("eval", ["mean_accuracy", "range"])
@@ -156,10 +167,8 @@ def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[lis
                                     {"model": m, "probe": p}, f"per layer and cell · {m} · {p}", details="flow"))
     for s in specs:
         s.caption = s.caption or figures.caption(s.function)
-    if figures.conditions_table(df).empty:
-        skipped["conditions"] = "no eval scalars (mean_accuracy, range, …) in this run."
     for anchor, _, _ in SECTIONS:
-        if anchor not in ("summary", "conditions", "reproduce") and not any(s.section == anchor for s in specs):
+        if anchor not in TEXT_SECTIONS and not any(s.section == anchor for s in specs):
             skipped[anchor] = "no rows for it in this run (its analysis was not run, or has too little to show)."
     return specs, skipped
 
@@ -189,34 +198,61 @@ def _fmt(v, fmt=".3f") -> str:
     return "—" if v is None or pd.isna(v) else f"{v:{fmt}}"
 
 
-def _run_html(run: dict) -> str:
+def _warnings_html(run: dict, full: bool = False) -> str:
+    """The model's provenance notes: an organism's planted bias (one line, or with ``full`` its
+    recipe's description and training), a random-weight model."""
     e = html.escape
-    parts = [f"<h3>{e(run['model'])} · {e(run['probe'])}</h3>"]
+    parts = []
     org, note = run.get("organism"), run.get("model_note")
     if org:
-        parts.append(f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', 'planted-lm')))}).</b> "
-                     f"{e(str(org.get('description', 'Its spatial bias was planted by its training data.')))} "
-                     f"Trained from seed {org.get('seed')} on {org.get('threads')} thread(s) for {org.get('steps')} "
-                     "steps. It says nothing about pretrained LVLMs.</p>")
+        more = (f"{e(str(org.get('description', '')))} Trained from seed {org.get('seed')} on {org.get('threads')} "
+                f"thread(s) for {org.get('steps')} steps. " if full else "")
+        parts.append(f"<p class='warn'><b>Model organism ({e(str(org.get('recipe', 'planted-lm')))}):</b> its spatial "
+                     f"bias was planted by its training data. {more}It says nothing about pretrained LVLMs.</p>")
     if note:
         head = "Random weights." if note.get("random_weights") else "Note on this model."
         parts.append(f"<p class='warn'><b>{e(head)}</b> {e(str(note.get('note', '')))}</p>")
+    return "".join(parts)
+
+
+def measured(run: dict) -> str:
+    """What was measured, in one line: items × positions, conditions, analyses, seeds."""
     r, c = run["grid"]
     n_items = next((x.get("n_items") for x in run["conditions"].values() if x.get("n_items")), None)
-    parts.append(f"<p>{'' if n_items is None else f'{int(n_items)} items × '}{r * c} positions ({r}×{c} grid) · "
-                 f"seeds {', '.join(map(str, run['seeds']))} · model <code>{e(str(run.get('model_path')))}</code> · "
-                 f"probe <code>{e(str(run.get('probe_path')))}</code></p>")
-    parts.append(f"<p>{e(run['conclusion'])}</p>")
+    conds = ", ".join(run["conditions"]) or "none"
+    analyses = ["eval"] * bool(run["conditions"]) + [k for k in ("patching", "knockout", "flow", "attribution")
+                                                     if run["causal"].get(k)]
+    return (f"{'' if n_items is None else f'{int(n_items)} items × '}{r * c} positions ({r}×{c} grid); conditions "
+            f"{conds}; analyses {', '.join(analyses)}; seeds {', '.join(map(str, run['seeds']))}.")
+
+
+def _verdict_html(run: dict) -> str:
+    """The top of a run: its name, what was measured, the warnings, the verdict and the diagnosis."""
+    e = html.escape
+    parts = [f"<div class='verdict'><h3>{e(run['model'])} · {e(run['probe'])}</h3>",
+             f"<p class='measured'>Measured: {e(measured(run))}</p>", _warnings_html(run),
+             f"<p class='answer'><b>{e(run.get('verdict') or '')}</b></p>"]
+    if run.get("diagnosis"):
+        parts.append(f"<p>{e(run['diagnosis']['text'])} <span class='rule'>(rule: analyses/diagnosis.py)</span></p>")
+    return "".join(parts) + "</div>"
+
+
+def _details_html(run: dict) -> str:
+    """One run's numbers folded under its name: the results in words, per-condition and per-cell
+    tables, a probe sample and the causal findings."""
+    e = html.escape
+    parts = [f"<p>Model <code>{e(str(run.get('model_path')))}</code> · probe <code>{e(str(run.get('probe_path')))}"
+             f"</code></p>", _warnings_html(run, full=True), f"<p>{e(run['conclusion'])}</p>"]
     if run.get("causal_conclusion"):
         parts.append(f"<p>{e(run['causal_conclusion'])}</p>")
-    if run.get("diagnosis"):
-        parts.append(f"<p><b>{e(run['diagnosis']['text'])}</b> (rule: analyses/diagnosis.py)</p>")
     conds = run["conditions"]
     if conds:
         cols = [("mean_accuracy", "mean acc"), ("mean_p_correct", "mean p(correct)"), ("range", "range"),
-                ("std", "std"), ("cv", "CV"), ("chi2_p", "χ² p"), ("consistency", "consistency")]
+                ("std", "std"), ("cv", "CV"), ("paired_p", "paired p"), ("chi2_p", "χ² p"),
+                ("consistency", "consistency")]
+        cols = [(k, h) for k, h in cols if any(c.get(k) is not None for c in conds.values())]
         rows = "".join(f"<tr><td>{e(iv)}</td>" + "".join(
-            f"<td>{_fmt(c.get(k), '.2g' if k == 'chi2_p' else '.3f')}</td>" for k, _ in cols) + "</tr>"
+            f"<td>{_fmt(c.get(k), '.2g' if k.endswith('_p') else '.3f')}</td>" for k, _ in cols) + "</tr>"
             for iv, c in conds.items())
         parts.append("<table><tr><th>condition</th>" + "".join(f"<th>{e(h)}</th>" for _, h in cols) + f"</tr>{rows}</table>")
         from probes.format import grid_positions
@@ -233,7 +269,8 @@ def _run_html(run: dict) -> str:
                        f"<td>{_fmt(f['ci_low'])} – {_fmt(f['ci_high'])}</td></tr>" for f in run["findings"])
         parts.append("<p>Causal findings (95% bootstrap intervals over items):</p><table><tr><th>claim</th>"
                      f"<th>condition</th><th>value</th><th>interval</th></tr>{rows}</table>")
-    return "".join(parts)
+    return (f"<details><summary>{e(run['model'])} · {e(run['probe'])}: results in words, per-condition and "
+            f"per-cell tables, causal findings</summary>{''.join(parts)}</details>")
 
 
 def _sd_fmt(v, sd, fmt=".3f") -> str:
@@ -309,9 +346,13 @@ CSS = ('body{font-family:sans-serif;max-width:1150px;margin:2em auto;line-height
        'pre{background:#f5f5f5;padding:8px;overflow-x:auto;font-size:12px}'
        'figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:12px;color:#333}code{word-break:break-all}'
        '.skip{background:#f0f0f0;padding:6px;border-left:4px solid #999}'
-       '.warn{background:#fff4d6;padding:8px;border-left:4px solid #e0a800}nav ol{margin:0.2em 0}'
+       '.warn{background:#fff4d6;padding:8px;border-left:4px solid #e0a800}'
        '.sample{display:flex;flex-wrap:wrap;gap:6px}.thumb{margin:0;text-align:center;font-size:11px}'
-       '.thumb img{width:96px;image-rendering:pixelated;border:1px solid #ccc}')
+       '.thumb img{width:96px;image-rendering:pixelated;border:1px solid #ccc}'
+       'nav ol{display:flex;flex-wrap:wrap;gap:0 1.2em;padding:0;margin:0.2em 0;list-style:none;font-size:13px}'
+       '.verdict{border-left:5px solid #2a6;background:#f3faf5;padding:4px 12px;margin:0.6em 0}'
+       '.verdict h3{margin:0.3em 0}.answer{font-size:17px}.measured,.rule{color:#444;font-size:13px}'
+       'details{margin:0.6em 0}summary{cursor:pointer;font-weight:bold}')
 
 
 def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], pngs: dict[str, bytes],
@@ -321,20 +362,32 @@ def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], 
     toc, body = [], []
     for anchor, heading, blurb in SECTIONS:
         mine = [s for s in specs if s.section == anchor]
-        sub = "".join(f"<li><a href='#fig-{e(s.stem)}'>{e(s.title)}</a></li>" for s in mine)
-        toc.append(f"<li><a href='#{anchor}'>{e(heading)}</a>" + (f"<ol>{sub}</ol>" if sub else "") + "</li>")
-        body.append(f"<section id='{anchor}'><h2>{e(heading)}</h2>")
+        if anchor not in skipped:
+            toc.append(f"<li><a href='#{anchor}'>{e(heading)}</a></li>")
         if anchor in skipped:
-            body.append(f"<p class='skip'>Skipped: {e(skipped[anchor])}</p></section>")
             continue
+        body.append(f"<section id='{anchor}'><h2>{e(heading)}</h2>")
         if blurb:
             body.append(f"<p>{e(blurb)}</p>")
-        if anchor == "summary":
+        if anchor == "verdict":
+            for r in summary["runs"]:
+                body.append(_verdict_html(r))
+                body.extend(_figure_html(x, pngs[x.stem], src) for x in mine
+                            if (x.kwargs.get("model"), x.kwargs.get("probe")) == (r["model"], r["probe"]))
+            mine = []  # drawn beside their runs
+        elif anchor == "details":
             n = df.condition_id.nunique()
             body.append(f"<p>{n} conditions · {len(df)} result rows · <code>{e(str(src / 'results.parquet'))}</code></p>")
-            body.extend(_run_html(r) for r in summary["runs"])
-        elif anchor == "conditions":
-            body.append(_conditions_html(figures.conditions_table(df)))
+            table = figures.conditions_table(df)
+            if not table.empty:
+                body.append("<details><summary>Conditions: eval scalars per model × probe × condition (mean over "
+                            "seeds; ± sd across seeds when there are several)</summary>"
+                            f"{_conditions_html(table)}</details>")
+            body.extend(_details_html(r) for r in summary["runs"])
+            if skipped:
+                headings = {a: h for a, h, _ in SECTIONS}
+                body.append("<p class='skip'>Not in this run: " + "; ".join(
+                    f"{e(headings[a])} ({e(why)})" for a, why in skipped.items()) + "</p>")
         elif anchor == "reproduce":
             plan = src / "plan.json"
             body.append("<p>Each figure above is one call on the run's tables; in Python or a notebook run "
@@ -350,7 +403,7 @@ def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], 
 <title>Spatial bias report: {e(title)}</title>
 <style>{CSS}</style></head><body>
 <h1>Spatial bias report</h1>
-<nav id="toc"><h2>Contents</h2><ol>{''.join(toc)}</ol></nav>
+<nav id="toc"><ol>{''.join(toc)}</ol></nav>
 {''.join(body)}
 </body></html>
 """

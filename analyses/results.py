@@ -90,7 +90,6 @@ def demo(model: str = "organism", out: str | os.PathLike = "out/demo", progress:
     """The demo plan (:func:`analyses.plan.demo`: ``analyses/sweeps/demo.toml`` with overrides such
     as ``probe=``, ``n_items=``, ``lambdas=``, ``causal=``, ``causal_items=``) run into ``out``."""
     from analyses import plan as pl
-    from interp.load import checkpoint_folder
-    folder = checkpoint_folder(model)
-    organism = folder is not None and (folder / "training.json").is_file()
-    return run(pl.demo(model, organism=organism, **overrides), out, progress=progress)
+    from interp.load import probe_canvas
+    canvas = None if overrides.get("probe") is not None else probe_canvas(model)
+    return run(pl.demo(model, canvas=canvas, **overrides), out, progress=progress)

@@ -95,10 +95,34 @@ def build_probes(plan: Plan, out: Path, progress: bool = True) -> None:
         atomic_write_text(stamp, want)
 
 
+class SharedFailure(PlanError):
+    """A failure every condition of a model would hit (its weights do not load, a probe does not
+    fit it): the run stops at once with this one line; what finished before stays in the store."""
+
+
+def preflight(lvlm, conditions: list[Condition]) -> None:
+    """One row of each probe through the model, unintervened, before any condition runs: a probe
+    the model cannot take (image size, answer tokens, prompt) fails here, once, as a
+    :class:`SharedFailure`, instead of once per condition."""
+    from analyses.evaluate import check_probe, score_probe
+    for c in {c.probe_path: c for c in conditions}.values():
+        good, _ = check_probe(c.probe_path, images=False)
+        if not good:
+            continue  # the eval condition reports an empty probe itself
+        try:
+            score_probe(lvlm, c.probe_path, {"baseline": []}, batch_size=1, progress=False, rows=[good[0][1]])
+        except SpatialBiasError as e:
+            raise SharedFailure(f"model {c.model} cannot take probe {c.probe}: {e} — every condition on this pair "
+                                "would fail the same way, so nothing ran; build the probe for this model (omit "
+                                "--probe to let the report build one) or pass another model") from None
+
+
 def run_group(conditions: list[Condition], settings: dict, progress: bool = False
               ) -> Iterator[tuple[Condition, tuple | str, float]]:
-    """Load the group's model once and run its conditions; yields (condition, (rows, details) or an
-    error line, seconds). A condition that fails with the toolkit's own error is reported, not fatal."""
+    """Load the group's model once, check that it takes each probe (:func:`preflight`), and run
+    its conditions; yields (condition, (rows, details) or an error line, seconds). A condition
+    that fails with the toolkit's own error is reported, not fatal; a failure every condition
+    shares (the model does not load, a probe does not fit it) raises :class:`SharedFailure`."""
     import torch
 
     import interp
@@ -117,9 +141,8 @@ def run_group(conditions: list[Condition], settings: dict, progress: bool = Fals
         from analyses.memory import budget
         room = budget(lvlm, settings.get("max_memory"))
     except SpatialBiasError as e:
-        for c in conditions:
-            yield c, str(e), 0.0
-        return
+        raise SharedFailure(f"model {conditions[0].model}: {e}") from None
+    preflight(lvlm, conditions)
     ctx = Context(batch_size=settings.get("batch_size", 64), progress=progress, budget=room)
     for c in conditions:
         t0 = time.perf_counter()

@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-EVAL_SCALARS = ("mean_accuracy", "mean_p_correct", "range", "std", "cv", "chi2", "chi2_p", "consistency", "n_rows",
-                "n_items", "lambda_mean", "accuracy_prefix", "accuracy_robust")
+EVAL_SCALARS = ("mean_accuracy", "mean_p_correct", "range", "range_debiased", "spread", "std", "cv", "chi2",
+                "chi2_p", "paired_stat", "paired_p", "consistency", "n_rows", "n_items", "lambda_mean",
+                "accuracy_prefix", "accuracy_robust")
+ALPHA = 0.01
+"""The homogeneity test's level for the verdict's "biased" / "no significant bias" (as the diagnosis')."""
 
 
 def _f(x) -> float | None:
@@ -42,7 +45,7 @@ def eval_block(d: pd.DataFrame) -> dict:
         s = scal.groupby("metric")["value"].mean()
         block = {k: _f(s[k]) for k in EVAL_SCALARS if k in s.index}
         ci = scal.groupby("metric")[["ci_low", "ci_high"]].mean()
-        for k in ("mean_accuracy", "range"):
+        for k in ("mean_accuracy", "range", "spread"):
             if k in ci.index and pd.notna(ci.loc[k, "ci_low"]):
                 block[f"{k}_ci"] = [_f(ci.loc[k, "ci_low"]), _f(ci.loc[k, "ci_high"])]
         cells = x[x.cell.notna()].groupby(["metric", "cell"])[["value", "ci_low", "ci_high"]].mean()
@@ -127,6 +130,7 @@ def build(src: str | Path, df: pd.DataFrame | None = None) -> dict:
                                  for how, g in sim.groupby("group")}
         run["diagnosis"] = _diagnosis(df, model, probe, run.get("organism"))
         run["findings"] = findings(run)
+        run["verdict"] = verdict(run)
         run["conclusion"] = conclusion(run)
         run["causal_conclusion"] = causal_conclusion(run)
         out_runs.append(run)
@@ -171,6 +175,61 @@ def _num(x: dict | None, fmt: str = "+.2f") -> str:
         return "n/a"
     ci = "" if x.get("ci_low") is None else f" [{x['ci_low']:{fmt}}, {x['ci_high']:{fmt}}]"
     return f"{x['value']:{fmt}}{ci}"
+
+
+def homogeneity_p(c: dict) -> tuple[float | None, str]:
+    """(p, its name) of a condition's primary homogeneity test: the paired (within-item) test
+    where the table has it, else the χ² test of older tables."""
+    if c.get("paired_p") is not None:
+        return c["paired_p"], "paired test p"
+    return c.get("chi2_p"), "χ² p"
+
+
+def _range_text(c: dict) -> str:
+    ci = c.get("range_ci")
+    return f"{c['range']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else "")
+
+
+def verdict(run: dict) -> str:
+    """The run's answer in two or three sentences, for the top of the report: is there a spatial
+    bias under the baseline (primary homogeneity test at :data:`ALPHA`), and what BaPA and AGCI do
+    to the range across cells. Every number from the run's eval block."""
+    conds = {k: v for k, v in run["conditions"].items() if v.get("range") is not None}
+    if not conds:
+        return "No eval results in this run: nothing to conclude about spatial bias."
+    name = "baseline" if "baseline" in conds else next(iter(conds))
+    b = conds[name]
+    p, test = homogeneity_p(b)
+    n_cells = run["grid"][0] * run["grid"][1]
+    if p is None:
+        head = f"{name}: accuracy ranges {_range_text(b)} across the {n_cells} cells (no homogeneity test in the table)."
+    elif p < ALPHA:
+        head = (f"Spatially biased ({name}): accuracy ranges {_range_text(b)} across the {n_cells} cells "
+                f"({test} {p:.2g} < {ALPHA:g}); mean accuracy {b['mean_accuracy']:.3f}.")
+    else:
+        head = (f"No significant spatial bias ({name}): {test} {p:.2g} ≥ {ALPHA:g}; accuracy ranges "
+                f"{_range_text(b)} across the {n_cells} cells; mean accuracy {b['mean_accuracy']:.3f}.")
+    note = ("[Random-weight model: these numbers measure the pipeline, not a model.] "
+            if (run.get("model_note") or {}).get("random_weights") else
+            "[Model organism: its bias was planted by its training data; not a fact about pretrained LVLMs.] "
+            if run.get("organism") else "")
+    return note + head + (f" {interventions_text(conds, name)}" if len(conds) > 1 else "")
+
+
+def interventions_text(conds: dict, base: str = "baseline") -> str:
+    """BaPA's range and test, and AGCI's ranges and mean accuracies over λ, in one sentence."""
+    out = []
+    for iv, c in conds.items():
+        if iv != base and c["family"] != "agci":
+            q, qt = homogeneity_p(c)
+            out.append(f"{iv}: range {_range_text(c)}" + (f" ({qt} {q:.2g})" if q is not None else "")
+                       + f", mean {c['mean_accuracy']:.3f}")
+    agci = [(iv, c) for iv, c in conds.items() if c["family"] == "agci"]
+    if agci:
+        lams, rng, acc = (" / ".join(x) for x in zip(*[(iv.split(":", 1)[-1], f"{c['range']:.3f}",
+                                                         f"{c['mean_accuracy']:.3f}") for iv, c in agci]))
+        out.append(f"AGCI λ {lams}: range {rng}, mean {acc}")
+    return "; ".join(out) + "." if out else ""
 
 
 def conclusion(run: dict) -> str:

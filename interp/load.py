@@ -167,6 +167,21 @@ def read_config(name: str, trust_remote_code: bool = False):
     return cfg, adapters.for_class(archs[0])
 
 
+def probe_canvas(name: Any, trust_remote_code: bool = False) -> int:
+    """Side in pixels of a square probe this checkpoint's processor takes as drawn (its adapter's
+    :meth:`~interp.adapters.Adapter.probe_canvas`), read from the config and processor files
+    alone. One error line where no 3×3 grid fits (a processor that does not resize and a side
+    that 3 does not divide)."""
+    cfg, adapter = read_config(name, trust_remote_code)
+    src = ALIASES.get(str(name), str(name))
+    ip = _processor(adapter, src, trust_remote_code).image_processor
+    side = adapter.probe_canvas(cfg, ip)
+    if side % 3 and getattr(ip, "do_resize", True) is False:
+        raise SpatialBiasError(f"{name}: its processor does not resize and its {side} px images do not split into "
+                               "a 3×3 grid of whole pixels; pass a probe built for it (--probe)")
+    return side
+
+
 def _processor(adapter, src: Any, trust_remote_code: bool):
     try:
         proc = adapter.load_processor(src, trust_remote_code)

@@ -1,7 +1,10 @@
 """The committed notebooks execute top to bottom against the bundled organism, and carry their
-current outputs: every text and table output equals a fresh run's, and every figure a cell draws
-is in the committed notebook as an image (``make notebooks`` refreshes them)."""
+current outputs: every text and table output equals a fresh run's — its words exactly, its numbers
+as numbers, within a tolerance that another CPU feature level or thread count cannot cross (one
+unit of the last printed digit plus 1e-3 relative) — and every figure a cell draws is in the
+committed notebook as an image (``make notebooks`` refreshes them)."""
 import importlib.util
+import re
 from pathlib import Path
 
 import nbformat
@@ -34,6 +37,48 @@ def _outputs(nb):
     return cells
 
 
+NUMBER = re.compile(r"(?<![\w.])[-−]?\d+(?:\.(\d+))?(?:[eE]([-+]?\d+))?(?![\w])")
+"""A printed number standing alone (not part of a hash or a name): sign, digits, decimals, exponent."""
+REL = 1e-3
+
+
+def _numbers(text: str) -> tuple[list[str], list[tuple[float, float]]]:
+    """(the words between the numbers, [(value, one unit of its last printed digit, None for an integer)])."""
+    words, nums, last = [], [], 0
+    for m in NUMBER.finditer(text):
+        words.append(text[last:m.start()])
+        if m.group(1) is None and m.group(2) is None:  # an integer (a count, a cell, a layer): exact
+            nums.append((float(m.group(0).replace("−", "-")), None))
+        else:
+            unit = 10.0 ** (int(m.group(2) or 0) - len(m.group(1) or ""))
+            nums.append((float(m.group(0).replace("−", "-")), unit))
+        last = m.end()
+    words.append(text[last:])
+    return words, nums
+
+
+def same_output(fresh: str, committed: str) -> bool:
+    """The same words, and every number equal to within one unit of its last printed digit plus
+    :data:`REL` of its size: a float rounding the other way on another CPU passes, a changed
+    result does not."""
+    (w1, n1), (w0, n0) = _numbers(fresh), _numbers(committed)
+    return w1 == w0 and len(n1) == len(n0) and all(
+        a == b if ua is None or ub is None else abs(a - b) <= max(ua, ub) + REL * max(abs(a), abs(b))
+        for (a, ua), (b, ub) in zip(n1, n0))
+
+
+def test_outputs_compare_as_numbers_within_a_printed_digit():
+    assert same_output("logit −3.811046 at cell 4", "logit −3.811047 at cell 4")  # the newcomer's CPU
+    assert same_output("p = 1.2e-05", "p = 1.3e-05") and same_output("acc 0.74", "acc 0.75")
+    assert not same_output("acc 0.74", "acc 0.77")  # a real change of a two-digit number
+    assert not same_output("logit −3.811046", "logit −3.821046")
+    assert not same_output("logit −3.811046", "logit 3.811046")  # a sign
+    assert not same_output("cell 4 best", "cell 5 best") and not same_output("range 0.28", "mean 0.28")
+    assert not same_output("a 1 b 2", "a 1 b")  # a number missing
+    assert same_output("id e932d0503dfa", "id e932d0503dfa") and not same_output("id e932d0503dfa",
+                                                                                "id e932d0503dfb")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_and_its_committed_outputs_are_current(path):
     fresh = execute.execute(path)
@@ -42,7 +87,8 @@ def test_notebook_runs_and_its_committed_outputs_are_current(path):
     assert not any(t.startswith("ERROR") for texts, _ in got for t in texts), "a cell raised"
     assert len(got) == len(want), "the committed notebook has other cells: run `make notebooks`"
     for k, ((t1, img1), (t0, img0)) in enumerate(zip(got, want)):
-        assert t1 == t0, f"cell {k + 1}: outputs changed; run `make notebooks` and commit"
+        assert len(t1) == len(t0) and all(same_output(a, b) for a, b in zip(t1, t0)), \
+            f"cell {k + 1}: outputs changed; run `make notebooks` and commit"
         assert img1 == img0, f"cell {k + 1}: a figure is missing from the committed notebook; run `make notebooks`"
     if any(img for _, img in got):  # notebooks that draw show their figures inline
         assert any(img for _, img in want)

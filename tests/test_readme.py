@@ -1,4 +1,4 @@
-"""Every code block of the README runs as written.
+"""Every code block of the README and of the guide it points to (docs/guide.md) runs as written.
 
 * ```python blocks run in order in one fresh interpreter (cwd: a temporary folder; the organism
   and tiny models only, nothing downloaded).
@@ -16,8 +16,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = [ROOT / "README.md", ROOT / "docs" / "guide.md"]
+README = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+
+
+def test_the_readme_is_one_screen_that_points_onwards():
+    """What the toolkit does, the two commands, one picture and where to go next; the rest lives in
+    docs/ (its code blocks are tested here too), and every link leads somewhere."""
+    text = DOCS[0].read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 60
+    assert "make demo" in text and "make test" in text
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(pictures) == 1 and (ROOT / pictures[0]).is_file()
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)\)", doc.read_text(encoding="utf-8")):
+            if not target.startswith("http"):
+                assert (doc.parent / target).exists(), (doc.name, target)
 
 
 def test_the_readme_has_code_blocks():

@@ -172,9 +172,6 @@ def parse(page: Path) -> Page:
     return p
 
 
-SECTION_HEADINGS = [h for _, h, _ in sweep_report.SECTIONS]
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """The full synthetic sweep, reported once through the CLI."""
@@ -188,15 +185,20 @@ def sweep(tmp_path_factory):
 def test_page_structure(sweep):
     page = sweep / "index.html"
     p = parse(page)
-    assert p.h2 == ["Contents"] + SECTION_HEADINGS
-    assert p.toc_links and all(a in p.ids for a in p.toc_links)
-    assert {a for a, *_ in sweep_report.SECTIONS} <= set(p.toc_links)
     specs, skipped = sweep_report.plan_figures(pd.read_parquet(sweep / "results.parquet"), {})
     assert set(skipped) == {"probe-side", "knockout"}  # no similarity / occlusion / shift / knockout rows here
-    assert {s.section for s in specs} == {a for a, *_ in sweep_report.SECTIONS} - {
-        "summary", "conditions", "reproduce", "probe-side", "knockout"}
-    # 3 (model, probe) heatmaps; scatter; λ; denoise + noise; positions; attention
-    assert len(specs) == len(p.imgs) == 3 + 1 + 1 + 2 + 1 + 1
+    shown = [a for a, *_ in sweep_report.SECTIONS if a not in skipped]
+    assert p.h2 == [h for a, h, _ in sweep_report.SECTIONS if a in shown]  # top-down: verdict first, no TOC heading
+    assert p.h2[0] == "Verdict" and p.h2[-2:] == ["Numbers in detail", "Reproduce"]
+    assert p.toc_links == shown and all(a in p.ids for a in p.toc_links)
+    assert {s.section for s in specs} == set(shown) - {"details", "reproduce"}
+    # verdict maps (baseline vs BaPA) of 3 (model, probe); 3 heatmaps; scatter; λ; denoise + noise; positions; attention
+    assert len(specs) == len(p.imgs) == 3 + 3 + 1 + 1 + 2 + 1 + 1
+    verdict = [s for s in specs if s.section == "verdict"]
+    assert [s.kwargs["intervention"] for s in verdict] == [["baseline", "bapa"]] * 3
+    text = (sweep / "index.html").read_text(encoding="utf-8")
+    assert "Not in this run: Probe-side checks" in text and "Attention knockout (no rows" in text
+    assert text.index("class='verdict'") < text.index("<img") < text.index("<details>")  # verdict, figure, tables
     for img in p.imgs:
         assert img["src"].startswith("data:image/png;base64,")
         im = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1], validate=True)))
@@ -214,7 +216,8 @@ def test_labels_escaped(sweep):
     text = (sweep / "index.html").read_text(encoding="utf-8")
     p = parse(sweep / "index.html")
     assert "<script" not in text and "<b>bold" not in text
-    assert "script" not in p.tags and p.tags.count("b") == len(p.imgs)  # only the captions' own <b>
+    verdicts = (sweep / "index.html").read_text(encoding="utf-8").count("class='verdict'")
+    assert "script" not in p.tags and p.tags.count("b") == len(p.imgs) + verdicts  # captions' and verdicts' own <b>
     assert html.escape(NASTY) in text
     body = "".join(p.text)
     assert NASTY in body and "agci:0.5" in body and "agci-adaptive:cos_spread:1" in body
@@ -286,13 +289,15 @@ def test_eval_only_sweep_skips_the_causal_sections(tmp_path):
     d = write_sweep(tmp_path / "ev", df[(df.model == "organism") & df.intervention.isin(["baseline", "agci:0.5"])])
     page = sweep_report.build(d)
     p = parse(page)
-    assert p.h2 == ["Contents"] + SECTION_HEADINGS and all(a in p.ids for a in p.toc_links)
+    assert p.h2 == ["Verdict", "Accuracy per grid cell", "Range vs mean accuracy", "AGCI: accuracy and range against λ",
+                    "Numbers in detail", "Reproduce"] and all(a in p.ids for a in p.toc_links)
     text = page.read_text(encoding="utf-8")
     for anchor in ("patching", "position-patching", "attention-flow", "knockout", "probe-side"):
-        assert f"<section id='{anchor}'><h2>" in text
-        assert text.split(f"<section id='{anchor}'>")[1].split("</section>")[0].count("Skipped: no ") == 1
-    assert "± " not in text.split("id='conditions'")[1].split("<table>")[1].split("</table>")[0]  # one seed
-    assert len(p.imgs) == 2 + 1 + 1  # shapes and wide heatmaps, scatter, λ
+        assert f"<section id='{anchor}'>" not in text and f"href='#{anchor}'" not in text
+    skipped = text.split("Not in this run: ")[1].split("</p>")[0]
+    assert skipped.count("(no rows for it in this run") == 5
+    assert "± " not in text.split("<summary>Conditions")[1].split("<table>")[1].split("</table>")[0]  # one seed
+    assert len(p.imgs) == 2 + 2 + 1 + 1  # verdict maps (baseline only) and heatmaps of shapes and wide, scatter, λ
 
 
 def test_figure_filters_and_errors():
@@ -316,7 +321,7 @@ def test_figure_filters_and_errors():
 def test_plan_without_eval_skips_the_eval_sections():
     df = synthetic_results(seeds=(0,))
     specs, skipped = sweep_report.plan_figures(df[df.analysis != "eval"], {})
-    assert set(skipped) == {"conditions", "cell-accuracy", "range-accuracy", "agci-lambda", "probe-side", "knockout"}
+    assert set(skipped) == {"cell-accuracy", "range-accuracy", "agci-lambda", "probe-side", "knockout"}
     assert [s.function for s in specs] == ["restoration_heatmaps"] * 2 + ["position_restoration",
                                                                           "attention_to_target"]
     assert all("no " in why for why in skipped.values())
@@ -373,6 +378,44 @@ def screenshot(page: Path, shot: Path, profile: Path, width: int = DISPLAY_WIDTH
     with Image.open(shot) as im:
         assert im.format == "PNG" and im.size == (width, height)
         return np.asarray(im.convert("L"), float)
+
+
+FIRST_SCREEN = (1280, 900)
+"""A laptop's browser window: what a reader sees before scrolling."""
+LAYOUT_PROBE = """<script>window.addEventListener('load', () => {
+  const box = e => e ? e.getBoundingClientRect() : null, v = box(document.querySelector('.verdict')),
+        img = document.querySelector('#verdict figure img'), f = box(img);
+  document.body.setAttribute('data-layout', JSON.stringify({verdict: v && [v.top, v.bottom],
+    figure: f && [f.top, f.bottom], loaded: !!img && img.complete && img.naturalHeight > 0}));
+});</script>"""
+
+
+def layout(page: Path, tmp: Path, size: tuple[int, int] = FIRST_SCREEN) -> dict:
+    """Where the first verdict box and the verdict's first figure lie in a ``size`` window (CSS
+    pixels from the top), measured by headless Chromium on a copy of the page with a probe script."""
+    import re
+    probe = tmp / "layout.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", LAYOUT_PROBE + "</body>"), encoding="utf-8")
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+           "--force-device-scale-factor=1", f"--user-data-dir={tmp / 'profile-layout'}", f"--window-size={size[0]},{size[1]}",
+           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-layout="([^"]*)"', r.stdout)
+    assert r.returncode == 0 and m, r.stderr[-2000:]
+    return json.loads(html.unescape(m.group(1)))
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium (chromium / chromium-browser) installed: the HTML "
+                    "structure tests still run; .ci/run installs it where apt works")
+def test_first_screen_shows_the_verdict_and_a_figure(sweep, tmp_path):
+    """At 1280 × 900 the reader sees, without scrolling, the first run's verdict box whole and the
+    verdict's per-cell map (baseline vs BaPA) whole, drawn."""
+    pos = layout(sweep / "index.html", tmp_path)
+    assert pos["loaded"], pos
+    assert 0 < pos["verdict"][0] < pos["verdict"][1] <= pos["figure"][0] < pos["figure"][1] <= FIRST_SCREEN[1], pos
+    shot = screenshot(sweep / "index.html", tmp_path / "first.png", tmp_path / "profile", *FIRST_SCREEN)
+    top, bottom = int(pos["figure"][0]), int(pos["figure"][1])
+    assert (shot[top:bottom] < 200).mean() > 0.1  # the heatmap's coloured squares are on the screen
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium (chromium / chromium-browser) installed: the HTML "

@@ -162,6 +162,13 @@ class Adapter:
         return AutoProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
 
     # ---------------------------------------------------------------- images
+    def probe_canvas(self, config: Any, image_processor: Any) -> int:
+        """Side in pixels of the square canvas a built probe is drawn at so that this model's
+        processor takes it as drawn: the vision tower's native ``image_size`` (a processor that
+        does not resize, like the organism's, needs exactly that). Architectures with dynamic
+        resolution override it."""
+        return int(config.vision_config.image_size)
+
     def image_views(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[list[View]]:
         """For every image of the batch, in processor order: its token views in LM sequence order."""
         raise NotImplementedError

@@ -17,6 +17,9 @@ import torch
 from interp.adapters.base import Adapter, View, raster_fields
 from interp.adapters.llava import LM, LM_SHAPES
 
+PROBE_SIDE = 336
+"""The probe side a dynamic-resolution model is given (LLaVA-1.5's and the paper's 336 px)."""
+
 
 def image_only_processor(image_processor, tokenizer, chat_template=None):
     """Qwen2-VL's processor without its video processor, which needs torchvision (unusable with
@@ -42,6 +45,18 @@ class QwenAdapter(Adapter):
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
         ip = AutoImageProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
         return image_only_processor(ip, tok, chat_template=getattr(tok, "chat_template", None) or _template(src))
+
+    def probe_canvas(self, config, image_processor):
+        """Dynamic resolution: the side nearest :data:`PROBE_SIDE` that is a whole number of merged
+        tokens per grid cell (a multiple of 3 × patch × merge) and whose area the processor keeps
+        as drawn (within its ``min_pixels``…``max_pixels``, ``size`` shortest/longest edge)."""
+        vc = config.vision_config
+        unit = 3 * int(vc.patch_size) * int(vc.spatial_merge_size)
+        size = getattr(image_processor, "size", None) or {}
+        lo = int(size.get("shortest_edge") or getattr(image_processor, "min_pixels", 0) or 0)
+        hi = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or 0)
+        sides = [k * unit for k in range(1, 64) if (k * unit) ** 2 >= lo and (not hi or (k * unit) ** 2 <= hi)]
+        return min(sides, key=lambda s: abs(s - PROBE_SIDE)) if sides else unit
 
     def image_views(self, model, inputs):
         m = model.config.vision_config.spatial_merge_size
