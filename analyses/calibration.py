@@ -26,7 +26,7 @@ from analyses.metrics import cell_metrics, cohen_h_range, paired_test
 
 N_CELLS = 9
 BASE_LOGIT = 1.0
-"""Mean item logit: population accuracy about 0.70 under a flat profile with ``ITEM_SD``."""
+"""Mean item logit: population accuracy 0.671 under a flat profile with ``ITEM_SD``."""
 ITEM_SD = 1.5
 """SD of the item difficulty (logits): many items are right (or wrong) at every placement."""
 SHAPES = ("gradient", "one_cell")
