@@ -9,7 +9,10 @@ The decision rule (fixed before the zoo was scored under it; see docs/zoo.md)
 Inputs, all from one (model, probe) and the diagnosed condition ``c`` (``"baseline"`` unless
 the model was trained with BaPA position ids, when its own condition is ``"bapa"``):
 
-* ``p`` = the χ² homogeneity p of per-cell accuracy under ``c`` (eval);
+* ``p`` = the paired homogeneity p of per-cell accuracy under ``c`` (eval ``paired_p``:
+  Cochran's Q over items × cells, an item's nine placements paired; docs/statistics.md); a
+  results table written before that metric existed has only the χ² p (``chi2_p``, which treats
+  the placements as independent and is far too conservative), and the rule then reads that;
 * ``P`` = position-id restoration, all layers (patching, ``position_restoration``, layer null):
   the corrupt run with the target's image tokens given their clean position ids, as a share of
   the clean − corrupt logit-difference gap, with its item-bootstrap 95 % interval [P.lo, P.hi];
@@ -33,7 +36,7 @@ Rule (``ALPHA`` = 0.01, ``MOST`` = 0.5):
    ``"both"`` when ``P.lo ≥ MOST`` and ``V.lo ≥ MOST``; ``"wide"`` otherwise (an interval
    straddles ``MOST``: more items would decide it).
 
-The BaPA range (eval under ``bapa``, with its interval and χ² p) is reported beside the label
+The BaPA range (eval under ``bapa``, with its interval and paired p) is reported beside the label
 as corroboration and is not part of the rule. ``ALPHA`` = 0.01 rather than 0.05 because a zoo
 scores tens of runs and a 5 % false alarm per null run would, by design, call a bias in one of
 every twenty; ``MOST`` = 0.5 is "most of the gap".
@@ -85,10 +88,13 @@ def condition_of(training: dict | None) -> str:
 def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baseline") -> dict:
     """The diagnosis of one (model, probe) of a results table under ``condition``.
 
-    Returns {label, note, condition, numbers: {range, chi2_p, bapa_range, bapa_chi2_p,
-    position_restoration, vision_restoration}, text}; each number with ``value``/``ci_low``/
-    ``ci_high`` where it has an interval. Rows of the lowest plan seed are used. Refuses (one
-    line) when the eval or patching rows the rule needs are missing."""
+    Returns {label, note, condition, numbers: {condition_range, range_debiased, p, test,
+    chi2_p, paired_p, bapa_range, bapa_range_debiased, bapa_p, bapa_chi2_p,
+    position_restoration, vision_restoration}, text}; each range / restoration with
+    ``value``/``ci_low``/``ci_high`` (the range's interval is the calibrated ``range_ci``, about
+    the debiased range); ``p`` is the p the rule read and ``test`` its name (``"paired"``, or
+    ``"chi2"`` for a table without ``paired_p`` rows). Rows of the lowest plan seed are used.
+    Refuses (one line) when the eval or patching rows the rule needs are missing."""
     d = df[(df.model == model) & (df.probe == probe)]
     if d.empty:
         raise SpatialBiasError(f"diagnosis: no rows for model {model!r}, probe {probe!r}")
@@ -96,26 +102,41 @@ def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baselin
     ev = d[(d.analysis == "eval") & d.cell.isna()]
     pa = d[(d.analysis == "patching") & (d.intervention == condition)]
     e = ev[ev.intervention == condition]
-    rng, chi = _row(e, metric="range"), _row(e, metric="chi2_p")
-    if rng is None or chi is None:
+    rng, chi, paired = _row(e, metric="range"), _row(e, metric="chi2_p"), _row(e, metric="paired_p")
+    if rng is None or (chi is None and paired is None):
         raise SpatialBiasError(f"diagnosis of {model} / {probe}: no eval rows under {condition!r}; run the eval "
                                f"analysis with the {condition} condition")
     pos = _row(pa, metric="position_restoration", layer=None)
     vis = _row(pa, metric="restoration_denoise", site="lm.input", group="moved")
     b = ev[ev.intervention == "bapa"]
-    numbers = {"condition_range": rng, "chi2_p": chi["value"], "bapa_range": _row(b, metric="range"),
-               "bapa_chi2_p": (_row(b, metric="chi2_p") or {}).get("value"),
+    test, p = ("paired", paired["value"]) if paired is not None else ("chi2", chi["value"])
+    numbers = {"condition_range": rng, "range_debiased": _row(e, metric="range_debiased"), "p": p, "test": test,
+               "chi2_p": _value(chi), "paired_p": _value(paired), "bapa_range": _row(b, metric="range"),
+               "bapa_range_debiased": _row(b, metric="range_debiased"), "bapa_p": _gate_p(b),
+               "bapa_chi2_p": _value(_row(b, metric="chi2_p")),
                "position_restoration": pos, "vision_restoration": vis}
-    if chi["value"] >= ALPHA:
+    if p >= ALPHA:
         label, note = NONE, None
     else:
         if pos is None or vis is None:
-            raise SpatialBiasError(f"diagnosis of {model} / {probe}: a significant bias (χ² p {chi['value']:.2g}) but "
+            raise SpatialBiasError(f"diagnosis of {model} / {probe}: a significant bias ({_P[test]} {p:.2g}) but "
                                    f"no position-id or vision-side patching rows under {condition!r}; run the "
                                    "patching analysis with that condition")
         label, note = rule(pos, vis)
     return {"label": label, "note": note, "condition": condition, "numbers": numbers,
             "text": text(label, note, condition, numbers)}
+
+
+_P = {"paired": "paired p", "chi2": "χ² p"}
+
+
+def _value(row: dict | None) -> float | None:
+    return (row or {}).get("value")
+
+
+def _gate_p(e: pd.DataFrame) -> float | None:
+    """The p the rule reads from one condition's eval rows: ``paired_p``, else ``chi2_p``."""
+    return _value(_row(e, metric="paired_p") or _row(e, metric="chi2_p"))
 
 
 def rule(pos: dict, vis: dict) -> tuple[str, str | None]:
@@ -152,9 +173,19 @@ def _fmt(x: dict | None, pct: bool = False) -> str:
 
 def text(label: str, note: str | None, condition: str, n: dict) -> str:
     """The diagnosis in one paragraph, every number from ``n``."""
+    label_p = _P[n.get("test", "chi2")]
     out = (f"Diagnosis ({condition}): {label}" + (f" — {NOTES[note]}" if note else "") + ". "
-           f"Range across cells {_fmt(n['condition_range'])} (χ² p {n['chi2_p']:.2g}); BaPA range "
-           f"{_fmt(n['bapa_range'])}" + (f" (χ² p {n['bapa_chi2_p']:.2g})" if n.get("bapa_chi2_p") is not None else "")
+           f"Range across cells {_range(n['condition_range'], n.get('range_debiased'))} ({label_p} "
+           f"{n.get('p', n['chi2_p']):.2g}); BaPA range {_range(n['bapa_range'], n.get('bapa_range_debiased'))}"
+           + (f" ({label_p} {n['bapa_p']:.2g})" if n.get("bapa_p") is not None else "")
            + f"; position-id restoration {_fmt(n['position_restoration'], True)}; vision-side (moved content) "
            f"restoration {_fmt(n['vision_restoration'], True)}.")
     return out
+
+
+def _range(raw: dict | None, debiased: dict | None) -> str:
+    """A range for the text: the debiased range with its interval and the raw max − min, or
+    (an older table without ``range_debiased``) the raw range with its interval."""
+    if not debiased or debiased.get("value") is None or not raw:
+        return _fmt(raw)
+    return f"{_fmt(debiased)} (raw max − min {raw['value']:.3f})"

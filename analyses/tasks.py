@@ -76,7 +76,8 @@ def eval_task(lvlm, cond: Condition, ctx: Context) -> Result:
     m = cell_metrics(df, seed=cond.seed)
     rows = [{"metric": k, "value": m[k], **({"ci_low": m[f"{k}_ci"][0], "ci_high": m[f"{k}_ci"][1]}
                                             if f"{k}_ci" in m else {})}
-            for k in ("mean_accuracy", "mean_p_correct", "range", "std", "cv", "chi2", "chi2_p", "consistency")]
+            for k in ("mean_accuracy", "mean_p_correct", "range", "range_debiased", "spread", "std", "cv", "chi2",
+                      "chi2_p", "paired_stat", "paired_p", "consistency")]
     rows += [{"metric": "n_rows", "value": len(df)}, {"metric": "n_items", "value": df["id"].nunique()},
              {"metric": "n_skipped", "value": len(problems)},
              {"metric": "grid_rows", "value": m["grid"][0]}, {"metric": "grid_cols", "value": m["grid"][1]}]

@@ -8,13 +8,20 @@ from analyses import diagnosis as dg
 from spatialbias.errors import SpatialBiasError
 
 
-def table(chi2_p, pos, vis, condition="baseline"):
+def table(paired_p, pos, vis, condition="baseline", chi2_p=None):
+    """Results rows with the paired p ``paired_p`` (None: an old table with only the χ² p, then
+    ``chi2_p`` or ``paired_p``) and χ² p ``chi2_p`` (default: ``paired_p``) under ``condition``."""
     nan = np.nan
     rows = []
     for iv in ("baseline", "bapa"):
-        p = chi2_p if iv == condition else 0.9
-        rows += [dict(intervention=iv, analysis="eval", metric="range", value=0.3, ci_low=0.2, ci_high=0.4),
-                 dict(intervention=iv, analysis="eval", metric="chi2_p", value=p)]
+        p = paired_p if iv == condition else 0.9
+        c = (paired_p if chi2_p is None else chi2_p) if iv == condition else 0.9
+        rows += [dict(intervention=iv, analysis="eval", metric="range", value=0.3, ci_low=0.1, ci_high=0.35),
+                 dict(intervention=iv, analysis="eval", metric="chi2_p", value=c)]
+        if p is not None:
+            rows += [dict(intervention=iv, analysis="eval", metric="paired_p", value=p),
+                     dict(intervention=iv, analysis="eval", metric="range_debiased", value=0.25, ci_low=0.1,
+                          ci_high=0.35)]
     rows += [dict(intervention=condition, analysis="patching", metric="position_restoration", layer=nan,
                   value=pos[0], ci_low=pos[1], ci_high=pos[2]),
              dict(intervention=condition, analysis="patching", metric="position_restoration", layer=0.0,
@@ -29,7 +36,7 @@ def table(chi2_p, pos, vis, condition="baseline"):
     return df.assign(model="m", probe="p", seed=0)
 
 
-@pytest.mark.parametrize("chi2_p,pos,vis,label,note", [
+@pytest.mark.parametrize("paired_p,pos,vis,label,note", [
     (0.5, (0.9, 0.8, 1.0), (0.0, -0.1, 0.1), dg.NONE, None),
     (1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3), dg.LM_IDS, None),
     (1e-6, (0.1, -0.1, 0.3), (0.9, 0.6, 1.1), dg.BEFORE_LM, None),
@@ -38,8 +45,8 @@ def table(chi2_p, pos, vis, condition="baseline"):
     (1e-6, (0.8, 0.4, 1.0), (0.1, -0.2, 0.3), dg.MIXED, "wide"),
     (0.009, (0.9, 0.6, 1.1), (0.1, -0.1, float("nan")), dg.MIXED, "wide"),
 ])
-def test_rule(chi2_p, pos, vis, label, note):
-    d = dg.diagnose(table(chi2_p, pos, vis), "m", "p")
+def test_rule(paired_p, pos, vis, label, note):
+    d = dg.diagnose(table(paired_p, pos, vis), "m", "p")
     assert (d["label"], d["note"]) == (label, note)
     assert d["numbers"]["position_restoration"]["value"] == pos[0]  # the all-layers row, not layer 0
     assert d["numbers"]["vision_restoration"]["value"] == vis[0]    # the moved group, not target
@@ -57,3 +64,15 @@ def test_missing_patching_rows_refused():
     df = table(1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3))
     with pytest.raises(SpatialBiasError, match="patching"):
         dg.diagnose(df[df.analysis == "eval"], "m", "p")
+
+
+def test_the_gate_reads_the_paired_p_and_an_old_table_the_chi2_p():
+    pos, vis = (0.9, 0.6, 1.1), (0.1, -0.1, 0.3)
+    d = dg.diagnose(table(1e-4, pos, vis, chi2_p=0.3), "m", "p")  # the χ² misses a paired effect
+    assert d["label"] == dg.LM_IDS and d["numbers"]["test"] == "paired" and d["numbers"]["p"] == 1e-4
+    assert "paired p 0.0001" in d["text"] and "0.250 [0.100, 0.350] (raw max − min 0.300)" in d["text"]
+    assert dg.diagnose(table(0.3, pos, vis, chi2_p=1e-4), "m", "p")["label"] == dg.NONE
+    old = dg.diagnose(table(None, pos, vis, chi2_p=0.3), "m", "p")
+    assert old["label"] == dg.NONE and old["numbers"]["test"] == "chi2" and "χ² p 0.3" in old["text"]
+    assert "0.300 [0.100, 0.350]" in old["text"]
+    assert dg.diagnose(table(None, pos, vis, chi2_p=1e-4), "m", "p")["label"] == dg.LM_IDS

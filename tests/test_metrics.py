@@ -145,9 +145,18 @@ def test_range_and_mean_intervals_resample_items():
     df = pd.DataFrame(rows)
     m = cell_metrics(df, seed=1)
     lo, hi = m["range_ci"]
-    assert lo <= m["range"] <= hi and lo > 0.1  # a planted 0.4 slope over half the items: clearly > 0
+    # a planted 0.4 slope over half the items (true range 0.2); this sample's raw range is only 0.125
+    assert m["range_debiased"] < m["range"] and lo <= m["range_debiased"] <= hi and m["range_ci"] == m["range_debiased_ci"]
+    assert m["paired_test"] == "cochran_q" and m["paired_p"] < 0.05 and m["paired_df"] == 8
+    assert m["paired_p"] < m["chi2_p"]  # pairing removes the items' difficulty from the noise
     mlo, mhi = m["mean_accuracy_ci"]
     assert mlo < m["mean_accuracy"] < mhi and mhi - mlo < 0.15
     flat = df.assign(correct=df["id"].astype(int) % 2 == 0)  # right or wrong everywhere: no spatial effect
     f = cell_metrics(flat, seed=1)
     assert f["range"] == 0 and f["range_ci"] == [0.0, 0.0]  # resampled items keep their placements paired
+    assert (f["range_debiased"], f["spread"], f["spread_ci"], f["paired_p"]) == (0.0, 0.0, [0.0, 0.0], 1.0)
+    quad = pd.concat([df] + [df.assign(id=df["id"] + f"_{r}", correct=np.random.default_rng(r).random(len(df))
+                                       < np.where(df["id"].astype(int) % 2, 0.3 + 0.05 * df["cell"], 0.5))
+                             for r in range(3)])  # 800 items
+    q = cell_metrics(quad, seed=1)
+    assert 0.1 < q["range_ci"][0] < 0.2 < q["range_ci"][1] and q["paired_p"] < 1e-6 and q["spread_ci"][0] > 0.2
