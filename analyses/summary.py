@@ -186,8 +186,13 @@ def homogeneity_p(c: dict) -> tuple[float | None, str]:
 
 
 def _range_text(c: dict) -> str:
+    """The range across cells: debiased with its calibrated interval where the table has it (and
+    the raw max − min beside it), else the raw range with the table's interval."""
     ci = c.get("range_ci")
-    return f"{c['range']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else "")
+    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else ""
+    if c.get("range_debiased") is not None:
+        return f"{c['range_debiased']:.3f}{ci_text} (debiased; raw max − min {c['range']:.3f})"
+    return f"{c['range']:.3f}{ci_text}"
 
 
 def verdict(run: dict) -> str:
