@@ -28,6 +28,7 @@ from interp.dispatch import RESUMABLE_IMPLS, capture_lm, forward, then
 from interp.dispatch import resume as resume_lm
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention
+from interp.interventions.base import lm_input_edit
 from interp.model import LVLM
 from interp.sites import resolve
 
@@ -615,20 +616,13 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
 def _move_edits(lvlm: LVLM, n: int, dst: torch.Tensor, src: torch.Tensor) -> dict:
     """Edits copying tokens ``src`` onto tokens ``dst`` of ``lm.input`` viewed as (n, D); with
     learned absolute positions the source slots' position embeddings are swapped for the
-    destination slots' (recorded at ``lm.positions`` earlier in the same forward)."""
-    if lvlm.adapter.rope_kind(lvlm.model) != "none":
-        return {"lm.input": lambda x: _copy(x, n, dst, src)}
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(p):
-        seen["p"] = p
-        return p
-
-    def move(x):
+    destination slots' (:func:`interp.interventions.base.lm_input_edit`)."""
+    def move(x, pos):
+        if pos is None:
+            return _copy(x, n, dst, src)
         x = x.clone()
-        view = x.view(n, -1)
-        pos = seen["p"].expand(x.shape).reshape(n, -1).to(x.device)
+        view, p = x.view(n, -1), pos.reshape(n, -1)
         d, s = dst.to(x.device), src.to(x.device)
-        view[d] = view[s] - pos[s] + pos[d]
+        view[d] = view[s] - p[s] + p[d]
         return x
-    return {"lm.positions": record, "lm.input": move}
+    return lm_input_edit(lvlm, move)
