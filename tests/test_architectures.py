@@ -9,7 +9,7 @@ import torch
 import interp
 from interp import tiny
 from interp.errors import SpatialBiasError
-from interp.interventions import agci_inject
+from interp.interventions import adaptive_lambda, agci_inject
 from interp.tracing import trace
 
 ARCHS = list(tiny.BUILDERS)
@@ -251,6 +251,9 @@ def test_agci_formula_on_learned_absolute_organism():
     assert m.adapter.rope_kind(m.model) == "none"
     clean, _, _, _ = mirrored_pair(m, 2)
     assert_agci_formula(m, clean, 0.8)
+    ad = interp.AdaptiveAGCI(rule="norm_ratio")
+    proj = trace(m, clean, cache=["projector"]).cache["projector"]  # (n_images, N, D)
+    assert ad.lambdas(m, clean) == pytest.approx([adaptive_lambda(v, "norm_ratio") for v in proj], rel=1e-5)
 
 
 def test_agci_next_newlines_untouched_per_image_changed_pooled():
