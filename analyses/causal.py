@@ -101,7 +101,8 @@ def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progre
     """Denoising (clean → corrupt) and noising patches of every default patch: one row per item ×
     direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``. With
     ``screen`` K: attribution ranks the patches per direction and only the top K are patched
-    exactly (:func:`interp.screen.screened_patches`; column ``exact``)."""
+    exactly (:func:`interp.screen.screened_patches`; column ``method``: ``"exact"`` or
+    ``"screen_estimate"``)."""
     from interp.screen import screened_patches
     ps = patching.default_patches(lvlm)
     out = []
@@ -201,10 +202,14 @@ def _with_ids(df: pd.DataFrame, pairs: Pairs) -> pd.DataFrame:
 
 
 def restoration_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
-    """Tidy rows of :func:`activation_items`: ``restoration_{denoise,noise}`` per (site, group) with
-    its interval, and ``logit_diff_clean`` / ``logit_diff_corrupt``."""
+    """Tidy rows of :func:`activation_items`: ``restoration_{denoise,noise}`` per exactly patched
+    (site, group) with its interval, ``screen_estimate_{denoise,noise}`` (same formula) per
+    (site, group) that ``--screen`` only estimated (``method`` "screen_estimate"), and
+    ``logit_diff_clean`` / ``logit_diff_corrupt``."""
+    from interp.screen import ESTIMATE
     rows = []
-    for (direction, site, group), g in items.groupby(["direction", "site", "group"], sort=False):
+    estimated = items["method"].eq(ESTIMATE) if "method" in items else pd.Series(False, index=items.index)
+    for (direction, site, group, est), g in items.groupby(["direction", "site", "group", estimated], sort=False):
         g = g.sort_values("item")
         if direction == "denoise":
             arrays = {"p": g.metric.to_numpy(), "clean": g.source_metric.to_numpy(), "corrupt": g.base_metric.to_numpy()}
@@ -212,8 +217,8 @@ def restoration_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict
         else:
             arrays = {"p": g.metric.to_numpy(), "clean": g.base_metric.to_numpy(), "corrupt": g.source_metric.to_numpy()}
             fn = lambda p, clean, corrupt: (clean - p) / (clean - corrupt)  # noqa: E731
-        rows.append({"metric": f"restoration_{direction}", "site": site, "group": group,
-                     **_point_ci(arrays, fn, rng)})
+        name = f"{ESTIMATE if est else 'restoration'}_{direction}"
+        rows.append({"metric": name, "site": site, "group": group, **_point_ci(arrays, fn, rng)})
     den = items[items.direction == "denoise"].drop_duplicates("item")
     for name, col in (("logit_diff_clean", "source_metric"), ("logit_diff_corrupt", "base_metric")):
         rows.append({"metric": name, **_point_ci({"x": den[col].to_numpy()}, lambda x: x, rng)})

@@ -286,7 +286,8 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            corrupt_cell: int = typer.Option(0, help="Cell of the corrupt placement."),
            n_items: int = typer.Option(100, help="Items to use."),
            screen: Optional[int] = typer.Option(None, help="Patching: rank every patch by attribution and patch "
-                                                "only the top K exactly (default: all exactly)."),
+                                                "only the top K exactly (default: all exactly); the rest are "
+                                                "written as screen_estimate_* rows, not restoration_*."),
            lam: float = typer.Option(0.5, help="AGCI λ of the AGCI condition."),
            batch_size: int = typer.Option(64, help="Rows per forward."),
            device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda."),

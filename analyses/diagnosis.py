@@ -69,12 +69,17 @@ def _num(x) -> float | None:
 
 
 def _row(d: pd.DataFrame, **match) -> dict | None:
-    """{value, ci_low, ci_high} of the one row matching ``match`` (null-valued keys match NaN)."""
+    """{value, ci_low, ci_high} of the one row matching ``match`` (null-valued keys match NaN);
+    None when no row matches; refuses (one line, naming the filter) when several do."""
     sel = d
     for k, v in match.items():
         sel = sel[sel[k].isna()] if v is None else sel[sel[k] == v]
     if sel.empty:
         return None
+    if len(sel) > 1:
+        where = ", ".join(f"{k}={v!r}" for k, v in match.items())
+        raise SpatialBiasError(f"diagnosis: {len(sel)} rows match {where}; the rule reads one: keep one row per "
+                               "(model, probe, seed, condition, metric) in the results table")
     r = sel.iloc[0]
     return {"value": _num(r["value"]), "ci_low": _num(r.get("ci_low")), "ci_high": _num(r.get("ci_high"))}
 
@@ -85,20 +90,22 @@ def condition_of(training: dict | None) -> str:
     return "bapa" if ((training or {}).get("config") or {}).get("bapa_train") else "baseline"
 
 
-def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baseline") -> dict:
-    """The diagnosis of one (model, probe) of a results table under ``condition``.
+def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baseline", seed: int | None = None) -> dict:
+    """The diagnosis of one (model, probe, plan seed) of a results table under ``condition``.
 
-    Returns {label, note, condition, numbers: {condition_range, range_debiased, p, test,
-    chi2_p, paired_p, bapa_range, bapa_range_debiased, bapa_p, bapa_chi2_p,
-    position_restoration, vision_restoration}, text}; each range / restoration with
-    ``value``/``ci_low``/``ci_high`` (the range's interval is the calibrated ``range_ci``, about
-    the debiased range); ``p`` is the p the rule read and ``test`` its name (``"paired"``, or
-    ``"chi2"`` for a table without ``paired_p`` rows). Rows of the lowest plan seed are used.
-    Refuses (one line) when the eval or patching rows the rule needs are missing."""
+    ``seed``: the plan seed whose rows are read; None reads the table's only seed for this
+    (model, probe) and refuses (one line, naming them) when it holds several. Returns {label,
+    note, condition, seed, numbers: {condition_range, range_debiased, p, test, chi2_p, paired_p,
+    bapa_range, bapa_range_debiased, bapa_p, bapa_chi2_p, position_restoration,
+    vision_restoration}, text}; each range / restoration with ``value``/``ci_low``/``ci_high``
+    (the range's interval is the calibrated ``range_ci``, about the debiased range); ``p`` is the
+    p the rule read and ``test`` its name (``"paired"``, or ``"chi2"`` for a table without
+    ``paired_p`` rows). Refuses (one line) when the eval or patching rows the rule needs are
+    missing or when a number the rule reads has several rows."""
     d = df[(df.model == model) & (df.probe == probe)]
     if d.empty:
         raise SpatialBiasError(f"diagnosis: no rows for model {model!r}, probe {probe!r}")
-    d = d[d.seed == d.seed.min()]
+    d, seed = _one_seed(d, model, probe, seed)
     ev = d[(d.analysis == "eval") & d.cell.isna()]
     pa = d[(d.analysis == "patching") & (d.intervention == condition)]
     e = ev[ev.intervention == condition]
@@ -123,7 +130,7 @@ def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baselin
                                    f"no position-id or vision-side patching rows under {condition!r}; run the "
                                    "patching analysis with that condition")
         label, note = rule(pos, vis)
-    return {"label": label, "note": note, "condition": condition, "numbers": numbers,
+    return {"label": label, "note": note, "condition": condition, "seed": seed, "numbers": numbers,
             "text": text(label, note, condition, numbers)}
 
 
@@ -137,6 +144,19 @@ def _value(row: dict | None) -> float | None:
 def _gate_p(e: pd.DataFrame) -> float | None:
     """The p the rule reads from one condition's eval rows: ``paired_p``, else ``chi2_p``."""
     return _value(_row(e, metric="paired_p") or _row(e, metric="chi2_p"))
+
+
+def _one_seed(d: pd.DataFrame, model: str, probe: str, seed: int | None) -> tuple[pd.DataFrame, int]:
+    """(the rows of plan seed ``seed``, that seed); with ``seed`` None, the only seed of ``d``."""
+    seeds = sorted(int(s) for s in d.seed.unique())
+    if seed is None:
+        if len(seeds) > 1:
+            raise SpatialBiasError(f"diagnosis of {model} / {probe}: the table holds seeds {seeds}; pass seed= one of "
+                                   "them (the diagnosis is per seed)")
+        seed = seeds[0]
+    if seed not in seeds:
+        raise SpatialBiasError(f"diagnosis of {model} / {probe}: no rows of seed {seed}; the table holds seeds {seeds}")
+    return d[d.seed == seed], seed
 
 
 def rule(pos: dict, vis: dict) -> tuple[str, str | None]:

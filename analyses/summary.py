@@ -141,11 +141,14 @@ def build(src: str | Path, df: pd.DataFrame | None = None) -> dict:
 
 def _diagnosis(df: pd.DataFrame, model: str, probe: str, training: dict | None) -> dict | None:
     """:func:`analyses.diagnosis.diagnose` of the run under its condition, or None when the rows
-    it needs (eval, and patching where there is a bias) were not run."""
+    it needs (eval, and patching where there is a bias) were not run. The diagnosis is per plan
+    seed: a run of several seeds is diagnosed on its lowest seed, picked here explicitly and
+    named in the result's ``seed``."""
     from analyses.diagnosis import condition_of, diagnose
     from spatialbias.errors import SpatialBiasError
+    d = df[(df.model == model) & (df.probe == probe)]
     try:
-        return diagnose(df, model, probe, condition_of(training))
+        return diagnose(df, model, probe, condition_of(training), seed=int(d.seed.min()) if len(d) else None)
     except SpatialBiasError:
         return None
 

@@ -28,6 +28,7 @@ from interp.dispatch import RESUMABLE_IMPLS, capture_lm, forward, then
 from interp.dispatch import resume as resume_lm
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention
+from interp.interventions.base import lm_input_edit
 from interp.model import LVLM
 from interp.sites import resolve
 
@@ -517,13 +518,41 @@ def default_patches(lvlm: LVLM, groups: Sequence[str] = ("target", "image", "tex
 # the vision-side restoration: the target's image tokens moved, position ids kept
 
 
-def cell_slots(imap, row: int, cell: int, grid: tuple[int, int] = (3, 3)) -> torch.Tensor:
-    """(k,) sequence positions of row ``row``'s image tokens in ``cell`` (one image per row),
-    sorted in the image's raster order (patch row, then column), whatever the LM's token order."""
+def cell_keys(imap, row: int, cell: int, grid: tuple[int, int] = (3, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``row``'s image tokens in ``cell``: ((k,) sequence positions, (k, 3) keys (view,
+    row in cell, col in cell)), sorted by key (stably): each view's patch coordinates measured
+    from that view's top-left patch of the cell, so two cells' tokens of the same view and
+    relative place get the same key whatever the LM's token order."""
     cells = imap.cells(*grid)[row]
     pos = (cells == cell).nonzero().flatten()
-    key = imap.row[row][pos] * (int(imap.col[row].max()) + 1) + imap.col[row][pos]
-    return pos[torch.argsort(key)]
+    if not len(pos):
+        return pos, torch.zeros(0, 3, dtype=torch.long, device=pos.device)
+    view, r, c = imap.view[row][pos], imap.row[row][pos], imap.col[row][pos]
+    for v in view.unique():
+        sel = view == v
+        r[sel] -= r[sel].min()
+        c[sel] -= c[sel].min()
+    keys = torch.stack([view, r, c], 1)
+    flat = torch.zeros_like(pos)
+    for part in keys.T:
+        flat = flat * (int(part.max()) + 1) + part  # lexicographic: view, then row, then col
+    order = flat.argsort(stable=True)
+    return pos[order], keys[order]
+
+
+def moved_slots(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int,
+                grid: tuple[int, int] = (3, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """((k,) source positions, (k,) destination positions): token ``src[i]`` of ``src_cell`` in row
+    ``src_row`` moves onto token ``dst[i]`` of ``dst_cell`` in row ``dst_row``, the one of the same
+    view and the same place inside its cell. Refuses (one line) unless the two cells' keys match
+    one to one."""
+    src, ks = cell_keys(imap, src_row, src_cell, grid)
+    dst, kd = cell_keys(imap, dst_row, dst_cell, grid)
+    if not len(src) or ks.shape != kd.shape or not torch.equal(ks, kd):
+        raise SpatialBiasError(f"cells {src_cell} and {dst_cell} hold {len(src)} and {len(dst)} image tokens of "
+                               "different (view, row, col) layouts; moving the target needs cells of one shape in "
+                               f"every view (a grid {grid} that divides each view's patch grid evenly)")
+    return src, dst
 
 
 def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], base_cell: int,
@@ -535,7 +564,8 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
     Row i of ``source`` holds item i's target at ``source_cell`` (the good, clean cell) and row i
     of ``base`` the same item at ``base_cell`` (the bad, corrupt cell). The patched run is the base
     row with its LM input at ``base_cell``'s image-token slots, (k, D), replaced by the source
-    row's LM input at ``source_cell``'s slots, patch for patch in raster order: the content as the
+    row's LM input at ``source_cell``'s slots, each token onto the one of the same view and the
+    same place inside its cell (:func:`moved_slots`; refused when the cells' shapes differ): the content as the
     vision tower and projector produced it at the good cell, read by the LM at the bad cell's
     sequence slots and position ids (the base row's prepared inputs, interventions included,
     are otherwise unchanged). Each forward holds, per item, its source row, its unpatched base
@@ -567,13 +597,9 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
         chunk, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
         imap = lvlm.batch(chunk).imap
         dst, src = [], []
+        L = chunk["input_ids"].shape[1]
         for k in range(len(items)):
-            s, d = cell_slots(imap, 3 * k, source_cell, grid), cell_slots(imap, 3 * k + 2, base_cell, grid)
-            if len(s) != len(d) or not len(s):
-                raise SpatialBiasError(f"cells {source_cell} and {base_cell} hold {len(s)} and {len(d)} image tokens; "
-                                       "moving the target needs equal, non-zero counts (a grid that divides the "
-                                       "image's patch grid)")
-            L = chunk["input_ids"].shape[1]
+            s, d = moved_slots(imap, 3 * k, 3 * k + 2, source_cell, base_cell, grid)
             src.append(s + 3 * k * L)
             dst.append(d + (3 * k + 2) * L)
         n = len(rows) * chunk["input_ids"].shape[1]
@@ -590,20 +616,13 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
 def _move_edits(lvlm: LVLM, n: int, dst: torch.Tensor, src: torch.Tensor) -> dict:
     """Edits copying tokens ``src`` onto tokens ``dst`` of ``lm.input`` viewed as (n, D); with
     learned absolute positions the source slots' position embeddings are swapped for the
-    destination slots' (recorded at ``lm.positions`` earlier in the same forward)."""
-    if lvlm.adapter.rope_kind(lvlm.model) != "none":
-        return {"lm.input": lambda x: _copy(x, n, dst, src)}
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(p):
-        seen["p"] = p
-        return p
-
-    def move(x):
+    destination slots' (:func:`interp.interventions.base.lm_input_edit`)."""
+    def move(x, pos):
+        if pos is None:
+            return _copy(x, n, dst, src)
         x = x.clone()
-        view = x.view(n, -1)
-        pos = seen["p"].expand(x.shape).reshape(n, -1).to(x.device)
+        view, p = x.view(n, -1), pos.reshape(n, -1)
         d, s = dst.to(x.device), src.to(x.device)
-        view[d] = view[s] - pos[s] + pos[d]
+        view[d] = view[s] - p[s] + p[d]
         return x
-    return {"lm.positions": record, "lm.input": move}
+    return lm_input_edit(lvlm, move)

@@ -2,10 +2,12 @@
 ranks every patch, exact patching confirms the top K only (``--screen K``).
 
 The table has the layout of :func:`interp.patching.run_patches` (one row per item × patch:
-``metric``, ``base_metric``, ``source_metric``) plus ``exact``: True for the K confirmed patches
-(``metric`` is the patched run's), False for the rest (``metric`` = base_metric + attribution, the
-first-order estimate). What the screen can miss is measured by :func:`screen_misses` against
-full exact patching (docs/benchmarks.md, section screen).
+``metric``, ``base_metric``, ``source_metric``) plus ``method``: ``"exact"`` for the K confirmed
+patches (``metric`` is the patched run's), ``"screen_estimate"`` for the rest (``metric`` =
+base_metric + attribution, the first-order estimate; aggregated under their own metric name,
+``screen_estimate_*``, never ``restoration_*``: :func:`analyses.causal.restoration_rows`). What
+the screen can miss is measured by :func:`screen_misses` against full exact patching
+(docs/benchmarks.md, section screen).
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ import pandas as pd
 
 from interp.errors import SpatialBiasError
 from interp.patching import Patch, restoration, run_patches
+
+
+EXACT, ESTIMATE = "exact", "screen_estimate"
+"""The ``method`` of a screened table's rows: exactly patched, or the attribution estimate."""
 
 
 def rank_patches(est: pd.DataFrame) -> list[tuple[str, str]]:
@@ -41,7 +47,7 @@ def screened_patches(lvlm, base, source, patches: Sequence[Patch], correct, cand
                         batch_size=batch_size, grid=grid)
     rest = est[[(s, g) not in top for s, g in zip(est.site, est.group)]]
     rest = rest.assign(metric=rest.base_metric + rest.attribution).drop(columns="attribution")
-    out = pd.concat([exact.assign(exact=True), rest.assign(exact=False)], ignore_index=True)
+    out = pd.concat([exact.assign(method=EXACT), rest.assign(method=ESTIMATE)], ignore_index=True)
     order = {(p.site, p.group): j for j, p in enumerate(patches)}
     out["_o"] = [order[(s, g)] for s, g in zip(out.site, out.group)]
     return out.sort_values(["item", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)

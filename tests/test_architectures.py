@@ -9,7 +9,8 @@ import torch
 import interp
 from interp import tiny
 from interp.errors import SpatialBiasError
-from interp.interventions import agci_inject
+from interp.interventions import adaptive_lambda, agci_inject
+from interp.tracing import trace
 
 ARCHS = list(tiny.BUILDERS)
 
@@ -207,7 +208,7 @@ def test_agci_on_every_architecture(arch):
     base = logits(m, inputs)
     assert torch.equal(logits(m, inputs, [interp.AGCI(lam=0.0)]), base)
     got = logits(m, inputs, [interp.AGCI(lam=0.8)])
-    assert (got - base).abs().max() > 1e-5
+    assert_agci_formula(m, inputs, 0.8)
     pooled = logits(m, inputs, [interp.AGCI(lam=0.8, pooled=True)])
     if name == "llava_next":
         assert (pooled - got).abs().max() > 1e-6  # newline tokens join the pooled mean
@@ -223,6 +224,36 @@ def test_agci_on_every_architecture(arch):
         finally:
             hk.remove()
         assert torch.allclose(got, ref, atol=1e-5)
+
+
+def assert_agci_formula(m, inputs, lam: float):
+    """The LM input under AGCI is the LM input without it plus λ (1 − cos(v, g)) g, with v each
+    image's patch tokens as the projector produced them and g their mean (the published formula;
+    position embeddings of a learned-absolute LM are no part of v)."""
+    imap = m.image_map(inputs)
+    per_image = [int(((imap.image[b] == i) & imap.is_patch[b]).sum()) for b in range(imap.image.shape[0])
+                 for i in range(int(imap.image[b].max()) + 1)]
+    plain = trace(m, inputs, cache=["projector", "lm.input"], positions="image").cache
+    under = trace(m, inputs, cache=["lm.input"], positions="image", interventions=[interp.AGCI(lam=lam)]).cache
+    want = []
+    for v, x in zip(plain["projector"].split(per_image), plain["lm.input"].split(per_image)):
+        g = v.mean(0)
+        w = 1 - (v @ g) / (v.norm(dim=-1) * g.norm())
+        want.append(x + lam * w[:, None] * g)
+    torch.testing.assert_close(under["lm.input"], torch.cat(want), atol=1e-5, rtol=0)
+    assert not torch.allclose(under["lm.input"], plain["lm.input"], atol=1e-4)
+
+
+def test_agci_formula_on_learned_absolute_organism():
+    """GPT-2 LM: lm.input holds wpe(position ids); AGCI must read and shift the projector output only."""
+    from helpers import mirrored_pair
+    m = interp.load("analyses/organisms/checkpoints/learned-absolute-seed0")
+    assert m.adapter.rope_kind(m.model) == "none"
+    clean, _, _, _ = mirrored_pair(m, 2)
+    assert_agci_formula(m, clean, 0.8)
+    ad = interp.AdaptiveAGCI(rule="norm_ratio")
+    proj = trace(m, clean, cache=["projector"]).cache["projector"]  # (n_images, N, D)
+    assert ad.lambdas(m, clean) == pytest.approx([adaptive_lambda(v, "norm_ratio") for v in proj], rel=1e-5)
 
 
 def test_agci_next_newlines_untouched_per_image_changed_pooled():

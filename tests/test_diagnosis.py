@@ -76,3 +76,31 @@ def test_the_gate_reads_the_paired_p_and_an_old_table_the_chi2_p():
     assert old["label"] == dg.NONE and old["numbers"]["test"] == "chi2" and "χ² p 0.3" in old["text"]
     assert "0.300 [0.100, 0.350]" in old["text"]
     assert dg.diagnose(table(None, pos, vis, chi2_p=1e-4), "m", "p")["label"] == dg.LM_IDS
+
+
+def test_two_matching_rows_refused_naming_the_filter():
+    df = table(1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3))
+    twice = pd.concat([df, df[df.metric == "position_restoration"].assign(value=0.1)], ignore_index=True)
+    with pytest.raises(SpatialBiasError, match="2 rows match.*position_restoration"):
+        dg.diagnose(twice, "m", "p")
+
+
+def test_several_seeds_refused_unless_one_is_named():
+    a = table(1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3))                 # seed 0: position ids
+    b = table(1e-6, (0.1, -0.1, 0.3), (0.9, 0.6, 1.1)).assign(seed=1)  # seed 1: before the LM
+    both = pd.concat([a, b], ignore_index=True)
+    with pytest.raises(SpatialBiasError, match=r"seeds \[0, 1\]"):
+        dg.diagnose(both, "m", "p")
+    assert dg.diagnose(both, "m", "p", seed=0)["label"] == dg.LM_IDS
+    assert dg.diagnose(both, "m", "p", seed=1)["label"] == dg.BEFORE_LM
+    assert dg.diagnose(b, "m", "p")["label"] == dg.BEFORE_LM  # one seed: no need to name it
+    with pytest.raises(SpatialBiasError, match="seed 2"):
+        dg.diagnose(both, "m", "p", seed=2)
+
+
+def test_summary_diagnoses_the_lowest_seed_and_names_it():
+    from analyses.summary import _diagnosis
+    both = pd.concat([table(1e-6, (0.1, -0.1, 0.3), (0.9, 0.6, 1.1)).assign(seed=3),
+                      table(1e-6, (0.9, 0.6, 1.1), (0.1, -0.1, 0.3)).assign(seed=1)], ignore_index=True)
+    d = _diagnosis(both, "m", "p", None)
+    assert (d["seed"], d["label"]) == (1, dg.LM_IDS)

@@ -80,3 +80,90 @@ def test_moved_keeps_absolute_positions_on_gpt2(small_probe):
     lg = trace(m, pairs.corrupt, edits={"lm.input": lambda x: h}).logits[:, -1]
     want = patching.logit_diff(lg, pairs.correct, pairs.candidates).numpy()
     np.testing.assert_allclose(got.sort_values("item").metric.to_numpy(), want, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# several image tokens per cell, several views (LLaVA-NeXT), M-RoPE (Qwen2-VL), under BaPA
+
+import pytest  # noqa: E402
+
+import interp  # noqa: E402
+from helpers import mirrored_pair  # noqa: E402
+from interp import tiny  # noqa: E402
+from spatialbias.errors import SpatialBiasError  # noqa: E402
+
+MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several tokens per cell each
+    ("llava", 48, (2, 2), 3, 0),        # 2×2 tokens per cell, one view
+    ("llava_next", 48, (3, 3), 8, 0),   # base view 1 token + tiles view 3×3 per cell
+    ("llava_next", 48, (2, 2), 3, 0),   # base 2×2 + tiles 4×4 per cell
+    ("qwen2vl", 64, (2, 2), 3, 0),      # merged 2×2 per cell
+    ("qwen2vl", 64, (3, 3), 7, 1),      # merged 1×2 per cell
+]
+
+
+@pytest.fixture(scope="module")
+def tinies():
+    return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl")}
+
+
+def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:
+    """Hand-built pairing, by lookup: destination slot → the source slot of the same view whose
+    (row, col) is the destination's translated by the offset between the two cells' top-left
+    corners in that view."""
+    cells = imap.cells(*grid)
+
+    def corner(b, cell, v):
+        sel = (cells[b] == cell) & (imap.view[b] == v)
+        return int(imap.row[b][sel].min()), int(imap.col[b][sel].min())
+    at = {(int(imap.view[src_row, p]), int(imap.row[src_row, p]), int(imap.col[src_row, p])): int(p)
+          for p in (cells[src_row] == src_cell).nonzero().flatten()}
+    out = {}
+    for p in (cells[dst_row] == dst_cell).nonzero().flatten():
+        v, r, c = (int(t[dst_row, p]) for t in (imap.view, imap.row, imap.col))
+        (sr, sc), (dr, dc) = corner(src_row, src_cell, v), corner(dst_row, dst_cell, v)
+        out[int(p)] = at[(v, r - dr + sr, c - dc + sc)]
+    return out
+
+
+@pytest.mark.parametrize("name,size,grid,clean_cell,corrupt_cell", MULTI)
+def test_moved_pairs_same_view_and_place_in_cell(tinies, name, size, grid, clean_cell, corrupt_cell):
+    m = tinies[name]
+    clean, corrupt, _, _ = mirrored_pair(m, 2, size=size)
+    imap = m.batch(patching.concat(m, m.batch(clean), m.batch(corrupt))).imap  # rows 0, 1 clean; 2, 3 corrupt
+    src, dst = patching.moved_slots(imap, 0, 2, clean_cell, corrupt_cell, grid)
+    cells = imap.cells(*grid)
+    assert set(src.tolist()) == set((cells[0] == clean_cell).nonzero().flatten().tolist())
+    assert set(dst.tolist()) == set((cells[2] == corrupt_cell).nonzero().flatten().tolist())
+    assert len(src) > 1 and len(set(imap.view[0][src].tolist())) == len(set(imap.view[0][imap.is_patch[0]].tolist()))
+    assert dict(zip(dst.tolist(), src.tolist())) == _translation_partner(imap, 0, 2, clean_cell, corrupt_cell, grid)
+
+
+@pytest.mark.parametrize("bapa", [False, True], ids=["baseline", "bapa"])
+@pytest.mark.parametrize("name,size,grid,clean_cell,corrupt_cell", MULTI)
+def test_moved_equals_hand_built_edit_multi_token(tinies, name, size, grid, clean_cell, corrupt_cell, bapa):
+    """run_moved against lm.input edited by hand (pairing by lookup), and a cell moved onto itself
+    with base = source reproduces the unpatched metric exactly."""
+    m = tinies[name]
+    ivs = [interp.BaPA()] if bapa else []
+    clean, corrupt, correct, cands = mirrored_pair(m, 2, size=size)
+    got = patching.run_moved(m, corrupt, clean, corrupt_cell, clean_cell, correct, cands, interventions=ivs, grid=grid)
+    imap = m.batch(patching.concat(m, m.batch(clean), m.batch(corrupt))).imap
+    clean_in = trace(m, clean, cache=["lm.input"], interventions=ivs).cache["lm.input"]
+    h = trace(m, corrupt, cache=["lm.input"], interventions=ivs).cache["lm.input"].clone()
+    for b in range(2):
+        for d, s in _translation_partner(imap, b, 2 + b, clean_cell, corrupt_cell, grid).items():
+            h[b, d] = clean_in[b, s]
+    lg = trace(m, corrupt, edits={"lm.input": lambda x: h}, interventions=ivs).logits[:, -1]
+    want = patching.logit_diff(lg, correct, cands).numpy()
+    np.testing.assert_allclose(got.sort_values("item").metric.to_numpy(), want, atol=1e-5)
+    same = patching.run_moved(m, corrupt, corrupt, corrupt_cell, corrupt_cell, correct, cands, interventions=ivs,
+                              grid=grid)
+    assert (same.metric == same.base_metric).all()
+
+
+def test_moved_refuses_cells_of_different_shapes(tinies):
+    """LLaVA 3×3 on a 4×4 patch grid: cell 1 is 1×2 patches, cell 3 is 2×1 (two tokens each)."""
+    m = tinies["llava"]
+    clean, corrupt, correct, cands = mirrored_pair(m, 2)
+    with pytest.raises(SpatialBiasError, match="cells 3 and 1"):
+        patching.run_moved(m, corrupt, clean, 1, 3, correct, cands)

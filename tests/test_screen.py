@@ -34,12 +34,12 @@ def test_top_k_exact_rest_estimated(setup):
     by = r.set_index(["site", "group"]).estimate
     assert [abs(by.loc[x]) for x in ranked] == mags and (by < 0).any()  # by |estimate|, negatives included
     top = set(ranked[:k])
-    conf = got[got.exact]
+    conf = got[got.method == "exact"]
     assert {(s, g) for s, g in zip(conf.site, conf.group)} == top
     key = ["item", "site", "group"]
     j = conf.merge(exact, on=key, suffixes=("", "_x"))
     assert len(j) == k * 3 and (j.metric - j.metric_x).abs().max() <= 1e-6  # fewer patches per forward: rounding
-    rest = got[~got.exact].merge(est, on=key, suffixes=("", "_e"))
+    rest = got[got.method == "screen_estimate"].merge(est, on=key, suffixes=("", "_e"))
     assert torch.allclose(torch.tensor(rest.metric.to_numpy()),
                           torch.tensor((rest.base_metric_e + rest.attribution).to_numpy()))
 
@@ -49,7 +49,7 @@ def test_all_confirmed_is_exact_patching_and_k0_refuses(setup):
     ps = args[2]
     got = screen.screened_patches(m, *args, k=len(ps))
     exact = patching.run_patches(m, *args)
-    assert got.exact.all() and got[["item", "site", "group"]].equals(exact[["item", "site", "group"]])
+    assert (got.method == "exact").all() and got[["item", "site", "group"]].equals(exact[["item", "site", "group"]])
     assert (got.metric - exact.metric).abs().max() <= 1e-6
     with pytest.raises(SpatialBiasError, match="--screen"):
         screen.screened_patches(m, *args, k=0)
@@ -61,7 +61,35 @@ def test_screen_misses_counts_effects_outside_the_top_k(setup):
     est = attribution.attribution_patching(m, *args)
     rows = screen.screen_misses(exact, est, [1, len(args[2])])
     assert rows[-1]["missed"] == 0  # every patch confirmed: nothing missed
-    assert rows[0]["missed"] >= rows[0]["effects"] - 1
+    r = patching.restoration(exact, "denoise")
+    big = {(s, g) for s, g, v in zip(r.site, r.group, r.restoration) if abs(v) >= 0.05}
+    first = screen.rank_patches(est)[0]
+    assert rows[0]["effects"] == len(big) > 1
+    assert rows[0]["missed"] == len(big - {first})
+    assert rows[0]["missed_patches"] == sorted(f"{s}/{g}" for s, g in big - {first})
+
+
+def test_screen_below_patch_count_keeps_estimates_out_of_restoration(organism, small_probe):
+    """--screen K < patches: the unconfirmed patches carry ``screen_estimate_*`` rows only, never
+    ``restoration_*``; the confirmed ones' ``restoration_*`` equal full exact patching's."""
+    import numpy as np
+
+    from analyses import causal
+    pairs = causal.placement_pairs(organism, small_probe, clean_cell=8, corrupt_cell=0, n_items=3)
+    k = 3
+    scr = causal.activation_items(organism, pairs, [], screen=k)
+    assert set(scr.method) == {"exact", "screen_estimate"}
+    full = causal.restoration_rows(causal.activation_items(organism, pairs, []), np.random.default_rng(0))
+    rows = causal.restoration_rows(scr, np.random.default_rng(0))
+    n_patches = len(patching.default_patches(organism))
+    for direction in ("denoise", "noise"):
+        confirmed = {(r["site"], r["group"]): r["value"] for r in rows if r["metric"] == f"restoration_{direction}"}
+        estimated = {(r["site"], r["group"]) for r in rows if r["metric"] == f"screen_estimate_{direction}"}
+        assert len(confirmed) == k and len(estimated) == n_patches - k and not confirmed.keys() & estimated
+        want = {(r["site"], r["group"]): r["value"] for r in full if r["metric"] == f"restoration_{direction}"}
+        assert len(want) == n_patches
+        for key, v in confirmed.items():
+            assert abs(v - want[key]) <= 1e-5 * (1 + abs(want[key]))
 
 
 def test_plan_screen_option_in_id_only_when_given():

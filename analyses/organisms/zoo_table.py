@@ -29,6 +29,9 @@ PATCH_CELLS = [8, 0]
 cells (row-major weights 1², …, 9²), the same pair for every organism (an organism without a
 bias has no gap there, and its diagnosis is decided by the χ² test before any ratio is read)."""
 PROBE = {"build": "shapes", "seed": 12345, "cell_px": 16}
+PLAN_SEED = 0
+"""The zoo plan's one seed (its bootstrap and sampling seed; an organism's own training seed is in
+its name, ``{recipe}-s{seed}``): every organism is diagnosed on this seed's rows."""
 EXPECTED: dict[str, tuple[set, str | None] | None] = {
     "planted-lm": ({LM_IDS}, None), "learned-absolute": ({LM_IDS}, None), "mrope": ({LM_IDS}, None),
     "planted-vision": ({BEFORE_LM}, None), "planted-order": ({MIXED}, "lm_order"),
@@ -47,8 +50,8 @@ PLANTED = {"planted-lm": "LM position ids (RoPE)", "learned-absolute": "LM posit
 def mapping(models: dict[str, str], items: int, causal_items: int, lambdas: Sequence[float] = LAMBDAS,
             batch_size: int = 64) -> dict:
     """The sweep mapping of a zoo run: ``models`` name → checkpoint folder."""
-    return {"seeds": [0], "batch_size": batch_size, "causal_items": causal_items, "patch_cells": list(PATCH_CELLS),
-            "analyses": ["eval", "patching"],
+    return {"seeds": [PLAN_SEED], "batch_size": batch_size, "causal_items": causal_items,
+            "patch_cells": list(PATCH_CELLS), "analyses": ["eval", "patching"],
             "models": {name: {"path": str(path), "probes": ["shapes"]} for name, path in models.items()},
             "probes": {"shapes": {**PROBE, "n": items}},
             "interventions": {"baseline": True, "bapa": ["reference"], "agci": [float(x) for x in lambdas]},
@@ -110,16 +113,16 @@ def table(df: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
     for name, path in models.items():
         rec = _training(path)
         recipe, seed = rec.get("recipe", name.rsplit("-s", 1)[0]), rec.get("seed", int(name.rsplit("-s", 1)[1]))
-        d = df[df.model == name]
+        d = df[(df.model == name) & (df.seed == PLAN_SEED)]
         probe = d.probe.iloc[0]
-        dg = diagnose(df, name, probe, condition_of(rec))
+        dg = diagnose(df, name, probe, condition_of(rec), seed=PLAN_SEED)
         b_rng, b_acc = _get(d, "baseline", "range"), _get(d, "baseline", "mean_accuracy")
         p_rng, p_acc = _get(d, "bapa", "range"), _get(d, "bapa", "mean_accuracy")
         agci = [(iv, _get(d, iv, "range"), _get(d, iv, "mean_accuracy")) for iv in d.intervention.unique()
                 if str(iv).startswith("agci:")]
         best = min(agci, key=lambda t: t[1].value) if agci else None
         n = dg["numbers"]
-        base_dg = dg if dg["condition"] == "baseline" else diagnose(df, name, probe, "baseline")
+        base_dg = dg if dg["condition"] == "baseline" else diagnose(df, name, probe, "baseline", seed=PLAN_SEED)
         exp = EXPECTED.get(recipe)
         match = "n/a (exploratory)" if exp is None else (
             "yes" if dg["label"] in exp[0] and (exp[1] is None or dg["note"] == exp[1]) else "no")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.errors import SpatialBiasError
-from interp.interventions.base import Intervention, _image_groups, register
+from interp.interventions.base import Intervention, _image_groups, lm_input_edit, register
 
 
 def agci_inject(image_embeds: torch.Tensor, lam: float,
@@ -71,7 +71,9 @@ class AGCI(Intervention):
     """Global image context injected into every image token as the LM receives it.
 
     Acts on ``lm.input`` at the image-token positions, which hold the projector (Qwen: merger)
-    output unchanged, so this equals editing the projector output before the scatter. Per image
+    output unchanged, so this equals editing the projector output before the scatter. On an LM
+    with learned absolute positions (GPT-2), whose ``lm.input`` also holds the position
+    embeddings, ``v`` and ``g`` are read without them and ``λ w g`` is added to the features alone. Per image
     (default) ``g`` is the mean of that image's patch tokens and only they change; with
     ``pooled=True`` ``g`` is the mean over every image token of the sequence — LLaVA-NeXT's
     newline tokens included, as in the authors' code — and all of them change.
@@ -92,14 +94,17 @@ class AGCI(Intervention):
             return {}
         imap = lvlm.batch(batch).imap
 
-        def inject(h: torch.Tensor) -> torch.Tensor:
-            h = h.clone()
+        def inject(h: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+            """h: (B, L, D) lm.input; pos: its (B, L, D) position embeddings (learned-absolute LM) or None."""
+            v = h if pos is None else h - pos  # the image features as the projector produced them
+            out = h.clone()
             for b, sel in _image_groups(imap, self.pooled):
                 if sel.any():
                     sel = sel.to(h.device)
-                    h[b, sel] = agci_inject(h[b, sel], self.strength(h[b, sel]))
-            return h
-        return {"lm.input": inject}
+                    x = v[b, sel]
+                    out[b, sel] = agci_inject(x, self.strength(x)) + (0 if pos is None else pos[b, sel])
+            return out
+        return lm_input_edit(lvlm, inject)
 
     def decode_edits(self, lvlm, batch, step):
         """Nothing: AGCI acts on the image tokens, which only the prompt's forward holds."""
@@ -150,8 +155,11 @@ class AdaptiveAGCI(AGCI):
         """The λ the rule picks for every image of ``inputs`` (row by row, image by image; pooled:
         one per row), read from the LM input of one forward with this intervention off."""
         from interp.dispatch import forward
-        t = forward(lvlm, inputs, cache=["lm.input"])
+        learned = lvlm.adapter.rope_kind(lvlm.model) == "none"
+        t = forward(lvlm, inputs, cache=["lm.input"] + (["lm.positions"] if learned else []))
         h = t.cache["lm.input"]
+        if learned:  # the image features without the position embeddings, as AGCI reads them
+            h = h - t.cache["lm.positions"].expand(h.shape).to(h.device)
         return [self.strength(h[b, sel.to(h.device)]) for b, sel in _image_groups(t.batch.imap, self.pooled) if sel.any()]
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,22 @@ def _image_groups(imap, pooled: bool = False):
                 yield b, (imap.image[b] == i) & imap.is_patch[b]
 
 
+def lm_input_edit(lvlm, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> dict[str, Edit]:
+    """Edits running ``fn(x, pos)`` on ``lm.input`` x (B, L, D). ``pos``: None on a rotary LM;
+    on an LM with learned absolute positions (GPT-2), whose ``lm.input`` is the scattered
+    embeddings plus the position embeddings, the (B or 1, L, D) position embeddings of the same
+    forward (recorded at ``lm.positions``, which runs before), so ``x − pos`` is the embeddings
+    as the projector and token embedding produced them."""
+    if lvlm.adapter.rope_kind(lvlm.model) != "none":
+        return {"lm.input": lambda x: fn(x, None)}
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(p: torch.Tensor) -> torch.Tensor:
+        seen["p"] = p
+        return p
+    return {"lm.positions": record, "lm.input": lambda x: fn(x, seen["p"].expand(x.shape).to(x.device))}
+
+
 def _moved_image_ids(lvlm, batch, moves) -> torch.Tensor:
     """The run's position ids (given, else the model's defaults) with image tokens' ids moved among
     themselves: ``moves(imap)`` yields (row, dst, src) index tensors and token ``dst[k]`` gets the id
