@@ -407,7 +407,7 @@ def memory_child(spec: dict) -> dict:
         raise ValueError(kind)
     seconds = time.perf_counter() - t0
     grown = _proc_status()["VmHWM"] - base
-    predicted = estimate.activation_peak(shapes, estimate.ANALYSIS_KIND.get(kind, kind), R)
+    predicted = estimate.activation_peak(shapes, estimate.profiles(kind)[-1], R)
     return {**spec, "seq_len": shapes.seq_len, "vision_tokens": shapes.vision_tokens, "measured_bytes": grown,
             "predicted_bytes": predicted, "ratio": predicted / max(grown, 1), "seconds": seconds,
             "weights_bytes": sum(lvlm.weight_bytes().values())}

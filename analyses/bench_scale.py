@@ -70,10 +70,13 @@ def report_prediction(budget_gib: float = 40.0) -> dict:
     room = int(budget_gib * 2 ** 30) - s.weights
     out = {"weights_bytes": s.weights, "seq_len": s.seq_len, "budget_bytes": int(budget_gib * 2 ** 30), "analyses": {}}
     for a in ("eval", "flow", "knockout", "patching", "attribution"):
-        kind = estimate.ANALYSIS_KIND[a]
-        r = estimate.choose_rows(s, a, room, 64)  # noqa: the report's default batch size
-        out["analyses"][a] = {"peak_at_64_rows": s.weights + estimate.activation_peak(s, kind, 64),
-                              "rows_under_budget": r, "peak_under_budget": s.weights + estimate.activation_peak(s, kind, r)}
+        steps = {k: estimate.choose_rows(s, k, room, 64) for k in estimate.profiles(a)}  # the report's batch size
+        kind = max(steps, key=lambda k: estimate.activation_peak(s, k, steps[k]))  # the step with the largest peak
+        out["analyses"][a] = {"peak_at_64_rows": s.weights + max(estimate.activation_peak(s, k, 64) for k in steps),
+                              "rows_under_budget": steps[kind],
+                              "peak_under_budget": s.weights + estimate.activation_peak(s, kind, steps[kind]),
+                              "steps": {k: {"rows": r, "peak": s.weights + estimate.activation_peak(s, k, r)}
+                                        for k, r in steps.items()}}
     return out
 
 

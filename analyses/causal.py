@@ -97,19 +97,21 @@ def item_metric(lvlm: LVLM, inputs, pairs: Pairs, ivs, batch_size: int | None = 
 
 
 def activation_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64, progress: bool = False,
-                     screen: int | None = None) -> pd.DataFrame:
+                     screen: int | None = None, screen_batch_size: int | None = None) -> pd.DataFrame:
     """Denoising (clean → corrupt) and noising patches of every default patch: one row per item ×
     direction × (site, group) with ``metric`` (patched), ``base_metric``, ``source_metric``. With
     ``screen`` K: attribution ranks the patches per direction and only the top K are patched
     exactly (:func:`interp.screen.screened_patches`; column ``method``: ``"exact"`` or
-    ``"screen_estimate"``)."""
+    ``"screen_estimate"``); its attribution step (a backward pass) takes ``screen_batch_size``
+    rows per step (default ``batch_size``), its exact patches ``batch_size``."""
     from interp.screen import screened_patches
     ps = patching.default_patches(lvlm)
     out = []
     for direction, base, source in (("denoise", pairs.corrupt, pairs.clean), ("noise", pairs.clean, pairs.corrupt)):
         if screen is not None:
             df = screened_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets, screen,
-                                  interventions=ivs, batch_size=batch_size, grid=pairs.grid)
+                                  interventions=ivs, batch_size=batch_size, grid=pairs.grid,
+                                  attribution_batch_size=screen_batch_size)
             out.append(df.assign(direction=direction))
             continue
         df = patching.run_patches(lvlm, base, source, ps, pairs.correct, pairs.candidates, pairs.targets,

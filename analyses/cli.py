@@ -300,7 +300,7 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
            progress: bool = typer.Option(True, help="Show progress bars.")):
     """Where does the difference between two placements arise? Activation patching, position-id
     patching, attention flow, knockout and attribution patching for baseline, BaPA and AGCI."""
-    from analyses import plan as pl, vocabulary
+    from analyses import plan as pl, registry, vocabulary
     from analyses.causal import probe_grid
     from probes.format import find_probe, read_rows
     _threads(threads)
@@ -313,9 +313,9 @@ def causal(model: str = typer.Option("organism", help="'organism', a local check
     if n_items < 1:
         raise SpatialBiasError(f"--n-items {n_items}: use at least 1")
     cells = [clean_cell, corrupt_cell]
-    analyses = {"patching": {"items": n_items, "cells": cells, **({"screen": screen} if screen is not None else {})},
-                "knockout": {"items": n_items, "cells": cells},
-                "flow": {"items": min(n_items, 50)}, "attribution": {"items": n_items, "cells": cells}}
+    given = {"items": n_items, "cells": cells, **({"screen": screen} if screen is not None else {})}
+    analyses = {a.name: {k: min(v, a.items_cap or v) if k == "items" else v for k, v in given.items() if k in a.options}
+                for a in registry.analyses().values() if a.causal}
     cfg = pl.command(model, probe, ["baseline", "bapa", agci], analyses, settings=_settings(batch_size, device, dtype, False, device_map, max_memory,
                                                         offload_folder))
     s = _run_and_report(cfg, out, "spatialbias causal", progress, dry_run)

@@ -19,24 +19,9 @@ from spatialbias.errors import SpatialBiasError
 
 
 def forward_rows(cond: Condition, n_probe_rows: int, n_items: int, lm_layers: int | None) -> int:
-    """Rows pushed through the model by one condition."""
-    layers = lm_layers or 1
-    cells = max(1, round(n_probe_rows / max(n_items, 1)))  # placements per item
-    if cond.analysis in ("eval", "similarity"):
-        return n_probe_rows
-    if cond.analysis == "occlusion":
-        return n_probe_rows * (cond.options.get("steps", 20) ** 2 + 1)
-    n = min(cond.options.get("items", 20), n_items)
-    auto = cells * n_items if cond.options.get("cells") == "auto" else 0  # the baseline pass that picks the cells
-    if cond.analysis == "flow":
-        return cells * n
-    if cond.analysis == "knockout":
-        return n * (1 + 3 * (layers + 1)) + auto
-    patches = 4 * layers + 6  # default patches: vision blocks, projector, lm.input and LM blocks × 4 groups
-    if cond.analysis == "attribution":
-        steps = cond.options.get("steps", [1, 8])
-        return n * (patches + 2) + sum(n * (2 if k == 1 else k + 1) for k in steps) + auto
-    return n * (2 * (patches + 2) + 2 * (layers + 2) + 3) + auto  # both directions, position ids, moved (3 rows)
+    """Rows pushed through the model by one condition (its analysis' registered ``cost``)."""
+    from analyses import registry
+    return int(registry.get(cond.analysis).cost(cond, n_probe_rows, n_items, lm_layers or 1))
 
 
 def estimate(plan: Plan, out: Path) -> pd.DataFrame:
@@ -137,19 +122,37 @@ def memory_row(cond: Condition, settings: dict) -> tuple[int, int | None, str]:
     s = Shapes.from_config(cfg, cond.options.get("dtype") or "float32", image_px=_image_px(cond.probe_path))
     room = plan_budget(settings)
     limit = int(cond.options.get("batch_size", 64))
-    kind = ANALYSIS_KIND.get(cond.analysis, "forward")
+    kinds = analysis_profiles(cond.analysis, cond.options)
     if settings.get("device_map"):  # weights placed by accelerate within max_memory; rows chosen after loading
-        return limit, activation_peak(s, kind, limit), (
+        return limit, max(activation_peak(s, k, limit) for k in kinds), (
             f"{cond.model}: split by --device-map, so peak_GiB counts activations at {limit} rows only (the weights "
             "are placed within --max-memory per device); the run chooses its rows from what the execution device "
             "has free after loading")
     if room is None:
-        return limit, s.weights + activation_peak(s, kind, limit), ""
-    try:
-        r = choose_rows(s, cond.analysis, room - s.weights, limit, f"{cond.model} {cond.analysis}")
-    except SpatialBiasError as e:
-        return 0, s.weights + activation_peak(s, kind, MIN_ROWS.get(kind, 1)), str(e)
-    return r, s.weights + activation_peak(s, kind, r), ""
+        return limit, s.weights + max(activation_peak(s, k, limit) for k in kinds), ""
+    steps = []
+    for k in kinds:  # each step of the analysis gets its own rows under the budget
+        try:
+            r = choose_rows(s, k, room - s.weights, limit, f"{cond.model} {cond.analysis}")
+        except SpatialBiasError as e:
+            return 0, s.weights + activation_peak(s, k, MIN_ROWS.get(k, 1)), str(e)
+        steps.append((r, activation_peak(s, k, r)))
+    return min(r for r, _ in steps), s.weights + max(p for _, p in steps), ""
+
+
+def analysis_profiles(analysis: str, options: dict | None = None) -> tuple[str, ...]:
+    """The memory profiles of an analysis' steps (its registered ``profile`` under ``options``):
+    the dry run prices each step under the budget and reports the largest peak."""
+    from analyses import registry
+    p = registry.get(analysis).profile(options or {})
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def profiles(name: str) -> tuple[str, ...]:
+    """A memory profile named directly (:data:`analyses.registry.PROFILES`), else the profiles of
+    the analysis ``name`` at its default options."""
+    from analyses.registry import PROFILES
+    return (name,) if name in PROFILES else analysis_profiles(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,11 +308,6 @@ def _image_tokens(cfg: dict, v: dict, px: tuple[int, int]) -> tuple[int, int]:
     return side * side, side * side + 1
 
 
-ANALYSIS_KIND = {"eval": "forward", "similarity": "forward", "occlusion": "forward", "knockout": "forward",
-                 "flow": "flow", "patching": "patching", "attribution": "attribution"}
-"""Which memory profile each analysis' largest step has (its ``rows`` are what it chunks)."""
-
-
 def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) -> int:
     """Peak bytes above the loaded model of one step of ``rows`` rows (B rows, L tokens, widths
     D/F, N LM blocks, vision P tokens of width Dv/Fv, b bytes per element):
@@ -362,7 +360,8 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
         if vision_sites:
             saved += g * s.vision_layers * P * (GRAD_SAVED_DV * Dv + GRAD_SAVED_FV * Fv) * b
         return int(saved + fwd(B))
-    raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(sorted(set(ANALYSIS_KIND.values())))}")
+    from analyses.registry import PROFILES
+    raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(PROFILES)}")
 
 
 def lm_block_saved(s: Shapes, sites: bool = True) -> int:
@@ -380,9 +379,14 @@ attribution a base row with its graph and its source row."""
 
 
 def choose_rows(s: Shapes, analysis: str, budget: int | None, limit: int, what: str = "") -> int:
-    """The most rows (≤ ``limit``) per step whose predicted peak fits ``budget`` bytes of
-    activations (None: ``limit``). One row that does not fit is one error line naming the numbers."""
-    kind = ANALYSIS_KIND.get(analysis, analysis)
+    """The most rows (≤ ``limit``) per step of memory profile ``analysis`` (or of an analysis
+    whose steps share one profile) whose predicted peak fits ``budget`` bytes of activations (None:
+    ``limit``). One row that does not fit is one error line naming the numbers."""
+    kinds = profiles(analysis)
+    if len(kinds) != 1:
+        raise SpatialBiasError(f"{analysis}: its steps have the memory profiles {', '.join(kinds)}; choose rows per "
+                               "profile")
+    kind = kinds[0]
     lo = MIN_ROWS.get(kind, 1)
     if budget is None:
         return max(lo, limit)

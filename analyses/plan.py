@@ -3,7 +3,8 @@
 Role: parse a sweep file (or build the same mapping for the demo, ``eval`` and ``causal``
 commands) into :class:`Condition` configs, each serialisable and with an id that covers every
 setting that changes a number. May import: ``spatialbias``, ``probes.format``,
-``analyses.vocabulary``. Nothing here loads a model or runs one.
+``analyses.{vocabulary, registry}`` (which analyses exist, their options). Nothing here loads
+a model or runs one.
 
 The mapping (a TOML sweep file, see ``docs/sweeps.md``)::
 
@@ -27,23 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analyses import vocabulary
+from analyses import registry, vocabulary
 from probes.format import ProbeError, find_probe
 from spatialbias.errors import SpatialBiasError
 
 DTYPES = ("float32", "bfloat16", "float16")
-ANALYSES: dict[str, dict[str, Any]] = {
-    "eval": {"string_rule": False, "max_new_tokens": 4, "skip_bad": False},
-    "patching": {"items": None, "cells": None, "screen": None},
-    "knockout": {"items": None, "cells": None},
-    "flow": {"items": None, "query": "last"},
-    "attribution": {"items": None, "cells": None, "steps": [1, 8]},
-    "similarity": {},
-    "occlusion": {"steps": 20, "square": None},
-}
-"""Every analysis and its options (None: the sweep-wide ``causal_items`` / ``patch_cells``)."""
-ONLY_BASELINE = ("attribution", "similarity")
-"""Analyses that run on the baseline only unless ``[analysis.NAME] interventions`` says otherwise."""
 TOP_KEYS = {"seeds", "analyses", "batch_size", "causal_items", "patch_cells", "device", "models", "probes",
             "interventions", "dtype", "analysis", "trust_remote_code", "device_map", "max_memory", "offload_folder",
             "gpus_per_model"}
@@ -231,31 +220,31 @@ def _analyses(cfg: dict, where: str) -> dict[str, tuple[dict, list[str] | None]]
     if not isinstance(tables, dict):
         raise PlanError(f"{where}: [analysis] must hold tables, e.g. [analysis.flow] items = 50")
     names = list(dict.fromkeys([*names, *tables]))
-    bad = [a for a in names if a not in ANALYSES]
+    known = registry.analyses()
+    bad = [a for a in names if a not in known]
     if bad:
-        raise PlanError(f"{where}: unknown analysis {bad[0]!r}; use {', '.join(ANALYSES)}")
+        raise PlanError(f"{where}: unknown analysis {bad[0]!r}; use {', '.join(known)}")
     cells = cfg.get("patch_cells", "auto")
     items = cfg.get("causal_items", 20)
     out = {}
     for a in names:
+        spec = known[a]
         t = dict(tables.get(a, {}))
-        keep = t.pop("interventions", list(("baseline",)) if a in ONLY_BASELINE else None)
-        unknown = sorted(set(t) - set(ANALYSES[a]))
+        keep = t.pop("interventions", ["baseline"] if spec.baseline_only else None)
+        unknown = sorted(set(t) - set(spec.options))
         if unknown:
             raise PlanError(f"{where}: [analysis.{a}] unknown option(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(ANALYSES[a]) or 'none'}, interventions")
-        opts = {**ANALYSES[a], **t}
+                            f"{', '.join(spec.options) or 'none'}, interventions")
+        opts = {**spec.options, **t}
         if "items" in opts:
             opts["items"] = items if opts["items"] is None else opts["items"]
             if not isinstance(opts["items"], int) or isinstance(opts["items"], bool) or opts["items"] < 1:
                 raise PlanError(f"{where}: [analysis.{a}] items must be a positive integer, got {opts['items']!r}")
-        if a == "patching":
-            k = opts.pop("screen")  # absent at its default (None: exact patching), so earlier ids stay
-            if k is not None:
-                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                    raise PlanError(f"{where}: [analysis.patching] screen must be a positive integer (patches "
-                                    f"confirmed exactly), got {k!r}")
-                opts["screen"] = k
+        if spec.check is not None:
+            try:
+                opts = spec.check(opts, where)
+            except SpatialBiasError as e:
+                raise PlanError(str(e)) from None
         if "cells" in opts:
             opts["cells"] = cells if opts["cells"] is None else opts["cells"]
             c = opts["cells"]

@@ -2,7 +2,7 @@
 ``index.html``. The demo (``spatialbias report --model M``) and ``report --from DIR`` are this code.
 
 Role: views of the table. May import: ``spatialbias``, ``probes.format``, ``analyses.{store,
-summary, figures}``. Writes into the run folder: ``summary.json``, ``index.html``,
+summary, figures, registry}`` (each registered analysis brings its report sections and figures). Writes into the run folder: ``summary.json``, ``index.html``,
 ``figures/*.png|svg``, ``results.csv`` and ``tables/{analysis}.parquet|csv`` (the per-row / per-item
 detail tables of every condition, concatenated). Every figure is one call of
 :mod:`analyses.figures` on those tables; the page prints under it a caption saying what to read
@@ -16,63 +16,31 @@ import base64
 import html
 import io
 import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from analyses import figures, store, summary as summ
+from analyses import figures, registry, store, summary as summ
+from analyses.registry import FigureSpec, Section
 from spatialbias.errors import SpatialBiasError
 from spatialbias.files import atomic_write_bytes, atomic_write_text
 
 
-@dataclass
-class FigureSpec:
-    """One figure: ``analyses.figures.<function>(table, **kwargs)``, where ``table`` is the
-    results table or, with ``details``, that analysis' detail table; saved as ``stem``.
-    ``caption``: what to read from it, printed under it (:func:`plan_figures` fills it from
-    :func:`analyses.figures.caption`)."""
-    section: str
-    stem: str
-    function: str
-    kwargs: dict = field(default_factory=dict)
-    title: str = ""
-    details: str | None = None
-    caption: str = ""
-
-    def command(self, src: Path) -> str:
-        args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
-        table = (f"pd.read_parquet({str(src / 'tables' / (self.details + '.parquet'))!r})" if self.details
-                 else f"pd.read_parquet({str(src / 'results.parquet')!r})")
-        return f"analyses.figures.{self.function}({table}{args})"
-
-    def draw(self, df: pd.DataFrame, tables: dict[str, pd.DataFrame]):
-        return getattr(figures, self.function)(tables[self.details] if self.details else df, **self.kwargs)
+VERDICT = Section("verdict", "Verdict")
+DETAILS = Section("details", "Numbers in detail")
+REPRODUCE = Section("reproduce", "Reproduce")
 
 
-SECTIONS = (
-    ("verdict", "Verdict", None),
-    ("cell-accuracy", "Accuracy per grid cell", "Per-cell accuracy on the probe's grid, one panel per condition."),
-    ("range-accuracy", "Range vs mean accuracy", "One point per condition, coloured by family."),
-    ("agci-lambda", "AGCI: accuracy and range against λ", "Fixed λ as lines, adaptive AGCI as marked points, "
-                                                          "baseline and BaPA as reference lines."),
-    ("probe-side", "Probe-side checks", "Caption vs image-token similarity per cell; occlusion maps; accuracy against "
-                                        "a continuous shift."),
-    ("patching", "Activation patching", "Normalised restoration of the clean − corrupt logit difference per site × "
-                                        "token group, between the baseline's best and worst cell."),
-    ("position-patching", "Position-id patching", "Share of the gap restored by giving the target's image tokens "
-                                                  "their clean position ids, all layers and per layer."),
-    ("knockout", "Attention knockout", "Change of the logit difference when the question tokens cannot attend to a "
-                                       "cell, per layer and in all layers."),
-    ("attention-flow", "Attention flow", "Attention from the last token to the target's cell at each placement, "
-                                         "and to every cell per layer."),
-    ("details", "Numbers in detail", None),
-    ("reproduce", "Reproduce", None),
-)
-"""The page top-down: the verdict (what was measured, the answer, the diagnosis) with the
-per-cell maps right under it, then one section per figure family, then the tables and the
-numbers in words folded under "Numbers in detail", then how to reproduce."""
+def sections() -> list[Section]:
+    """The page top-down: the verdict (what was measured, the answer, the diagnosis) with the
+    per-cell maps right under it, then the registered analyses' sections in registry order, then
+    the tables and the numbers in words folded under "Numbers in detail", then how to reproduce."""
+    out = [VERDICT]
+    for a in registry.analyses().values():
+        out += [x for x in a.sections if x not in out]
+    return out + [DETAILS, REPRODUCE]
+
+
 TEXT_SECTIONS = ("verdict", "details", "reproduce")
 """Sections that are text and tables, never skipped for want of figures."""
 
@@ -103,73 +71,14 @@ def load_results(src: str | Path) -> pd.DataFrame:
     return df
 
 
-def _slug(*labels) -> str:
-    """A file-name-safe stem from labels, made unique by a short hash of the exact labels."""
-    import hashlib
-    text = "_".join(re.sub(r"[^a-z0-9]+", "-", str(x).lower()).strip("-")[:24] for x in labels)
-    return f"{text}_{hashlib.sha1(repr(labels).encode()).hexdigest()[:6]}"
-
-
 def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[list[FigureSpec], dict[str, str]]:
-    """The figures this folder supports, each with its caption, and for each section without
-    data the reason."""
-    specs: list[FigureSpec] = []
-    skipped: dict[str, str] = {}
-    pairs = lambda d: sorted(set(zip(d.model, d.probe)))  # noqa: E731
-
-    def has(analysis, metric, **notna):
-        d = df[(df.analysis == analysis) & df.metric.isin([metric] if isinstance(metric, str) else metric)]
-        for col in notna:
-            d = d[d[col].notna()]
-        return d
-    cells = has("eval", "accuracy", cell=1)
-    for m, p in summ.runs(cells):  # in the order the verdict lists the runs
-        present = set(cells[(cells.model == m) & (cells.probe == p)].intervention)
-        shown = [iv for iv in ("baseline", "bapa") if iv in present]
-        if shown:
-            specs.append(FigureSpec("verdict", "verdict_cells_" + _slug(m, p), "cell_heatmaps",
-                                    {"model": m, "probe": p, "intervention": shown}, f"{m} · {p}"))
-    for m, p in pairs(cells):
-        specs.append(FigureSpec("cell-accuracy", "cell_accuracy_" + _slug(m, p), "cell_heatmaps",
-                                {"model": m, "probe": p}, f"{m} · {p}"))
-    scal = has("eval", ["mean_accuracy", "range"])
-    if len(scal) and scal.intervention.nunique() > 1:
-        specs.append(FigureSpec("range-accuracy", "range_vs_accuracy", "range_vs_accuracy", {}, "all runs"))
-    if scal.family.isin(["agci", "agci-adaptive"]).any():
-        specs.append(FigureSpec("agci-lambda", "agci_lambda", "lambda_curves", {}, "all runs"))
-    for m, p in pairs(has("similarity", "cell_sim_image")):
-        specs.append(FigureSpec("probe-side", "similarity_" + _slug(m, p), "similarity_maps", {"model": m, "probe": p},
-                                f"similarity · {m} · {p}"))
-    if "occlusion" in tables:
-        for m, p in pairs(tables["occlusion"]):
-            specs.append(FigureSpec("probe-side", "occlusion_" + _slug(m, p), "occlusion_maps",
-                                    {"model": m, "probe": p}, f"occlusion · {m} · {p}", details="occlusion"))
-    ev = tables.get("eval")
-    if ev is not None and "offset" in ev.columns and ev["offset"].notna().any():
-        for m, p in pairs(ev[ev["offset"].notna()]):
-            specs.append(FigureSpec("probe-side", "shift_" + _slug(m, p), "shift_curves", {"model": m, "probe": p},
-                                    f"shift · {m} · {p}", details="eval"))
-    for direction in ("denoise", "noise"):
-        for m, p in pairs(has("patching", f"restoration_{direction}")):
-            specs.append(FigureSpec("patching", f"restoration_{direction}_" + _slug(m, p), "restoration_heatmaps",
-                                    {"model": m, "probe": p, "direction": direction}, f"{direction} · {m} · {p}"))
-    for m, p in pairs(has("patching", "position_restoration")):
-        specs.append(FigureSpec("position-patching", "position_restoration_" + _slug(m, p), "position_restoration",
-                                {"model": m, "probe": p}, f"{m} · {p}"))
-    for m, p in pairs(has("knockout", "knockout_drop")):
-        specs.append(FigureSpec("knockout", "knockout_" + _slug(m, p), "knockout_drops", {"model": m, "probe": p},
-                                f"{m} · {p}"))
-    for m, p in pairs(has("flow", "attention_to_target", cell=1, layer=1)):
-        specs.append(FigureSpec("attention-flow", "attention_to_target_" + _slug(m, p), "attention_to_target",
-                                {"model": m, "probe": p}, f"{m} · {p}"))
-        if "flow" in tables:
-            specs.append(FigureSpec("attention-flow", "attention_layer_cell_" + _slug(m, p), "layer_cell",
-                                    {"model": m, "probe": p}, f"per layer and cell · {m} · {p}", details="flow"))
+    """The figures this folder supports (each registered analysis' ``figures``), each with its
+    caption, and for each section without data the reason."""
+    specs = [spec for a in registry.analyses().values() if a.figures for spec in a.figures(df, tables)]
     for s in specs:
         s.caption = s.caption or figures.caption(s.function)
-    for anchor, _, _ in SECTIONS:
-        if anchor not in TEXT_SECTIONS and not any(s.section == anchor for s in specs):
-            skipped[anchor] = "no rows for it in this run (its analysis was not run, or has too little to show)."
+    skipped = {x.anchor: "no rows for it in this run (its analysis was not run, or has too little to show)."
+               for x in sections() if x.anchor not in TEXT_SECTIONS and not any(s.section == x.anchor for s in specs)}
     return specs, skipped
 
 
@@ -360,7 +269,7 @@ def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], 
     """The page. Every label from the data is HTML-escaped; nothing depends on the clock."""
     e = html.escape
     toc, body = [], []
-    for anchor, heading, blurb in SECTIONS:
+    for anchor, heading, blurb in ((x.anchor, x.heading, x.blurb) for x in sections()):
         mine = [s for s in specs if s.section == anchor]
         if anchor not in skipped:
             toc.append(f"<li><a href='#{anchor}'>{e(heading)}</a></li>")
@@ -385,7 +294,7 @@ def render(src: Path, df: pd.DataFrame, summary: dict, specs: list[FigureSpec], 
                             f"{_conditions_html(table)}</details>")
             body.extend(_details_html(r) for r in summary["runs"])
             if skipped:
-                headings = {a: h for a, h, _ in SECTIONS}
+                headings = {x.anchor: x.heading for x in sections()}
                 body.append("<p class='skip'>Not in this run: " + "; ".join(
                     f"{e(headings[a])} ({e(why)})" for a, why in skipped.items()) + "</p>")
         elif anchor == "reproduce":

@@ -24,7 +24,8 @@ def _f(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x) else float(x)
 
 
-def _vci(r) -> dict:
+def vci(r) -> dict:
+    """{value, ci_low, ci_high} of a results row (a mapping), NaN as None."""
     return {"value": _f(r["value"]), "ci_low": _f(r["ci_low"]), "ci_high": _f(r["ci_high"])}
 
 
@@ -63,7 +64,9 @@ def eval_block(d: pd.DataFrame) -> dict:
 
 
 def causal_block(d: pd.DataFrame) -> dict:
-    """One key per causal analysis that ran on this (model, probe), each per intervention label."""
+    """The cells the causal analyses compared, and one key (or two) per registered analysis that
+    ran on this (model, probe), each per intervention label (:attr:`Analysis.summary`)."""
+    from analyses import registry
     from analyses.figures.common import intervention_order
     out: dict = {}
     c = d[d.analysis != "eval"]
@@ -73,37 +76,10 @@ def causal_block(d: pd.DataFrame) -> dict:
         out.setdefault("cells", {})[{"clean_cell": "clean", "corrupt_cell": "corrupt"}.get(r.metric, r.metric)] = \
             int(r.value)
     order = intervention_order(c)
-    p = c[c.analysis == "patching"]
-    if len(p):
-        out["patching"] = {iv: {
-            "restoration": [{"direction": r.metric.split("_")[1], "site": r.site, "group": r.group, **_vci(r._asdict())}
-                            for r in p[(p.intervention == iv) & p.metric.str.startswith("restoration_")].itertuples()],
-            **{m: _vci(p[(p.intervention == iv) & (p.metric == m)].iloc[0]) for m in ("logit_diff_clean",
-                                                                                       "logit_diff_corrupt")}}
-            for iv in order if iv in set(p.intervention)}
-        out["position_patching"] = {iv: [
-            {"layers": "all" if pd.isna(r.layer) else int(r.layer), "what": r.metric.split("_")[1], **_vci(r._asdict())}
-            for r in p[(p.intervention == iv) & p.metric.str.startswith("position_")].itertuples()]
-            for iv in order if iv in set(p.intervention)}
-    k = c[c.analysis == "knockout"]
-    if len(k):
-        out["knockout"] = {iv: [{"layers": "all" if pd.isna(r.layer) else int(r.layer), "blocked": r.group,
-                                 **_vci(r._asdict())} for r in k[(k.intervention == iv) &
-                                                                  (k.metric == "knockout_drop")].itertuples()]
-                           for iv in order if iv in set(k.intervention)}
-    f = c[(c.analysis == "flow") & (c.metric == "attention_to_target")]
-    if len(f):
-        out["flow"] = {iv: {int(layer): [_vci(r) for r in g.sort_values("cell").to_dict("records")]
-                            for layer, g in f[f.intervention == iv].groupby("layer")}
-                       for iv in order if iv in set(f.intervention)}
-    sp = c[(c.analysis == "flow") & (c.metric == "attention_spread")]
-    if len(sp):
-        out["flow_spread"] = {iv: {int(r.layer): _vci(r._asdict()) for r in sp[sp.intervention == iv].itertuples()}
-                              for iv in order if iv in set(sp.intervention)}
-    a = c[(c.analysis == "attribution") & (c.metric == "attribution_spearman")]
-    if len(a):
-        out["attribution"] = {iv: {r.group: _vci(r._asdict()) for r in a[a.intervention == iv].itertuples()}
-                              for iv in order if iv in set(a.intervention)}
+    for a in registry.analyses().values():
+        rows = c[c.analysis == a.name]
+        if a.summary is not None and len(rows):
+            out.update(a.summary(rows, order))
     return out
 
 
@@ -257,49 +233,30 @@ def conclusion(run: dict) -> str:
     return " ".join(lines)
 
 
-def _restoration(run: dict, iv: str, site: str, group: str, direction: str = "denoise") -> dict | None:
+def restoration_of(run: dict, iv: str, site: str, group: str, direction: str = "denoise") -> dict | None:
+    """The restoration block of one patch (site, group, direction) under ``iv``, or None."""
     for r in run["causal"].get("patching", {}).get(iv, {}).get("restoration", []):
         if (r["site"], r["group"], r["direction"]) == (site, group, direction):
             return r
     return None
 
 
-def _position(run: dict, iv: str, layers, what: str) -> dict | None:
+def position_of(run: dict, iv: str, layers, what: str) -> dict | None:
+    """The position-id patching block (``layers`` "all" or an index; ``what`` restoration or damage)."""
     return next((r for r in run["causal"].get("position_patching", {}).get(iv, [])
                  if r["layers"] == layers and r["what"] == what), None)
 
 
 def findings(run: dict) -> list[dict]:
-    """The causal findings as claims, one row each: {claim, intervention, value, ci_low, ci_high}."""
-    c, out = run["causal"], []
-
-    def add(claim, iv, x):
-        if x and x.get("value") is not None:
-            out.append({"claim": claim, "intervention": iv, "value": x["value"], "ci_low": x.get("ci_low"),
-                        "ci_high": x.get("ci_high")})
-    cells = c.get("cells", {})
-    for iv, p in c.get("patching", {}).items():
-        add(f"answer logit difference, target in cell {cells.get('clean')} (clean)", iv, p["logit_diff_clean"])
-        add(f"answer logit difference, target in cell {cells.get('corrupt')} (corrupt)", iv, p["logit_diff_corrupt"])
-        add("position-id patching, all layers: share of the gap restored", iv, _position(run, iv, "all", "restoration"))
-        add("converse position-id swap on the clean run: share of the gap removed", iv, _position(run, iv, "all", "damage"))
-        for r in c.get("position_patching", {}).get(iv, []):
-            if r["layers"] != "all" and r["what"] == "restoration":
-                add(f"position-id patching, layer {r['layers']} alone", iv, r)
-        add("the target cell's tokens at the LM input (denoising restoration)", iv, _restoration(run, iv, "lm.input", "target"))
-        add("vision-side patching: the target's clean image tokens moved into the corrupt cell's slots, position ids "
-            "kept (denoising restoration)", iv, _restoration(run, iv, "lm.input", "moved"))
-    for iv, rows in c.get("knockout", {}).items():
-        for r in rows:
-            if r["layers"] == "all":
-                what = r["blocked"] if r["blocked"] == "all image tokens" else f"the {r['blocked']}"
-                add(f"knockout of {what} in every layer: drop of the logit difference", iv, r)
-    for iv, by_layer in c.get("flow_spread", {}).items():
-        for layer, x in by_layer.items():
-            add(f"attention to the target's cell, layer {layer}: spread (max − min) over placements", iv, x)
-    for iv, rhos in c.get("attribution", {}).items():
-        for name, rho in rhos.items():
-            add(f"attribution patching ({name}) vs exact: Spearman over all patches", iv, rho)
+    """The causal findings as claims, one row each: {claim, intervention, value, ci_low, ci_high};
+    each registered analysis contributes its own (:attr:`Analysis.claims`)."""
+    from analyses import registry
+    out = []
+    for a in registry.analyses().values():
+        for claim, iv, x in (a.claims(run) if a.claims else []):
+            if x and x.get("value") is not None:
+                out.append({"claim": claim, "intervention": iv, "value": x["value"], "ci_low": x.get("ci_low"),
+                            "ci_high": x.get("ci_high")})
     return out
 
 
@@ -317,15 +274,15 @@ def causal_conclusion(run: dict) -> str:
     layer_txt = ", ".join(f"layer {r['layers']} alone {_pct(r)}" for r in c["position_patching"][base]
                           if r["layers"] != "all" and r["what"] == "restoration")
     lines.append(f"Position-id patching: giving the target's image tokens, unchanged, the position ids they have in the "
-                 f"clean placement restores {_pct(_position(run, base, 'all', 'restoration'))} of that gap "
+                 f"clean placement restores {_pct(position_of(run, base, 'all', 'restoration'))} of that gap "
                  f"({layer_txt}); the converse swap on the clean run removes "
-                 f"{_pct(_position(run, base, 'all', 'damage'))} of it.")
+                 f"{_pct(position_of(run, base, 'all', 'damage'))} of it.")
     n = max((int(r["site"].split(".")[2]) for r in p["restoration"] if r["site"].startswith("lm.blocks.")), default=-1)
-    per_layer = [f"after block {i} the image tokens carry {_pct(_restoration(run, base, f'lm.blocks.{i}', 'image'))} "
-                 f"and the text after the image {_pct(_restoration(run, base, f'lm.blocks.{i}', 'text'))}"
+    per_layer = [f"after block {i} the image tokens carry {_pct(restoration_of(run, base, f'lm.blocks.{i}', 'image'))} "
+                 f"and the text after the image {_pct(restoration_of(run, base, f'lm.blocks.{i}', 'text'))}"
                  for i in range(n + 1)]
     lines.append(f"Activation patching (clean → corrupt): the target cell's tokens at the LM input restore "
-                 f"{_pct(_restoration(run, base, 'lm.input', 'target'))}; " + "; ".join(per_layer) + ".")
+                 f"{_pct(restoration_of(run, base, 'lm.input', 'target'))}; " + "; ".join(per_layer) + ".")
     for iv, by_layer in c.get("flow", {}).items():
         parts = [f"layer {layer}: {min(v['value'] for v in cl):.3f}–{max(v['value'] for v in cl):.3f}"
                  for layer, cl in by_layer.items()]
@@ -341,7 +298,7 @@ def causal_conclusion(run: dict) -> str:
             gap = q["logit_diff_clean"]["value"] - q["logit_diff_corrupt"]["value"]
             lines.append(f"{iv}: clean {q['logit_diff_clean']['value']:.2f} vs corrupt "
                          f"{q['logit_diff_corrupt']['value']:.2f} (gap {gap:.2f}); position-id patching restores "
-                         f"{_pct(_position(run, iv, 'all', 'restoration'))}.")
+                         f"{_pct(position_of(run, iv, 'all', 'restoration'))}.")
     for iv, rhos in c.get("attribution", {}).items():
         lines.append(f"Attribution patching vs exact patching ({iv}): Spearman "
                      + ", ".join(f"{_num(rho, '.2f')} ({name})" for name, rho in rhos.items())

@@ -110,6 +110,22 @@ def attention_implementation(model: torch.nn.Module, impl: str | None) -> Iterat
         tc._attn_implementation_internal = before
 
 
+@contextmanager
+def cpu_attention_guard(lvlm) -> Iterator[None]:
+    """torch 2.13's CPU flash-attention kernel packs bfloat16 with AVX-512 instructions and fails
+    ("pack_vnni2 is only supported when avx512 is supported") on a CPU without them (ATen
+    capability AVX2 or DEFAULT: most AMD EPYC before Zen 4, desktop CPUs) once a sequence has 64
+    tokens. There, a bf16 model's attention runs on SDPA's math kernel instead (same formula;
+    every other case is left alone)."""
+    dtype = getattr(lvlm.model, "dtype", None)
+    if lvlm.device.type != "cpu" or dtype != torch.bfloat16 or torch.backends.cpu.get_cpu_capability() == "AVX512":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 # ------------------------------------------------------------------------------------------------
 # hooks
 
@@ -384,7 +400,7 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
     handles = run.install()
     impl = PATTERN_IMPL if run.needs_pattern_kernel else None
     try:
-        with torch.set_grad_enabled(grad), attention_implementation(lvlm.model, impl):
+        with torch.set_grad_enabled(grad), attention_implementation(lvlm.model, impl), cpu_attention_guard(lvlm):
             if not max_new_tokens:
                 run.begin_forward(0, run.edits)
                 kw = {"logits_to_keep": 1} if last_only else {}
@@ -578,9 +594,20 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     order = start.tolist()
     if order != sorted(order):
         raise SpatialBiasError("resume: rows must be sorted by their start block")
-    R, L = len(order), states.residual[0].shape[1]
+    R = len(order)
     blocks = [lvlm.adapter.module(lvlm.model, f"lm.blocks.{j}") for j in range(n)]
-    h = None
+    with cpu_attention_guard(lvlm):
+        h = _resume_blocks(lvlm, states, rows, order, hidden, p, blocks)
+    h = _join(h, hidden, R)
+    norm = lvlm.adapter.module(lvlm.model, "lm.final_norm")
+    head = lvlm.adapter.module(lvlm.model, "unembed")
+    return head(norm(h[:, -1:]))[:, -1]
+
+
+def _resume_blocks(lvlm, states: LMStates, rows: torch.Tensor, order: list[int], hidden: torch.Tensor, p: int,
+                   blocks: list) -> torch.Tensor | None:
+    """The residual after the last block of the rows that :func:`resume` continues (see there)."""
+    n, L, h = states.layers, states.residual[0].shape[1], None
     for j in range(min(order), n):
         k = sum(1 for s in order if s <= j)  # rows that have joined by block j
         h = _join(h, hidden, k)
@@ -593,10 +620,7 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
                         V.index_select(0, rows[:k].to(V.device))[:, :, :p])
         out = blocks[j](h, cache=cache, **kw)
         h = out[0] if isinstance(out, tuple) else out
-    h = _join(h, hidden, R)
-    norm = lvlm.adapter.module(lvlm.model, "lm.final_norm")
-    head = lvlm.adapter.module(lvlm.model, "unembed")
-    return head(norm(h[:, -1:]))[:, -1]
+    return h
 
 
 def _join(h: torch.Tensor | None, hidden: torch.Tensor, k: int) -> torch.Tensor:

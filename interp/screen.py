@@ -33,14 +33,16 @@ def rank_patches(est: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def screened_patches(lvlm, base, source, patches: Sequence[Patch], correct, candidates, targets, k: int,
-                     interventions=(), batch_size: int = 32, grid: tuple[int, int] = (3, 3)) -> pd.DataFrame:
-    """Denoising patches of ``base`` (N rows) with ``source``: attribution for all, exact for the
-    top ``k`` by attribution (see the module doc for the columns)."""
+                     interventions=(), batch_size: int = 32, grid: tuple[int, int] = (3, 3),
+                     attribution_batch_size: int | None = None) -> pd.DataFrame:
+    """Denoising patches of ``base`` (N rows) with ``source``: attribution for all (its backward
+    pass ``attribution_batch_size`` rows per step, default ``batch_size``), exact for the top
+    ``k`` by attribution (see the module doc for the columns)."""
     from interp.attribution import attribution_patching
     if k < 1:
         raise SpatialBiasError(f"--screen {k}: confirm at least 1 patch (or leave --screen out for exact patching)")
     est = attribution_patching(lvlm, base, source, patches, correct, candidates, targets, interventions=interventions,
-                               batch_size=batch_size, grid=grid)
+                               batch_size=attribution_batch_size or batch_size, grid=grid)
     top = set(rank_patches(est)[:k])
     keep = [p for p in patches if (p.site, p.group) in top]
     exact = run_patches(lvlm, base, source, keep, correct, candidates, targets, interventions=interventions,

@@ -290,3 +290,25 @@ def test_vision_token_order_is_each_sites_own(name):
         vo, pr = m.token_map(x, "vision.out"), m.token_map(x, "projector")
         assert torch.equal(vo.row.view(-1, 4)[:, 0] // 2, pr.row) and torch.equal(vo.col.view(-1, 4)[:, 0] // 2, pr.col)
         assert torch.equal(vo.batch_row.view(-1, 4)[:, 0], pr.batch_row)
+
+
+def test_bf16_runs_on_a_cpu_without_avx512():
+    """torch's CPU flash attention refuses bf16 sequences of 64+ tokens without AVX-512; the engine
+    runs them on the math kernel there (checked in a process pinned to ATen's DEFAULT and AVX2
+    capabilities, whatever this CPU has). Without the guard the forward raises pack_vnni2."""
+    import subprocess
+    import sys
+    code = ("import torch, interp; from interp import tiny\n"
+            "model, proc = tiny.BUILDERS['llava_next']()\n"
+            "m = interp.load(model.to(torch.bfloat16), proc)\n"
+            "x = m.inputs([tiny.image(64, 64, seed=1)] * 2, [m.prompt('what is this ?')] * 2)\n"
+            "assert x['input_ids'].shape[1] >= 64, x['input_ids'].shape\n"
+            "with torch.no_grad():\n"
+            "    a = m.run(x, last_only=True)\n"
+            "    b = m.run(x, [interp.BaPA()], last_only=True)\n"
+            "print(torch.backends.cpu.get_cpu_capability(), bool(a.isfinite().all() and b.isfinite().all()))\n")
+    for cap in ("default", "avx2"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                           env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": cap, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert r.stdout.split() == [cap.upper(), "True"], r.stdout

@@ -69,8 +69,8 @@ def test_rows_fill_the_budget_and_refuse_below_one_step(setup):
     m, pairs = setup
     s = memory.run_shapes(m, pairs.clean)
     assert s.seq_len == pairs.clean["input_ids"].shape[1] and s.vision_tokens > 0
-    for analysis in ("eval", "flow", "knockout", "patching", "attribution"):
-        kind = estimate.ANALYSIS_KIND[analysis]
+    for analysis in ("eval", "flow", "knockout", "patching", "attribution"):  # an analysis or a step's profile
+        kind, = estimate.profiles(analysis)
         lo = estimate.MIN_ROWS.get(kind, 1)
         room = estimate.activation_peak(s, kind, lo + 3)  # exactly what lo + 3 rows need
         r = memory.rows(m, room, analysis, pairs.clean, limit=64)

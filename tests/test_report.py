@@ -187,8 +187,8 @@ def test_page_structure(sweep):
     p = parse(page)
     specs, skipped = sweep_report.plan_figures(pd.read_parquet(sweep / "results.parquet"), {})
     assert set(skipped) == {"probe-side", "knockout"}  # no similarity / occlusion / shift / knockout rows here
-    shown = [a for a, *_ in sweep_report.SECTIONS if a not in skipped]
-    assert p.h2 == [h for a, h, _ in sweep_report.SECTIONS if a in shown]  # top-down: verdict first, no TOC heading
+    shown = [x.anchor for x in sweep_report.sections() if x.anchor not in skipped]
+    assert p.h2 == [x.heading for x in sweep_report.sections() if x.anchor in shown]  # top-down: verdict first, no TOC heading
     assert p.h2[0] == "Verdict" and p.h2[-2:] == ["Numbers in detail", "Reproduce"]
     assert p.toc_links == shown and all(a in p.ids for a in p.toc_links)
     assert {s.section for s in specs} == set(shown) - {"details", "reproduce"}
