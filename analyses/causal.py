@@ -148,6 +148,34 @@ def moved_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64) -> pd.DataF
     return _with_ids(df.assign(site="lm.input", group="moved", position=None, direction="denoise"), pairs)
 
 
+def joint_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64) -> pd.DataFrame:
+    """The joint patch per item (:func:`interp.patching.run_moved` with ``joint``): the corrupt run
+    with the target's clean image tokens moved into the corrupt cell's slots AND given the clean
+    cell's position ids — content, vision-side position code and LM ids from the good placement,
+    only the sequence slots from the bad one. Site ``lm.input``, group ``joint``."""
+    df = patching.run_moved(lvlm, pairs.corrupt, pairs.clean, pairs.corrupt_cell, pairs.clean_cell, pairs.correct,
+                            pairs.candidates, interventions=ivs, batch_size=max(3, batch_size), grid=pairs.grid,
+                            joint=True)
+    return _with_ids(df.assign(site="lm.input", group="joint", position=None, direction="denoise"), pairs)
+
+
+def vision_position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame | None:
+    """The vision-side position patch per item: the corrupt run with the vision tower's position
+    code of the corrupt and clean cells swapped (:class:`interp.interventions.VisionPositionSwap`),
+    the LM's ids untouched. Site ``vision.embed``, group ``vision_position``; None for a tower
+    without a learned position table (the component is then n/a)."""
+    from interp.interventions import VisionPositionSwap
+    if lvlm.adapter.vision_position_table(lvlm.model) is None:
+        return None
+    swap = VisionPositionSwap(a=pairs.corrupt_cell, b=pairs.clean_cell, grid=pairs.grid)
+    clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs, batch_size), item_metric(lvlm, pairs.corrupt, pairs,
+                                                                                          ivs, batch_size)
+    patched = item_metric(lvlm, pairs.corrupt, pairs, list(ivs) + [swap], batch_size)
+    return _with_ids(pd.DataFrame({"item": range(len(clean)), "metric": patched, "base_metric": corrupt,
+                                   "source_metric": clean, "site": "vision.embed", "group": "vision_position",
+                                   "position": None, "direction": "denoise"}), pairs)
+
+
 def knockout_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame:
     """Per item, on the clean placement: the answer logit difference with the question tokens
     unable to attend to the target's cell, to a distractor cell, or to any image token, one layer
@@ -225,6 +253,51 @@ def restoration_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict
     for name, col in (("logit_diff_clean", "source_metric"), ("logit_diff_corrupt", "base_metric")):
         rows.append({"metric": name, **_point_ci({"x": den[col].to_numpy()}, lambda x: x, rng)})
     return rows
+
+
+MIN_GAP = 0.5
+"""A causal ratio (a share of the clean − corrupt gap) is read only when the gap's 95% interval
+lies above this many units of answer logit difference (a factor e^0.5 ≈ 1.65 in the odds of the
+answer over the best other): below it the ratio divides by noise. Fixed before any run scored it."""
+RATIOS = ("restoration_", "screen_estimate_", "position_", "interaction")
+"""Metric prefixes of the ratios the gap gates."""
+
+
+def gap_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """``gap`` (mean clean − corrupt answer logit difference, with its interval) and ``gap_read``
+    (1 when the interval lies above :data:`MIN_GAP`), from the denoising rows of
+    :func:`activation_items`."""
+    den = items[items.direction == "denoise"].drop_duplicates("item").sort_values("item")
+    g = _point_ci({"clean": den.source_metric.to_numpy(), "corrupt": den.base_metric.to_numpy()},
+                  lambda clean, corrupt: clean - corrupt, rng)
+    read = g["ci_low"] == g["ci_low"] and g["ci_low"] >= MIN_GAP
+    return [{"metric": "gap", **g}, {"metric": "gap_read", "value": float(read)}]
+
+
+def gate(rows: list[dict], gap: list[dict]) -> list[dict]:
+    """``rows`` with every ratio blanked (value and interval NaN: "not read") when ``gap`` says the
+    clean − corrupt gap is not clearly above :data:`MIN_GAP`; the per-item tables keep the numbers."""
+    if next(r["value"] for r in gap if r["metric"] == "gap_read"):
+        return rows + gap
+    nan = float("nan")
+    return [({**r, "value": nan, "ci_low": nan, "ci_high": nan} if r["metric"].startswith(RATIOS) else r)
+            for r in rows] + gap
+
+
+def interaction_rows(act: pd.DataFrame, pos: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
+    """``interaction`` = J − P − V as a share of the gap (joint patch minus the position-id patch
+    minus the moved patch, each a restoration), per item jointly resampled; none without the
+    joint patch or the all-layer position patch."""
+    def per_item(group: str) -> np.ndarray:
+        return act[(act.group == group) & (act.site == "lm.input")].sort_values("item").metric.to_numpy()
+    allp = pos[pos.layers == "all"].sort_values("item")
+    joint, moved = per_item("joint"), per_item("moved")
+    if not len(joint) or not len(allp) or len(joint) != len(allp):
+        return []
+    arrays = {"j": joint, "m": moved, "f": allp.fixed.to_numpy(), "clean": allp.clean.to_numpy(),
+              "corrupt": allp.corrupt.to_numpy()}
+    return [{"metric": "interaction", **_point_ci(
+        arrays, lambda j, m, f, clean, corrupt: (j - m - f + corrupt) / (clean - corrupt), rng)}]
 
 
 def position_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:

@@ -1,45 +1,47 @@
-"""Where does a model's spatial bias live? One label per model × probe, from the results table.
+"""Where does a model's spatial bias live? A decomposition of the gap into shares, from the
+results table, and a label derived from the shares.
 
 Role: the automatic diagnosis that ``summary.json``, the HTML report and ``spatialbias zoo``
 carry. May import: ``spatialbias``. Reads only the tidy rows of ``results.parquet`` (eval rows of
-the diagnosed condition and of BaPA; the patching rows of the diagnosed condition).
+the diagnosed condition and of BaPA; the patching rows of the diagnosed condition). A shipped
+organism is diagnosed exactly as a user's checkpoint: under ``baseline`` (ordinary position ids),
+nothing read from its training record.
 
-The decision rule (fixed before the zoo was scored under it; see docs/zoo.md)
--------------------------------------------------------------------------------
-Inputs, all from one (model, probe) and the diagnosed condition ``c`` (``"baseline"`` unless
-the model was trained with BaPA position ids, when its own condition is ``"bapa"``):
+The components (shares of the clean − corrupt answer logit-difference gap)
+-------------------------------------------------------------------------
+All from the patching analysis between the baseline's best (clean) and worst (corrupt) cell,
+chosen on held-out items; each a ratio of item means with its item-bootstrap 95 % interval:
 
-* ``p`` = the paired homogeneity p of per-cell accuracy under ``c`` (eval ``paired_p``:
-  Cochran's Q over items × cells, an item's nine placements paired; docs/statistics.md); a
-  results table written before that metric existed has only the χ² p (``chi2_p``, which treats
-  the placements as independent and is far too conservative), and the rule then reads that;
-* ``P`` = position-id restoration, all layers (patching, ``position_restoration``, layer null):
-  the corrupt run with the target's image tokens given their clean position ids, as a share of
-  the clean − corrupt logit-difference gap, with its item-bootstrap 95 % interval [P.lo, P.hi];
-* ``V`` = vision-side restoration (patching, ``restoration_denoise`` at ``lm.input``, group
-  ``moved``): the corrupt run with the target's clean image tokens (as the vision tower and
-  projector made them at the clean cell) moved into the corrupt cell's slots, position ids and
-  sequence slots kept; interval [V.lo, V.hi].
+* ``P`` — LM position ids: the corrupt run with the target's image tokens given the clean cell's
+  position ids (``position_restoration``, all layers). n/a under BaPA (one shared id: the swap
+  changes nothing by construction);
+* ``V`` — vision side: the corrupt run with the target's clean image tokens (content as the
+  vision tower and projector made it at the clean cell, with the vision tower's position code)
+  moved into the corrupt cell's slots, LM ids kept (``restoration_denoise`` at ``lm.input``,
+  group ``moved``);
+* ``Q`` — the vision tower's position code, inside ``V``: the corrupt run with the vision
+  tower's learned position embeddings of the two cells swapped, LM ids untouched (site
+  ``vision.embed``, group ``vision_position``). n/a for a tower with rotary positions;
+* ``J`` — joint: moved content with the clean ids (group ``joint``): everything from the good
+  placement but the sequence slots;
+* ``R = 1 − J`` — the slots themselves (token order under the causal mask);
+* ``I = J − P − V`` — interaction of content and ids (``interaction``).
 
-Rule (``ALPHA`` = 0.01, ``MOST`` = 0.5):
+The rule (written before any run scored it: docs/diagnosis_preregistration.md)
+----------------------------------------------------------------------------
+``ALPHA`` = 0.01, ``MIN_SHARE`` = 0.2, the gap gate ``analyses.causal.MIN_GAP`` = 0.5.
 
-1. ``p ≥ ALPHA`` → **no significant spatial bias** (the causal numbers are then ratios of a gap
-   that is not there, and are reported but not read).
-2. ``P.lo ≥ MOST`` and ``V.hi < MOST`` → **bias carried by the LM's image position ids**: giving
-   the tokens their clean ids restores most of the gap, moving their content does not.
-3. ``V.lo ≥ MOST`` and ``P.hi < MOST`` → **bias present before the LM (vision tower /
-   projector)**: the content moved into the bad slot restores most of the gap, the ids do not.
-4. anything else → **mixed / undetermined**, with a note naming the pattern:
-   ``"lm_order"`` when ``P.hi < MOST`` and ``V.hi < MOST`` (neither the ids nor the content
-   carries the gap: what is left inside the LM is the tokens' sequence slot — their order under
-   the causal mask; an LM-side bias that BaPA does not remove, NOT a vision-side one);
-   ``"both"`` when ``P.lo ≥ MOST`` and ``V.lo ≥ MOST``; ``"wide"`` otherwise (an interval
-   straddles ``MOST``: more items would decide it).
+1. paired homogeneity p (Cochran's Q, eval ``paired_p``; ``chi2_p`` for older tables) ≥ ALPHA →
+   **no significant spatial bias**;
+2. the gap's interval not above MIN_GAP (``gap_read`` = 0) → **bias not decomposed** (the gap on
+   the patched items is too small to divide by);
+3. a component is *present* when its interval's lower end ≥ MIN_SHARE. The label names the
+   present ones among **LM position ids** (P), **vision side** (V; "vision side (its position
+   code)" when Q is present too) and **token order** (R), each with its share, joined by " + "
+   ("mixed: …" when more than one); none present → **undetermined** (every share's interval
+   reaches below MIN_SHARE: more items would decide).
 
-The BaPA range (eval under ``bapa``, with its interval and paired p) is reported beside the label
-as corroboration and is not part of the rule. ``ALPHA`` = 0.01 rather than 0.05 because a zoo
-scores tens of runs and a 5 % false alarm per null run would, by design, call a bias in one of
-every twenty; ``MOST`` = 0.5 is "most of the gap".
+The BaPA range (eval under ``bapa``) is reported beside it as corroboration, not used by the rule.
 """
 from __future__ import annotations
 
@@ -50,18 +52,17 @@ import pandas as pd
 from spatialbias.errors import SpatialBiasError
 
 ALPHA = 0.01
-MOST = 0.5
+MIN_SHARE = 0.2
 NONE = "no significant spatial bias"
-LM_IDS = "bias carried by the LM's image position ids"
-BEFORE_LM = "bias present before the LM (vision tower / projector)"
-MIXED = "mixed / undetermined"
-LABELS = (NONE, LM_IDS, BEFORE_LM, MIXED)
-NOTES = {
-    "lm_order": "neither the position ids nor the moved content restores most of the gap: the LM reads the "
-                "tokens' sequence slot (their order under the causal mask); an LM-side bias that BaPA keeps",
-    "both": "the position ids and the moved content each restore most of the gap",
-    "wide": "an interval straddles 0.5: more items would decide",
-}
+NOT_READ = "bias not decomposed: the gap on the patched items is not clearly above the minimum"
+UNDETERMINED = "undetermined: no component's share is clearly above 20 %"
+LM_IDS = "LM position ids"
+VISION = "vision side"
+VISION_CODE = "vision side (its position code)"
+ORDER = "token order"
+COMPONENTS = {"P": "LM position ids", "V": "vision side (content with its vision position code)",
+              "Q": "vision tower's position code", "J": "joint (content and ids)", "R": "token order (1 − J)",
+              "I": "interaction (J − P − V)"}
 
 
 def _num(x) -> float | None:
@@ -84,68 +85,6 @@ def _row(d: pd.DataFrame, **match) -> dict | None:
     return {"value": _num(r["value"]), "ci_low": _num(r.get("ci_low")), "ci_high": _num(r.get("ci_high"))}
 
 
-def condition_of(training: dict | None) -> str:
-    """The condition a model is diagnosed under: ``"bapa"`` for an organism trained with BaPA
-    position ids (its ``training.json`` config has ``bapa_train``), else ``"baseline"``."""
-    return "bapa" if ((training or {}).get("config") or {}).get("bapa_train") else "baseline"
-
-
-def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baseline", seed: int | None = None) -> dict:
-    """The diagnosis of one (model, probe, plan seed) of a results table under ``condition``.
-
-    ``seed``: the plan seed whose rows are read; None reads the table's only seed for this
-    (model, probe) and refuses (one line, naming them) when it holds several. Returns {label,
-    note, condition, seed, numbers: {condition_range, range_debiased, p, test, chi2_p, paired_p,
-    bapa_range, bapa_range_debiased, bapa_p, bapa_chi2_p, position_restoration,
-    vision_restoration}, text}; each range / restoration with ``value``/``ci_low``/``ci_high``
-    (the range's interval is the calibrated ``range_ci``, about the debiased range); ``p`` is the
-    p the rule read and ``test`` its name (``"paired"``, or ``"chi2"`` for a table without
-    ``paired_p`` rows). Refuses (one line) when the eval or patching rows the rule needs are
-    missing or when a number the rule reads has several rows."""
-    d = df[(df.model == model) & (df.probe == probe)]
-    if d.empty:
-        raise SpatialBiasError(f"diagnosis: no rows for model {model!r}, probe {probe!r}")
-    d, seed = _one_seed(d, model, probe, seed)
-    ev = d[(d.analysis == "eval") & d.cell.isna()]
-    pa = d[(d.analysis == "patching") & (d.intervention == condition)]
-    e = ev[ev.intervention == condition]
-    rng, chi, paired = _row(e, metric="range"), _row(e, metric="chi2_p"), _row(e, metric="paired_p")
-    if rng is None or (chi is None and paired is None):
-        raise SpatialBiasError(f"diagnosis of {model} / {probe}: no eval rows under {condition!r}; run the eval "
-                               f"analysis with the {condition} condition")
-    pos = _row(pa, metric="position_restoration", layer=None)
-    vis = _row(pa, metric="restoration_denoise", site="lm.input", group="moved")
-    b = ev[ev.intervention == "bapa"]
-    test, p = ("paired", paired["value"]) if paired is not None else ("chi2", chi["value"])
-    numbers = {"condition_range": rng, "range_debiased": _row(e, metric="range_debiased"), "p": p, "test": test,
-               "chi2_p": _value(chi), "paired_p": _value(paired), "bapa_range": _row(b, metric="range"),
-               "bapa_range_debiased": _row(b, metric="range_debiased"), "bapa_p": _gate_p(b),
-               "bapa_chi2_p": _value(_row(b, metric="chi2_p")),
-               "position_restoration": pos, "vision_restoration": vis}
-    if p >= ALPHA:
-        label, note = NONE, None
-    else:
-        if pos is None or vis is None:
-            raise SpatialBiasError(f"diagnosis of {model} / {probe}: a significant bias ({_P[test]} {p:.2g}) but "
-                                   f"no position-id or vision-side patching rows under {condition!r}; run the "
-                                   "patching analysis with that condition")
-        label, note = rule(pos, vis)
-    return {"label": label, "note": note, "condition": condition, "seed": seed, "numbers": numbers,
-            "text": text(label, note, condition, numbers)}
-
-
-_P = {"paired": "paired p", "chi2": "χ² p"}
-
-
-def _value(row: dict | None) -> float | None:
-    return (row or {}).get("value")
-
-
-def _gate_p(e: pd.DataFrame) -> float | None:
-    """The p the rule reads from one condition's eval rows: ``paired_p``, else ``chi2_p``."""
-    return _value(_row(e, metric="paired_p") or _row(e, metric="chi2_p"))
-
-
 def _one_seed(d: pd.DataFrame, model: str, probe: str, seed: int | None) -> tuple[pd.DataFrame, int]:
     """(the rows of plan seed ``seed``, that seed); with ``seed`` None, the only seed of ``d``."""
     seeds = sorted(int(s) for s in d.seed.unique())
@@ -159,19 +98,97 @@ def _one_seed(d: pd.DataFrame, model: str, probe: str, seed: int | None) -> tupl
     return d[d.seed == seed], seed
 
 
-def rule(pos: dict, vis: dict) -> tuple[str, str | None]:
-    """Steps 2–4 of the module's rule, from the two restorations' intervals."""
-    p_lo, p_hi = _bounds(pos)
-    v_lo, v_hi = _bounds(vis)
-    if p_lo >= MOST and v_hi < MOST:
-        return LM_IDS, None
-    if v_lo >= MOST and p_hi < MOST:
-        return BEFORE_LM, None
-    if p_hi < MOST and v_hi < MOST:
-        return MIXED, "lm_order"
-    if p_lo >= MOST and v_lo >= MOST:
-        return MIXED, "both"
-    return MIXED, "wide"
+def components(pa: pd.DataFrame, family: str = "baseline") -> dict[str, dict | None]:
+    """P, V, Q, J, R, I of one condition's patching rows (None where the table has no row; P is
+    None under BaPA, where it is zero by construction)."""
+    j = _row(pa, metric="restoration_denoise", site="lm.input", group="joint")
+    r = None if j is None or j["value"] is None else {
+        "value": 1 - j["value"], "ci_low": None if j["ci_high"] is None else 1 - j["ci_high"],
+        "ci_high": None if j["ci_low"] is None else 1 - j["ci_low"]}
+    return {"P": None if family == "bapa" else _row(pa, metric="position_restoration", layer=None),
+            "V": _row(pa, metric="restoration_denoise", site="lm.input", group="moved"),
+            "Q": _row(pa, metric="restoration_denoise", site="vision.embed", group="vision_position"),
+            "J": j, "R": r, "I": _row(pa, metric="interaction")}
+
+
+def diagnose(df: pd.DataFrame, model: str, probe: str, condition: str = "baseline", seed: int | None = None) -> dict:
+    """The diagnosis of one (model, probe, plan seed) of a results table under ``condition``.
+
+    ``seed``: the plan seed whose rows are read; None reads the table's only seed and refuses
+    (one line, naming them) when it holds several. Returns {label, condition, seed, p, test,
+    gap, components: {P, V, Q, J, R, I: {value, ci_low, ci_high} or None}, present: [names],
+    numbers: {condition_range, range_debiased, bapa_range, bapa_range_debiased, bapa_p}, text}.
+    Refuses (one line) when the eval rows, or (for a significant bias) the patching rows, are
+    missing, or when a number the rule reads has several rows."""
+    d = df[(df.model == model) & (df.probe == probe)]
+    if d.empty:
+        raise SpatialBiasError(f"diagnosis: no rows for model {model!r}, probe {probe!r}")
+    d, seed = _one_seed(d, model, probe, seed)
+    ev = d[(d.analysis == "eval") & d.cell.isna()]
+    pa = d[(d.analysis == "patching") & (d.intervention == condition)]
+    e = ev[ev.intervention == condition]
+    rng, chi, paired = _row(e, metric="range"), _row(e, metric="chi2_p"), _row(e, metric="paired_p")
+    if rng is None or (chi is None and paired is None):
+        raise SpatialBiasError(f"diagnosis of {model} / {probe}: no eval rows under {condition!r}; run the eval "
+                               f"analysis with the {condition} condition")
+    test, p = ("paired", paired["value"]) if paired is not None else ("chi2", chi["value"])
+    b = ev[ev.intervention == "bapa"]
+    family = str(d[d.intervention == condition].family.iloc[0]) if len(d[d.intervention == condition]) else condition
+    out = {"condition": condition, "seed": seed, "p": p, "test": test, "gap": None, "components": {}, "present": [],
+           "numbers": {"condition_range": rng, "range_debiased": _row(e, metric="range_debiased"),
+                       "bapa_range": _row(b, metric="range"), "bapa_range_debiased": _row(b, metric="range_debiased"),
+                       "bapa_p": _value(_row(b, metric="paired_p") or _row(b, metric="chi2_p"))}}
+    if p >= ALPHA:
+        out["label"] = NONE
+    else:
+        gap, read = _row(pa, metric="gap"), _row(pa, metric="gap_read")
+        comps = components(pa, family)
+        if comps["V"] is None and comps["P"] is None:
+            raise SpatialBiasError(f"diagnosis of {model} / {probe}: a significant bias ({_P[test]} {p:.2g}) but no "
+                                   f"patching rows under {condition!r}; run the patching analysis with that condition")
+        out.update(gap=gap, components=comps)
+        if read is not None and not read["value"]:
+            out["label"] = NOT_READ
+        else:
+            out["present"] = present(comps)
+            out["label"] = label(out["present"], comps)
+    out["text"] = text(out)
+    return out
+
+
+def present(comps: dict[str, dict | None]) -> list[str]:
+    """The components among P, V, Q, R whose interval's lower end is at least :data:`MIN_SHARE`."""
+    return [k for k in ("P", "V", "Q", "R") if comps.get(k) and _bounds(comps[k])[0] >= MIN_SHARE]
+
+
+def label(names: list[str], comps: dict[str, dict | None]) -> str:
+    """Step 3 of the rule: the present components with their shares."""
+    parts = []
+    if "P" in names:
+        parts.append(f"{LM_IDS} {comps['P']['value']:.0%}")
+    if "V" in names:
+        parts.append(f"{VISION_CODE if 'Q' in names else VISION} {comps['V']['value']:.0%}")
+    if "R" in names:
+        parts.append(f"{ORDER} {comps['R']['value']:.0%}")
+    if not parts:
+        return UNDETERMINED
+    return parts[0] if len(parts) == 1 else "mixed: " + " + ".join(parts)
+
+
+def kind(label_: str) -> str:
+    """The label without its shares, for comparing with an expected label ("LM position ids +
+    vision side"; "no significant spatial bias"; …)."""
+    if not label_.startswith(("mixed: ", LM_IDS, VISION, ORDER)):
+        return label_
+    body = label_.removeprefix("mixed: ")
+    return " + ".join(p.rsplit(" ", 1)[0] for p in body.split(" + "))
+
+
+_P = {"paired": "paired p", "chi2": "χ² p"}
+
+
+def _value(row: dict | None) -> float | None:
+    return (row or {}).get("value")
 
 
 def _bounds(x: dict) -> tuple[float, float]:
@@ -191,15 +208,17 @@ def _fmt(x: dict | None, pct: bool = False) -> str:
     return f"{f(x['value'])}{ci}"
 
 
-def text(label: str, note: str | None, condition: str, n: dict) -> str:
-    """The diagnosis in one paragraph, every number from ``n``."""
-    label_p = _P[n.get("test", "chi2")]
-    out = (f"Diagnosis ({condition}): {label}" + (f" — {NOTES[note]}" if note else "") + ". "
-           f"Range across cells {_range(n['condition_range'], n.get('range_debiased'))} ({label_p} "
-           f"{n.get('p', n['chi2_p']):.2g}); BaPA range {_range(n['bapa_range'], n.get('bapa_range_debiased'))}"
-           + (f" ({label_p} {n['bapa_p']:.2g})" if n.get("bapa_p") is not None else "")
-           + f"; position-id restoration {_fmt(n['position_restoration'], True)}; vision-side (moved content) "
-           f"restoration {_fmt(n['vision_restoration'], True)}.")
+def text(dg: dict) -> str:
+    """The diagnosis in one paragraph, every number from ``dg``."""
+    n, c = dg["numbers"], dg["components"]
+    out = (f"Diagnosis ({dg['condition']}): {dg['label']}. Range across cells "
+           f"{_range(n['condition_range'], n.get('range_debiased'))} ({_P[dg['test']]} {dg['p']:.2g}); BaPA range "
+           f"{_range(n['bapa_range'], n.get('bapa_range_debiased'))}"
+           + (f" ({_P[dg['test']]} {n['bapa_p']:.2g})" if n.get("bapa_p") is not None else "") + ".")
+    if c:
+        out += (f" Gap {_fmt(dg.get('gap'))} logit difference; shares of it: "
+                + "; ".join(f"{COMPONENTS[k]} {_fmt(c.get(k), True)}" for k in ("P", "V", "Q", "J", "R", "I"))
+                + ".")
     return out
 
 

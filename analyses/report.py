@@ -174,8 +174,10 @@ def _details_html(run: dict) -> str:
                      + "".join(f"<th>{e(n)}</th>" for n in names) + f"</tr>{cells}</table>")
     parts.append(_sample_html(run))
     if run["findings"]:
-        rows = "".join(f"<tr><td>{e(f['claim'])}</td><td>{e(f['intervention'])}</td><td>{_fmt(f['value'])}</td>"
-                       f"<td>{_fmt(f['ci_low'])} – {_fmt(f['ci_high'])}</td></tr>" for f in run["findings"])
+        rows = "".join(f"<tr><td>{e(f['claim'])}</td><td>{e(f['intervention'])}</td>" + (
+            f"<td>{_fmt(f['value'])}</td><td>{_fmt(f['ci_low'])} – {_fmt(f['ci_high'])}</td></tr>"
+            if f.get("read", True) else "<td colspan='2'>not read: the gap is not clearly above the minimum "
+                                        "(per-item numbers in tables/)</td></tr>") for f in run["findings"])
         parts.append("<p>Causal findings (95% bootstrap intervals over items):</p><table><tr><th>claim</th>"
                      f"<th>condition</th><th>value</th><th>interval</th></tr>{rows}</table>")
     return (f"<details><summary>{e(run['model'])} · {e(run['probe'])}: results in words, per-condition and "

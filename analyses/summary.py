@@ -120,11 +120,11 @@ def _diagnosis(df: pd.DataFrame, model: str, probe: str, training: dict | None) 
     it needs (eval, and patching where there is a bias) were not run. The diagnosis is per plan
     seed: a run of several seeds is diagnosed on its lowest seed, picked here explicitly and
     named in the result's ``seed``."""
-    from analyses.diagnosis import condition_of, diagnose
+    from analyses.diagnosis import diagnose
     from spatialbias.errors import SpatialBiasError
     d = df[(df.model == model) & (df.probe == probe)]
     try:
-        return diagnose(df, model, probe, condition_of(training), seed=int(d.seed.min()) if len(d) else None)
+        return diagnose(df, model, probe, "baseline", seed=int(d.seed.min()) if len(d) else None)
     except SpatialBiasError:
         return None
 
@@ -143,8 +143,10 @@ def _beside_checkpoint(model_path: str, name: str) -> dict | None:
 
 
 def _pct(x: dict | None) -> str:
-    if not x or x.get("value") is None:
+    if not x:
         return "n/a"
+    if x.get("value") is None:
+        return "not read (gap too small)"
     ci = "" if x.get("ci_low") is None else f" [{x['ci_low']:.0%}, {x['ci_high']:.0%}]"
     return f"{x['value']:.0%}{ci}"
 
@@ -254,9 +256,9 @@ def findings(run: dict) -> list[dict]:
     out = []
     for a in registry.analyses().values():
         for claim, iv, x in (a.claims(run) if a.claims else []):
-            if x and x.get("value") is not None:
-                out.append({"claim": claim, "intervention": iv, "value": x["value"], "ci_low": x.get("ci_low"),
-                            "ci_high": x.get("ci_high")})
+            if x:  # a ratio present with no value was gated by its gap: "not read" (analyses.causal.gate)
+                out.append({"claim": claim, "intervention": iv, "value": x.get("value"), "ci_low": x.get("ci_low"),
+                            "ci_high": x.get("ci_high"), "read": x.get("value") is not None})
     return out
 
 

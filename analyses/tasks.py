@@ -17,6 +17,7 @@ import pandas as pd
 
 from analyses import causal, registry
 from analyses.plan import Condition
+from spatialbias.errors import SpatialBiasError
 
 Result = tuple[list[dict], "pd.DataFrame | None"]
 
@@ -59,19 +60,34 @@ def probe_rows(lvlm, cond: Condition, ctx: Context, rows, profile: str = "forwar
     return ctx.rows(lvlm, profile, sample, f"{cond.analysis} on {cond.probe}")
 
 
+def held_out(rows, items: int) -> list:
+    """The probe rows of the items the causal analyses do not patch: every item after the first
+    ``items`` (in probe order, the ones :func:`analyses.causal.placement_pairs` takes)."""
+    ids = list(dict.fromkeys(r.id for r in rows))
+    patched = set(ids[:items])
+    return [r for r in rows if r.id not in patched]
+
+
 def cells_of(lvlm, cond: Condition, ctx: Context) -> tuple[int, int]:
     """The clean and corrupt cells: given, or (auto) the baseline's best and worst cell by accuracy
-    over the whole probe, computed once per model and probe."""
+    on the held-out items (:func:`held_out`: not the ones that are then patched, so the gap is not
+    inflated by choosing the cells on the same noise), computed once per model, probe and items."""
     cells = cond.options.get("cells", "auto")
     if cells != "auto":
         return int(cells[0]), int(cells[1])
-    key = cond.probe_path
+    key = (cond.probe_path, cond.options.get("items"))
     if key not in ctx.cells:
         from analyses.evaluate import check_probe, score_probe
         from analyses.metrics import cell_metrics
         good, _ = check_probe(cond.probe_path)
-        df = score_probe(lvlm, cond.probe_path, {"baseline": []}, progress=False,
-                         batch_size=probe_rows(lvlm, cond, ctx, [r for _, r in good]))
+        rows = held_out([r for _, r in good], int(cond.options.get("items") or 0))
+        if not rows:
+            raise SpatialBiasError(f"{cond.probe}: cells = \"auto\" chooses the best and worst cell on items the "
+                                   f"causal analyses do not patch, but all {len({r.id for _, r in good})} items are "
+                                   f"patched (items = {cond.options.get('items')}); build a larger probe, use fewer "
+                                   "causal items, or name the cells (patch_cells / --clean-cell --corrupt-cell)")
+        df = score_probe(lvlm, cond.probe_path, {"baseline": []}, progress=False, rows=rows,
+                         batch_size=probe_rows(lvlm, cond, ctx, rows))
         acc = np.asarray(cell_metrics(df, seed=cond.seed)["cell_accuracy"])
         best, worst = int(np.nanargmax(acc)), int(np.nanargmin(acc))
         ctx.cells[key] = (best, worst) if best != worst else (best, (best + 1) % len(acc))

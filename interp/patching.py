@@ -558,8 +558,9 @@ def moved_slots(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int,
 def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch.Tensor], base_cell: int,
               source_cell: int, correct: torch.Tensor, candidates: Sequence[int],
               interventions: Sequence[Intervention] = (), batch_size: int = 32,
-              grid: tuple[int, int] = (3, 3)) -> pd.DataFrame:
-    """The target's image tokens moved between placements at ``lm.input``, position ids kept.
+              grid: tuple[int, int] = (3, 3), joint: bool = False) -> pd.DataFrame:
+    """The target's image tokens moved between placements at ``lm.input``, position ids kept
+    (``joint``: the ids moved with them).
 
     Row i of ``source`` holds item i's target at ``source_cell`` (the good, clean cell) and row i
     of ``base`` the same item at ``base_cell`` (the bad, corrupt cell). The patched run is the base
@@ -575,6 +576,12 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
     position embeddings, the moved tokens are the source's ``lm.input`` minus the source slots'
     position embeddings plus the base slots' (``lm.positions``, recorded in the same forward),
     so the position ids stay the base row's there too.
+
+    With ``joint``, the patched row also gets the source cell's position ids at the base cell's
+    slots (and the base cell's at the source cell's: :class:`~interp.interventions.PositionSwap`
+    on that row only): content, its vision-side position code and its LM position ids all come
+    from the good placement, and only the sequence slots are the bad one's. What the joint patch
+    does not restore is carried by the slots themselves (token order).
 
     Returns one row per item: ``metric`` (patched), ``base_metric``, ``source_metric`` (answer
     logit differences); denoising restoration is (metric − base) / (source − base).
@@ -595,6 +602,8 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
         items = list(range(a, min(N, a + per)))
         rows = [r for i in items for r in (N + i, i, i)]  # source, unpatched base, patched base
         chunk, iv_edits = lvlm.prepare(select_rows(lvlm, both, rows), interventions)
+        if joint:
+            chunk = _swap_patched_ids(lvlm, lvlm.batch(chunk), base_cell, source_cell, grid)
         imap = lvlm.batch(chunk).imap
         dst, src = [], []
         L = chunk["input_ids"].shape[1]
@@ -611,6 +620,18 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
         out += [{"item": i, "metric": float(m[3 * k + 2]), "base_metric": float(m[3 * k + 1]),
                  "source_metric": float(m[3 * k])} for k, i in enumerate(items)]
     return pd.DataFrame(out)
+
+
+def _swap_patched_ids(lvlm: LVLM, chunk, base_cell: int, source_cell: int, grid: tuple[int, int]):
+    """``chunk`` (rows: source, base, patched per item) with the patched rows' position ids those
+    of :class:`PositionSwap` (base cell ↔ source cell); the other rows keep theirs."""
+    from interp.interventions import PositionSwap
+    ids = chunk.get("position_ids")
+    ids = (ids if ids is not None else lvlm.default_position_ids(chunk)).clone()
+    swapped = PositionSwap(a=base_cell, b=source_cell, grid=grid).swapped_ids(lvlm, chunk)
+    patched = torch.arange(2, chunk.rows, 3, device=ids.device)
+    ids[..., patched, :] = swapped[..., patched, :]
+    return chunk.replace(position_ids=ids)
 
 
 def _move_edits(lvlm: LVLM, n: int, dst: torch.Tensor, src: torch.Tensor) -> dict:

@@ -1,7 +1,11 @@
 """``patching``: activation patching in both directions at every default patch (site × token
 group), the vision-side "moved" patch (``restoration_denoise`` at ``lm.input``, group ``moved``:
-the target's clean image tokens in the corrupt cell's slots, position ids kept) and position-id
-patching, between the condition's clean and corrupt cells. With ``screen`` K, attribution ranks
+the target's clean image tokens in the corrupt cell's slots, position ids kept), the joint patch
+(group ``joint``: moved with their clean ids), the vision-side position patch (site
+``vision.embed``, group ``vision_position``: the vision tower's position code of the two cells
+swapped) and position-id patching, between the condition's clean and corrupt cells — the
+components of :mod:`analyses.diagnosis`. Every ratio is gated by the gap (``gap``, ``gap_read``:
+:func:`analyses.causal.gate`). With ``screen`` K, attribution ranks
 the patches and only the top K are patched exactly (the rest are ``screen_estimate_*`` rows)."""
 from __future__ import annotations
 
@@ -20,10 +24,15 @@ def run(lvlm, cond, ctx: Context):
     screen_rows = ctx.rows(lvlm, "attribution", pairs.clean, "patching --screen") if screen else None
     act = causal.activation_items(lvlm, pairs, ivs, batch_size=patch_rows, progress=ctx.progress, screen=screen,
                                   screen_batch_size=screen_rows)
-    act = pd.concat([act, causal.moved_items(lvlm, pairs, ivs, patch_rows)], ignore_index=True)
-    pos = causal.position_items(lvlm, pairs, ivs, batch_size=ctx.rows(lvlm, "forward", pairs.clean, "patching"))
-    rows = causal.restoration_rows(act, rng) + causal.position_rows(pos, rng) + pair_rows(pairs)
-    return rows, pd.concat([act.assign(kind="activation"), pos.assign(kind="position")], ignore_index=True)
+    fwd = ctx.rows(lvlm, "forward", pairs.clean, "patching")
+    act = pd.concat([act, causal.moved_items(lvlm, pairs, ivs, patch_rows), causal.joint_items(lvlm, pairs, ivs,
+                                                                                               patch_rows),
+                     causal.vision_position_items(lvlm, pairs, ivs, fwd)], ignore_index=True)
+    pos = causal.position_items(lvlm, pairs, ivs, batch_size=fwd)
+    rows = causal.gate(causal.restoration_rows(act, rng) + causal.position_rows(pos, rng)
+                       + causal.interaction_rows(act, pos, rng), causal.gap_rows(act, rng))
+    return rows + pair_rows(pairs), pd.concat([act.assign(kind="activation"), pos.assign(kind="position")],
+                                              ignore_index=True)
 
 
 def causal_sizes(cond, probe_rows: int, items: int) -> tuple[int, int, int]:
@@ -42,7 +51,7 @@ def cost(cond, probe_rows: int, items: int, lm_layers: int) -> int:
     patches = 4 * lm_layers + 6
     k = cond.options.get("screen")
     act = 2 * (patches + 2) if k is None else 2 * (2 + min(k, patches) + 2)
-    return n * (act + 2 * (lm_layers + 2) + 3) + auto
+    return n * (act + 2 * (lm_layers + 2) + 3 + 3 + 3) + auto  # + the joint patch and the vision position patch
 
 
 def profile(opts: dict):
@@ -88,16 +97,21 @@ def claims(run: dict) -> list:
         out += [(f"answer logit difference, target in cell {cells.get('clean')} (clean)", iv, p["logit_diff_clean"]),
                 (f"answer logit difference, target in cell {cells.get('corrupt')} (corrupt)", iv,
                  p["logit_diff_corrupt"]),
-                ("position-id patching, all layers: share of the gap restored", iv,
+                ("P, position-id patching, all layers (the target's and the other cell's ids swapped): share of the "
+                 "gap restored", iv,
                  position_of(run, iv, "all", "restoration")),
                 ("converse position-id swap on the clean run: share of the gap removed", iv,
                  position_of(run, iv, "all", "damage"))]
         out += [(f"position-id patching, layer {r['layers']} alone", iv, r)
                 for r in c.get("position_patching", {}).get(iv, []) if r["layers"] != "all" and r["what"] == "restoration"]
-        out += [("the target cell's tokens at the LM input (denoising restoration)", iv,
-                 restoration_of(run, iv, "lm.input", "target")),
-                ("vision-side patching: the target's clean image tokens moved into the corrupt cell's slots, position "
-                 "ids kept (denoising restoration)", iv, restoration_of(run, iv, "lm.input", "moved"))]
+        out += [("the target cell's tokens at the LM input (denoising restoration; near 100 % by construction: "
+                 "every later difference flows from them)", iv, restoration_of(run, iv, "lm.input", "target")),
+                ("V, vision side: the target's clean image tokens moved into the corrupt cell's slots, position "
+                 "ids kept (share of the gap)", iv, restoration_of(run, iv, "lm.input", "moved")),
+                ("Q, vision position code: the vision tower's position embeddings of the two cells swapped (share "
+                 "of the gap)", iv, restoration_of(run, iv, "vision.embed", "vision_position")),
+                ("J, joint: the moved tokens with the clean ids too (share of the gap; 1 − J: token order)", iv,
+                 restoration_of(run, iv, "lm.input", "joint"))]
     return out
 
 

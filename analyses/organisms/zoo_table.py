@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analyses.diagnosis import BEFORE_LM, LM_IDS, MIXED, NONE, condition_of, diagnose
+from analyses.diagnosis import LM_IDS, NONE, ORDER, VISION, VISION_CODE, diagnose, kind
 from analyses.organisms.recipes import RECIPES
 from spatialbias.errors import SpatialBiasError
 from spatialbias.files import atomic_write_text
@@ -32,14 +32,14 @@ PROBE = {"build": "shapes", "seed": 12345, "cell_px": 16}
 PLAN_SEED = 0
 """The zoo plan's one seed (its bootstrap and sampling seed; an organism's own training seed is in
 its name, ``{recipe}-s{seed}``): every organism is diagnosed on this seed's rows."""
-EXPECTED: dict[str, tuple[set, str | None] | None] = {
-    "planted-lm": ({LM_IDS}, None), "learned-absolute": ({LM_IDS}, None), "mrope": ({LM_IDS}, None),
-    "planted-vision": ({BEFORE_LM}, None), "planted-order": ({MIXED}, "lm_order"),
-    "uniform": ({NONE}, None), "where": ({NONE}, None),
-    "lora": ({NONE, LM_IDS}, None), "lora-bapa": ({NONE, LM_IDS}, None), "recency": None,
+EXPECTED: dict[str, set | None] = {
+    "planted-lm": {LM_IDS}, "learned-absolute": {LM_IDS}, "mrope": {LM_IDS},
+    "planted-vision": {VISION, VISION_CODE}, "planted-order": {ORDER},
+    "uniform": {NONE}, "where": {NONE}, "lora": {NONE, LM_IDS}, "lora-bapa": {NONE, LM_IDS}, "recency": None,
 }
-"""Per recipe, the diagnoses its construction allows (labels, and the required note) — None:
-exploratory, not scored. See docs/zoo.md "The automatic diagnosis and its rule"."""
+"""Per recipe, the diagnoses (label kinds, :func:`analyses.diagnosis.kind`) its construction allows —
+None: exploratory, not scored. Every organism is diagnosed under ordinary ids (baseline), as a
+user's checkpoint would be. See docs/diagnosis_preregistration.md."""
 PLANTED = {"planted-lm": "LM position ids (RoPE)", "learned-absolute": "LM position ids (learned absolute)",
            "mrope": "LM position ids (M-RoPE)", "planted-vision": "vision tower / projector",
            "planted-order": "LM token order (trained under BaPA)", "uniform": "none", "where": "none",
@@ -115,17 +115,15 @@ def table(df: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
         recipe, seed = rec.get("recipe", name.rsplit("-s", 1)[0]), rec.get("seed", int(name.rsplit("-s", 1)[1]))
         d = df[(df.model == name) & (df.seed == PLAN_SEED)]
         probe = d.probe.iloc[0]
-        dg = diagnose(df, name, probe, condition_of(rec), seed=PLAN_SEED)
+        dg = diagnose(df, name, probe, "baseline", seed=PLAN_SEED)
         b_rng, b_acc = _get(d, "baseline", "range"), _get(d, "baseline", "mean_accuracy")
         p_rng, p_acc = _get(d, "bapa", "range"), _get(d, "bapa", "mean_accuracy")
         agci = [(iv, _get(d, iv, "range"), _get(d, iv, "mean_accuracy")) for iv in d.intervention.unique()
                 if str(iv).startswith("agci:")]
         best = min(agci, key=lambda t: t[1].value) if agci else None
-        n = dg["numbers"]
-        base_dg = dg if dg["condition"] == "baseline" else diagnose(df, name, probe, "baseline", seed=PLAN_SEED)
         exp = EXPECTED.get(recipe)
-        match = "n/a (exploratory)" if exp is None else (
-            "yes" if dg["label"] in exp[0] and (exp[1] is None or dg["note"] == exp[1]) else "no")
+        match = "n/a (exploratory)" if exp is None else ("yes" if kind(dg["label"]) in exp else "no")
+        comps = dg["components"]
         rows.append({
             "organism": recipe, "seed": seed, "planted": PLANTED.get(recipe, "?"), "condition": dg["condition"],
             "baseline_acc": b_acc.value, "baseline_range": b_rng.value, "baseline_range_lo": b_rng.ci_low,
@@ -134,17 +132,12 @@ def table(df: pd.DataFrame, models: dict[str, str]) -> pd.DataFrame:
             "bapa_range_hi": p_rng.ci_high, "bapa_chi2_p": _get(d, "bapa", "chi2_p").value,
             "agci_best": best[0] if best else None, "agci_best_range": best[1].value if best else np.nan,
             "agci_best_acc_cost": (b_acc.value - best[2].value) if best else np.nan,
-            "condition_chi2_p": n["chi2_p"],
-            **{f"{k}{s}": (n[f"{k}_restoration"] or {}).get(v, np.nan)
-               for k in ("position", "vision") for s, v in (("", "value"), ("_lo", "ci_low"), ("_hi", "ci_high"))},
-            "diagnosis": dg["label"], "note": dg["note"] or "", "matches": match,
-            "baseline_diagnosis": _short(base_dg)})
+            "condition_p": dg["p"],
+            **{f"{k}{s}": (comps.get(c) or {}).get(v, np.nan)
+               for k, c in (("position", "P"), ("vision", "V"), ("vision_code", "Q"), ("joint", "J"))
+               for s, v in (("", "value"), ("_lo", "ci_low"), ("_hi", "ci_high"))},
+            "diagnosis": dg["label"], "matches": match})
     return pd.DataFrame(rows)
-
-
-def _short(dg: dict) -> str:
-    """A diagnosis as one string: the label, with its note in brackets."""
-    return dg["label"] + (f" ({dg['note']})" if dg["note"] else "")
 
 
 def _ci(v, lo, hi, fmt=".3f") -> str:
@@ -161,9 +154,7 @@ def markdown(tab: pd.DataFrame) -> str:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in tab.itertuples():
         agci = "–" if r.agci_best is None else f"{r.agci_best_range:.3f} ({r.agci_best.split(':')[1]}, {r.agci_best_acc_cost:+.3f})"
-        diag = r.diagnosis + (f" ({r.note})" if r.note else "")
-        if r.condition != "baseline":
-            diag += f"; under baseline ids: {r.baseline_diagnosis}"
+        diag = r.diagnosis
         out.append(f"| {r.organism} | {r.seed} | {r.planted} | {r.baseline_acc:.3f} | "
                    f"{_ci(r.baseline_range, r.baseline_range_lo, r.baseline_range_hi)} ({r.baseline_chi2_p:.2g}) | "
                    f"{_ci(r.bapa_range, r.bapa_range_lo, r.bapa_range_hi)} ({r.bapa_acc:.3f}) | {agci} | {r.condition} | "

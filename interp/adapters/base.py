@@ -182,6 +182,13 @@ class Adapter:
         site's tensor to (T, D) lines it up with these fields."""
         raise NotImplementedError
 
+    def vision_position_table(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """(P, Dv) the learned absolute position embeddings the vision tower adds to the tokens of
+        each image (or crop) at ``vision.embed``, row j to its j-th token; None for a tower whose
+        positions are rotary (then the vision-side position patch is refused)."""
+        pe = getattr(self.module(model, "vision.embed"), "position_embedding", None)
+        return pe.weight.detach() if isinstance(pe, torch.nn.Embedding) else None
+
     def image_counts(self, inputs: dict[str, Any]) -> int:
         """The number of images in the batch, from the image inputs."""
         key = next((k for k, how in self.image_inputs.items() if how == "image" and k in inputs), None)

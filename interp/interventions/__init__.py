@@ -4,6 +4,7 @@
 * :class:`AGCI`, :class:`AdaptiveAGCI` — global image context injected into every image token
   (:mod:`.agci`).
 * :class:`PositionSwap`, :class:`PositionPermute` — position-id patching and controls (:mod:`.controls`).
+* :class:`VisionPositionSwap` — the vision tower's position code of two cells swapped (:mod:`.vision_positions`).
 * :class:`Intervention`, :func:`register`, :func:`from_dict` — the base and its registry (:mod:`.base`);
   :class:`interp.attention.Knockout` registers itself too.
 """
@@ -11,7 +12,8 @@ from interp.interventions.agci import ADAPTIVE_RULES, AGCI, AdaptiveAGCI, adapti
 from interp.interventions.bapa import BAPA_VARIANTS, BaPA, bapa_position_ids
 from interp.interventions.base import KINDS, Edit, Intervention, from_dict, register
 from interp.interventions.controls import POSITION_CONTROLS, PositionPermute, PositionSwap
+from interp.interventions.vision_positions import VisionPositionSwap
 
 __all__ = ["ADAPTIVE_RULES", "AGCI", "AdaptiveAGCI", "BAPA_VARIANTS", "BaPA", "Edit", "Intervention", "KINDS",
            "POSITION_CONTROLS", "PositionPermute", "PositionSwap", "adaptive_lambda", "agci_inject",
-           "bapa_position_ids", "from_dict", "register"]
+           "bapa_position_ids", "from_dict", "register", "VisionPositionSwap"]
