@@ -150,7 +150,7 @@ def test_position_patches_agree_with_run_patches(organism, organism_pairs):
         got = df[(df.site == s) & (df.position == L - 1)].sort_values("item").metric.to_numpy()
         assert abs(got - want).max() < 1e-4
     r = A.position_restoration(df)
-    assert (r[r.site == "lm.blocks.1"].set_index("position").restoration[L - 1] - 1.0) < 1e-6
+    assert abs(r[r.site == "lm.blocks.1"].set_index("position").restoration[L - 1] - 1.0) < 1e-6
 
 
 def test_position_scores_sum_to_group_attributions_and_sites_are_listed(organism, organism_pairs):

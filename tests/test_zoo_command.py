@@ -6,7 +6,8 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from analyses.cli import app
-from analyses.diagnosis import BEFORE_LM, LM_IDS
+from analyses.diagnosis import LM_IDS, kind
+from analyses.organisms.zoo_table import EXPECTED
 
 
 def test_small_zoo_diagnoses_where_the_bias_was_planted(tmp_path, monkeypatch):
@@ -17,9 +18,9 @@ def test_small_zoo_diagnoses_where_the_bias_was_planted(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     tab = pd.read_parquet(out / "zoo.parquet").set_index("organism")
-    assert tab.loc["planted-lm", "diagnosis"] == LM_IDS
-    assert tab.loc["planted-vision", "diagnosis"] == BEFORE_LM
-    assert tab.loc["planted-vision", "condition"] == "bapa"  # trained with BaPA ids: diagnosed as it runs
+    assert kind(tab.loc["planted-lm", "diagnosis"]) == LM_IDS
+    assert (tab.condition == "baseline").all()  # every organism under ordinary ids, as a user's checkpoint
+    assert kind(tab.loc["planted-vision", "diagnosis"]) in EXPECTED["planted-vision"]
     assert (tab.matches == "yes").all()
     assert not (tmp_path / "cache" / "zoo").exists() or not any((tmp_path / "cache" / "zoo").glob("*-seed0-*"))
     for f in ("zoo.csv", "zoo.md", "summary.json", "figures/zoo_diagnosis.png", "figures/zoo_diagnosis.svg"):

@@ -37,10 +37,11 @@ def run(lvlm, cond, ctx: Context):
 
 def causal_sizes(cond, probe_rows: int, items: int) -> tuple[int, int, int]:
     """(placements per item, items the condition uses, forward rows of the baseline pass that
-    picks the cells when they are "auto") — what the cost of every causal analysis starts from."""
+    picks the cells on the held-out items when they are "auto") — what the cost of every causal
+    analysis starts from."""
     cells = max(1, round(probe_rows / max(items, 1)))
     n = min(cond.options.get("items", 20), items)
-    return cells, n, cells * items if cond.options.get("cells") == "auto" else 0
+    return cells, n, cells * (items - n) if cond.options.get("cells") == "auto" else 0
 
 
 def cost(cond, probe_rows: int, items: int, lm_layers: int) -> int:
