@@ -328,9 +328,12 @@ def _shape(x) -> str:
 
 
 def _call_names(name: str, lvlm) -> str:
-    if name.split("@")[0] == "lm.rotary" and lvlm.adapter.name == "gemma3":
-        return ", ".join(f"{name}@{t}" for t in dict.fromkeys(lvlm.model.config.text_config.layer_types)) + \
-            f" or {name}@0, {name}@1"
+    """How to address one call of a module that runs more than once per forward: the names its
+    adapter gives the calls (:meth:`interp.adapters.Adapter.calls`, e.g. one rotary call per layer
+    type) or their indices."""
+    named = [c for c in lvlm.adapter.calls(lvlm.model, name) if c != name]
+    if named:
+        return ", ".join(named) + " or " + ", ".join(f"{name}@{i}" for i in range(len(named)))
     return f"{name}@0, {name}@1, …"
 
 
