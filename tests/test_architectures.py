@@ -420,3 +420,34 @@ def test_onevision_token_order_base_then_unpadded_rows_each_ending_in_newline(tw
         key = (int(imap.image[0, p]), int(imap.view[0, p]), int(imap.row[0, p]), int(imap.col[0, p]))
         src = ((pm.image == key[0]) & (pm.view == key[1]) & (pm.row == key[2]) & (pm.col == key[3])).nonzero().flatten()
         assert len(src) == 1 and torch.equal(proj[src[0]], x["lm.input"][0, p])
+
+
+def test_qwen3vl_deepstack_is_added_after_the_declared_blocks():
+    """Qwen3-VL's DeepStack, read off HF's own forward: after LM block k < len(deepstack_visual_indexes)
+    the stream entering block k + 1 is block k's output plus ``vision.deepstack.{k}`` at the image
+    positions (in the adapter's token order, so positions="image" lines them up) and unchanged
+    elsewhere; after the other blocks nothing is added. The adapter declares exactly these."""
+    model, proc = tiny.build_qwen3vl()
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image(seed=0), tiny.image(40, 60, seed=1)],
+                      [m.prompt("describe the image ?"), m.prompt("what is this a picture of ?")])
+    n = m.adapter.layer_count(model, "lm")
+    k_ds = len(model.config.vision_config.deepstack_visual_indexes)
+    assert m.adapter.injections(model) == {k: f"vision.deepstack.{k}" for k in range(k_ds)} and 0 < k_ds < n
+    sites = [f"lm.blocks.{j}" for j in range(n)] + [f"lm.blocks.{j}#input" for j in range(1, n)] + \
+        [f"vision.deepstack.{k}" for k in range(k_ds)] + ["projector"]
+    img = trace(m, inputs, cache=sites, positions="image").cache
+    raw = trace(m, inputs, cache=sites).cache
+    text = ~m.image_mask(inputs["input_ids"])
+    for j in range(n - 1):
+        added = raw[f"lm.blocks.{j + 1}#input"] - raw[f"lm.blocks.{j}"]
+        assert torch.equal(added[text], torch.zeros_like(added[text]))
+        if j < k_ds:
+            want = img[f"lm.blocks.{j}"] + img[f"vision.deepstack.{j}"]
+            assert torch.equal(img[f"lm.blocks.{j + 1}#input"], want)
+        else:
+            assert torch.equal(raw[f"lm.blocks.{j + 1}#input"], raw[f"lm.blocks.{j}"])
+    # the DeepStack mergers hold merged tokens in the projector's order
+    for k in range(k_ds):
+        a, b = m.token_map(inputs, f"vision.deepstack.{k}"), m.token_map(inputs, "projector")
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("batch_row", "image", "row", "col"))

@@ -253,3 +253,16 @@ def test_dry_run_of_a_onevision_checkpoint(tmp_path):
     peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
     values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
     assert all(14 < v <= 80 for v in values), peaks
+
+
+def test_qwen3vl_shapes_from_config():
+    """Qwen3-VL's memory facts come from its adapter (patch layout of Qwen2-VL, q/k norms of Qwen3):
+    image tokens equal the tiny processor's count."""
+    model, proc = tiny.build_qwen3vl()
+    m = interp.load(model, proc)
+    for h, w in ((48, 48), (48, 80), (64, 64)):  # within the tiny processor's 64² pixels
+        x = m.inputs([tiny.image(h, w)], [m.prompt("what is this ?")])
+        s = estimate.Shapes.from_config(model.config.to_dict(), image_px=(h, w))
+        assert s.image_tokens == int(m.image_mask(x["input_ids"]).sum()), (h, w)
+        assert s.vision_tokens == memory.vision_tokens_per_row(m, x)
+        assert s.qk_norm and s.block_norms == 2

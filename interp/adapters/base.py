@@ -190,11 +190,23 @@ class Adapter:
         out = list(INPUT_SITES)
         for pattern in self.site_table(model):
             if "{i}" in pattern:
-                stack = "vision" if pattern.startswith("vision") else "lm"
-                out += [pattern.format(i=i) for i in range(self.layer_count(model, stack))]
+                out += [pattern.format(i=i) for i in range(self.pattern_count(model, pattern))]
             else:
                 out.append(pattern)
         return out
+
+    def pattern_count(self, model: torch.nn.Module, pattern: str) -> int:
+        """How many modules an indexed site pattern names: the vision or LM layer count (an
+        adapter with other indexed sites, e.g. Qwen3-VL's ``vision.deepstack.{i}``, says so)."""
+        return self.layer_count(model, "vision" if pattern.startswith("vision") else "lm")
+
+    def injections(self, model: torch.nn.Module) -> dict[int, str]:
+        """What the text model adds to the residual stream *between* LM blocks, outside every block
+        module: LM block index j → the site whose output (the batch's image tokens, flattened in
+        sequence order, width D) is added at the image positions after block j (Qwen3-VL's
+        DeepStack). ``lm.blocks.{j}`` is block j's output before the addition; resuming the LM
+        (:func:`interp.dispatch.resume`) re-applies it. None on most architectures."""
+        return {}
 
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
         obj = model.config

@@ -35,6 +35,9 @@ def image_only_processor(image_processor, tokenizer, chat_template=None):
 
 
 class QwenAdapter(Adapter):
+    image_only = staticmethod(image_only_processor)
+    """How to build the processor without its video processor (a subclass names its own)."""
+
     def load_processor(self, src, trust_remote_code=False):
         """AutoProcessor; without torchvision it silently returns the bare tokenizer, so then
         build the image-only processor from the image processor and tokenizer."""
@@ -44,7 +47,7 @@ class QwenAdapter(Adapter):
         from transformers import AutoImageProcessor, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
         ip = AutoImageProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
-        return image_only_processor(ip, tok, chat_template=getattr(tok, "chat_template", None) or _template(src))
+        return type(self).image_only(ip, tok, chat_template=getattr(tok, "chat_template", None) or _template(src))
 
     def probe_canvas(self, config, image_processor):
         """Dynamic resolution: the side nearest :data:`PROBE_SIDE` that is a whole number of merged
