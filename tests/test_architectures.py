@@ -451,3 +451,27 @@ def test_qwen3vl_deepstack_is_added_after_the_declared_blocks():
     for k in range(k_ds):
         a, b = m.token_map(inputs, f"vision.deepstack.{k}"), m.token_map(inputs, "projector")
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("batch_row", "image", "row", "col"))
+
+
+def test_onevision_anyres_max_shrink_keeps_the_map_consistent_with_hf():
+    """With ``anyres_max_1`` a 2×2-tile image's grid exceeds one base view by more than 1.1² and HF
+    shrinks it bilinearly: the LM map's tile view is the shrunk grid (token counts equal HF's
+    packing, newline slots hold ``image_newline``, every cell still covered). Projector and
+    lm.input tokens no longer pair one for one there (the shrink mixes tokens), so the
+    projector = lm.input parity tests run on the unshrunk tiny default."""
+    model, proc = tiny.build_llava_onevision()
+    model.config.vision_aspect_ratio = proc.vision_aspect_ratio = "anyres_max_1"
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image(64, 64, seed=1)], [m.prompt("what is this ?")])
+    imap = m.image_map(inputs)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                               batch_num_images=inputs["batch_num_images"]).pooler_output
+    assert int(imap.is_image.sum()) == feats[0].shape[0]
+    tiles = imap.is_image[0] & (imap.view[0] == 1)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert int(imap.rows[0][tiles][0]) < 2 * side  # shrunk from the 2 × 2 tiles' 8 × 8 patches
+    x = trace(m, inputs, cache=["lm.input"]).cache["lm.input"]
+    newline = imap.is_image[0] & ~imap.is_patch[0]
+    assert torch.equal(x[0][newline], model.model.image_newline.expand(int(newline.sum()), -1))
+    assert set(imap.cells(3, 3)[0][tiles & imap.is_patch[0]].tolist()) == set(range(9))
