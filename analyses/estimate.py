@@ -1,7 +1,8 @@
 """What a plan will cost before it runs: forward rows per condition (a unit independent of the
 machine) and, where earlier runs in the folder timed the same model and analysis, seconds.
 
-Role: ``--dry-run``. May import: ``spatialbias``, ``probes.format``, ``analyses.{plan, store}``.
+Role: ``--dry-run``. May import: ``spatialbias``, ``probes.format``, ``analyses.{plan, store}``,
+``interp.adapters`` (each architecture's memory facts, :meth:`interp.adapters.Adapter.memory_profile`).
 """
 from __future__ import annotations
 
