@@ -270,13 +270,10 @@ def run(out: str | Path, quick: bool = False, device: str = "cpu", real_layers: 
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         res["real"] = {}
         for name in real:
-            if name == "llava15":
-                model, proc = realshape.llava_15_7b(real_layers, min(real_layers, 24), dtype=dtype, device=device)
-                size = (336, 336)
-            else:
-                model, proc = realshape.qwen25_vl_7b(min(real_layers, 28), min(real_layers, 32), dtype=dtype,
-                                                     device=device)
-                size = (840, 840)
+            spec = realshape.REAL[name]
+            model, proc = spec.build(min(real_layers, spec.lm_layers), min(real_layers, spec.vision_layers),
+                                     dtype=dtype, device=device)
+            size = spec.image_px
             lvlm = interp.load(model, proc)
             n = 2 if quick or torch.device(device).type == "cpu" else 8
             clean, corrupt, correct, cands, targets = placement_batch(lvlm, n, size)
@@ -359,11 +356,9 @@ def real_model(name: str, layers: int, dtype=torch.bfloat16, device: str = "cpu"
     """(LVLM, image size) of a real-shape model with ``layers`` LM layers and as many vision
     blocks (at most the real count; random weights)."""
     from interp import realshape
-    if name == "llava15":
-        model, proc = realshape.llava_15_7b(layers, vision_layers or min(layers, 24), dtype=dtype, device=device)
-        return interp.load(model, proc), (336, 336)
-    model, proc = realshape.qwen25_vl_7b(layers, vision_layers or min(layers, 32), dtype=dtype, device=device)
-    return interp.load(model, proc), (840, 840)
+    spec = realshape.REAL[name]
+    model, proc = spec.build(layers, vision_layers or min(layers, spec.vision_layers), dtype=dtype, device=device)
+    return interp.load(model, proc), spec.image_px
 
 
 def memory_child(spec: dict) -> dict:
@@ -414,15 +409,8 @@ def memory_child(spec: dict) -> dict:
 
 
 def vision_tokens_per_row(lvlm: LVLM, inputs) -> int:
-    """Tokens per row through the vision tower: patches (+ CLS) of the row's images, from the inputs."""
-    px = inputs["pixel_values"]
-    rows = lvlm.batch(inputs).rows
-    if lvlm.adapter.image_inputs.get("pixel_values") == "patches":  # Qwen: patches of all images, flattened
-        return int(px.shape[0]) // rows
-    vc = lvlm.model.config.vision_config
-    side = int(px.shape[-1]) // int(vc.patch_size)
-    cls = 1 if getattr(vc, "model_type", "") == "clip_vision_model" else 0
-    return (side * side + cls) * (int(px.shape[0]) * (px.shape[1] if px.dim() == 5 else 1)) // rows
+    """Tokens per row through the vision tower, from the inputs (the adapter counts them)."""
+    return lvlm.adapter.vision_tokens(lvlm.model, inputs) // lvlm.batch(inputs).rows
 
 
 def measure_memory(spec: dict) -> dict:

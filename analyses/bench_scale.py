@@ -27,26 +27,35 @@ SECTIONS = ("memory", "speed", "sharding", "screen")
 
 
 def memory(models=("llava15", "qwen25vl"), layers=(2, 8), analyses=b.MEMORY_ANALYSES, rows: int = 2,
-           parallel: int = 2, qwen_px: tuple[int, int] = (448, 448), vision_layers: int = 2) -> dict:
+           parallel: int = 2, vision_layers: int = 2) -> dict:
     """Measured vs predicted peak (bytes above the loaded model) per model, LM layers and analysis,
     ``parallel`` fresh processes at a time (one torch thread each), the vision tower fixed at
     ``vision_layers`` blocks so that the growth between the layer counts is the LM's per layer.
-    Qwen at ``qwen_px`` images (the default 840 px canvas needs more RAM than this machine has to
-    spare)."""
+    Each model at its ``cpu_px`` canvas (:data:`interp.realshape.REAL`: Qwen at 448 px, its default
+    840 px canvas needs more RAM than this machine has to spare)."""
     specs = [{"model": m, "layers": n, "vision_layers": vision_layers, "analysis": a,
               "rows": 4 if a == "patching" else rows, "threads": 1, "dtype": "bfloat16",
-              **({"image_px": list(qwen_px)} if m == "qwen25vl" else {})}
+              **_px(m)}
              for m in models for n in layers for a in analyses]
     with ThreadPoolExecutor(parallel) as pool:
         got = list(pool.map(b.measure_memory, specs))
     return {"runs": got, "linear": linear(got), "report_llava7b": report_prediction()}
 
 
+def _px(name: str) -> dict:
+    """The memory spec's canvas where a CPU run needs a smaller one than the model's own."""
+    from interp.realshape import REAL
+    r = REAL[name]
+    return {"image_px": list(r.cpu_px)} if r.cpu_px != r.image_px else {}
+
+
 def linear(runs: list[dict], full: dict | None = None) -> dict:
     """Per model/analysis with two or more LM layer counts: growth per LM layer, measured and
     predicted, between the fewest and most layers, and both carried on to the model's full depth
     (``full``: LLaVA-1.5-7B 32, Qwen2.5-VL-7B 28 layers) from the deepest run."""
-    full = full or {"llava15": 32, "qwen25vl": 28}
+    if full is None:
+        from interp.realshape import REAL
+        full = {name: r.lm_layers for name, r in REAL.items()}
     out = {}
     for key in dict.fromkeys((x["model"], x["analysis"]) for x in runs):
         r = {x["layers"]: x for x in runs if (x["model"], x["analysis"]) == key}
@@ -88,7 +97,7 @@ def position_map(lvlm) -> list[patching.Patch]:
 def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items: int = 2, real_layers: int = 2) -> dict:
     """Resumed batched patching vs the hand-written loop (see the module doc); real widths in fp32
     so that equality is checked at 1e-3 (bf16 differences would need a loose tolerance)."""
-    from interp import tiny
+    from interp import realshape, tiny
     res = {}
     m, pairs = b.organism_pairs(out, organism_items)
     res["organism"] = b.patching_speed(m, pairs.corrupt, pairs.clean, position_map(m), pairs.correct,
@@ -98,9 +107,8 @@ def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items:
         clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, tiny_items, (48, 48))
         res[f"tiny/{name}"] = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets)
     for name in ("llava15", "qwen25vl"):
-        lvlm, size = b.real_model(name, real_layers, torch.float32, vision_layers=real_layers)
-        if name == "qwen25vl":
-            size = (448, 448)
+        lvlm, _ = b.real_model(name, real_layers, torch.float32, vision_layers=real_layers)
+        size = realshape.REAL[name].cpu_px
         clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, real_items, size)
         r = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets, batch_size=4)
         res[f"{name}/{real_layers} layers"] = {**r, "image_px": list(size), "dtype": "float32"}

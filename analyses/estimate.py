@@ -1,7 +1,8 @@
 """What a plan will cost before it runs: forward rows per condition (a unit independent of the
 machine) and, where earlier runs in the folder timed the same model and analysis, seconds.
 
-Role: ``--dry-run``. May import: ``spatialbias``, ``probes.format``, ``analyses.{plan, store}``.
+Role: ``--dry-run``. May import: ``spatialbias``, ``probes.format``, ``analyses.{plan, store}``,
+``interp.adapters`` (each architecture's memory facts, :meth:`interp.adapters.Adapter.memory_profile`).
 """
 from __future__ import annotations
 
@@ -172,10 +173,9 @@ LM_LIVE = 5.2
 wrapper still holds, the image features, the block input, its normed copy, the output forming."""
 VISION_LIVE = 5.2
 """The same beside a vision block's MLP (3 Fv)."""
-VISION_ATTN_LIVE = {"qwen2_vl": 19.0, "qwen2_5_vl": 19.0}
-"""A vision block's attention phase where it is the larger one: Qwen's vision rotary runs in fp32
-(q and k copied to fp32 and rotated: 8 Dv) beside qkv (3 Dv), q, k, v, the block input and its
-fp32-normed copy; other towers (CLIP, SigLIP: 7 Dv) peak in their MLP."""
+# A vision block's attention phase, where it is the larger one, is an architecture fact
+# (interp.adapters.MemoryFacts.vision_attn_live: Qwen's fp32 vision rotary, 19 Dv; CLIP and SigLIP
+# towers, 7 Dv, peak in their MLP).
 ATTN_LIVE = 6.0
 """While an eager attention map exists (flow's pattern kernel): the wrapper's embeddings and image
 features, the block input, its normed copy, q, k, v (rotated)."""
@@ -189,10 +189,8 @@ GRAD_NORM_BYTES = 4
 """Bytes per width autograd keeps per token for each RMSNorm of an LM block: its input, upcast to
 fp32 whatever the model dtype (Llama / Qwen2 blocks have 2 norms of width D; Gemma3 blocks 4, plus
 per-head norms of q and k: 4 × (Dq + Dkv) more)."""
-BLOCK_NORMS = {"gemma3": 4}
-"""RMSNorms of width D per LM block where not 2 (Gemma3: before and after attention and MLP)."""
-QK_NORM = ("gemma3",)
-"""Model types whose attention normalises q and k per head."""
+# RMSNorms of width D per LM block where not 2, and per-head q/k norms, are architecture facts
+# (interp.adapters.MemoryFacts.block_norms, qk_norm: Gemma3's adapter declares 4 and True).
 GRAD_SAVED_D, GRAD_SAVED_KV, GRAD_SAVED_F = 4.0, 2.0, 3.0
 """Widths (× dtype bytes) autograd keeps per token of one LM block when gradients flow to
 activations only (parameters frozen, :func:`interp.attribution.frozen`), beside the norms: SDPA's
@@ -247,16 +245,16 @@ class Shapes:
         hd = int(t.get("head_dim") or D // H)
         Dv = int(v.get("embed_dim") or v.get("hidden_size") or 1)  # Qwen2-VL names its vision width embed_dim
         Fv = int(v.get("intermediate_size") or Dv * v.get("mlp_ratio", 4))
-        n_img, n_vis = _image_tokens(cfg, v, image_px)
+        facts = _facts(cfg, image_px)  # the architecture's own (its adapter's) facts
+        n_img, n_vis = facts.image_tokens
         s = cls(lm_layers=int(t["num_hidden_layers"]), width=D, ffn=int(t["intermediate_size"]), heads=H,
                 kv_heads=int(t.get("num_key_value_heads") or H), head_dim=hd, vocab=int(t["vocab_size"]),
                 vision_layers=int(v.get("num_hidden_layers") or v.get("depth") or 0), vision_width=Dv, vision_ffn=Fv,
                 vision_heads=int(v.get("num_attention_heads") or v.get("num_heads") or 1),
                 seq_len=n_img + text_tokens, vision_tokens=n_vis, image_tokens=n_img, bytes=DTYPE_BYTES[dtype],
                 weights=0, keeps_vision_states="vision_feature_layer" in cfg,
-                vision_attn_live=VISION_ATTN_LIVE.get(cfg.get("model_type", ""), 7.0),
-                block_norms=BLOCK_NORMS.get(cfg.get("model_type", ""), 2), qk_norm=cfg.get("model_type") in QK_NORM,
-                pixel_bytes=_pixel_bytes(cfg, v, n_vis))
+                vision_attn_live=facts.vision_attn_live, block_norms=facts.block_norms, qk_norm=facts.qk_norm,
+                pixel_bytes=facts.pixel_bytes)
         return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
 
     def param_count(self, cfg: dict) -> int:
@@ -268,8 +266,7 @@ class Shapes:
         lm = self.lm_layers * block + self.vocab * D * (1 if tied else 2)
         Dv, Fv = self.vision_width, self.vision_ffn
         vision = self.vision_layers * (4 * Dv * Dv + 2 * Dv * Fv) + 3 * 14 * 14 * Dv * 2
-        projector = Dv * D + D * D if "merger" not in str(cfg) else 16 * Dv * Dv + 4 * Dv * D
-        return int(lm + vision + projector)
+        return int(lm + vision + _facts(cfg).projector_params)
 
     def with_run(self, seq_len: int, vision_tokens: int, image_tokens: int | None = None) -> "Shapes":
         """The same model with a run's real token counts."""
@@ -278,34 +275,11 @@ class Shapes:
                        image_tokens=self.image_tokens if image_tokens is None else int(image_tokens))
 
 
-def _pixel_bytes(cfg: dict, v: dict, vision_tokens: int) -> int:
-    """Bytes of one row's pixel inputs (fp32): Qwen's flattened patches (3 × 2 frames × p² each),
-    else the image(s) at the tower's resolution (3 × side² per crop)."""
-    if cfg.get("model_type", "") in ("qwen2_vl", "qwen2_5_vl"):
-        p = int(v.get("patch_size", 14))
-        return vision_tokens * 3 * int(v.get("temporal_patch_size", 2)) * p * p * 4
-    side, patch = int(v.get("image_size", 336)), int(v.get("patch_size", 14))
-    crops = max(1, round(vision_tokens / ((side // patch) ** 2 + 1)))
-    return crops * 3 * side * side * 4
-
-
-def _image_tokens(cfg: dict, v: dict, px: tuple[int, int]) -> tuple[int, int]:
-    """(image tokens in the LM, tokens through the vision tower) of one image of ``px`` pixels."""
-    kind = cfg.get("model_type", "")
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
-        p, m = int(v.get("patch_size", 14)), int(v.get("spatial_merge_size", 2))
-        h, w = (max(p * m, round(x / (p * m)) * p * m) for x in px)
-        n = (h // p) * (w // p)
-        return n // (m * m), n
-    if kind == "gemma3":
-        side = int(v.get("image_size", 896)) // int(v.get("patch_size", 14))
-        return int(cfg.get("mm_tokens_per_image", 256)), side * side
-    side = int(v.get("image_size", 336)) // int(v.get("patch_size", 14))
-    if kind == "llava_next":  # base view + the largest anyres grid (worst case) with newline tokens
-        pins = cfg.get("image_grid_pinpoints") or [[672, 672]]
-        tiles = max(a * b for a, b in pins) // int(v.get("image_size", 336)) ** 2
-        return side * side * (1 + tiles) + side * 2, (side * side + 1) * (1 + tiles)
-    return side * side, side * side + 1
+def _facts(cfg: dict, image_px: tuple[int, int] = (336, 336)):
+    """The memory facts the config's architecture declares (its adapter, found from the config's
+    ``architectures``: :func:`interp.adapters.memory_profile`); no architecture is named here."""
+    from interp.adapters import memory_profile
+    return memory_profile(cfg, tuple(image_px))
 
 
 def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) -> int:

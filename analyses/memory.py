@@ -45,17 +45,9 @@ def budget(lvlm, max_memory: dict | None) -> int:
 
 
 def vision_tokens_per_row(lvlm, inputs) -> int:
-    """Tokens per row through the vision tower, from the inputs: Qwen's flattened patches of the
-    row's images, else (side / patch)² (+ CLS for CLIP) per image and crop."""
-    px = inputs["pixel_values"]
-    rows = int(inputs["input_ids"].shape[0])
-    if lvlm.adapter.image_inputs.get("pixel_values") == "patches":
-        return int(px.shape[0]) // rows
-    vc = lvlm.model.config.vision_config
-    side = int(px.shape[-1]) // int(vc.patch_size)
-    cls = 1 if getattr(vc, "model_type", "") == "clip_vision_model" else 0
-    per = int(px.shape[0]) * (int(px.shape[1]) if px.dim() == 5 else 1)
-    return (side * side + cls) * per // rows
+    """Tokens per row through the vision tower, from the inputs (the adapter counts them:
+    :meth:`interp.adapters.Adapter.vision_tokens`)."""
+    return lvlm.adapter.vision_tokens(lvlm.model, inputs) // int(inputs["input_ids"].shape[0])
 
 
 def run_shapes(lvlm, inputs) -> estimate.Shapes:

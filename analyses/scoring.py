@@ -33,7 +33,7 @@ class AnswerSet:
         answers = tuple(answers)
         got: dict[tuple[int, ...], str] = {}
         for t in dict.fromkeys(texts):
-            ids = answer_token_ids(lvlm.processor, lvlm.adapter.name, lvlm.image_marker, t, answers)
+            ids = answer_token_ids(lvlm.processor, lvlm.adapter, lvlm.image_marker, t, answers)
             got.setdefault(ids, t)
             if len(got) > 1:
                 (a_ids, a_text), (b_ids, b_text) = list(got.items())[:2]

@@ -86,7 +86,7 @@ class LVLM:
         """One user turn with ``n_images`` images then ``text``, as the model sees it: the
         processor's chat template, else the architecture's published format, else
         ``"<marker>\\ntext"`` (:func:`interp.prompts.prompt`, the one prompt builder)."""
-        return prompts.prompt(self.processor, self.adapter.name, self.image_marker, text, n_images)
+        return prompts.prompt(self.processor, self.adapter, self.image_marker, text, n_images)
 
     def inputs(self, images: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
                prompts: Sequence[str]) -> Batch:

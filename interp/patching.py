@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.batch import concat, select_rows
-from interp.dispatch import RESUMABLE_IMPLS, capture_lm, forward, then
+from interp.dispatch import RESUMABLE_IMPLS, capture_lm, forward, injected_at, then
 from interp.dispatch import resume as resume_lm
 from interp.errors import SpatialBiasError
 from interp.interventions import Intervention
@@ -373,7 +373,7 @@ def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src
     if not len(changed):
         out[(item, j)] = _row(item, patch, base_m[a], base_m[a], src_m[a])
         return None
-    return (st.prefix(c + a, int(changed[0])), start, a, j, None, changed)
+    return (st.prefix(c + a, int(changed[0])), start, a, j, None, changed, None)
 
 
 def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx, targets, grid, batch_size,
@@ -382,12 +382,16 @@ def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx
     the unprepared inputs ``both``) that stop once ``lm.input`` is recorded (vision side,
     projector, embedding scatter); each forward's patched rows are then resumed from block 0 from
     the first position where their LM input differs from the base's (or take the source's / base's
-    metric when it equals theirs)."""
+    metric when it equals theirs). What the text model adds between blocks (the adapter's
+    ``injections``: DeepStack features, computed on the vision side) is recorded by the same
+    forwards and resumed with each patched row (a patch before the LM changes it too)."""
     c = len(items)
     src_m, base_m, out = run[-3:]
     units = [(a, k) for a in range(c) for k in range(len(pre_patches))]
     per = max(1, batch_size - c)
     sites = {p.site for p in pre_patches}
+    inj = lvlm.adapter.injections(lvlm.model)
+    inj_sites = list(dict.fromkeys(inj.values()))
     for u0 in range(0, len(units), per):
         take = units[u0:u0 + per]
         srcs = sorted({a for a, _ in take})
@@ -397,22 +401,31 @@ def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx
         groups = {site: site_groups(lvlm, sub, site, sub_targets, grid) for site in sites}
         copies = [(pre_patches[k], srcs.index(a), len(srcs) + n) for n, (a, k) in enumerate(take)]
         with torch.no_grad():
-            t = forward(lvlm, sub, edits=then(iv_edits, _copy_edits(groups, copies)), cache=["lm.input"], stop=True)
+            t = forward(lvlm, sub, edits=then(iv_edits, _copy_edits(groups, copies)), cache=["lm.input", *inj_sites],
+                        stop=True)
         x = t.cache["lm.input"]
+        mask = lvlm.image_mask(sub["input_ids"])
+        added = {jj: injected_at(t.cache[s], mask, x) for jj, s in inj.items()}  # per block: (rows, L, D)
         jobs = []
         for n, (a, k) in enumerate(take):
-            h = x[len(srcs) + n].to(st.residual[0].device)
+            r = len(srcs) + n
+            h = x[r].to(st.residual[0].device)
+            add = {jj: v[r].to(h.device) for jj, v in added.items()}
             i, j, p = items[a], pre_idx[k], pre_patches[k]
             base = st.residual[0][c + a]
-            if (torch.equal(h, x[srcs.index(a)].to(h.device)) or torch.equal(h, st.residual[0][a])) \
+            same_src = all(torch.equal(v, added[jj][srcs.index(a)].to(v.device)) for jj, v in add.items())
+            if (torch.equal(h, x[srcs.index(a)].to(h.device)) or torch.equal(h, st.residual[0][a])) and same_src \
                     and st.same_inputs(a, c + a, 0):
                 out[(i, j)] = _row(i, p, src_m[a], base_m[a], src_m[a])
                 continue
-            changed = (h != base).any(-1).nonzero().flatten()
+            differs = (h != base).any(-1)
+            for jj, v in add.items():  # a vision-side patch changes what DeepStack adds, too
+                differs |= (v != st.injected[jj][c + a].to(v.device)).any(-1)
+            changed = differs.nonzero().flatten()
             if not len(changed):
                 out[(i, j)] = _row(i, p, base_m[a], base_m[a], src_m[a])
                 continue
-            jobs.append((st.prefix(c + a, int(changed[0])), 0, a, j, h, None))
+            jobs.append((st.prefix(c + a, int(changed[0])), 0, a, j, h, None, add or None))
         del t, x
         _run_jobs(*run[:2], jobs, *run[2:])
 
@@ -437,7 +450,11 @@ def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, s
         p = min(jb[0] for jb in batch)
         rows = torch.tensor([c + jb[2] for jb in batch])
         hidden = torch.stack([_hidden(st, c, jb, p) for jb in batch])
-        logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p)
+        injected = None
+        if any(jb[6] for jb in batch):  # patched vision sides: their own DeepStack additions
+            injected = {jj: torch.stack([jb[6][jj][p:] if jb[6] else st.injected[jj][c + jb[2]][p:] for jb in batch])
+                        for jj in lvlm.adapter.injections(lvlm.model)}
+        logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p, injected)
         corr = torch.stack([correct[items[jb[2]]] for jb in batch])
         metric = logit_diff(logits, corr, candidates).cpu()
         for jb, v in zip(batch, metric):
@@ -448,7 +465,7 @@ def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, s
 def _hidden(st, c: int, job, p: int) -> torch.Tensor:
     """(L − p, D): a job's residual entering its start block, positions p…: the patched LM input it
     carries, or the base residual with the source's at its changed positions."""
-    _, start, a, _, h, pos = job
+    _, start, a, _, h, pos, _ = job
     if h is not None:
         return h[p:]
     x = st.residual[start][c + a][p:].clone()

@@ -12,44 +12,22 @@ that ``Yes``, ``▁Yes`` and ``ĠYes`` are told apart as the model's tokenizer d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from interp.adapters.base import PLAIN, Adapter, ChatFormat
 from interp.errors import SpatialBiasError
 
 
-@dataclass(frozen=True)
-class ChatFormat:
-    """An architecture's published single-turn chat format. ``image``: what one image becomes
-    (``{marker}`` is the processor's image marker); ``prompt``: the user turn up to the
-    assistant's first token, with ``{images}`` (the images, in order) and ``{text}``;
-    ``answer_sep``: what the format puts between the prompt and the assistant's answer."""
-    image: str
-    prompt: str
-    answer_sep: str
-
-    def render(self, marker: str, text: str, n_images: int = 1) -> str:
-        return self.prompt.format(images=self.image.format(marker=marker) * n_images, text=text)
+def _fallback_templates() -> dict[str, ChatFormat]:
+    from interp.adapters import ADAPTERS
+    return {a.name: a.chat for a in ADAPTERS if a.chat is not PLAIN}
 
 
-_QWEN = ChatFormat("<|vision_start|>{marker}<|vision_end|>",
-                   "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                   "{images}{text}<|im_end|>\n<|im_start|>assistant\n", "")
-
-FALLBACK_TEMPLATES: dict[str, ChatFormat] = {
-    "llava": ChatFormat("{marker}\n", "USER: {images}{text} ASSISTANT:", " "),
-    "llava_next": ChatFormat("{marker}\n", "[INST] {images}{text} [/INST]", " "),
-    "qwen2vl": _QWEN,
-    "qwen25vl": _QWEN,
-    "gemma3": ChatFormat("{marker}", "<start_of_turn>user\n{images}{text}<end_of_turn>\n<start_of_turn>model\n", ""),
-}
+FALLBACK_TEMPLATES: dict[str, ChatFormat] = _fallback_templates()
 """Each architecture's published chat format (LLaVA-1.5 ``USER: <image>\\n… ASSISTANT:``,
-LLaVA-v1.6-Mistral ``[INST] <image>\\n… [/INST]``, Qwen2-VL/2.5-VL ChatML, Gemma3-it), keyed by
-adapter name; used only when a checkpoint's processor has no chat template of its own."""
-
-PLAIN = ChatFormat("{marker}\n", "{images}{text}", " ")
-"""For an architecture without a published format: the images then the text; an answer is
-taken to follow after a space, as the next word of plain text does."""
+LLaVA-v1.6-Mistral ``[INST] <image>\\n… [/INST]``, Qwen2-VL/2.5-VL ChatML, Gemma3-it, …) by
+adapter name: a view of the adapters' own ``chat`` field (the one place it is declared); used
+only when a checkpoint's processor has no chat template of its own."""
 
 
 def has_template(processor: Any) -> bool:
@@ -57,42 +35,49 @@ def has_template(processor: Any) -> bool:
     return bool(getattr(processor, "chat_template", None))
 
 
-def chat_format(adapter_name: str) -> ChatFormat:
-    """The fallback format of an architecture (:data:`FALLBACK_TEMPLATES`, else :data:`PLAIN`)."""
-    return FALLBACK_TEMPLATES.get(adapter_name, PLAIN)
+def chat_format(arch: "Adapter | ChatFormat | str") -> ChatFormat:
+    """The fallback format of an architecture: its adapter's ``chat`` (given the adapter, its
+    format, or its name), else :data:`PLAIN`."""
+    if isinstance(arch, ChatFormat):
+        return arch
+    if isinstance(arch, Adapter):
+        return arch.chat
+    from interp.adapters import for_name
+    a = for_name(arch)
+    return PLAIN if a is None else a.chat
 
 
 def _user_turn(text: str, n_images: int) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
-def prompt(processor: Any, adapter_name: str, marker: str, text: str, n_images: int = 1) -> str:
+def prompt(processor: Any, adapter: "Adapter | str", marker: str, text: str, n_images: int = 1) -> str:
     """The prompt string for ``text`` after ``n_images`` images (one ``marker`` each): the
     processor's chat template with the generation prompt when it has one, else the
     architecture's :data:`FALLBACK_TEMPLATES` entry, else ``marker\\n`` per image + text."""
     if has_template(processor):
         return processor.apply_chat_template([_user_turn(text, n_images)], add_generation_prompt=True)
-    return chat_format(adapter_name).render(marker, text, n_images)
+    return chat_format(adapter).render(marker, text, n_images)
 
 
 # ---------------------------------------------------------------------------------------------
 # Answer tokens: what the model would emit first when it gives an answer
 
 
-def conversation(processor: Any, adapter_name: str, marker: str, text: str, answer: str,
+def conversation(processor: Any, adapter: "Adapter | str", marker: str, text: str, answer: str,
                  n_images: int = 1) -> tuple[str, str]:
     """(the prompt, the whole conversation with the assistant's ``answer``) as the model's chat
     format renders them: the processor's chat template with an assistant turn holding the
     answer, else the fallback format's prompt + its ``answer_sep`` + the answer (a space after
     ``ASSISTANT:`` / ``[/INST]`` / plain text, nothing after ChatML's or Gemma's header)."""
-    p = prompt(processor, adapter_name, marker, text, n_images)
+    p = prompt(processor, adapter, marker, text, n_images)
     if has_template(processor):
         turns = [_user_turn(text, n_images), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         return p, processor.apply_chat_template(turns, add_generation_prompt=False)
-    return p, p + chat_format(adapter_name).answer_sep + answer
+    return p, p + chat_format(adapter).answer_sep + answer
 
 
-def answer_tokens(processor: Any, adapter_name: str, marker: str, text: str, answer: str,
+def answer_tokens(processor: Any, adapter: "Adapter | str", marker: str, text: str, answer: str,
                   n_images: int = 1) -> list[int]:
     """The token ids of ``answer`` as they follow the prompt for ``text`` in the tokenized
     conversation (:func:`conversation`); the first is the token the model emits first when it
@@ -109,7 +94,7 @@ def answer_tokens(processor: Any, adapter_name: str, marker: str, text: str, ans
     if not getattr(tok, "is_fast", False):
         raise SpatialBiasError(f"{type(tok).__name__} is a slow tokenizer; answer tokens are read from a fast "
                                "tokenizer's offsets: load the checkpoint's fast tokenizer (tokenizer.json)")
-    p, full = conversation(processor, adapter_name, marker, text, answer, n_images)
+    p, full = conversation(processor, adapter, marker, text, answer, n_images)
     ids_p = tok(p, add_special_tokens=False)["input_ids"]
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = enc["input_ids"], enc["offset_mapping"]
@@ -149,14 +134,14 @@ def answer_tokens(processor: Any, adapter_name: str, marker: str, text: str, ans
     return [i for i, (s, _) in zip(ids[n:], spans[n:]) if s < end]
 
 
-def answer_token_ids(processor: Any, adapter_name: str, marker: str, text: str, answers,
+def answer_token_ids(processor: Any, adapter: "Adapter | str", marker: str, text: str, answers,
                      n_images: int = 1) -> tuple[int, ...]:
     """The candidate token of each answer after the prompt for ``text``: the first of
     :func:`answer_tokens` (e.g. ``▁Yes`` after ``ASSISTANT:`` with a SentencePiece tokenizer,
     ``Yes`` after ChatML's ``assistant\\n`` with a byte-level one). One per answer, in order;
     one :class:`interp.errors.SpatialBiasError` line when two answers share it."""
     answers = tuple(answers)
-    ids = tuple(answer_tokens(processor, adapter_name, marker, text, a, n_images)[0] for a in answers)
+    ids = tuple(answer_tokens(processor, adapter, marker, text, a, n_images)[0] for a in answers)
     if len(set(ids)) != len(ids):
         tok = getattr(processor, "tokenizer", processor)
         first = {}

@@ -3,6 +3,9 @@ Qwen2.5-VL-7B configs, optionally with fewer layers, and real processors (PIL im
 processors at the real resolution; the tiny word-level tokenizer)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from interp import tiny
@@ -85,3 +88,23 @@ def qwen25_vl_7b_config(lm_layers: int = 28, vision_layers: int = 32):
         **tiny._qwen_ids(tok))
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return cfg
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A real-shape benchmark model: ``build(lm_layers, vision_layers, dtype=, device=)`` →
+    (model, processor); its full depth (``lm_layers``, ``vision_layers``); the canvas it is
+    benchmarked at (``image_px``) and the smaller one a CPU memory measurement affords (``cpu_px``)."""
+    build: Callable
+    lm_layers: int
+    vision_layers: int
+    image_px: tuple[int, int]
+    cpu_px: tuple[int, int]
+
+
+REAL: dict[str, RealModel] = {
+    "llava15": RealModel(llava_15_7b, 32, 24, (336, 336), (336, 336)),
+    "qwen25vl": RealModel(qwen25_vl_7b, 28, 32, (840, 840), (448, 448)),  # 840 px: 900 merged image tokens
+}
+"""The benchmarks' real-shape models by name (this module builds named architectures, so the
+table lives here and the benchmarks read it instead of branching on a name)."""

@@ -261,8 +261,72 @@ def build_gemma3(seed: int = 0):
     return model, proc
 
 
+ONEVISION_CHAT = ("{%- for m in messages -%}<|im_start|> {{ m['role'] }} {% for c in m['content'] -%}"
+                  "{%- if c['type'] == 'image' -%}<image> {% elif c['type'] == 'text' -%}{{ c['text'] }} {% endif -%}"
+                  "{%- endfor -%}<|im_end|> {% endfor -%}{%- if add_generation_prompt -%}<|im_start|> assistant{%- endif -%}")
+"""LLaVA-OneVision's ChatML shape for the word-level tokenizer (``<image>`` marks each image)."""
+
+
+def build_llava_onevision(seed: int = 0):
+    """LlavaOnevisionForConditionalGeneration: SigLIP (32 px, 8 px patches, no CLS; features of the
+    last block, ``vision_feature_select_strategy="full"`` as in the released checkpoints) + MLP
+    projector + Qwen2 LM (2 layers, 64 wide); AnyRes-Max: base view 4×4, then the tiles of a
+    pinpoint grid (up to 2×2 tiles of 32 px) unpadded to the image's aspect, a newline after
+    each row; several images in one row are not tiled (base view + one newline each)."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig)
+
+    from interp.adapters.llava_onevision import image_only_processor
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    c = tok.convert_tokens_to_ids
+    vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, vision_use_head=False)
+    tcfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, **_text_kw(tok))
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    cfg = LlavaOnevisionConfig(vision_config=vcfg, text_config=tcfg, image_token_index=c("<image>"),
+                               video_token_index=c("<|video_pad|>"), vision_feature_select_strategy="full",
+                               vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
+                               vision_aspect_ratio="anyres_max_9")
+    cfg.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    proc = image_only_processor(ip, tok, chat_template=ONEVISION_CHAT, num_image_tokens=16,
+                                vision_feature_select_strategy="full", image_token="<image>",
+                                video_token="<|video_pad|>", vision_aspect_ratio="anyres_max_9")
+    return model, proc
+
+
+def build_qwen3vl(seed: int = 0):
+    """Qwen3VLForConditionalGeneration: learned vision position embeddings (a 4×4 grid, resampled),
+    2×2 merger, DeepStack (the features of vision blocks 0 and 1, each through its own merger, added
+    at the image positions after LM blocks 0 and 1 of 3), Qwen3 LM (q/k norms) with interleaved
+    M-RoPE; ``mm_token_type_ids`` from the processor."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from interp.adapters.qwen3_vl import image_only_processor
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True}, **_text_kw(tok))
+    cfg = Qwen3VLConfig(text_config=text,
+                        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                           out_hidden_size=64, patch_size=8, spatial_merge_size=2,
+                                           temporal_patch_size=2, num_position_embeddings=16,
+                                           deepstack_visual_indexes=[0, 1]),
+                        **_qwen_ids(tok))
+    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                  size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return Qwen3VLForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHAT)
+
+
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
-            "qwen25vl": build_qwen25vl, "gemma3": build_gemma3}
+            "qwen25vl": build_qwen25vl, "gemma3": build_gemma3, "llava_onevision": build_llava_onevision,
+            "qwen3vl": build_qwen3vl}
 
 
 def save(model, processor, path: str | Path) -> Path:

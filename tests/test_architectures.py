@@ -108,11 +108,12 @@ def test_image_map_counts_and_cells(arch):
         r = imap.row[0][imap.is_patch[0]]
         c = cells[0][imap.is_patch[0]]
         assert (c[r == 0] < 3).all() and (c[r == 3] >= 6).all()
-    if name == "llava_next":
+    if name in ("llava_next", "llava_onevision"):
         # HF's own packing: number of tokens per image, newlines excluded from patches
+        extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
         with torch.no_grad():
             feats = m.model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                     image_sizes=inputs["image_sizes"])
+                                                     image_sizes=inputs["image_sizes"], **extra)
         lens = [f.shape[0] for f in (feats.pooler_output if hasattr(feats, "pooler_output") else feats)]
         assert [int(imap.is_image[b].sum()) for b in range(2)] == lens
         assert int((imap.is_image & ~imap.is_patch).sum()) > 0
@@ -210,7 +211,7 @@ def test_agci_on_every_architecture(arch):
     got = logits(m, inputs, [interp.AGCI(lam=0.8)])
     assert_agci_formula(m, inputs, 0.8)
     pooled = logits(m, inputs, [interp.AGCI(lam=0.8, pooled=True)])
-    if name == "llava_next":
+    if name in ("llava_next", "llava_onevision"):
         assert (pooled - got).abs().max() > 1e-6  # newline tokens join the pooled mean
     if name.startswith("qwen"):
         # equals AGCI applied to the merger output, split by image_grid_thw
@@ -256,8 +257,9 @@ def test_agci_formula_on_learned_absolute_organism():
     assert ad.lambdas(m, clean) == pytest.approx([adaptive_lambda(v, "norm_ratio") for v in proj], rel=1e-5)
 
 
-def test_agci_next_newlines_untouched_per_image_changed_pooled():
-    model, proc = tiny.build_llava_next()
+@pytest.mark.parametrize("build", [tiny.build_llava_next, tiny.build_llava_onevision], ids=["next", "onevision"])
+def test_agci_next_newlines_untouched_per_image_changed_pooled(build):
+    model, proc = build()
     m = interp.load(model, proc)
     inputs = m.inputs([tiny.image(40, 60)], [m.prompt("describe the image ?")])
     imap = m.image_map(inputs)
@@ -379,3 +381,97 @@ def test_adaptive_agci_is_agci_with_the_rules_lambda(arch):
     assert adaptive_lambda(v, "cos_spread", 2.0) == pytest.approx(2.0 * float(cos.std(correction=0)))
     assert adaptive_lambda(v, "norm_ratio", 0.5) == pytest.approx(0.5 * float(v.norm(dim=-1).mean() / g.norm()))
     assert adaptive_lambda(v, "norm_ratio", 100.0, lam_max=3.0) == 3.0
+
+
+@pytest.mark.parametrize("two_per_row", [False, True], ids=["tiled", "two_per_row"])
+def test_onevision_token_order_base_then_unpadded_rows_each_ending_in_newline(two_per_row):
+    """LLaVA-OneVision: an image alone in its row is its base view, then the unpadded tile grid row
+    by row, each row ending in ``image_newline`` (image token id, no cell); an image sharing its
+    row is not tiled: base view, then one newline. Checked against HF's own forward: the LM input
+    at every newline slot is the model's ``image_newline`` and at every patch slot the projector
+    output of that patch (read through the adapter's vision-side token map)."""
+    model, proc = tiny.build_llava_onevision()
+    m = interp.load(model, proc)
+    if two_per_row:
+        inputs = m.inputs([[tiny.image(seed=1), tiny.image(40, 60, seed=2)]], [m.prompt("what is this ?", n_images=2)])
+    else:
+        inputs = m.inputs([tiny.image(40, 60, seed=1)], [m.prompt("what is this ?")])
+    imap = m.image_map(inputs)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    x = trace(m, inputs, cache=["lm.input", "projector"]).cache
+    img = imap.is_image[0].nonzero().flatten()
+    newline = imap.is_image[0] & ~imap.is_patch[0]
+    assert torch.equal(x["lm.input"][0][newline], model.model.image_newline.expand(int(newline.sum()), -1))
+    for i in range(int(imap.image[0].max()) + 1):
+        pos = img[imap.image[0][img] == i]
+        assert (imap.view[0][pos[:side * side]] == 0).all() and (imap.row[0][pos[:side * side]] >= 0).all()
+        if two_per_row:  # base view, then one newline
+            assert len(pos) == side * side + 1 and bool(newline[pos[-1]])
+            continue
+        tiles = pos[side * side:]
+        h, w = int(imap.rows[0][tiles[0]]), int(imap.cols[0][tiles[0]])
+        assert len(tiles) == h * (w + 1) and h < w  # a wide image: rows dropped by unpadding
+        assert newline[tiles].view(h, w + 1)[:, -1].all() and not newline[tiles].view(h, w + 1)[:, :-1].any()
+        assert torch.equal(imap.row[0][tiles].view(h, w + 1)[:, :-1], torch.arange(h)[:, None].expand(h, w))
+    # every patch slot of the LM input holds the projector output of the patch the token maps say
+    pm = m.token_map(inputs, "projector")
+    proj = x["projector"].reshape(-1, x["projector"].shape[-1])
+    for p in imap.is_patch[0].nonzero().flatten().tolist():
+        key = (int(imap.image[0, p]), int(imap.view[0, p]), int(imap.row[0, p]), int(imap.col[0, p]))
+        src = ((pm.image == key[0]) & (pm.view == key[1]) & (pm.row == key[2]) & (pm.col == key[3])).nonzero().flatten()
+        assert len(src) == 1 and torch.equal(proj[src[0]], x["lm.input"][0, p])
+
+
+def test_qwen3vl_deepstack_is_added_after_the_declared_blocks():
+    """Qwen3-VL's DeepStack, read off HF's own forward: after LM block k < len(deepstack_visual_indexes)
+    the stream entering block k + 1 is block k's output plus ``vision.deepstack.{k}`` at the image
+    positions (in the adapter's token order, so positions="image" lines them up) and unchanged
+    elsewhere; after the other blocks nothing is added. The adapter declares exactly these."""
+    model, proc = tiny.build_qwen3vl()
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image(seed=0), tiny.image(40, 60, seed=1)],
+                      [m.prompt("describe the image ?"), m.prompt("what is this a picture of ?")])
+    n = m.adapter.layer_count(model, "lm")
+    k_ds = len(model.config.vision_config.deepstack_visual_indexes)
+    assert m.adapter.injections(model) == {k: f"vision.deepstack.{k}" for k in range(k_ds)} and 0 < k_ds < n
+    sites = [f"lm.blocks.{j}" for j in range(n)] + [f"lm.blocks.{j}#input" for j in range(1, n)] + \
+        [f"vision.deepstack.{k}" for k in range(k_ds)] + ["projector"]
+    img = trace(m, inputs, cache=sites, positions="image").cache
+    raw = trace(m, inputs, cache=sites).cache
+    text = ~m.image_mask(inputs["input_ids"])
+    for j in range(n - 1):
+        added = raw[f"lm.blocks.{j + 1}#input"] - raw[f"lm.blocks.{j}"]
+        assert torch.equal(added[text], torch.zeros_like(added[text]))
+        if j < k_ds:
+            want = img[f"lm.blocks.{j}"] + img[f"vision.deepstack.{j}"]
+            assert torch.equal(img[f"lm.blocks.{j + 1}#input"], want)
+        else:
+            assert torch.equal(raw[f"lm.blocks.{j + 1}#input"], raw[f"lm.blocks.{j}"])
+    # the DeepStack mergers hold merged tokens in the projector's order
+    for k in range(k_ds):
+        a, b = m.token_map(inputs, f"vision.deepstack.{k}"), m.token_map(inputs, "projector")
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("batch_row", "image", "row", "col"))
+
+
+def test_onevision_anyres_max_shrink_keeps_the_map_consistent_with_hf():
+    """With ``anyres_max_1`` a 2×2-tile image's grid exceeds one base view by more than 1.1² and HF
+    shrinks it bilinearly: the LM map's tile view is the shrunk grid (token counts equal HF's
+    packing, newline slots hold ``image_newline``, every cell still covered). Projector and
+    lm.input tokens no longer pair one for one there (the shrink mixes tokens), so the
+    projector = lm.input parity tests run on the unshrunk tiny default."""
+    model, proc = tiny.build_llava_onevision()
+    model.config.vision_aspect_ratio = proc.vision_aspect_ratio = "anyres_max_1"
+    m = interp.load(model, proc)
+    inputs = m.inputs([tiny.image(64, 64, seed=1)], [m.prompt("what is this ?")])
+    imap = m.image_map(inputs)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                               batch_num_images=inputs["batch_num_images"]).pooler_output
+    assert int(imap.is_image.sum()) == feats[0].shape[0]
+    tiles = imap.is_image[0] & (imap.view[0] == 1)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert int(imap.rows[0][tiles][0]) < 2 * side  # shrunk from the 2 × 2 tiles' 8 × 8 patches
+    x = trace(m, inputs, cache=["lm.input"]).cache["lm.input"]
+    newline = imap.is_image[0] & ~imap.is_patch[0]
+    assert torch.equal(x[0][newline], model.model.image_newline.expand(int(newline.sum()), -1))
+    assert set(imap.cells(3, 3)[0][tiles & imap.is_patch[0]].tolist()) == set(range(9))

@@ -273,7 +273,7 @@ def test_low_precision_runs_agree_with_fp32(dtype, tol):
             assert (a - b).abs().max() < tol, (name, dtype, what, float((a - b).abs().max()))
 
 
-@pytest.mark.parametrize("name", ["qwen2vl", "qwen25vl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2vl", "qwen25vl", "gemma3", "llava_onevision"])
 def test_vision_token_order_is_each_sites_own(name):
     """Qwen2.5-VL permutes its patches into vision windows between ``vision.embed`` and the first
     block: read in image raster order, the block's input equals the embedding output; and each

@@ -206,3 +206,63 @@ def test_dry_run_reads_a_hub_models_config_from_the_hf_cache(tmp_path):
     # 7B in bf16 is 13.2 GiB of weights; under --max-memory 40GiB every analysis's peak stays below it
     values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
     assert all(13 < v <= 40 for v in values), peaks
+
+
+def _onevision_7b_config():
+    """LLaVA-OneVision-Qwen2-7B shapes: SigLIP so400m (384 px, 14 px patches, 26 blocks) + Qwen2-7B."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+    vc = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                            image_size=384, patch_size=14, vision_use_head=False)
+    tc = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, vision_feature_select_strategy="full",
+                               vision_feature_layer=-1)
+    cfg.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    return cfg
+
+
+def test_onevision_shapes_from_config_count_the_processors_tokens():
+    """The memory model's image tokens of a LLaVA-OneVision config (its adapter's memory profile)
+    equal what the processor makes for that image size, on the tiny model; at the 7B shapes a 384 px
+    image is 729 base + 27 × (27 + 1) tile-grid tokens and 2 crops of 729 patches."""
+    model, proc = tiny.build_llava_onevision()
+    m = interp.load(model, proc)
+    for h, w in ((32, 32), (40, 60), (64, 40), (64, 64)):
+        x = m.inputs([tiny.image(h, w)], [m.prompt("what is this ?")])
+        s = estimate.Shapes.from_config(model.config.to_dict(), image_px=(h, w))
+        assert s.image_tokens == int(m.image_mask(x["input_ids"]).sum()), (h, w)
+        assert s.vision_tokens == m.adapter.vision_tokens(model, x) == memory.vision_tokens_per_row(m, x), (h, w)
+    s = estimate.Shapes.from_config(_onevision_7b_config().to_dict(), "bfloat16", image_px=(384, 384))
+    assert (s.image_tokens, s.vision_tokens, s.block_norms, s.qk_norm) == (729 + 27 * 28, 2 * 729, 2, False)
+    big = estimate.Shapes.from_config(_onevision_7b_config().to_dict(), "bfloat16", image_px=(2304, 2304))
+    assert big.image_tokens == 729 + 81 * 82  # a 6×6 tile grid shrunk to anyres_max_9: 81 × 81 + newlines
+    assert 14 * 2 ** 30 < s.weights < 17 * 2 ** 30  # ~8B parameters in bf16
+
+
+def test_dry_run_of_a_onevision_checkpoint(tmp_path):
+    """``report --dry-run`` on a LLaVA-OneVision config.json alone: the memory model reads it through
+    the adapter (no model_type table) and predicts a peak per analysis."""
+    import subprocess
+    import sys
+    folder = tmp_path / "ov7b"
+    _onevision_7b_config().save_pretrained(folder)
+    r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", str(folder), "--dry-run",
+                        "--dtype", "bfloat16", "--max-memory", "80GiB", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
+    values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
+    assert all(14 < v <= 80 for v in values), peaks
+
+
+def test_qwen3vl_shapes_from_config():
+    """Qwen3-VL's memory facts come from its adapter (patch layout of Qwen2-VL, q/k norms of Qwen3):
+    image tokens equal the tiny processor's count."""
+    model, proc = tiny.build_qwen3vl()
+    m = interp.load(model, proc)
+    for h, w in ((48, 48), (48, 80), (64, 64)):  # within the tiny processor's 64² pixels
+        x = m.inputs([tiny.image(h, w)], [m.prompt("what is this ?")])
+        s = estimate.Shapes.from_config(model.config.to_dict(), image_px=(h, w))
+        assert s.image_tokens == int(m.image_mask(x["input_ids"]).sum()), (h, w)
+        assert s.vision_tokens == memory.vision_tokens_per_row(m, x)
+        assert s.qk_norm and s.block_norms == 2

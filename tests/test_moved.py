@@ -96,14 +96,17 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
     ("llava", 48, (2, 2), 3, 0),        # 2×2 tokens per cell, one view
     ("llava_next", 48, (3, 3), 8, 0),   # base view 1 token + tiles view 3×3 per cell
     ("llava_next", 48, (2, 2), 3, 0),   # base 2×2 + tiles 4×4 per cell
+    ("llava_onevision", 48, (3, 3), 8, 0),  # as LLaVA-NeXT: base view + unpadded tiles, newline slots in no cell
+    ("llava_onevision", 48, (2, 2), 3, 0),
     ("qwen2vl", 64, (2, 2), 3, 0),      # merged 2×2 per cell
     ("qwen2vl", 64, (3, 3), 7, 1),      # merged 1×2 per cell
+    ("qwen3vl", 64, (2, 2), 3, 0),      # as Qwen2-VL, with DeepStack added after the first LM blocks
 ]
 
 
 @pytest.fixture(scope="module")
 def tinies():
-    return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl")}
+    return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl")}
 
 
 def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:

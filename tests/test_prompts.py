@@ -67,10 +67,15 @@ def test_prompt_builder_order(tiny_llava):
     assert prompts.prompt(proc, "gemma3", "<start_of_image>", "q") == (
         "<start_of_turn>user\n<start_of_image>q<end_of_turn>\n<start_of_turn>model\n")
     assert prompts.prompt(proc, "llava_next", "<image>", "q") == "[INST] <image>\nq [/INST]"
-    assert set(prompts.FALLBACK_TEMPLATES) == {"llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3"}
+    assert prompts.prompt(proc, "llava_onevision", "<image>", "q") == (
+        "<|im_start|>user\n<image>\nq<|im_end|>\n<|im_start|>assistant\n")
+    assert set(prompts.FALLBACK_TEMPLATES) == {"llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3", "llava_onevision",
+                                             "qwen3vl"}
+    from interp.adapters import ADAPTERS
+    assert all(prompts.chat_format(a) is a.chat for a in ADAPTERS)  # the adapter's own field
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3"])
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3", "llava_onevision", "qwen3vl"])
 def test_fallback_prompts_hold_one_marker_per_image(name):
     m, p = tiny.BUILDERS[name]()
     p.chat_template = None

@@ -61,7 +61,7 @@ def test_a_registered_analysis_runs_through_plan_runner_summary_and_report(toy, 
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["runs"][0]["causal"]["toy"] == {"baseline": 3.0, "bapa": 3.0}
     assert {"claim": "toy rows counted", "intervention": "bapa", "value": 3.0, "ci_low": None,
-            "ci_high": None} in s["runs"][0]["findings"]
+            "ci_high": None, "read": True} in s["runs"][0]["findings"]
     assert "<section id='toy-section'><h2>Toy analysis</h2>" in page and "toy · organism" in page
     assert (tmp_path / "out" / "tables" / "toy.parquet").is_file()
 

@@ -21,13 +21,12 @@ from interp.interventions import bapa_position_ids
 
 @dataclass(frozen=True)
 class Arch:
-    """One architecture. ``name`` is the registry key; ``lm`` the LLaVA text model (unused for Qwen)."""
+    """One architecture. ``name`` is the registry key; ``lm`` the LLaVA text model (unused for Qwen);
+    ``is_qwen``: a Qwen2-VL organism (ViT + merger + M-RoPE LM) rather than a LLaVA one, declared
+    here with the recipe rather than read off its name."""
     name: str
     lm: str = "llama"
-
-    @property
-    def is_qwen(self) -> bool:
-        return self.name == "qwen2vl"
+    is_qwen: bool = False
 
     def words(self, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The vocabulary: the base words of the architecture, then ``extra`` (task words)."""
@@ -93,4 +92,5 @@ class Arch:
         return r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (Arch("llava-llama"), Arch("llava-gpt2", lm="gpt2"), Arch("qwen2vl"))}
+ARCHS: dict[str, Arch] = {a.name: a for a in (Arch("llava-llama"), Arch("llava-gpt2", lm="gpt2"),
+                                              Arch("qwen2vl", is_qwen=True))}

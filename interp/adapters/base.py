@@ -59,6 +59,71 @@ def raster_fields(rows: int, cols: int, view: int = 0, cls: bool = False) -> tor
 
 
 @dataclass(frozen=True)
+class ChatFormat:
+    """An architecture's published single-turn chat format. ``image``: what one image becomes
+    (``{marker}`` is the processor's image marker); ``prompt``: the user turn up to the
+    assistant's first token, with ``{images}`` (the images, in order) and ``{text}``;
+    ``answer_sep``: what the format puts between the prompt and the assistant's answer."""
+    image: str
+    prompt: str
+    answer_sep: str
+
+    def render(self, marker: str, text: str, n_images: int = 1) -> str:
+        return self.prompt.format(images=self.image.format(marker=marker) * n_images, text=text)
+
+
+PLAIN = ChatFormat("{marker}\n", "{images}{text}", " ")
+"""For an architecture without a published format: the images then the text; an answer is
+taken to follow after a space, as the next word of plain text does."""
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    """What the memory model (:mod:`analyses.estimate`) needs to know about an architecture,
+    computed from a config.json mapping for one image of a given size (:meth:`Adapter.memory_profile`).
+
+    ``image_tokens``: (image tokens in the LM, tokens through the vision tower) of one image;
+    ``pixel_bytes``: bytes of one image's pixel inputs (fp32, as the processor makes them);
+    ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase;
+    ``block_norms``: RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises
+    q and k per head; ``projector_params``: parameters of the projector."""
+    image_tokens: tuple[int, int]
+    pixel_bytes: int
+    projector_params: int
+    vision_attn_live: float = 7.0
+    block_norms: int = 2
+    qk_norm: bool = False
+
+
+def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
+    """Bytes of one image's pixel inputs when it is given as crops at the tower's resolution
+    (3 × side² fp32 per crop, crops counted from the vision tokens)."""
+    side, patch = int(v.get("image_size", 336)), int(v.get("patch_size", 14))
+    crops = max(1, round(vision_tokens / ((side // patch) ** 2 + 1)))
+    return crops * 3 * side * side * 4
+
+
+def default_memory_profile(cfg: dict, image_px: tuple[int, int] = (336, 336)) -> MemoryFacts:
+    """One crop at the tower's ``image_size`` with a CLS token through the tower (LLaVA-1.5's
+    layout) and an MLP projector: the facts of an architecture that declares nothing else (and
+    of a config no adapter claims)."""
+    v = cfg.get("vision_config", {})
+    side = int(v.get("image_size", 336)) // int(v.get("patch_size", 14))
+    n_img, n_vis = side * side, side * side + 1
+    return MemoryFacts(image_tokens=(n_img, n_vis), pixel_bytes=crop_pixel_bytes(v, n_vis),
+                       projector_params=projector_params(cfg))
+
+
+def projector_params(cfg: dict) -> int:
+    """Parameters of the projector from the config's widths: an MLP (Dv·D + D·D), or a 2×2
+    merger (16 Dv² + 4 Dv·D) where the config names one."""
+    t, v = cfg.get("text_config", cfg), cfg.get("vision_config", {})
+    D = int(t["hidden_size"])
+    Dv = int(v.get("embed_dim") or v.get("hidden_size") or 1)
+    return Dv * D + D * D if "merger" not in str(cfg) else 16 * Dv * Dv + 4 * Dv * D
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Declarative description of one HF LVLM architecture.
 
@@ -70,7 +135,13 @@ class Adapter:
     positions); ``prompt_marker`` names the processor attribute holding the string a prompt must
     contain where the image goes; ``image_inputs`` says how each image input is laid out:
     ``"image"`` (first dim = images in processor order) or ``"patches"`` (Qwen: patches of all
-    images concatenated, split by ``image_grid_thw``).
+    images concatenated, split by ``image_grid_thw``); ``model_types`` the config ``model_type``
+    values this adapter claims (a config.json without ``architectures``); ``chat`` the
+    architecture's published chat format, used when a checkpoint's processor has none.
+
+    Also declared here, so that no module outside ``interp/adapters`` branches on an
+    architecture: modules called more than once per forward (:meth:`calls`), the memory model's
+    facts (:meth:`memory_profile`), tokens through the vision tower (:meth:`vision_tokens`).
     """
     name: str
     model_classes: tuple[str, ...]
@@ -81,6 +152,8 @@ class Adapter:
     prompt_marker: str = "image_token"
     image_inputs: dict[str, str] = field(default_factory=lambda: {"pixel_values": "image"})
     lm_variants: dict[str, dict[str, str]] = field(default_factory=dict)
+    model_types: tuple[str, ...] = ()
+    chat: ChatFormat = PLAIN
 
     # ---------------------------------------------------------------- sites
     def site_table(self, model: torch.nn.Module | None = None) -> dict[str, str]:
@@ -117,11 +190,23 @@ class Adapter:
         out = list(INPUT_SITES)
         for pattern in self.site_table(model):
             if "{i}" in pattern:
-                stack = "vision" if pattern.startswith("vision") else "lm"
-                out += [pattern.format(i=i) for i in range(self.layer_count(model, stack))]
+                out += [pattern.format(i=i) for i in range(self.pattern_count(model, pattern))]
             else:
                 out.append(pattern)
         return out
+
+    def pattern_count(self, model: torch.nn.Module, pattern: str) -> int:
+        """How many modules an indexed site pattern names: the vision or LM layer count (an
+        adapter with other indexed sites, e.g. Qwen3-VL's ``vision.deepstack.{i}``, says so)."""
+        return self.layer_count(model, "vision" if pattern.startswith("vision") else "lm")
+
+    def injections(self, model: torch.nn.Module) -> dict[int, str]:
+        """What the text model adds to the residual stream *between* LM blocks, outside every block
+        module: LM block index j → the site whose output (the batch's image tokens, flattened in
+        sequence order, width D) is added at the image positions after block j (Qwen3-VL's
+        DeepStack). ``lm.blocks.{j}`` is block j's output before the addition; resuming the LM
+        (:func:`interp.dispatch.resume`) re-applies it. None on most architectures."""
+        return {}
 
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
         obj = model.config
@@ -207,6 +292,21 @@ class Adapter:
 
     def _patches(self, inputs, v, images):
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- memory
+    def memory_profile(self, cfg: dict, image_px: tuple[int, int] = (336, 336)) -> MemoryFacts:
+        """The memory model's facts of this architecture for a config.json mapping and one image
+        of ``image_px`` (h, w) pixels (see :class:`MemoryFacts`)."""
+        return default_memory_profile(cfg, image_px)
+
+    def vision_tokens(self, model: torch.nn.Module, inputs: dict[str, Any]) -> int:
+        """Tokens through the vision tower for the whole batch, from the inputs: (side / patch)²
+        per image and crop, plus one CLS token per crop for a CLIP tower."""
+        px = inputs["pixel_values"]
+        vc = model.config.vision_config
+        side = int(px.shape[-1]) // int(vc.patch_size)
+        cls = 1 if getattr(vc, "model_type", "") == "clip_vision_model" else 0
+        return (side * side + cls) * int(px.shape[0]) * (int(px.shape[1]) if px.dim() == 5 else 1)
 
     # ---------------------------------------------------------------- positions
     def rotary(self, model: torch.nn.Module, like: torch.Tensor, position_ids: torch.Tensor, layer: int):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from interp.adapters.base import Adapter, View, raster_fields
+from interp.adapters.base import Adapter, ChatFormat, MemoryFacts, View, crop_pixel_bytes, projector_params, raster_fields
 from interp.adapters.llava import LM, LM_SHAPES
 
 
@@ -35,6 +35,17 @@ class Gemma3Adapter(Adapter):
         if site == "lm.rotary":
             return args[2] if len(args) > 2 else kwargs.get("layer_type")
         return None
+
+    def memory_profile(self, cfg, image_px=(336, 336)):
+        """``mm_tokens_per_image`` pooled tokens in the LM from (image_size / patch)² patches (no CLS)
+        at the tower's fixed resolution; 4 RMSNorms of width D per LM block (before and after
+        attention and MLP) and per-head norms of q and k."""
+        v = cfg.get("vision_config", {})
+        side = int(v.get("image_size", 896)) // int(v.get("patch_size", 14))
+        n_vis = side * side
+        return MemoryFacts(image_tokens=(int(cfg.get("mm_tokens_per_image", 256)), n_vis),
+                           pixel_bytes=crop_pixel_bytes(v, n_vis), projector_params=projector_params(cfg),
+                           block_norms=4, qk_norm=True)
 
     def image_views(self, model, inputs):
         side = math.isqrt(model.config.mm_tokens_per_image)
@@ -59,4 +70,6 @@ GEMMA3 = Gemma3Adapter(
             "lm.embed": "(B, L, D) token embeddings (scaled by sqrt(D)) before the image scatter"},
     n_layers={"vision": "vision_config.num_hidden_layers", "lm": "text_config.num_hidden_layers"},
     prompt_marker="boi_token",
+    model_types=("gemma3",),
+    chat=ChatFormat("{marker}", "<start_of_turn>user\n{images}{text}<end_of_turn>\n<start_of_turn>model\n", ""),
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from interp.adapters.base import Adapter, View, raster_fields
+from interp.adapters.base import Adapter, ChatFormat, MemoryFacts, View, crop_pixel_bytes, projector_params, raster_fields
 from interp.errors import SpatialBiasError
 
 LM = {
@@ -79,6 +79,17 @@ class LlavaAdapter(Adapter):
 
 
 class LlavaNextAdapter(Adapter):
+    def memory_profile(self, cfg, image_px=(336, 336)):
+        """The base view + the largest anyres grid of the pinpoints (worst case) with one newline
+        token per row of two tiles' patches; every crop through the tower with its CLS."""
+        v = cfg.get("vision_config", {})
+        side = int(v.get("image_size", 336)) // int(v.get("patch_size", 14))
+        pins = cfg.get("image_grid_pinpoints") or [[672, 672]]
+        tiles = max(a * b for a, b in pins) // int(v.get("image_size", 336)) ** 2
+        n_img, n_vis = side * side * (1 + tiles) + side * 2, (side * side + 1) * (1 + tiles)
+        return MemoryFacts(image_tokens=(n_img, n_vis), pixel_bytes=crop_pixel_bytes(v, n_vis),
+                           projector_params=projector_params(cfg))
+
     def _grid(self, model, size):
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
         cfg = model.config
@@ -128,6 +139,8 @@ LLAVA = LlavaAdapter(
             "projector": "(n_images, N, D)", **LM_SHAPES},
     n_layers=N_LAYERS,
     lm_variants={"gpt2": GPT2_LM},
+    model_types=("llava",),
+    chat=ChatFormat("{marker}\n", "USER: {images}{text} ASSISTANT:", " "),  # LLaVA-1.5
 )
 
 LLAVA_NEXT = LlavaNextAdapter(
@@ -139,4 +152,6 @@ LLAVA_NEXT = LlavaNextAdapter(
             "projector": "(n_crops, N, D) before unpadding and image_newline tokens", **LM_SHAPES},
     n_layers=N_LAYERS,
     image_inputs={"pixel_values": "image", "image_sizes": "image"},
+    model_types=("llava_next",),
+    chat=ChatFormat("{marker}\n", "[INST] {images}{text} [/INST]", " "),  # LLaVA-v1.6-Mistral
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from interp.adapters.base import Adapter, View, raster_fields
+from interp.adapters.base import Adapter, ChatFormat, MemoryFacts, View, projector_params, raster_fields
 from interp.adapters.llava import LM, LM_SHAPES
 
 PROBE_SIDE = 336
@@ -35,6 +35,9 @@ def image_only_processor(image_processor, tokenizer, chat_template=None):
 
 
 class QwenAdapter(Adapter):
+    image_only = staticmethod(image_only_processor)
+    """How to build the processor without its video processor (a subclass names its own)."""
+
     def load_processor(self, src, trust_remote_code=False):
         """AutoProcessor; without torchvision it silently returns the bare tokenizer, so then
         build the image-only processor from the image processor and tokenizer."""
@@ -44,7 +47,7 @@ class QwenAdapter(Adapter):
         from transformers import AutoImageProcessor, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
         ip = AutoImageProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
-        return image_only_processor(ip, tok, chat_template=getattr(tok, "chat_template", None) or _template(src))
+        return type(self).image_only(ip, tok, chat_template=getattr(tok, "chat_template", None) or _template(src))
 
     def probe_canvas(self, config, image_processor):
         """Dynamic resolution: the side nearest :data:`PROBE_SIDE` that is a whole number of merged
@@ -57,6 +60,24 @@ class QwenAdapter(Adapter):
         hi = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or 0)
         sides = [k * unit for k in range(1, 64) if (k * unit) ** 2 >= lo and (not hi or (k * unit) ** 2 <= hi)]
         return min(sides, key=lambda s: abs(s - PROBE_SIDE)) if sides else unit
+
+    def memory_profile(self, cfg, image_px=(336, 336)):
+        """Dynamic resolution: the image resized to a multiple of patch × merge, (h/p)(w/p) patches
+        through the tower, a quarter of them merged into the LM; pixel inputs are the flattened
+        patches (3 × temporal_patch_size × p² fp32 each). The vision rotary runs in fp32 (q and k
+        copied: 8 Dv) beside qkv, q, k, v, the block input and its fp32-normed copy: 19 Dv live in
+        a vision block's attention phase (the larger one here)."""
+        v = cfg.get("vision_config", {})
+        p, m = int(v.get("patch_size", 14)), int(v.get("spatial_merge_size", 2))
+        h, w = (max(p * m, round(x / (p * m)) * p * m) for x in image_px)
+        n = (h // p) * (w // p)
+        return MemoryFacts(image_tokens=(n // (m * m), n),
+                           pixel_bytes=n * 3 * int(v.get("temporal_patch_size", 2)) * p * p * 4,
+                           projector_params=projector_params(cfg), vision_attn_live=19.0)
+
+    def vision_tokens(self, model, inputs):
+        """Patches of all images of the batch (flattened)."""
+        return int(inputs["pixel_values"].shape[0])
 
     def image_views(self, model, inputs):
         m = model.config.vision_config.spatial_merge_size
@@ -134,11 +155,17 @@ SHAPES = {
 N_LAYERS = {"vision": "vision_config.depth", "lm": "text_config.num_hidden_layers"}
 
 IMAGE_INPUTS = {"pixel_values": "patches", "image_grid_thw": "image"}
+CHATML = ChatFormat("<|vision_start|>{marker}<|vision_end|>",
+                    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "{images}{text}<|im_end|>\n<|im_start|>assistant\n", "")
+"""Qwen2-VL / Qwen2.5-VL's published ChatML with the default system turn."""
 QWEN2_VL = QwenAdapter(name="qwen2vl", model_classes=("Qwen2VLForConditionalGeneration",), sites=SITES,
-                       shapes=SHAPES, n_layers=N_LAYERS, rope="mrope", image_inputs=IMAGE_INPUTS)
+                       shapes=SHAPES, n_layers=N_LAYERS, rope="mrope", image_inputs=IMAGE_INPUTS,
+                       model_types=("qwen2_vl",), chat=CHATML)
 QWEN2_5_VL = Qwen25Adapter(name="qwen25vl", model_classes=("Qwen2_5_VLForConditionalGeneration",), sites=SITES,
                            shapes={**SHAPES, "vision.blocks.{i}": "(T, Dv) in vision-window order",
                                    "vision.out": "(T, Dv) in vision-window order",
                                    "projector": "(T/4, D) merged tokens in vision-window order (HF restores "
                                                 "image order after the merger)"},
-                           n_layers=N_LAYERS, rope="mrope", image_inputs=IMAGE_INPUTS)
+                           n_layers=N_LAYERS, rope="mrope", image_inputs=IMAGE_INPUTS,
+                           model_types=("qwen2_5_vl",), chat=CHATML)
