@@ -27,9 +27,9 @@ from analyses.plan import Condition
 from analyses.tasks import Context
 
 
-def condition(analysis: str, probe, items: int, **options) -> Condition:
+def condition(analysis: str, probe, items: int, interventions=(), **options) -> Condition:
     return Condition(model="m", model_spec="m", probe="p", probe_spec=str(probe), intervention="baseline",
-                     family="baseline", lam=None, interventions=(), analysis=analysis, seed=0,
+                     family="baseline", lam=None, interventions=tuple(interventions), analysis=analysis, seed=0,
                      options={"items": items, **options}, model_path="m", probe_path=str(probe))
 
 
