@@ -110,3 +110,34 @@ def test_cellprobe_runs_on_tiny_architectures_under_bapa(build, tmp_path):
         assert done == set(sites)
     else:
         assert set(r[r.metric == "cellprobe_unresolved"].site) == set(sites) - done
+
+
+def test_lens_and_cellprobe_run_through_plan_runner_summary_and_report(tmp_path, small_probe):
+    """Both analyses, registered in analyses/kinds/ alone, flow through the plan, the dry run, the
+    runner, summary.json (blocks and findings) and the report (sections and figures)."""
+    import json
+
+    from analyses import estimate, plan as pl, report, runner
+    cfg = {"models": {"organism": "organism"}, "probes": {"p": str(small_probe)}, "causal_items": 4,
+           "interventions": {"conditions": ["baseline", "bapa"]}, "analyses": ["lens", "cellprobe"],
+           "analysis": {"cellprobe": {"folds": 2}}}
+    p = pl.from_mapping(cfg, tmp_path, tmp_path / "out", "test")
+    assert {(c.analysis, c.intervention) for c in p.conditions} == {
+        (a, iv) for a in ("lens", "cellprobe") for iv in ("baseline", "bapa")}
+    est = estimate.estimate(p, tmp_path / "out")
+    assert set(est.forward_rows) == {4 * 9}
+    res = runner.run(p, tmp_path / "out", progress=False)
+    assert not res["failed"], res
+    page = report.build(tmp_path / "out").read_text(encoding="utf-8")
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"][0]
+    assert set(s["causal"]["lens"]) == {"baseline", "bapa"} and "lm.blocks.1" in s["causal"]["lens_spread"]["bapa"]
+    assert s["causal"]["cellprobe"]["baseline"]["projector"]["accuracy"]["value"] is not None
+    claims = {f["claim"] for f in s["findings"]}
+    assert any(c.startswith("logit lens at lm.blocks.1") for c in claims)
+    assert any(c.startswith("cell probe at lm.blocks.1") for c in claims)
+    for anchor in ("logit-lens", "cell-probes"):
+        assert f"<section id='{anchor}'>" in page
+    assert "lens_margins(" in page and "cellprobe_accuracy(" in page
+    assert (tmp_path / "out" / "tables" / "lens.parquet").is_file()
+    with pytest.raises(Exception, match="folds must be an integer"):
+        pl.from_mapping({**cfg, "analysis": {"cellprobe": {"folds": 1}}}, tmp_path, tmp_path / "o2", "test")
