@@ -141,3 +141,9 @@ def test_lens_and_cellprobe_run_through_plan_runner_summary_and_report(tmp_path,
     assert (tmp_path / "out" / "tables" / "lens.parquet").is_file()
     with pytest.raises(Exception, match="folds must be an integer"):
         pl.from_mapping({**cfg, "analysis": {"cellprobe": {"folds": 1}}}, tmp_path, tmp_path / "o2", "test")
+
+
+def test_one_item_gives_no_probe_and_no_failure(organism, small_probe):
+    from analyses.kinds import cellprobe
+    rows, d = cellprobe.run(organism, condition("cellprobe", small_probe, 1, folds=5, alpha=1.0), Context())
+    assert rows == [{"metric": "n_items", "value": 1.0}] and d is None

@@ -141,6 +141,8 @@ def probe_rows_of(d: pd.DataFrame, layers: dict[str, int | None], n_classes: int
 def run(lvlm, cond, ctx: Context):
     feats, labels, items, ids, n = features(lvlm, cond, ctx)
     rng = rng_of(cond)
+    if len(ids) < 2:  # e.g. `spatialbias causal --n-items 1`: nothing to cross-validate, nothing fails
+        return [{"metric": "n_items", "value": float(len(ids))}], None
     d = probe_items(feats, labels, items, ids, n, rng, cond.options.get("folds", 5), cond.options.get("alpha", 1.0))
     return probe_rows_of(d, dict(probe_sites(lvlm)), n, rng), d
 
