@@ -63,18 +63,20 @@ def features(lvlm, cond, ctx: Context) -> tuple[dict[str, np.ndarray], np.ndarra
 
 
 def _cell_mean(tmap, target: torch.Tensor, grid, site: str):
-    """``fn(x)`` → (B, D): per batch row the mean of its tokens in that row's target cell, ``x``
-    being the site's tensor flattened to (T, D) in the site's token order."""
+    """``fn(x)`` → (B, D): per batch row the mean of its tokens in that row's target cell (NaN where
+    it has none), ``x`` being the site's tensor flattened to (T, D) in the site's token order."""
     cells, row = tmap.cells(*grid), tmap.batch_row
-    hit = (row[None, :] == torch.arange(len(target), device=row.device)[:, None]) & \
-        (cells[None, :] == target.to(cells.device)[:, None])  # (B, T)
-    w = hit.double() / hit.sum(1, keepdim=True)  # a row whose target cell has no token here: NaN
+    t = ((row >= 0) & (cells == target.to(cells.device)[row.clamp(min=0)])).nonzero().flatten()
+    b, n_tokens, n_rows = row[t], len(cells), len(target)
 
     def fn(x):
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] != w.shape[1]:
-            raise SpatialBiasError(f"cellprobe: {site} holds {flat.shape[0]} tokens, its token map {w.shape[1]}")
-        return (w.to(flat.device, torch.float32) @ flat.float()).cpu()
+        if flat.shape[0] != n_tokens:
+            raise SpatialBiasError(f"cellprobe: {site} holds {flat.shape[0]} tokens, its token map {n_tokens}")
+        i = b.to(flat.device)
+        s = torch.zeros(n_rows, flat.shape[1], device=flat.device).index_add_(0, i, flat[t.to(flat.device)].float())
+        n = torch.zeros(n_rows, device=flat.device).index_add_(0, i, torch.ones(len(i), device=flat.device))
+        return (s / n[:, None]).cpu()
     return fn
 
 
