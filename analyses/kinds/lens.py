@@ -59,9 +59,11 @@ def decoder(lvlm, candidates):
     tc = getattr(lvlm.model.config, "text_config", lvlm.model.config)
     cap = getattr(tc, "final_logit_softcapping", None)
 
+    nd = next(norm.parameters(), w).device  # a dispatched model may hold them on other devices than h
+
     def fn(h):
-        z = torch.nn.functional.linear(norm.forward(h), w, b).float()  # .forward: no hooks of a run fire
-        return cap * torch.tanh(z / cap) if cap else z
+        z = torch.nn.functional.linear(norm.forward(h.to(nd)).to(w.device), w, b).float().to(h.device)
+        return cap * torch.tanh(z / cap) if cap else z  # norm.forward: no hooks of a run fire
     return fn
 
 
