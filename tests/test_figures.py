@@ -105,6 +105,45 @@ def big_results() -> pd.DataFrame:
                                   for k in ("grid_rows", "grid_cols")])], ignore_index=True)
 
 
+def lens_results(n_layers: int = N_LM, n_cells: int = 16) -> pd.DataFrame:
+    """Logit-lens rows of a 32-block LM on a 4×4 grid, 3 conditions: margin per site × cell, spreads."""
+    rng = np.random.default_rng(5)
+    rows = []
+    m, p = "llava-1.5-7b-hf", "shapes 4×4"
+    for iv in CAUSAL:
+        for site in ["lm.input"] + [f"lm.blocks.{i}" for i in range(n_layers)]:
+            layer = None if site == "lm.input" else int(site.rsplit(".", 1)[1])
+            for metric in ("lens_margin", "lens_cell_margin"):
+                for c in range(n_cells):
+                    v = rng.normal(0.1 * (layer or 0), 1)
+                    rows.append(_row(m, p, iv, "lens", 0, metric=metric, site=site, layer=layer, cell=c, value=v,
+                                     ci_low=v - 0.5, ci_high=v + 0.5))
+            for metric in ("lens_spread", "lens_cell_spread"):
+                v = rng.uniform(0, 3)
+                rows.append(_row(m, p, iv, "lens", 0, metric=metric, site=site, layer=layer, value=v,
+                                 ci_low=v - 0.6, ci_high=v + 0.6))
+    return _typed(rows)
+
+
+def cellprobe_results() -> pd.DataFrame:
+    """Cell-probe rows of a LLaVA-1.5-7B-sized model (24 vision blocks, projector, lm.input, 32 LM
+    blocks), 3 conditions; with :func:`big_results` the patching restorations at the same sites."""
+    rng = np.random.default_rng(6)
+    rows = []
+    m, p = "llava-1.5-7b-hf", "shapes 4×4"
+    sites = ([f"vision.blocks.{i}" for i in range(N_VISION)] + ["projector", "lm.input"]
+             + [f"lm.blocks.{i}" for i in range(N_LM)])
+    for iv in CAUSAL:
+        for site in sites:
+            layer = int(site.rsplit(".", 1)[1]) if "blocks" in site else None
+            for metric, v in (("cellprobe_accuracy", rng.uniform(0.3, 1)), ("cellprobe_control", rng.uniform(0, 0.2)),
+                              ("cellprobe_selectivity", rng.uniform(0, 0.8))):
+                rows.append(_row(m, p, iv, "cellprobe", 0, metric=metric, site=site, layer=layer, value=v,
+                                 ci_low=max(0, v - 0.1), ci_high=min(1, v + 0.1)))
+        rows.append(_row(m, p, iv, "cellprobe", 0, metric="cellprobe_chance", value=1 / 16))
+    return _typed(rows)
+
+
 def _detail_base(iv, model="llava-1.5-7b-hf", probe="shapes 4×4", seed=0) -> dict:
     label, family, lam, _ = iv
     return {"model": model, "probe": probe, "intervention": label, "family": family, "lambda": lam, "seed": seed}
@@ -186,6 +225,10 @@ CASES = {  # function → [(case id, table, kwargs)], the largest realistic pane
     "shift_curves": [("9 conditions", "shift", {})],
     "occlusion_maps": [("4×4", "occlusion", {}), ("3×3", "occlusion-3x3", {})],
     "zoo_diagnosis": [("10 organisms × 3 seeds", "zoo", {})],
+    "lens_margins": [("3 conditions × 33 depths × 16 cells", "lens", {}),
+                     ("image tokens", "lens", {"metric": "lens_cell_margin"})],
+    "cellprobe_accuracy": [("3 conditions × 58 sites, with patching", "cellprobe", {}),
+                           ("without patching", "cellprobe-only", {})],
 }
 HEATMAPS = {"cell_heatmaps", "similarity_maps", "restoration_heatmaps", "attention_to_target", "layer_cell",
             "occlusion_maps"}
@@ -194,9 +237,12 @@ UNIT_SCALED = {"cell_heatmaps"}  # heatmaps of an accuracy or a probability: col
 
 @pytest.fixture(scope="module")
 def tables():
-    return {"synthetic": synthetic_results(), "big": big_results(), "flow": flow_details(),
+    big = big_results()
+    return {"synthetic": synthetic_results(), "big": big, "flow": flow_details(),
             "flow-small": flow_details(n_layers=2, n_cells=9), "shift": shift_details(),
-            "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3)), "zoo": zoo_table()}
+            "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3)), "zoo": zoo_table(),
+            "lens": lens_results(), "cellprobe": pd.concat([big, cellprobe_results()], ignore_index=True),
+            "cellprobe-only": cellprobe_results()}
 
 
 def test_every_figure_function_has_cases():
@@ -324,7 +370,7 @@ def test_style_is_scoped():
 def test_every_planned_figure_has_a_caption(tables):
     """plan_figures gives every figure a caption (what to read from it), one source: the first
     paragraph of the figure function's docstring."""
-    df = pd.concat([tables["synthetic"], tables["big"]], ignore_index=True)
+    df = pd.concat([tables["synthetic"], tables["big"], tables["lens"], tables["cellprobe-only"]], ignore_index=True)
     tabs = {"flow": tables["flow"], "eval": tables["shift"], "occlusion": tables["occlusion"]}
     specs, _ = report.plan_figures(df, tabs)
     # zoo_diagnosis is drawn by `spatialbias zoo` from its zoo table, not planned by the report

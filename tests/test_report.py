@@ -182,11 +182,15 @@ def sweep(tmp_path_factory):
     return d
 
 
+NO_ROWS = {"logit-lens", "cell-probes"}
+"""Sections of the registered analyses the synthetic sweeps here have no rows for (lens, cellprobe)."""
+
+
 def test_page_structure(sweep):
     page = sweep / "index.html"
     p = parse(page)
     specs, skipped = sweep_report.plan_figures(pd.read_parquet(sweep / "results.parquet"), {})
-    assert set(skipped) == {"probe-side", "knockout"}  # no similarity / occlusion / shift / knockout rows here
+    assert set(skipped) == {"probe-side", "knockout"} | NO_ROWS  # no similarity / occlusion / shift / knockout rows
     shown = [x.anchor for x in sweep_report.sections() if x.anchor not in skipped]
     assert p.h2 == [x.heading for x in sweep_report.sections() if x.anchor in shown]  # top-down: verdict first, no TOC heading
     assert p.h2[0] == "Verdict" and p.h2[-2:] == ["Numbers in detail", "Reproduce"]
@@ -295,7 +299,7 @@ def test_eval_only_sweep_skips_the_causal_sections(tmp_path):
     for anchor in ("patching", "position-patching", "attention-flow", "knockout", "probe-side"):
         assert f"<section id='{anchor}'>" not in text and f"href='#{anchor}'" not in text
     skipped = text.split("Not in this run: ")[1].split("</p>")[0]
-    assert skipped.count("(no rows for it in this run") == 5
+    assert skipped.count("(no rows for it in this run") == 5 + len(NO_ROWS)
     assert "± " not in text.split("<summary>Conditions")[1].split("<table>")[1].split("</table>")[0]  # one seed
     assert len(p.imgs) == 2 + 2 + 1 + 1  # verdict maps (baseline only) and heatmaps of shapes and wide, scatter, λ
 
@@ -321,7 +325,7 @@ def test_figure_filters_and_errors():
 def test_plan_without_eval_skips_the_eval_sections():
     df = synthetic_results(seeds=(0,))
     specs, skipped = sweep_report.plan_figures(df[df.analysis != "eval"], {})
-    assert set(skipped) == {"cell-accuracy", "range-accuracy", "agci-lambda", "probe-side", "knockout"}
+    assert set(skipped) == {"cell-accuracy", "range-accuracy", "agci-lambda", "probe-side", "knockout"} | NO_ROWS
     assert [s.function for s in specs] == ["restoration_heatmaps"] * 2 + ["position_restoration",
                                                                           "attention_to_target"]
     assert all("no " in why for why in skipped.values())
