@@ -215,7 +215,10 @@ def text(dg: dict) -> str:
            f"{_range(n['condition_range'], n.get('range_debiased'))} ({_P[dg['test']]} {dg['p']:.2g}); BaPA range "
            f"{_range(n['bapa_range'], n.get('bapa_range_debiased'))}"
            + (f" ({_P[dg['test']]} {n['bapa_p']:.2g})" if n.get("bapa_p") is not None else "") + ".")
-    if c:
+    if dg["label"] == NOT_READ:
+        out += (f" Gap {_fmt(dg.get('gap'))} logit difference: its interval reaches below the 0.5 minimum, so "
+                "its shares are not read (the per-item numbers are in tables/patching).")
+    elif c:
         out += (f" Gap {_fmt(dg.get('gap'))} logit difference; shares of it: "
                 + "; ".join(f"{COMPONENTS[k]} {_fmt(c.get(k), True)}" for k in ("P", "V", "Q", "J", "R", "I"))
                 + ".")

@@ -239,7 +239,8 @@ class Shapes:
         images of ``image_px`` (h, w) pixels; ``weights`` defaults to a parameter count from the shapes."""
         if dtype not in DTYPE_BYTES:
             raise SpatialBiasError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
-        t, v = cfg.get("text_config", cfg), cfg.get("vision_config", {})
+        from interp.adapters.base import text_keys
+        t, v = text_keys(cfg.get("text_config", cfg)), cfg.get("vision_config", {})
         D = int(t["hidden_size"])
         H = int(t["num_attention_heads"])
         hd = int(t.get("head_dim") or D // H)

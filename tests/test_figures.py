@@ -204,7 +204,29 @@ def zoo_table():
     return pd.DataFrame(rows)
 
 
+def graph_results() -> pd.DataFrame:
+    """Patching rows with the diagnosis' components under baseline, BaPA and AGCI: a read gap with
+    shares, BaPA's gap not read (NaN shares), AGCI without the vision position patch."""
+    rows = []
+    m, p = NASTY, "shapes"
+    for iv in INTERVENTIONS[:2] + INTERVENTIONS[4:5]:
+        read = iv[1] != "bapa"
+        v = (lambda x: x) if read else (lambda x: np.nan)
+        rows.append(_row(m, p, iv, "patching", 0, metric="gap", value=2.0 if read else 0.1, ci_low=1.5 if read else
+                         -0.2, ci_high=2.5 if read else 0.4))
+        rows.append(_row(m, p, iv, "patching", 0, metric="position_restoration", value=v(0.46), ci_low=v(0.4),
+                         ci_high=v(0.5)))
+        for site, group, x in (("lm.input", "moved", 0.43), ("lm.input", "joint", 0.95),
+                               ("vision.embed", "vision_position", 0.3)):
+            if iv[1] == "agci" and group == "vision_position":
+                continue
+            rows.append(_row(m, p, iv, "patching", 0, metric="restoration_denoise", site=site, group=group,
+                             value=v(x), ci_low=v(x - 0.1), ci_high=v(x + 0.1)))
+    return pd.DataFrame(rows)
+
+
 CASES = {  # function → [(case id, table, kwargs)], the largest realistic panel counts
+    "causal_graph": [("3 conditions, long model label", "graph", {})],
     "cell_heatmaps": [("9 conditions, 3×3, 2 seeds", "synthetic", {"model": "organism", "probe": "shapes"}),
                       ("9 conditions, 4×4, 2 seeds", "big", {}),
                       ("p(correct), 9 conditions, 4×4", "big", {"metric": "p_correct"}),
@@ -242,7 +264,7 @@ def tables():
             "flow-small": flow_details(n_layers=2, n_cells=9), "shift": shift_details(),
             "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3)), "zoo": zoo_table(),
             "lens": lens_results(), "cellprobe": pd.concat([big, cellprobe_results()], ignore_index=True),
-            "cellprobe-only": cellprobe_results()}
+            "cellprobe-only": cellprobe_results(), "graph": graph_results()}
 
 
 def test_every_figure_function_has_cases():
@@ -370,7 +392,8 @@ def test_style_is_scoped():
 def test_every_planned_figure_has_a_caption(tables):
     """plan_figures gives every figure a caption (what to read from it), one source: the first
     paragraph of the figure function's docstring."""
-    df = pd.concat([tables["synthetic"], tables["big"], tables["lens"], tables["cellprobe-only"]], ignore_index=True)
+    df = pd.concat([tables["synthetic"], tables["big"], tables["lens"], tables["cellprobe-only"], tables["graph"]],
+                   ignore_index=True)
     tabs = {"flow": tables["flow"], "eval": tables["shift"], "occlusion": tables["occlusion"]}
     specs, _ = report.plan_figures(df, tabs)
     # zoo_diagnosis is drawn by `spatialbias zoo` from its zoo table, not planned by the report

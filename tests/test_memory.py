@@ -266,3 +266,16 @@ def test_qwen3vl_shapes_from_config():
         assert s.image_tokens == int(m.image_mask(x["input_ids"]).sum()), (h, w)
         assert s.vision_tokens == memory.vision_tokens_per_row(m, x)
         assert s.qk_norm and s.block_norms == 2
+
+
+def test_memory_model_reads_a_gpt2_spelled_text_config():
+    """The learned-absolute organism's GPT-2 LM names its widths n_embd / n_head / n_layer and
+    may leave n_inner unset (then 4 × the width): the memory model reads them (it raised KeyError
+    'hidden_size' under a budget, so the runner could not chunk that organism's rows)."""
+    from pathlib import Path
+    m = interp.load(Path(__file__).parent.parent / "analyses" / "organisms" / "checkpoints" / "learned-absolute-seed0")
+    tc = m.model.config.text_config
+    s = estimate.Shapes.from_config(m.model.config.to_dict())
+    assert (s.width, s.heads, s.lm_layers, s.ffn) == (tc.n_embd, tc.n_head, tc.n_layer, tc.n_inner or 4 * tc.n_embd)
+    x = m.inputs([tiny.image(48, 48)], [m.prompt("what colour is the circle ?")])
+    assert memory.rows(m, 10 ** 9, "forward", x, limit=8) == 8

@@ -117,7 +117,12 @@ def claims(run: dict) -> list:
 
 
 def figures(df, tables) -> list[FigureSpec]:
-    specs = [FigureSpec("patching", stem(f"restoration_{direction}_", m, p), "restoration_heatmaps",
+    """The causal graph of each (model, probe) in the verdict (the report opens with it), the
+    restoration heatmaps and the position-id restorations in their sections."""
+    from analyses.summary import runs
+    graph = [FigureSpec("verdict", stem("causal_graph_", m, p), "causal_graph", {"model": m, "probe": p},
+                        f"{m} · {p}") for m, p in runs(having(df, "patching", "gap"))]
+    specs = graph + [FigureSpec("patching", stem(f"restoration_{direction}_", m, p), "restoration_heatmaps",
                         {"model": m, "probe": p, "direction": direction}, f"{direction} · {m} · {p}")
              for direction in ("denoise", "noise")
              for m, p in model_probes(having(df, "patching", f"restoration_{direction}"))]

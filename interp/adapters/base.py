@@ -114,10 +114,28 @@ def default_memory_profile(cfg: dict, image_px: tuple[int, int] = (336, 336)) ->
                        projector_params=projector_params(cfg))
 
 
+TEXT_KEY_SPELLINGS = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+                      "intermediate_size": "n_inner"}
+"""Canonical text-config keys and the names GPT-2-style configs give them (HF maps those as
+attributes only, so ``config.to_dict()`` has the GPT-2 names)."""
+
+
+def text_keys(t: dict) -> dict:
+    """A text config mapping with the canonical keys filled from the other spellings (an unset
+    ``n_inner`` means 4 × the width)."""
+    out = dict(t)
+    for key, alt in TEXT_KEY_SPELLINGS.items():
+        if out.get(key) is None and alt in out:
+            out[key] = out[alt]
+    if out.get("intermediate_size") is None and out.get("hidden_size") is not None:
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    return out
+
+
 def projector_params(cfg: dict) -> int:
     """Parameters of the projector from the config's widths: an MLP (Dv·D + D·D), or a 2×2
     merger (16 Dv² + 4 Dv·D) where the config names one."""
-    t, v = cfg.get("text_config", cfg), cfg.get("vision_config", {})
+    t, v = text_keys(cfg.get("text_config", cfg)), cfg.get("vision_config", {})
     D = int(t["hidden_size"])
     Dv = int(v.get("embed_dim") or v.get("hidden_size") or 1)
     return Dv * D + D * D if "merger" not in str(cfg) else 16 * Dv * Dv + 4 * Dv * D
