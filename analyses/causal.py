@@ -13,7 +13,7 @@ from scipy import stats
 from analyses.evaluate import answer_set, load_image
 from analyses.scoring import prompt_text
 from interp import attention, attribution, patching
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import PositionSwap
 from interp.model import LVLM
 from probes.format import Probe, find_probe, grid_name, grid_positions, read_rows

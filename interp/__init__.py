@@ -4,7 +4,7 @@
 >>> m = interp.load("organism")
 >>> logits = m.run(inputs, interventions=[interp.BaPA()])
 """
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import (AGCI, AdaptiveAGCI, BaPA, Intervention, PositionPermute, agci_inject,
                                   bapa_position_ids, from_dict)
 from interp.load import load

@@ -17,7 +17,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from interp.dispatch import PATTERN_IMPL, attention_implementation, forward
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import Intervention, register
 from interp.model import LVLM
 from interp.sites import layer_range

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from interp.batch import Batch, validate
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.sites import Site, resolve
 
 Edit = Callable[[Any], Any]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from interp.batch import concat, select_rows
 from interp.dispatch import RESUMABLE_IMPLS, capture_lm, forward, then
 from interp.dispatch import resume as resume_lm
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import Intervention
 from interp.interventions.base import lm_input_edit
 from interp.model import LVLM

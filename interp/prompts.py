@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 import interp
 from interp import attention, attribution, patching, tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import AGCI, BaPA, PositionSwap
 from interp.load import parse_max_memory, parse_size
 from interp.tracing import trace

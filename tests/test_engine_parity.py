@@ -7,7 +7,7 @@ from nnsight import NNsight
 
 import interp
 from interp import attention, patching, tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import bapa_position_ids
 from interp.sites import every_site, resolve
 from interp.tracing import trace

@@ -6,7 +6,7 @@ import torch
 
 import interp
 from interp import AGCI, BaPA, agci_inject, bapa_position_ids
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import from_dict
 
 T, I, P = 5, 9, 0  # text, image, pad token ids (values do not matter)

@@ -61,3 +61,38 @@ def test_probes_and_the_shared_layer_load_without_torch():
             "probes.images, probes.shapes, probes.sources; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-500:]
+
+
+PACKAGES = ("spatialbias", "probes", "interp", "analyses")
+
+
+def project_files(*tops: str) -> list[Path]:
+    """Every Python file of the given top-level folders (the four packages, tests, benchmarks …)."""
+    return sorted(p for top in tops for p in (ROOT / top).rglob("*.py"))
+
+
+def imported_modules(path: Path) -> dict[str, int]:
+    """Dotted name → first line of every absolute import in a module, lazy ones too; for
+    ``from x import y`` both ``x`` and ``x.y`` are listed (``x.y`` may be a module)."""
+    out: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                out.setdefault(a.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.setdefault(node.module, node.lineno)
+            for a in node.names:
+                out.setdefault(f"{node.module}.{a.name}", node.lineno)
+    return out
+
+
+def test_one_error_type_spelled_one_way():
+    """``SpatialBiasError`` is defined once, in ``spatialbias.errors``, and imported from there."""
+    defined = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in project_files(*PACKAGES, "tests", "benchmarks")
+               for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+               if isinstance(n, ast.ClassDef) and n.name == "SpatialBiasError"]
+    assert len(defined) == 1 and defined[0].startswith("spatialbias/errors.py:"), defined
+    bad = [f"{p.relative_to(ROOT)}:{line}" for p in project_files(*PACKAGES, "tests", "benchmarks")
+           for name, line in imported_modules(p).items() if name == "interp.errors" or name.startswith("interp.errors.")]
+    assert not bad, bad
+    assert not (ROOT / "interp" / "errors.py").exists()

@@ -13,7 +13,7 @@ import interp
 from interp import attention, patching, tiny
 from interp import batch as batch_mod
 from interp.dispatch import forward, then
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import AGCI, BaPA
 from interp.interventions.agci import AdaptiveAGCI, adaptive_lambda, agci_inject
 from interp.interventions.controls import PositionPermute

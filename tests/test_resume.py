@@ -20,7 +20,7 @@ import interp
 from helpers import mirrored_pair
 from interp import attention, patching, tiny
 from interp.dispatch import capture_lm, forward, resume
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import AGCI, BaPA, Intervention, PositionSwap
 
 NAMES = list(tiny.BUILDERS)

@@ -5,7 +5,7 @@ import torch
 
 import interp
 from interp import tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.sites import every_site
 from interp.tracing import patch_rows, trace
 

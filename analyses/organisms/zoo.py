@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from analyses.organisms.recipes import RECIPES
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.load import ORGANISM_DIR
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"

@@ -7,7 +7,7 @@ from interp.adapters.base import INPUT_SITES, LM_INPUT, Adapter, View
 from interp.adapters.gemma3 import GEMMA3
 from interp.adapters.llava import LLAVA, LLAVA_NEXT
 from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 LM_INPUT = "lm.input"
 INPUT_SITES = {LM_INPUT: "lm.blocks.0", "vision.out": "projector"}

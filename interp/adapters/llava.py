@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from interp.adapters.base import Adapter, View, raster_fields
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 LM = {
     "lm.embed": "model.language_model.embed_tokens",

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
