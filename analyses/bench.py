@@ -25,7 +25,7 @@ import interp
 from interp import attribution, patching
 from interp.model import LVLM
 from interp.tracing import trace
-from probes.format import atomic_write_text
+from spatialbias.files import atomic_write_text
 
 
 def _sync(device) -> None:

@@ -96,3 +96,14 @@ def test_one_error_type_spelled_one_way():
            for name, line in imported_modules(p).items() if name == "interp.errors" or name.startswith("interp.errors.")]
     assert not bad, bad
     assert not (ROOT / "interp" / "errors.py").exists()
+
+
+def test_atomic_writes_come_from_the_shared_layer_only():
+    """``atomic_write_*`` is imported from :mod:`spatialbias.files` and nowhere else (no re-exports)."""
+    bad = []
+    for p in project_files(*PACKAGES, "tests", "benchmarks"):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module != "spatialbias.files" and \
+                    any(a.name.startswith("atomic_write") for a in node.names):
+                bad.append(f"{p.relative_to(ROOT)}:{node.lineno} from {'.' * node.level}{node.module or ''}")
+    assert not bad, bad

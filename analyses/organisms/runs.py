@@ -10,7 +10,7 @@ from typing import Sequence
 from analyses.organisms import measure
 from analyses.organisms.recipes import RECIPES
 from analyses.organisms.zoo import get
-from probes.format import atomic_write_text
+from spatialbias.files import atomic_write_text
 
 TRAINING_KEYS = ("steps", "stopped_by", "stop_rule", "running_acc", "train_seconds", "train_cpu_seconds", "grid_seconds", "loadavg_start",
                  "loadavg_end", "threads", "cpu_model", "cpu_capability", "torch", "sha256", "fingerprint")

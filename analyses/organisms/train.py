@@ -37,7 +37,7 @@ from analyses.organisms import data
 from analyses.organisms.arch import ARCHS, Arch
 from analyses.organisms.recipes import Recipe
 from probes import shapes
-from probes.format import atomic_write_text
+from spatialbias.files import atomic_write_text
 
 EMA = 0.95
 
