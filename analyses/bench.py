@@ -372,6 +372,7 @@ def memory_child(spec: dict) -> dict:
     with ``spec["rows"]`` rows, and report the peak growth beside :func:`analyses.estimate.activation_peak`."""
     from analyses import estimate
     from interp import attention, attribution
+    from interp.interventions import Knockout
     torch.set_num_threads(spec.get("threads", 2))
     dtype = getattr(torch, spec.get("dtype", "bfloat16"))
     lvlm, size = real_model(spec["model"], spec["layers"], dtype, vision_layers=spec.get("vision_layers"))
@@ -396,7 +397,7 @@ def memory_child(spec: dict) -> dict:
         attention.cell_flow(lvlm, clean)
     elif kind == "knockout":
         with torch.no_grad():
-            lvlm.run(clean, [attention.Knockout(cells=(0,), query="text")], last_only=True)
+            lvlm.run(clean, [Knockout(cells=(0,), query="text")], last_only=True)
     elif kind == "patching":
         patching.run_patches(lvlm, corrupt, clean, patching.default_patches(lvlm), correct, cands, targets,
                              batch_size=R)

@@ -18,10 +18,10 @@ import torch
 
 import interp
 from helpers import mirrored_pair
-from interp import attention, patching, tiny
+from interp import patching, tiny
 from interp.dispatch import capture_lm, forward, resume
 from spatialbias.errors import SpatialBiasError
-from interp.interventions import AGCI, BaPA, Intervention, PositionSwap
+from interp.interventions import AGCI, BaPA, Intervention, Knockout, PositionSwap
 
 NAMES = list(tiny.BUILDERS)
 
@@ -56,7 +56,7 @@ def test_resumed_patching_equals_one_full_forward_per_patch(arch, ivs):
     name, m, clean, corrupt, correct, cands = arch
     n = m.adapter.layer_count(m.model, "lm")
     iv = {"none": [], "bapa": [BaPA()], "agci": [AGCI(lam=0.5)],
-          "knockout": [attention.Knockout(cells=(0,), query="text", layers=(0, 1))],
+          "knockout": [Knockout(cells=(0,), query="text", layers=(0, 1))],
           "swap": [PositionSwap(a=0, b=8, layers=(1, 2))]}[ivs]
     ps = patching.default_patches(m) + [patching.Patch("lm.blocks.0.mlp", "image"),
                                         patching.Patch(f"lm.blocks.{n - 1}", position=5)]

@@ -4,14 +4,15 @@
 * :class:`AGCI`, :class:`AdaptiveAGCI` — global image context injected into every image token
   (:mod:`.agci`).
 * :class:`PositionSwap`, :class:`PositionPermute` — position-id patching and controls (:mod:`.controls`).
-* :class:`Intervention`, :func:`register`, :func:`from_dict` — the base and its registry (:mod:`.base`);
-  :class:`interp.attention.Knockout` registers itself too.
+* :class:`Knockout` — attention from the query rows to chosen cells blocked (:mod:`.knockout`).
+* :class:`Intervention`, :func:`register`, :func:`from_dict` — the base and its registry (:mod:`.base`).
 """
 from interp.interventions.agci import ADAPTIVE_RULES, AGCI, AdaptiveAGCI, adaptive_lambda, agci_inject
 from interp.interventions.bapa import BAPA_VARIANTS, BaPA, bapa_position_ids
 from interp.interventions.base import KINDS, Edit, Intervention, from_dict, register
 from interp.interventions.controls import POSITION_CONTROLS, PositionPermute, PositionSwap
+from interp.interventions.knockout import Knockout
 
 __all__ = ["ADAPTIVE_RULES", "AGCI", "AdaptiveAGCI", "BAPA_VARIANTS", "BaPA", "Edit", "Intervention", "KINDS",
-           "POSITION_CONTROLS", "PositionPermute", "PositionSwap", "adaptive_lambda", "agci_inject",
+           "Knockout", "POSITION_CONTROLS", "PositionPermute", "PositionSwap", "adaptive_lambda", "agci_inject",
            "bapa_position_ids", "from_dict", "register"]

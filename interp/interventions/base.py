@@ -101,7 +101,6 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 
 def from_dict(d: dict[str, Any]) -> Intervention:
     """Inverse of :meth:`Intervention.to_dict`."""
-    import interp.attention  # noqa: F401  (registers Knockout)
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in KINDS:
