@@ -451,10 +451,11 @@ def organism_train(out: Path = typer.Option(..., help="Output checkpoint folder.
     """Train an organism of the zoo from scratch (planted-lm: about a minute on one CPU thread)."""
     from analyses.organisms import train as tr
     from analyses.organisms.recipes import RECIPES
+    from analyses.organisms.zoo import train_recipe
     if recipe not in RECIPES:
         raise SpatialBiasError(f"unknown recipe {recipe!r}; the zoo has {', '.join(RECIPES)}")
     rec = RECIPES[recipe] if max_steps is None else RECIPES[recipe].with_(max_steps=max_steps)
-    model, proc, record, peft_model = tr.train(rec, seed=seed, threads=threads)
+    model, proc, record, peft_model = train_recipe(rec, seed=seed, threads=threads)
     path = tr.save(model, proc, record, out, peft_model)
     typer.echo(f"wrote {path} after {record['steps']} steps (running accuracy {json_acc(record['running_acc'])}); "
                f"sha256 {tr.sha256(path / 'model.safetensors')}")
