@@ -466,34 +466,6 @@ def json_acc(acc) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) if isinstance(acc, dict) else f"{acc:.3f}"
 
 
-@organism_app.command("zoo")
-@clean_errors
-def organism_zoo(out: Path = typer.Option(..., help="JSON file of run records (rewritten after each run)."),
-                 recipes: str = typer.Option("all", help="Comma-separated recipe names, 'all', or 'none' (only "
-                                             "print the table of the runs already in --out)."),
-                 seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-                 items: int = typer.Option(200, help="Held-out probe items (each at all 9 cells)."),
-                 probe_seed: int = typer.Option(12345, help="Seed of the held-out probe."),
-                 cache: Optional[Path] = typer.Option(None, help="Cache folder for trained organisms "
-                                                      "(default $SPATIALBIAS_CACHE or ~/.cache/spatialbias)."),
-        threads: Optional[int] = typer.Option(None, help=THREADS_HELP)):
-    """Train (once, cached) and measure zoo organisms: per-cell accuracy, range, chi-square, BaPA."""
-    _threads(threads)
-    from analyses.organisms.recipes import RECIPES
-    from analyses.organisms.runs import campaign, markdown_table
-    names = list(RECIPES) if recipes == "all" else [] if recipes == "none" else \
-        [r.strip() for r in recipes.split(",") if r.strip()]
-    bad = [n for n in names if n not in RECIPES]
-    if bad:
-        raise SpatialBiasError(f"unknown recipe(s) {', '.join(bad)}; the zoo has {', '.join(RECIPES)}")
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise SpatialBiasError(f"--seeds {seeds!r} is not a comma-separated list of integers") from None
-    records = campaign(names, seed_list, out, cache, items, probe_seed, log=typer.echo)
-    typer.echo(markdown_table(records))
-
-
 @app.command("zoo")
 @clean_errors
 def zoo(out: Path = typer.Option(..., help="Run folder (resumable): results.parquet, zoo.parquet/.csv/.md, "
