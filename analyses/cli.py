@@ -338,12 +338,12 @@ def bench(out: Path = typer.Option(Path("out/bench"), help="Output folder (bench
                                              "speed, sharding, screen (bench.json + bench.md in OUT).")):
     """Benchmarks as ratios measured in one run: tracing overhead, batched vs looped patching,
     attribution vs exact patching, scaling with image tokens and sites, demo phases."""
-    from analyses import bench as b
+    from analyses.bench import ratios as b
     _threads(threads)
     if only is not None:
         import json
 
-        from analyses import bench_scale as bs
+        from analyses.bench import scale as bs
         from spatialbias.files import atomic_write_text
         names = tuple(x.strip() for x in only.split(",") if x.strip())
         bad = [x for x in names if x not in bs.SECTIONS]

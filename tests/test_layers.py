@@ -68,7 +68,7 @@ PACKAGES = ("spatialbias", "probes", "interp", "analyses")
 
 
 def project_files(*tops: str) -> list[Path]:
-    """Every Python file of the given top-level folders (the four packages, tests, benchmarks …)."""
+    """Every Python file of the given top-level folders (the four packages, tests)."""
     return sorted(p for top in tops for p in (ROOT / top).rglob("*.py"))
 
 
@@ -89,11 +89,11 @@ def imported_modules(path: Path) -> dict[str, int]:
 
 def test_one_error_type_spelled_one_way():
     """``SpatialBiasError`` is defined once, in ``spatialbias.errors``, and imported from there."""
-    defined = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in project_files(*PACKAGES, "tests", "benchmarks")
+    defined = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in project_files(*PACKAGES, "tests")
                for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
                if isinstance(n, ast.ClassDef) and n.name == "SpatialBiasError"]
     assert len(defined) == 1 and defined[0].startswith("spatialbias/errors.py:"), defined
-    bad = [f"{p.relative_to(ROOT)}:{line}" for p in project_files(*PACKAGES, "tests", "benchmarks")
+    bad = [f"{p.relative_to(ROOT)}:{line}" for p in project_files(*PACKAGES, "tests")
            for name, line in imported_modules(p).items() if name == "interp.errors" or name.startswith("interp.errors.")]
     assert not bad, bad
     assert not (ROOT / "interp" / "errors.py").exists()
@@ -102,7 +102,7 @@ def test_one_error_type_spelled_one_way():
 def test_atomic_writes_come_from_the_shared_layer_only():
     """``atomic_write_*`` is imported from :mod:`spatialbias.files` and nowhere else (no re-exports)."""
     bad = []
-    for p in project_files(*PACKAGES, "tests", "benchmarks"):
+    for p in project_files(*PACKAGES, "tests"):
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module != "spatialbias.files" and \
                     any(a.name.startswith("atomic_write") for a in node.names):

@@ -2,7 +2,7 @@
 and why the gradient estimators mis-rank the organism's patches (per-patch curves along the
 interpolation paths). Organism, target moved from cell 8 (clean) to cell 0 (corrupt).
 
-    .venv/bin/python benchmarks/attribution_profile.py --items 40 --threads 1 --out docs/bench_cpu_attribution_profile.md
+    .venv/bin/python -m analyses.bench.attribution_profile --items 40 --threads 1 --out docs/bench_cpu_attribution_profile.md
 
 Writes a markdown report (and the same numbers as JSON next to it).
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from analyses.bench import organism_pairs
+from analyses.bench.common import organism_pairs
 from interp import attribution as A
 from interp import patching
 from interp.dispatch import forward
