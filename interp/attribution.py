@@ -57,7 +57,8 @@ from interp.dispatch import forward
 from spatialbias.errors import SpatialBiasError
 from interp.interventions import Intervention
 from interp.model import LVLM
-from interp.patching import Patch, _check_site, logit_diff, run_patches, site_groups
+from interp.patching import Patch, logit_diff, run_patches, site_groups
+from interp.patching.core import _check_site
 
 METHODS = ("atp", "conductance", "site_ig")
 

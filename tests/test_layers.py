@@ -46,7 +46,8 @@ def test_only_the_cli_is_above_analyses():
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
-            if p.name != "cli.py" and "analyses.cli" in names:
+            if (ROOT / "analyses" / "cli") not in p.parents and \
+                    any(n == "analyses.cli" or n.startswith("analyses.cli.") for n in names):
                 bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
     assert not bad, bad
 
@@ -94,7 +95,8 @@ def test_one_error_type_spelled_one_way():
                if isinstance(n, ast.ClassDef) and n.name == "SpatialBiasError"]
     assert len(defined) == 1 and defined[0].startswith("spatialbias/errors.py:"), defined
     bad = [f"{p.relative_to(ROOT)}:{line}" for p in project_files(*PACKAGES, "tests")
-           for name, line in imported_modules(p).items() if name == "interp.errors" or name.startswith("interp.errors.")]
+           for name, line in imported_modules(p).items()
+           if name == "interp.errors" or name.startswith("interp.errors.")]
     assert not bad, bad
     assert not (ROOT / "interp" / "errors.py").exists()
 
@@ -235,3 +237,17 @@ def test_the_only_import_cycles_are_the_known_ones():
     new = [" → ".join(c) for c in import_cycles(graph) if frozenset(c) - KNOWN_CYCLES_UNION]
     assert not found - KNOWN_CYCLES, "new import cycle:\n" + "\n".join(new or map(str, found - KNOWN_CYCLES))
     assert not KNOWN_CYCLES - found, "a known cycle is gone or changed: shrink KNOWN_CYCLES"
+
+
+MAX_LINES = 400
+OVER_LIMIT = {"interp/dispatch.py", "analyses/estimate.py"}
+"""Modules still over :data:`MAX_LINES`, owned by other engineers when the limit came in. The set
+only shrinks: a listed module that is now under the limit fails the test, so remove it here."""
+
+
+def test_no_module_is_over_400_lines():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+             for p in project_files(*PACKAGES)}
+    over = {f for f, n in sizes.items() if n > MAX_LINES}
+    assert not over - OVER_LIMIT, {f: sizes[f] for f in sorted(over - OVER_LIMIT)}
+    assert not OVER_LIMIT - over, f"now at most {MAX_LINES} lines, remove from OVER_LIMIT: {sorted(OVER_LIMIT - over)}"
