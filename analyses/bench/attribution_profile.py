@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     res["patches15"] = g15.round(3).to_dict(orient="records")
 
     lines = [f"# Attribution vs exact per-position patching: profile and diagnostics (organism, {args.items} items)",
-             "", f"`.venv/bin/python benchmarks/attribution_profile.py --items {args.items} --threads {args.threads} --out {args.out}`",
+             "", f"`.venv/bin/python -m analyses.bench.attribution_profile --items {args.items} --threads {args.threads} --out {args.out}`",
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads).", "",
              f"{len(ex)} single (site, position) patches; exact: {n_rows_ex} forward rows "
              f"({t_ex:.2f} s under the profiler); plain AtP: one source forward + one base forward/backward per "
