@@ -13,8 +13,8 @@ from scipy import stats
 from analyses.evaluate import answer_set, load_image
 from analyses.scoring import prompt_text
 from interp import attention, attribution, patching
-from interp.errors import SpatialBiasError
-from interp.interventions import PositionSwap
+from spatialbias.errors import SpatialBiasError
+from interp.interventions import Knockout, PositionSwap
 from interp.model import LVLM
 from probes.format import Probe, find_probe, grid_name, grid_positions, read_rows
 
@@ -187,7 +187,7 @@ def knockout_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None)
     for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
         for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
                             ("all image tokens", None)):
-            ko = attention.Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
+            ko = Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
             v = item_metric(lvlm, pairs.clean, pairs, ivs + [ko], batch_size)
             frames.append(pd.DataFrame({"item": range(len(base)), "layers": "all" if w == (0, n) else str(w[0]),
                                         "blocked": what, "base": base, "metric": v, "drop": base - v}))

@@ -1,17 +1,17 @@
 """Row chunks at run time: a run's activation budget (``--max-memory``, default what the device
 has free) and, per analysis, the most rows per forward whose peak predicted by the memory model
-(:func:`analyses.estimate.activation_peak`) fits it.
+(:func:`analyses.memory_model.activation_peak`) fits it.
 
 Chunking changes how many rows share a forward, never a number: the chunked tables equal the
 unchunked ones exactly (tests/test_memory.py). Role: runner and tasks. May import ``interp``,
-``analyses.estimate``.
+``analyses.{memory_model, registry}``.
 """
 from __future__ import annotations
 
 import psutil
 import torch
 
-from analyses import estimate
+from analyses import memory_model, registry
 from spatialbias.errors import SpatialBiasError
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -50,11 +50,11 @@ def vision_tokens_per_row(lvlm, inputs) -> int:
     return lvlm.adapter.vision_tokens(lvlm.model, inputs) // int(inputs["input_ids"].shape[0])
 
 
-def run_shapes(lvlm, inputs) -> estimate.Shapes:
+def run_shapes(lvlm, inputs) -> memory_model.Shapes:
     """The memory model's shapes of a loaded model on ``inputs`` (their real token counts)."""
     dtype = DTYPE_NAMES.get(next(lvlm.model.parameters()).dtype, "float32")
     px = tuple(inputs["pixel_values"].shape[-2:]) if inputs["pixel_values"].dim() >= 4 else (336, 336)
-    s = estimate.Shapes.from_config(lvlm.model.config.to_dict(), dtype, image_px=px,
+    s = memory_model.Shapes.from_config(lvlm.model.config.to_dict(), dtype, image_px=px,
                                     weights=sum(lvlm.weight_bytes().values()))
     return s.with_run(int(inputs["input_ids"].shape[1]), vision_tokens_per_row(lvlm, inputs))
 
@@ -68,4 +68,14 @@ def rows(lvlm, budget_bytes: int | None, analysis: str, inputs, limit: int, what
     if budget_bytes <= 0:
         raise SpatialBiasError(f"{what or analysis}: the weights alone fill --max-memory on {lvlm.device}; raise "
                                "--max-memory or offload weights (--device-map auto --offload-folder DIR)")
-    return estimate.choose_rows(run_shapes(lvlm, inputs), analysis, budget_bytes, limit, what)
+    return memory_model.choose_rows(run_shapes(lvlm, inputs), profile_of(analysis), budget_bytes, limit, what)
+
+
+def profile_of(name: str) -> str:
+    """A memory profile named directly, else the one profile of the analysis ``name``'s steps."""
+    if name in registry.PROFILES:
+        return name
+    p = registry.get(name).profile({})
+    if not isinstance(p, str):
+        raise SpatialBiasError(f"{name}: its steps have the memory profiles {', '.join(p)}; choose rows per profile")
+    return p

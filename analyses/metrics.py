@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 N_CELLS = 9
 """Cells of the paper's 3×3 grid: the default when a table does not say its grid."""

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from analyses.evaluate import Conditions, load_image, open_probe, row_columns
 from analyses.scoring import prompt_text
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.model import LVLM
 from probes.format import Probe, ProbeRow, cell_of_point
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import analyses.kinds  # noqa: F401  (registers the analyses, whose options the plan reads)
 from analyses import registry, vocabulary
 from probes.format import ProbeError, find_probe
 from spatialbias.errors import SpatialBiasError

@@ -3,8 +3,7 @@
 Role: the one place the plan, the runner, the dry run and memory model, the summary, the report
 and the ``causal`` command learn which analyses exist and what each needs. May import:
 ``spatialbias``. The analyses themselves live one module each in :mod:`analyses.kinds` and
-register on import; :func:`analyses` imports them on first use (so this module stays light for
-the plan parser).
+register when that package is imported (by the plan, the dry run, the summary and the report).
 
 Adding an analysis = one module in ``analyses/kinds/`` (its :class:`Analysis`: how it runs, its
 options, cost, memory profile, summary block, claims, report section and figures) plus its
@@ -18,7 +17,7 @@ from typing import Any, Callable
 from spatialbias.errors import SpatialBiasError
 
 PROFILES = ("forward", "flow", "patching", "attribution")
-"""The memory model's profiles (:func:`analyses.estimate.activation_peak`): what one step keeps."""
+"""The memory model's profiles (:func:`analyses.memory_model.activation_peak`): what one step keeps."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,11 @@ def register(a: Analysis) -> Analysis:
 
 
 def analyses() -> dict[str, Analysis]:
-    """Every registered analysis by name, in the order :mod:`analyses.kinds` lists them."""
-    import analyses.kinds  # noqa: F401  (registers them)
+    """Every registered analysis by name, in the order :mod:`analyses.kinds` lists them (importing
+    that package registers them; the plan, the runner, the dry run, the summary and the report
+    import it, so this module imports none of them)."""
+    if not _REGISTRY:
+        raise SpatialBiasError("no analysis is registered: import analyses.kinds first")
     return dict(_REGISTRY)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import analyses.kinds  # noqa: F401  (registers the analyses, whose sections and figures the report draws)
 from analyses import figures, registry, store, summary as summ
 from analyses.registry import FigureSpec, Section
 from spatialbias.errors import SpatialBiasError

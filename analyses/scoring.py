@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.prompts import answer_token_ids
 
 PAPER_PROMPT = ("Determine if there is a sub-image in the given image that matches the text following.\n"

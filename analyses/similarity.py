@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from analyses.evaluate import probe_batches, row_columns, validate_probe
 from analyses.metrics import table_cells, table_grid
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.model import LVLM
 from interp.tracing import trace
 from probes.format import Probe, ProbeRow, find_probe, grid_positions

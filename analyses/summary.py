@@ -7,31 +7,18 @@ Role: ``summary.json`` and the report's text. May import: ``spatialbias``, ``ana
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from analyses.blocks import _f, position_of, restoration_of, runs, vci  # noqa: F401 (re-exported)
 
 EVAL_SCALARS = ("mean_accuracy", "mean_p_correct", "range", "range_debiased", "spread", "std", "cv", "chi2",
                 "chi2_p", "paired_stat", "paired_p", "consistency", "n_rows", "n_items", "lambda_mean",
                 "accuracy_prefix", "accuracy_robust")
 ALPHA = 0.01
 """The homogeneity test's level for the verdict's "biased" / "no significant bias" (as the diagnosis')."""
-
-
-def _f(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x) else float(x)
-
-
-def vci(r) -> dict:
-    """{value, ci_low, ci_high} of a results row (a mapping), NaN as None."""
-    return {"value": _f(r["value"]), "ci_low": _f(r["ci_low"]), "ci_high": _f(r["ci_high"])}
-
-
-def runs(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """(model, probe) pairs of a results table, in table order."""
-    return list(dict.fromkeys(zip(df.model, df.probe)))
 
 
 def eval_block(d: pd.DataFrame) -> dict:
@@ -66,6 +53,7 @@ def eval_block(d: pd.DataFrame) -> dict:
 def causal_block(d: pd.DataFrame) -> dict:
     """The cells the causal analyses compared, and one key (or two) per registered analysis that
     ran on this (model, probe), each per intervention label (:attr:`Analysis.summary`)."""
+    import analyses.kinds  # noqa: F401  (registers the analyses)
     from analyses import registry
     from analyses.figures.common import intervention_order
     out: dict = {}
@@ -235,23 +223,10 @@ def conclusion(run: dict) -> str:
     return " ".join(lines)
 
 
-def restoration_of(run: dict, iv: str, site: str, group: str, direction: str = "denoise") -> dict | None:
-    """The restoration block of one patch (site, group, direction) under ``iv``, or None."""
-    for r in run["causal"].get("patching", {}).get(iv, {}).get("restoration", []):
-        if (r["site"], r["group"], r["direction"]) == (site, group, direction):
-            return r
-    return None
-
-
-def position_of(run: dict, iv: str, layers, what: str) -> dict | None:
-    """The position-id patching block (``layers`` "all" or an index; ``what`` restoration or damage)."""
-    return next((r for r in run["causal"].get("position_patching", {}).get(iv, [])
-                 if r["layers"] == layers and r["what"] == what), None)
-
-
 def findings(run: dict) -> list[dict]:
     """The causal findings as claims, one row each: {claim, intervention, value, ci_low, ci_high};
     each registered analysis contributes its own (:attr:`Analysis.claims`)."""
+    import analyses.kinds  # noqa: F401  (registers the analyses)
     from analyses import registry
     out = []
     for a in registry.analyses().values():

@@ -2,7 +2,8 @@
 of a condition to its registered analysis, and the cell pair the causal analyses work between.
 
 Role: the runner's side of :mod:`analyses.registry`. May import: ``spatialbias``, ``interp``,
-``probes``, ``analyses.{plan, registry, evaluate, metrics, causal, memory}``.
+``probes``, ``analyses.{registry, evaluate, metrics, causal, memory}`` (a condition is an
+:class:`analyses.plan.Condition`, read by attribute, never imported: the plan imports the analyses).
 
 Every row an analysis returns is ``{metric, value[, cell, layer, site, group, ci_low, ci_high]}``
 (:data:`analyses.store.COLUMNS`); a value's ``ci_low``/``ci_high`` is its bootstrap 95% interval
@@ -16,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from analyses import causal, registry
-from analyses.plan import Condition
 from spatialbias.errors import SpatialBiasError
 
 Result = tuple[list[dict], "pd.DataFrame | None"]
+Condition = object
+"""An :class:`analyses.plan.Condition` (read by attribute; not imported: the plan imports the analyses)."""
 
 
 class Context:

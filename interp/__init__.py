@@ -4,11 +4,11 @@
 >>> m = interp.load("organism")
 >>> logits = m.run(inputs, interventions=[interp.BaPA()])
 """
-from interp.errors import SpatialBiasError
-from interp.interventions import (AGCI, AdaptiveAGCI, BaPA, Intervention, PositionPermute, agci_inject,
+from spatialbias.errors import SpatialBiasError
+from interp.interventions import (AGCI, AdaptiveAGCI, BaPA, Intervention, Knockout, PositionPermute, agci_inject,
                                   bapa_position_ids, from_dict)
 from interp.load import load
 from interp.model import LVLM
 
-__all__ = ["AGCI", "AdaptiveAGCI", "BaPA", "PositionPermute", "Intervention", "LVLM", "SpatialBiasError", "agci_inject", "bapa_position_ids",
+__all__ = ["AGCI", "AdaptiveAGCI", "BaPA", "PositionPermute", "Intervention", "Knockout", "LVLM", "SpatialBiasError", "agci_inject", "bapa_position_ids",
            "from_dict", "load"]

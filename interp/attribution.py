@@ -54,10 +54,11 @@ from tqdm.auto import tqdm
 
 from interp.batch import concat, select_rows
 from interp.dispatch import forward
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import Intervention
 from interp.model import LVLM
-from interp.patching import Patch, _check_site, logit_diff, run_patches, site_groups
+from interp.patching import Patch, logit_diff, run_patches, site_groups
+from interp.patching.core import _check_site
 
 METHODS = ("atp", "conductance", "site_ig")
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.imagemap import ImageTokenMap
 
 SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 
 @dataclass

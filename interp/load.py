@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from interp import adapters
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from spatialbias.sizes import MAP_STRATEGIES, parse_max_memory, parse_size  # noqa: F401 (re-exported)
 from interp.model import LVLM
 

@@ -10,7 +10,7 @@ from interp import imagemap, prompts
 from interp.adapters import Adapter
 from interp.batch import Batch, select_rows, validate
 from interp.dispatch import Edit, forward, then
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import Intervention
 from interp.sites import resolve
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from interp.adapters.base import PLAIN, Adapter, ChatFormat
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 
 def _fallback_templates() -> dict[str, ChatFormat]:

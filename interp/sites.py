@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.adapters.base import INPUT_SITES, Adapter, get_module
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 _GRAMMAR = re.compile(r"^(?P<base>[^#@\s]+)(?:#(?P<key>[A-Za-z_]\w*))?(?:@(?P<call>[\w.\-]+))?$")
 _LAYER = re.compile(r"^(?P<stack>vision|lm)\.blocks\.(?P<i>-?\d+)(?P<rest>(?:\.[a-z_]+)*)$")

@@ -15,7 +15,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from probes import shapes
-from probes.format import POSITIONS, ProbeError, ProbeRow, atomic_write_bytes, grid_name, grid_positions, write_rows
+from probes.format import POSITIONS, ProbeError, ProbeRow, grid_name, grid_positions, write_rows
+from spatialbias.files import atomic_write_bytes
 
 
 def shapes_probe(out: str | Path, n_items: int = 300, seed: int = 0, cell_px: int = 16,

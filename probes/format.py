@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from spatialbias.errors import SpatialBiasError
-from spatialbias.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from spatialbias.files import atomic_write_text
 
 POSITIONS = ("top_left", "top_center", "top_right", "left", "center", "right",
              "bottom_left", "bottom_center", "bottom_right")

@@ -21,7 +21,7 @@ import interp
 from analyses.evaluate import probe_batches, score_probe
 from analyses.scoring import PAPER_PROMPT, AnswerSet, prefix_answer, robust_answer
 from interp import prompts, tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from probes.format import read_rows
 
 TEXT = PAPER_PROMPT.format(caption="a cat")

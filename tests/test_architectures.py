@@ -8,7 +8,7 @@ import torch
 
 import interp
 from interp import tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import adaptive_lambda, agci_inject
 from interp.tracing import trace
 

@@ -8,7 +8,7 @@ import interp
 from helpers import mirrored_pair
 from interp import attribution as A
 from interp import patching, tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.tracing import trace
 
 

@@ -11,7 +11,8 @@
 import pytest
 import torch
 
-from analyses import bench_scale as bs, estimate
+from analyses import estimate
+from analyses.bench import scale as bs
 from interp import tiny
 
 

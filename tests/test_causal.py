@@ -6,7 +6,7 @@ import torch
 import interp
 from helpers import mirrored_pair
 from interp import attention, attribution, patching, tiny
-from interp.interventions import PositionSwap
+from interp.interventions import Knockout, PositionSwap
 
 
 def make(name, n=3):
@@ -84,7 +84,7 @@ def test_batched_patching_equals_one_forward_per_patch(setup):
 
 def test_knockout_of_every_image_token_removes_the_image(setup):
     _, m, clean, corrupt, _, _ = setup
-    ko = attention.Knockout(cells=None, query="text")
+    ko = Knockout(cells=None, query="text")
     with torch.no_grad():
         a, b = m.run(clean, [ko]), m.run(corrupt, [ko])
         a0, b0 = m.run(clean), m.run(corrupt)
@@ -92,14 +92,14 @@ def test_knockout_of_every_image_token_removes_the_image(setup):
     assert torch.allclose(a[:, last], b[:, last], atol=1e-5)
     assert (a0[:, last] - b0[:, last]).abs().max() > 1e-4
     # a window of one layer only blocks part of the flow
-    one = attention.Knockout(cells=None, query="text", layers=(0, 1))
+    one = Knockout(cells=None, query="text", layers=(0, 1))
     with torch.no_grad():
         assert (m.run(clean, [one]) - m.run(corrupt, [one]))[:, last].abs().max() > 1e-5
 
 
 def test_knockout_works_under_sdpa_and_eager_alike(setup):
     _, m, clean, _, _, _ = setup
-    ko = attention.Knockout(cells=(0, 4), query="last")
+    ko = Knockout(cells=(0, 4), query="last")
     with torch.no_grad():
         sdpa = m.run(clean, [ko])
         with attention.eager_attention(m.model):
@@ -196,7 +196,7 @@ def small_probe_50(tmp_path_factory):
 
 def test_knockout_on_gemma3_keeps_the_bidirectional_image_mask():
     m, clean, corrupt, _, _ = make("gemma3")
-    ko = attention.Knockout(cells=None, query="text")
+    ko = Knockout(cells=None, query="text")
     with torch.no_grad():
         a, b = m.run(clean, [ko]), m.run(corrupt, [ko])
     assert torch.allclose(a[:, -2:], b[:, -2:], atol=1e-5)  # the question no longer sees the image

@@ -4,7 +4,7 @@ import pytest
 import interp
 from analyses import causal
 from interp import tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from probes.build import caption_probe
 
 

@@ -16,8 +16,8 @@ import torch
 
 import interp
 from interp import attention, attribution, patching, tiny
-from interp.errors import SpatialBiasError
-from interp.interventions import AGCI, BaPA, PositionSwap
+from spatialbias.errors import SpatialBiasError
+from interp.interventions import AGCI, BaPA, Knockout, PositionSwap
 from interp.load import parse_max_memory, parse_size
 from interp.tracing import trace
 
@@ -81,8 +81,8 @@ def test_every_runner_gives_the_undispatched_result(pair):
         "bapa": lambda x: x.run(clean, [BaPA()]),
         "agci": lambda x: x.run(clean, [AGCI(lam=0.5)]),
         "position swap in one layer": lambda x: x.run(clean, [PositionSwap(a=0, b=8, layers=(n - 1, n))]),
-        "knockout": lambda x: x.run(clean, [attention.Knockout(cells=(0,), query="text")]),
-        "knockout, generated": lambda x: x.generate(clean, [attention.Knockout(cells=None, query="text")],
+        "knockout": lambda x: x.run(clean, [Knockout(cells=(0,), query="text")]),
+        "knockout, generated": lambda x: x.generate(clean, [Knockout(cells=None, query="text")],
                                                     max_new_tokens=2),
         "flow": lambda x: attention.cell_flow(x, clean),
         "trace": lambda x: torch.cat([v.flatten().float() for v in trace(

@@ -7,8 +7,9 @@ import torch
 
 import interp
 from helpers import mirrored_pair
-from interp import attention, patching, tiny
-from interp.errors import SpatialBiasError
+from interp import patching, tiny
+from interp.interventions import Knockout
+from spatialbias.errors import SpatialBiasError
 from interp.tracing import trace
 
 
@@ -68,7 +69,7 @@ def test_right_padded_inputs_give_the_left_padded_answers():
         assert torch.allclose(got, want, atol=1e-5)
         t = trace(m, right, cache=["lm.blocks.1"])
         assert torch.allclose(t.logits[:, -1], want, atol=1e-5)
-        ko = attention.Knockout(cells=(0,), query="text")
+        ko = Knockout(cells=(0,), query="text")
         assert torch.allclose(m.run(right, [ko], last_only=True)[:, -1], m.run(left, [ko], last_only=True)[:, -1],
                               atol=1e-5)
 
@@ -126,7 +127,7 @@ def test_knockout_acts_on_decoded_tokens(name):
     model, proc = tiny.BUILDERS[name]()
     m = interp.load(model, proc)
     inputs = m.inputs([tiny.image(seed=1)], [m.prompt("what is this ?")])
-    ko = attention.Knockout(cells=None, query="text")
+    ko = Knockout(cells=None, query="text")
     t = trace(m, inputs, interventions=[ko], max_new_tokens=3)
     full = {k: v for k, v in inputs.items()}
     full["input_ids"] = torch.cat([inputs["input_ids"], t.tokens[:, :2]], 1)
@@ -148,7 +149,7 @@ def test_knockout_refuses_attention_it_cannot_edit():
     tc._attn_implementation_internal = "flash_attention_2"
     try:
         with pytest.raises(SpatialBiasError, match="flash_attention_2"):
-            m.run(inputs, [attention.Knockout(cells=(0,))])
+            m.run(inputs, [Knockout(cells=(0,))])
     finally:
         tc._attn_implementation_internal = before
 

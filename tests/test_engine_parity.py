@@ -7,8 +7,9 @@ from nnsight import NNsight
 
 import interp
 from interp import attention, patching, tiny
-from interp.errors import SpatialBiasError
-from interp.interventions import bapa_position_ids
+from spatialbias.errors import SpatialBiasError
+from interp.interventions import Knockout, bapa_position_ids
+from interp.interventions.knockout import query_rows
 from interp.sites import every_site, resolve
 from interp.tracing import trace
 
@@ -123,7 +124,7 @@ def test_pattern_write_equals_a_masked_softmax(arch):
     sites, equals masking those keys before the softmax (Knockout) — two different mechanisms."""
     name, m, inputs = arch
     n = m.adapter.layer_count(m.model, "lm")
-    q = attention.query_rows(m, inputs, "text")
+    q = query_rows(m, inputs, "text")
     keys = m.image_map(inputs).is_image
 
     def renorm(w):
@@ -134,7 +135,7 @@ def test_pattern_write_equals_a_masked_softmax(arch):
     edits = {f"lm.blocks.{i}.attn.pattern": renorm for i in range(n)}
     got = trace(m, inputs, edits=edits).logits[:, -1]
     with torch.no_grad(), attention.eager_attention(m.model):
-        want = m.run(inputs, [attention.Knockout(cells=None, query="text")])[:, -1]
+        want = m.run(inputs, [Knockout(cells=None, query="text")])[:, -1]
         plain = m.run(inputs)[:, -1]
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert (want - plain).abs().max() > 1e-3

@@ -6,7 +6,7 @@ import torch
 
 import interp
 from interp import AGCI, BaPA, agci_inject, bapa_position_ids
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import from_dict
 
 T, I, P = 5, 9, 0  # text, image, pad token ids (values do not matter)
@@ -117,7 +117,7 @@ def test_public_api_names():
 
 
 def test_every_intervention_kind_round_trips():
-    from interp.attention import Knockout
+    from interp.interventions import Knockout
     from interp.interventions import PositionSwap
     for iv in (PositionSwap(a=1, b=7, layers=(0, 1)), Knockout(cells=(3,), layers=(1, 2), query="text"),
                BaPA(variant="keep_hw")):

@@ -4,7 +4,7 @@ import torch
 
 import interp
 from interp import tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions import agci_inject, bapa_position_ids
 
 

@@ -6,6 +6,7 @@ import torch
 
 from analyses import causal
 from interp import patching
+from interp.batch import concat
 from interp.tracing import trace
 
 
@@ -132,7 +133,7 @@ def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_ce
 def test_moved_pairs_same_view_and_place_in_cell(tinies, name, size, grid, clean_cell, corrupt_cell):
     m = tinies[name]
     clean, corrupt, _, _ = mirrored_pair(m, 2, size=size)
-    imap = m.batch(patching.concat(m, m.batch(clean), m.batch(corrupt))).imap  # rows 0, 1 clean; 2, 3 corrupt
+    imap = m.batch(concat(m, m.batch(clean), m.batch(corrupt))).imap  # rows 0, 1 clean; 2, 3 corrupt
     src, dst = patching.moved_slots(imap, 0, 2, clean_cell, corrupt_cell, grid)
     cells = imap.cells(*grid)
     assert set(src.tolist()) == set((cells[0] == clean_cell).nonzero().flatten().tolist())
@@ -150,7 +151,7 @@ def test_moved_equals_hand_built_edit_multi_token(tinies, name, size, grid, clea
     ivs = [interp.BaPA()] if bapa else []
     clean, corrupt, correct, cands = mirrored_pair(m, 2, size=size)
     got = patching.run_moved(m, corrupt, clean, corrupt_cell, clean_cell, correct, cands, interventions=ivs, grid=grid)
-    imap = m.batch(patching.concat(m, m.batch(clean), m.batch(corrupt))).imap
+    imap = m.batch(concat(m, m.batch(clean), m.batch(corrupt))).imap
     clean_in = trace(m, clean, cache=["lm.input"], interventions=ivs).cache["lm.input"]
     h = trace(m, corrupt, cache=["lm.input"], interventions=ivs).cache["lm.input"].clone()
     for b in range(2):

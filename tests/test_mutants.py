@@ -13,8 +13,8 @@ import interp
 from interp import attention, patching, tiny
 from interp import batch as batch_mod
 from interp.dispatch import forward, then
-from interp.errors import SpatialBiasError
-from interp.interventions import AGCI, BaPA
+from spatialbias.errors import SpatialBiasError
+from interp.interventions import AGCI, BaPA, Knockout
 from interp.interventions.agci import AdaptiveAGCI, adaptive_lambda, agci_inject
 from interp.interventions.controls import PositionPermute
 from interp.sites import every_site, resolve
@@ -333,7 +333,7 @@ def test_cell_flow_text_query_equals_the_cached_patterns(llava):
     passed to the forward)."""
     prompts = [llava.prompt("what is this ?"), llava.prompt("what is this a picture of the dog ?")]
     b = llava.batch(llava.inputs([tiny.image(seed=1), tiny.image(seed=2)], prompts))
-    ko = attention.Knockout(cells=(0, 4), query="last")
+    ko = Knockout(cells=(0, 4), query="last")
     grid = (2, 3)
     got = attention.cell_flow(llava, b, [ko], query="text", grid=grid)  # (B, layers, heads, 6)
     n = llava.adapter.layer_count(llava.model, "lm")
@@ -464,7 +464,7 @@ def test_knockout_on_decode_steps_blocks_an_image_token_at_column_0(llava):
         inputs[k] = inputs[k][:, 1:]
     img_id = llava.tokenizer.convert_tokens_to_ids(llava.image_token)
     assert int(inputs["input_ids"][0, 0]) == img_id
-    ko = attention.Knockout(cells=(0,), query="text")
+    ko = Knockout(cells=(0,), query="text")
     t = trace(llava, inputs, interventions=[ko], max_new_tokens=3)
     full = dict(inputs)
     full["input_ids"] = torch.cat([inputs["input_ids"], t.tokens[:, :2]], 1)

@@ -110,7 +110,7 @@ def test_no_module_outside_the_adapters_branches_on_an_architecture():
 def test_the_checker_scans_the_packages():
     rels = {p.relative_to(ROOT).as_posix() for p in modules()}
     assert {"interp/prompts.py", "interp/dispatch.py", "analyses/estimate.py", "analyses/memory.py",
-            "analyses/bench.py", "analyses/bench_scale.py", "analyses/organisms/arch.py"} <= rels
+            "analyses/bench/common.py", "analyses/bench/scale.py", "analyses/organisms/arch.py"} <= rels
     assert not any(r.startswith("interp/adapters/") for r in rels)
     assert {"llava", "qwen25vl", "gemma3", "qwen2_5_vl", "gemma3forconditionalgeneration"} <= arch_names()
 

@@ -36,7 +36,7 @@ def test_string_rules(text, prefix, robust):
 
 def test_organism_cannot_answer_yes_no(organism):
     from analyses.scoring import AnswerSet
-    from interp.errors import SpatialBiasError
+    from spatialbias.errors import SpatialBiasError
     with pytest.raises(SpatialBiasError, match="no token for answer 'Yes'"):
         AnswerSet.build(organism, ["Yes", "No"])
 

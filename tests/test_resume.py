@@ -1,4 +1,4 @@
-"""Causal maps by resuming the LM (interp.dispatch.capture_lm / resume, the resumed scheme of
+"""Causal maps by resuming the LM (interp.resume.capture_lm / resume, the resumed scheme of
 interp.patching.run_patches): a patch at block ℓ runs blocks ℓ+1… only, over the positions from
 its first patched one on, with the unpatched run's masks, rotary embeddings, keys and values.
 Checked against full forwards (the reference scheme) on all five architectures, with and without
@@ -18,10 +18,11 @@ import torch
 
 import interp
 from helpers import mirrored_pair
-from interp import attention, patching, tiny
-from interp.dispatch import capture_lm, forward, resume
-from interp.errors import SpatialBiasError
-from interp.interventions import AGCI, BaPA, Intervention, PositionSwap
+from interp import patching, tiny
+from interp.dispatch import forward
+from interp.resume import capture_lm, resume
+from spatialbias.errors import SpatialBiasError
+from interp.interventions import AGCI, BaPA, Intervention, Knockout, PositionSwap
 
 NAMES = list(tiny.BUILDERS)
 
@@ -56,7 +57,7 @@ def test_resumed_patching_equals_one_full_forward_per_patch(arch, ivs):
     name, m, clean, corrupt, correct, cands = arch
     n = m.adapter.layer_count(m.model, "lm")
     iv = {"none": [], "bapa": [BaPA()], "agci": [AGCI(lam=0.5)],
-          "knockout": [attention.Knockout(cells=(0,), query="text", layers=(0, 1))],
+          "knockout": [Knockout(cells=(0,), query="text", layers=(0, 1))],
           "swap": [PositionSwap(a=0, b=8, layers=(1, 2))]}[ivs]
     ps = patching.default_patches(m) + [patching.Patch("lm.blocks.0.mlp", "image"),
                                         patching.Patch(f"lm.blocks.{n - 1}", position=5)]
@@ -85,7 +86,7 @@ def test_gemma3_prefix_ends_where_the_image_begins():
     res = patching.run_patches(m, corrupt, clean, ps, correct, cands, targets, resume=True)
     assert (res.metric - full.metric).abs().max() < 1e-5
     # the rule matters: reusing keys and values up to the first patched token inside the image is wrong
-    import interp.dispatch as d
+    import interp.resume as d
     keep = d.LMStates.prefix
     try:
         d.LMStates.prefix = lambda self, row, first: first

@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from analyses.cli import app
-from probes.format import ProbeError, atomic_write_text, parse_row, scan_rows
+from probes.format import ProbeError, parse_row, scan_rows
+from spatialbias.files import atomic_write_text
 from probes.images import load_rgb, to_rgb
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ import torch
 
 import interp
 from interp import tiny
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.sites import every_site
 from interp.tracing import patch_rows, trace
 
@@ -106,7 +106,7 @@ def test_unknown_site_is_one_clear_error(arch):
 
 
 def test_keyword_sites_knockout_and_layer_window_ids_match_the_runner(arch):
-    from interp.attention import Knockout
+    from interp.interventions import Knockout
     from interp.interventions import PositionSwap
     _, m, inputs = arch
     for ivs in ([Knockout(cells=(0, 4), layers=(0, 1), query="text")], [PositionSwap(a=0, b=8, layers=(1, 2))]):

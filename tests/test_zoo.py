@@ -82,8 +82,8 @@ def test_lora_run_is_deterministic_and_its_adapter_merges_back(tmp_path):
     """LoRA on the shipped planted-lm (seed 0): two identical runs; the saved adapter merged into
     the base (load_merged) gives the run's merged weights; the folder loads with interp.load."""
     r = RECIPES["lora-bapa"].with_(max_steps=2, batch=8)
-    m1, proc, rec, peft1 = train.train(r, seed=0, progress=False)
-    m2, _, _, _ = train.train(r, seed=0, progress=False)
+    m1, proc, rec, peft1 = zoo.train_recipe(r, seed=0, progress=False)
+    m2, _, _, _ = zoo.train_recipe(r, seed=0, progress=False)
     assert _same(m1, m2)
     base = zoo.get("planted-lm", 0)
     assert not _same(m1, interp.load(str(base)).model)  # the adapter changed the weights

@@ -32,3 +32,36 @@ def test_small_zoo_diagnoses_where_the_bias_was_planted(tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert pd.read_parquet(out / "results.parquet").equals(res)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "zoo.parquet").set_index("organism"), tab)
+
+
+def test_mrope_organisms_are_also_evaluated_under_keep_hw(tmp_path):
+    """BaPA keep_hw joins the zoo plan (eval only) for an organism whose adapter reads M-RoPE ids
+    from its checkpoint's config — never from its name: a LLaVA organism named like the M-RoPE
+    recipe gets none, the M-RoPE checkpoint under any name gets it."""
+    from analyses.organisms import zoo, zoo_table
+    models = {"mrope-s0": str(zoo.get("planted-lm", 0)), "anything": str(zoo.get("mrope", 0))}
+    assert [zoo_table.rope_kind(p) for p in models.values()] == ["1d", "mrope"]
+    plan = zoo_table.plan(models, items=20, causal_items=10, lambdas=[0.5], out=tmp_path)
+    keep = [c for c in plan.conditions if c.intervention == zoo_table.KEEP_HW]
+    assert [(c.model, c.analysis) for c in keep] == [("anything", "eval")]
+    ev = next(c for c in plan.conditions if (c.model, c.analysis, c.intervention) == ("anything", "eval", "baseline"))
+    assert (keep[0].options, keep[0].probe_spec, keep[0].probe_path) == (ev.options, ev.probe_spec, ev.probe_path)
+    assert keep[0].interventions == ({"kind": "bapa", "variant": "keep_hw"},)
+    assert plan.config["keep_hw"]["interventions"] == {"baseline": False, "conditions": [zoo_table.KEEP_HW]}
+    assert len({c.id for c in plan.conditions}) == len(plan.conditions)
+
+
+def test_zoo_table_shows_keep_hw_for_the_mrope_organism(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATIALBIAS_THREADS", "1")
+    out = tmp_path / "zoo"
+    r = CliRunner().invoke(app, ["zoo", "--out", str(out), "--recipes", "mrope", "--seeds", "0", "--items", "20",
+                                 "--causal-items", "10", "--lambdas", "0.5", "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    row = pd.read_parquet(out / "zoo.parquet").iloc[0]
+    assert 0 <= row.keep_hw_range_lo <= row.keep_hw_range <= row.keep_hw_range_hi and 0 < row.keep_hw_acc <= 1
+    assert "BaPA keep_hw" in (out / "zoo.md").read_text()
+
+
+def test_the_campaign_command_is_gone():
+    r = CliRunner().invoke(app, ["organism", "zoo", "--out", "x.json"])
+    assert r.exit_code != 0

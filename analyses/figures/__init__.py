@@ -11,10 +11,13 @@ figure). Sizes, colour scales and the 0–1 anchoring of accuracies: :mod:`analy
 >>> df = pd.read_parquet("out/demo/results.parquet")
 >>> figures.cell_heatmaps(df, model="organism", probe="shapes")
 """
+import inspect as _inspect
+import sys as _sys
+
 from analyses.figures.accuracy import (cell_heatmaps, conditions_table, occlusion_maps, range_vs_accuracy,
                                        shift_curves, similarity_maps)
 from analyses.figures.cellprobe import cellprobe_accuracy
-from analyses.figures.common import caption, save, select  # noqa: F401  (caption: a helper, not a figure)
+from analyses.figures.common import save, select
 from analyses.figures.flow import attention_to_target, layer_cell
 from analyses.figures.graph import causal_graph
 from analyses.figures.lambdas import lambda_curves
@@ -22,7 +25,16 @@ from analyses.figures.lens import lens_margins
 from analyses.figures.patching import knockout_drops, position_restoration, restoration_heatmaps
 from analyses.figures.zoo import zoo_diagnosis
 
-__all__ = ["attention_to_target", "causal_graph", "cell_heatmaps", "cellprobe_accuracy", "conditions_table", "knockout_drops",
-           "lambda_curves", "layer_cell", "lens_margins", "occlusion_maps", "position_restoration",
+__all__ = ["attention_to_target", "causal_graph", "cell_heatmaps", "cellprobe_accuracy", "conditions_table",
+           "knockout_drops", "lambda_curves", "layer_cell", "lens_margins", "occlusion_maps", "position_restoration",
            "range_vs_accuracy", "restoration_heatmaps", "save", "select", "shift_curves", "similarity_maps",
            "zoo_diagnosis"]
+
+
+def caption(function) -> str:
+    """What to read from a figure: the first paragraph of its function's docstring, on one line
+    (the report prints it under the figure). ``function``: a figure function or its name."""
+    if isinstance(function, str):
+        function = getattr(_sys.modules[__name__], function)
+    doc = _inspect.cleandoc(function.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split())

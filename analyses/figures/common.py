@@ -22,7 +22,6 @@ show figures inline); :func:`save` renders files through an off-screen canvas.
 from __future__ import annotations
 
 import functools
-import inspect
 import io
 import math
 import textwrap
@@ -87,16 +86,6 @@ def styled(fn):
         plt.close(fig)
         return fig
     return wrapper
-
-
-def caption(function) -> str:
-    """What to read from a figure: the first paragraph of its function's docstring, on one line
-    (the report prints it under the figure). ``function``: a figure function or its name."""
-    if isinstance(function, str):
-        import analyses.figures as figs
-        function = getattr(figs, function)
-    doc = inspect.cleandoc(function.__doc__ or "")
-    return " ".join(doc.split("\n\n")[0].split())
 
 
 def _wrap(text: str, width_in: float, fontsize: float) -> str:

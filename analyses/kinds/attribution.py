@@ -33,7 +33,7 @@ def cost(cond, probe_rows: int, items: int, lm_layers: int) -> int:
 
 
 def summary(a: pd.DataFrame, order: list[str]) -> dict:
-    from analyses.summary import vci
+    from analyses.blocks import vci
     a = a[a.metric == "attribution_spearman"]
     return {"attribution": {iv: {r.group: vci(r._asdict()) for r in a[a.intervention == iv].itertuples()}
                             for iv in order if iv in set(a.intervention)}} if len(a) else {}

@@ -160,7 +160,7 @@ def check(opts: dict, where: str) -> dict:
 
 def summary(f: pd.DataFrame, order: list[str]) -> dict:
     """``cellprobe``: per intervention and site the decoding accuracy, control and selectivity."""
-    from analyses.summary import vci
+    from analyses.blocks import vci
     f = f[f.metric.isin(["cellprobe_accuracy", "cellprobe_control", "cellprobe_selectivity"])]
     if not len(f):
         return {}

@@ -63,7 +63,7 @@ def cost(cond, probe_rows: int, items: int, lm_layers: int) -> int:
 def figures(df, tables) -> list[FigureSpec]:
     """The verdict's map (baseline vs BaPA, runs in table order), every condition's per-cell map,
     range against accuracy and AGCI against λ over all runs, shift curves."""
-    from analyses.summary import runs
+    from analyses.blocks import runs
     specs = []
     cells = having(df, "eval", "accuracy", cell=1)
     for m, p in runs(cells):  # in the order the verdict lists the runs

@@ -31,7 +31,7 @@ def cost(cond, probe_rows_: int, items: int, lm_layers: int) -> int:
 def summary(f: pd.DataFrame, order: list[str]) -> dict:
     """``flow``: per intervention and layer the attention to the target's cell at each placement;
     ``flow_spread``: its max − min over placements per layer."""
-    from analyses.summary import vci
+    from analyses.blocks import vci
     out = {}
     a = f[f.metric == "attention_to_target"]
     if len(a):

@@ -24,7 +24,7 @@ def cost(cond, probe_rows: int, items: int, lm_layers: int) -> int:
 
 
 def summary(k: pd.DataFrame, order: list[str]) -> dict:
-    from analyses.summary import vci
+    from analyses.blocks import vci
     k = k[k.metric == "knockout_drop"]
     return {"knockout": {iv: [{"layers": "all" if pd.isna(r.layer) else int(r.layer), "blocked": r.group,
                                **vci(r._asdict())} for r in k[k.intervention == iv].itertuples()]

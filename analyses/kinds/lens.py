@@ -142,7 +142,7 @@ def summary(f: pd.DataFrame, order: list[str]) -> dict:
     """``lens``: per intervention and site the last position's margin at each placement;
     ``lens_spread``: its max − min over placements per site (``lens_cell_spread``: the same of the
     target cell's own image tokens)."""
-    from analyses.summary import vci
+    from analyses.blocks import vci
     out = {}
     a = f[f.metric == "lens_margin"]
     if len(a):

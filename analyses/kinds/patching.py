@@ -75,7 +75,7 @@ def summary(p: pd.DataFrame, order: list[str]) -> dict:
     """``patching``: per intervention its restorations (direction, site, group) and the clean and
     corrupt logit differences; ``position_patching``: position-id restoration and damage, all
     layers and per layer."""
-    from analyses.summary import vci
+    from analyses.blocks import vci
     ivs = [iv for iv in order if iv in set(p.intervention)]
     return {
         "patching": {iv: {
@@ -91,7 +91,7 @@ def summary(p: pd.DataFrame, order: list[str]) -> dict:
 
 
 def claims(run: dict) -> list:
-    from analyses.summary import position_of, restoration_of
+    from analyses.blocks import position_of, restoration_of
     c, out = run["causal"], []
     cells = c.get("cells", {})
     for iv, p in c.get("patching", {}).items():
@@ -119,7 +119,7 @@ def claims(run: dict) -> list:
 def figures(df, tables) -> list[FigureSpec]:
     """The causal graph of each (model, probe) in the verdict (the report opens with it), the
     restoration heatmaps and the position-id restorations in their sections."""
-    from analyses.summary import runs
+    from analyses.blocks import runs
     graph = [FigureSpec("verdict", stem("causal_graph_", m, p), "causal_graph", {"model": m, "probe": p},
                         f"{m} · {p}") for m, p in runs(having(df, "patching", "gap"))]
     specs = graph + [FigureSpec("patching", stem(f"restoration_{direction}_", m, p), "restoration_heatmaps",

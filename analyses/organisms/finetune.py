@@ -31,7 +31,7 @@ def arm_checkpoint(arm: str, seed: int, steps: int, out: Path, cache_dir=None) -
     """``out/arm``: the recipe's checkpoint (cached by :func:`zoo.get` at its own step count, else
     trained here for ``steps`` steps on one thread), with its adapter."""
     from analyses.organisms import train
-    from analyses.organisms.zoo import get
+    from analyses.organisms.zoo import get, train_recipe
     dest = out / arm
     if (dest / "training.json").is_file():
         rec = json.loads((dest / "training.json").read_text())
@@ -48,7 +48,7 @@ def arm_checkpoint(arm: str, seed: int, steps: int, out: Path, cache_dir=None) -
     else:
         get(recipe.base, seed, cache_dir)  # the base, shipped or cached
         recipe = recipe.with_(max_steps=steps, warmup=min(recipe.warmup, max(1, steps // 10)))
-        model, proc, record, peft_model = train.train(recipe, seed=seed, threads=1, progress=False)
+        model, proc, record, peft_model = train_recipe(recipe, seed=seed, threads=1, progress=False)
         train.save(model, proc, record, tmp, peft_model)
     if not (tmp / "adapter" / "adapter_config.json").is_file():
         raise SpatialBiasError(f"{tmp}: no LoRA adapter was saved; delete {out} and run again")

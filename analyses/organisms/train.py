@@ -37,7 +37,8 @@ from analyses.organisms import data
 from analyses.organisms.arch import ARCHS, Arch
 from analyses.organisms.recipes import Recipe
 from probes import shapes
-from probes.format import atomic_write_text
+from spatialbias.errors import SpatialBiasError
+from spatialbias.files import atomic_write_text
 
 EMA = 0.95
 
@@ -171,13 +172,6 @@ def grid_stage(model, arch: Arch, recipe: Recipe, rng: np.random.Generator, word
     return out
 
 
-def _dependencies(recipe: Recipe, seed: int) -> dict[str, Path]:
-    """Checkpoint folders of the ``base`` and ``vision_from`` recipes (same seed), trained and
-    cached first if needed, so the clock of this run starts after them."""
-    from analyses.organisms.zoo import get
-    return {k: get(v, seed) for k, v in (("base", recipe.base), ("vision_from", recipe.vision_from)) if v}
-
-
 def _load(path: Path):
     import transformers
     cls = json.loads((path / "config.json").read_text())["architectures"][0]
@@ -201,10 +195,17 @@ def _copy_vision(model, arch: Arch, path: Path) -> str:
     return sha256(path / "model.safetensors")
 
 
-def train(recipe: Recipe, seed: int = 0, threads: int = 1, progress: bool = True):
-    """Train ``recipe`` from its start. Returns (model in eval mode — LoRA already merged —,
-    processor, record dict, the unmerged peft model for LoRA recipes else None)."""
-    deps = _dependencies(recipe, seed)
+def train(recipe: Recipe, seed: int = 0, threads: int = 1, progress: bool = True,
+          deps: dict[str, Path] | None = None):
+    """Train ``recipe`` from its start. ``deps``: the checkpoint folders of its ``base`` and
+    ``vision_from`` recipes (same seed), needed when it has them; :func:`zoo.train_recipe` finds
+    or trains them first. Returns (model in eval mode — LoRA already merged —, processor, record
+    dict, the unmerged peft model for LoRA recipes else None)."""
+    deps = dict(deps or {})
+    missing = [k for k in ("base", "vision_from") if getattr(recipe, k) and k not in deps]
+    if missing:
+        raise SpatialBiasError(f"recipe {recipe.name} starts from the {' and '.join(missing)} checkpoint; "
+                               "train it with analyses.organisms.zoo.train_recipe, which finds that first")
     torch.set_num_threads(threads)
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()
     arch = ARCHS[recipe.arch]

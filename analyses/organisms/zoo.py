@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from analyses.organisms.recipes import RECIPES
-from interp.errors import SpatialBiasError
+from analyses.organisms.recipes import RECIPES, Recipe
+from spatialbias.errors import SpatialBiasError
 from interp.load import ORGANISM_DIR
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
@@ -65,7 +65,7 @@ def get(name: str, seed: int = 0, cache_dir: str | Path | None = None, progress:
         from analyses.organisms import train
         threads = torch.get_num_threads()
         try:
-            model, proc, record, peft_model = train.train(recipe, seed=seed, threads=1, progress=progress)
+            model, proc, record, peft_model = train_recipe(recipe, seed=seed, threads=1, progress=progress)
             train.save(model, proc, record, tmp, peft_model)
         finally:
             torch.set_num_threads(threads)
@@ -76,3 +76,16 @@ def get(name: str, seed: int = 0, cache_dir: str | Path | None = None, progress:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out
+
+
+def dependencies(recipe: Recipe, seed: int) -> dict[str, Path]:
+    """Checkpoint folders of the ``base`` and ``vision_from`` recipes (same seed), trained and
+    cached first if needed."""
+    return {k: get(v, seed) for k, v in (("base", recipe.base), ("vision_from", recipe.vision_from)) if v}
+
+
+def train_recipe(recipe: Recipe, seed: int = 0, threads: int = 1, progress: bool = True):
+    """:func:`train.train` of ``recipe`` from its start, its dependencies found (or trained) first
+    so the clock of this run starts after them. Returns what :func:`train.train` returns."""
+    from analyses.organisms import train
+    return train.train(recipe, seed=seed, threads=threads, progress=progress, deps=dependencies(recipe, seed))

@@ -10,7 +10,7 @@ from interp.adapters.llava import LLAVA, LLAVA_NEXT
 from interp.adapters.llava_onevision import LLAVA_ONEVISION
 from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
 from interp.adapters.qwen3_vl import QWEN3_VL
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 LM_INPUT = "lm.input"
 INPUT_SITES = {LM_INPUT: "lm.blocks.0", "vision.out": "projector"}
@@ -223,7 +223,7 @@ class Adapter:
         module: LM block index j → the site whose output (the batch's image tokens, flattened in
         sequence order, width D) is added at the image positions after block j (Qwen3-VL's
         DeepStack). ``lm.blocks.{j}`` is block j's output before the addition; resuming the LM
-        (:func:`interp.dispatch.resume`) re-applies it. None on most architectures."""
+        (:func:`interp.resume.resume`) re-applies it. None on most architectures."""
         return {}
 
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:

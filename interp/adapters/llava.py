@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from interp.adapters.base import Adapter, ChatFormat, MemoryFacts, View, crop_pixel_bytes, projector_params, raster_fields
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 LM = {
     "lm.embed": "model.language_model.embed_tokens",

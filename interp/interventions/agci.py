@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions.base import Intervention, _image_groups, lm_input_edit, register
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -101,7 +101,6 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 
 def from_dict(d: dict[str, Any]) -> Intervention:
     """Inverse of :meth:`Intervention.to_dict`."""
-    import interp.attention  # noqa: F401  (registers Knockout)
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in KINDS:

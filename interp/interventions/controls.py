@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from interp.errors import SpatialBiasError
+from spatialbias.errors import SpatialBiasError
 from interp.interventions.base import Intervention, _image_groups, _moved_image_ids, register
 from interp.sites import layer_range
 

@@ -1,9 +1,9 @@
 """The attribution section of ``spatialbias bench`` alone, at any number of organism items
 (the full bench takes 100; ``--quick`` 40):
 
-    .venv/bin/python benchmarks/attribution_bench.py --items 100 --out docs/bench_cpu_attribution_100.json
+    .venv/bin/python -m analyses.bench.attribution_section --items 100 --out docs/bench_cpu_attribution_100.json
 
-Writes {machine, items, attribution: analyses.bench.attribution_vs_exact(...)} and prints one line
+Writes {machine, items, attribution: analyses.bench.ratios.attribution_vs_exact(...)} and prints one line
 per granularity × estimator.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from analyses import bench
+from analyses.bench import common, ratios
 from interp import patching
 
 
@@ -22,10 +22,10 @@ def main(argv=None) -> None:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    m, pairs = bench.organism_pairs(Path(tempfile.mkdtemp()), args.items)
-    r = bench.attribution_vs_exact(m, pairs.corrupt, pairs.clean, patching.default_patches(m), pairs.correct,
-                                   pairs.candidates, pairs.targets)
-    Path(args.out).write_text(json.dumps({"machine": bench.machine(), "items": args.items, "attribution": r},
+    m, pairs = common.organism_pairs(Path(tempfile.mkdtemp()), args.items)
+    r = ratios.attribution_vs_exact(m, pairs.corrupt, pairs.clean, patching.default_patches(m), pairs.correct,
+                                    pairs.candidates, pairs.targets)
+    Path(args.out).write_text(json.dumps({"machine": common.machine(), "items": args.items, "attribution": r},
                                          indent=1) + "\n")
     for g in ("patches", "positions"):
         for k, v in r[g]["methods"].items():

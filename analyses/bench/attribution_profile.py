@@ -2,7 +2,7 @@
 and why the gradient estimators mis-rank the organism's patches (per-patch curves along the
 interpolation paths). Organism, target moved from cell 8 (clean) to cell 0 (corrupt).
 
-    .venv/bin/python benchmarks/attribution_profile.py --items 40 --threads 1 --out docs/bench_cpu_attribution_profile.md
+    .venv/bin/python -m analyses.bench.attribution_profile --items 40 --threads 1 --out docs/bench_cpu_attribution_profile.md
 
 Writes a markdown report (and the same numbers as JSON next to it).
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from analyses.bench import organism_pairs
+from analyses.bench.common import organism_pairs
 from interp import attribution as A
 from interp import patching
 from interp.dispatch import forward
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     res["patches15"] = g15.round(3).to_dict(orient="records")
 
     lines = [f"# Attribution vs exact per-position patching: profile and diagnostics (organism, {args.items} items)",
-             "", f"`.venv/bin/python benchmarks/attribution_profile.py --items {args.items} --threads {args.threads} --out {args.out}`",
+             "", f"`.venv/bin/python -m analyses.bench.attribution_profile --items {args.items} --threads {args.threads} --out {args.out}`",
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads).", "",
              f"{len(ex)} single (site, position) patches; exact: {n_rows_ex} forward rows "
              f"({t_ex:.2f} s under the profiler); plain AtP: one source forward + one base forward/backward per "

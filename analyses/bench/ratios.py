@@ -3,7 +3,8 @@ noisy), after warm-up. ``spatialbias bench`` writes ``bench.json`` and ``bench.m
 
 * tracing overhead: nnsight trace caching K sites vs the bare HF forward;
 * position-swap patching: the batched engine vs the loop a TransformerLens/nnsight user writes
-  (one cached clean forward per item, then one forward per patch), outputs asserted equal;
+  (one cached clean forward per item, then one forward per patch), outputs asserted equal
+  (:func:`analyses.bench.common.patching_speed`);
 * attribution patching vs exact patching: speed-up and rank agreement (Spearman, top-10) of the
   patch rankings, per (site, group) and per single (site, position), for several estimators;
 * scaling: time and memory against image tokens and number of cached sites;
@@ -12,46 +13,18 @@ noisy), after warm-up. ``spatialbias bench`` writes ``bench.json`` and ``bench.m
 from __future__ import annotations
 
 import json
-import platform
-import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from scipy import stats
 
 import interp
+from analyses.bench.common import machine, median_s, organism_pairs, patching_speed, placement_batch
 from interp import attribution, patching
 from interp.model import LVLM
 from interp.tracing import trace
-from probes.format import atomic_write_text
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_s(fn: Callable, repeats: int = 5, warmup: int = 1, device="cpu") -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def machine() -> dict:
-    d = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-         platform.machine(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name()
-    return d
+from spatialbias.files import atomic_write_text
 
 
 def lm_sites(lvlm: LVLM, k: int | None) -> list[str]:
@@ -73,47 +46,6 @@ def tracing_overhead(lvlm: LVLM, inputs, repeats: int = 5, ks=(1, 8, None)) -> d
         out[f"trace_{len(sites)}_sites_ratio"] = t / bare
     out["wrapper_run_ratio"] = out["wrapper_run_s"] / bare
     return out
-
-
-def _loop_patching(lvlm: LVLM, base, source, patches, correct, cands, targets) -> torch.Tensor:
-    """What one writes by hand: per item, cache the source activations, then one forward per patch."""
-    sites = sorted({p.site for p in patches})
-    N = base["input_ids"].shape[0]
-    vals = torch.empty(len(patches), N)
-    for i in range(N):
-        b = lvlm.rows(base, [i])
-        s = lvlm.rows(source, [i])
-        cache = trace(lvlm, s, cache=sites).cache
-        masks = patching.group_masks(lvlm, b, [targets[i]])
-        for j, p in enumerate(patches):
-            src = cache[p.site]
-            if p.group == "all" or not (p.site.startswith("lm.") or p.site == "unembed"):
-                edit = {p.site: lambda x, v=src: v.clone()}
-            else:
-                edit = {p.site: lambda x, v=src, mk=masks[p.group]: torch.where(mk[..., None], v, x)}
-            lg = trace(lvlm, b, edits=edit).logits[:, -1]
-            vals[j, i] = patching.logit_diff(lg, correct[i:i + 1].to(lg.device), cands)[0]
-    return vals
-
-
-def patching_speed(lvlm: LVLM, base, source, patches, correct, cands, targets, batch_size: int = 64) -> dict:
-    dev = lvlm.device
-    t0 = time.perf_counter()
-    df = patching.run_patches(lvlm, base, source, patches, correct, cands, targets, batch_size=batch_size)
-    _sync(dev)
-    batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    loop = _loop_patching(lvlm, base, source, patches, correct, cands, targets)
-    _sync(dev)
-    looped = time.perf_counter() - t0
-    got = torch.tensor([[df[(df.item == i) & (df.site == p.site) & (df.group == p.group)].metric.iloc[0]
-                         for i in range(loop.shape[1])] for p in patches], dtype=torch.float32)
-    err = float((got - loop).abs().max())
-    tol = 1e-3 if next(lvlm.model.parameters()).dtype == torch.float32 else 0.25
-    if err > tol:
-        raise AssertionError(f"batched and looped patching disagree by {err}")
-    return {"patches": len(patches), "items": loop.shape[1], "batched_s": batched, "loop_s": looped,
-            "speedup": looped / batched, "max_abs_diff": err}
 
 
 ATTRIBUTION_METHODS = (("atp", 1), ("atp", 8), ("conductance", 4), ("conductance", 32), ("site_ig", 4))
@@ -188,18 +120,6 @@ def attribution_vs_exact(lvlm: LVLM, base, source, patches, correct, cands, targ
     return {**out, **res}
 
 
-def placement_batch(lvlm: LVLM, n: int, size: tuple[int, int] = (336, 336)):
-    """n items as two placements (the image and its mirror), with the tiny vocabulary's answers."""
-    from interp import tiny
-    imgs = [tiny.image(*size, seed=s) for s in range(n)]
-    q = lvlm.prompt("what is this ?")
-    clean = lvlm.inputs(imgs, [q] * n)
-    corrupt = lvlm.inputs([im.transpose(0) for im in imgs], [q] * n)
-    cands = [lvlm.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
-    correct = torch.tensor([cands[i % 3] for i in range(n)])
-    return clean, corrupt, correct, cands, [(0, 8)] * n
-
-
 def scaling(device: str, sizes=(112, 336, 756), lm_layers: int = 2, vision_layers: int = 2,
             dtype=torch.float32) -> list[dict]:
     """Time and memory of a forward and of traces with 1 / 4 / all LM sites against the number of
@@ -234,14 +154,6 @@ def demo_phases(out: Path) -> dict:
     t0 = time.perf_counter()
     s = report.run("organism", out / "demo", progress=False)
     return {**s["timings"], "total_in_process_s": time.perf_counter() - t0}
-
-
-def organism_pairs(out: Path, n: int = 100):
-    from analyses.causal import placement_pairs
-    from probes.build import shapes_probe
-    m = interp.load("organism")
-    probe = shapes_probe(out / "probe", n_items=n, seed=0, progress=False).parent
-    return m, placement_pairs(m, probe, 8, 0, n_items=n)
 
 
 def run(out: str | Path, quick: bool = False, device: str = "cpu", real_layers: int = 2,
@@ -333,98 +245,3 @@ def markdown(res: dict) -> str:
         d = res["demo"]
         lines += ["", "Demo phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in d.items())]
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------
-# memory: peak per analysis at real widths, measured in a fresh process, against analyses.estimate
-
-
-MEMORY_ANALYSES = ("forward", "flow", "knockout", "patching", "attribution")
-
-
-def _proc_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmHWM", "VmRSS")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-def real_model(name: str, layers: int, dtype=torch.bfloat16, device: str = "cpu", vision_layers: int | None = None):
-    """(LVLM, image size) of a real-shape model with ``layers`` LM layers and as many vision
-    blocks (at most the real count; random weights)."""
-    from interp import realshape
-    spec = realshape.REAL[name]
-    model, proc = spec.build(layers, vision_layers or min(layers, spec.vision_layers), dtype=dtype, device=device)
-    return interp.load(model, proc), spec.image_px
-
-
-def memory_child(spec: dict) -> dict:
-    """One measurement (run in a fresh process by :func:`memory`): build the model, warm up with
-    one row, reset the kernel's peak-RSS mark (``/proc/self/clear_refs`` 5), run the analysis step
-    with ``spec["rows"]`` rows, and report the peak growth beside :func:`analyses.estimate.activation_peak`."""
-    from analyses import estimate
-    from interp import attention, attribution
-    torch.set_num_threads(spec.get("threads", 2))
-    dtype = getattr(torch, spec.get("dtype", "bfloat16"))
-    lvlm, size = real_model(spec["model"], spec["layers"], dtype, vision_layers=spec.get("vision_layers"))
-    size = tuple(spec.get("image_px") or size)
-    R, kind = spec["rows"], spec["analysis"]
-    n = max(1, R // 2) if kind in ("patching", "attribution") else R
-    clean, corrupt, correct, cands, targets = placement_batch(lvlm, n, size)
-    with torch.no_grad():
-        lvlm.run(lvlm.rows(clean, [0]), last_only=True)  # warm-up: lazy buffers, kernels
-    cfg = lvlm.model.config.to_dict()
-    px = tuple(clean["pixel_values"].shape[-2:]) if clean["pixel_values"].dim() == 4 else size
-    shapes = estimate.Shapes.from_config(cfg, spec.get("dtype", "bfloat16"), image_px=px).with_run(
-        clean["input_ids"].shape[1], vision_tokens_per_row(lvlm, clean))
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    base = _proc_status()["VmRSS"]
-    t0 = time.perf_counter()
-    if kind == "forward":
-        with torch.no_grad():
-            lvlm.run(clean, last_only=True)
-    elif kind == "flow":
-        attention.cell_flow(lvlm, clean)
-    elif kind == "knockout":
-        with torch.no_grad():
-            lvlm.run(clean, [attention.Knockout(cells=(0,), query="text")], last_only=True)
-    elif kind == "patching":
-        patching.run_patches(lvlm, corrupt, clean, patching.default_patches(lvlm), correct, cands, targets,
-                             batch_size=R)
-    elif kind == "attribution":  # what the attribution analysis runs: plain AtP over the default patches
-        attribution.attribution_patching(lvlm, corrupt, clean, patching.default_patches(lvlm), correct, cands,
-                                         targets, batch_size=R)
-    else:
-        raise ValueError(kind)
-    seconds = time.perf_counter() - t0
-    grown = _proc_status()["VmHWM"] - base
-    predicted = estimate.activation_peak(shapes, estimate.profiles(kind)[-1], R)
-    return {**spec, "seq_len": shapes.seq_len, "vision_tokens": shapes.vision_tokens, "measured_bytes": grown,
-            "predicted_bytes": predicted, "ratio": predicted / max(grown, 1), "seconds": seconds,
-            "weights_bytes": sum(lvlm.weight_bytes().values())}
-
-
-def vision_tokens_per_row(lvlm: LVLM, inputs) -> int:
-    """Tokens per row through the vision tower, from the inputs (the adapter counts them)."""
-    return lvlm.adapter.vision_tokens(lvlm.model, inputs) // lvlm.batch(inputs).rows
-
-
-def measure_memory(spec: dict) -> dict:
-    """:func:`memory_child` in a fresh Python process (its own peak RSS; large blocks mmapped so
-    freed memory leaves the RSS: ``MALLOC_MMAP_THRESHOLD_=65536``)."""
-    import os
-    import subprocess
-    import sys
-    code = ("import json, sys; from analyses.bench import memory_child; "
-            "print('RESULT ' + json.dumps(memory_child(json.loads(sys.argv[1]))))")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env,
-                       cwd=str(Path(__file__).resolve().parents[1]))
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"memory measurement {spec} failed: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(line[len("RESULT "):])

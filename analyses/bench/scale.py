@@ -1,12 +1,12 @@
 """Scale sections of ``spatialbias bench`` (``--only memory,speed,sharding,screen``):
 
 * ``memory``: peak memory per analysis at LLaVA-1.5-7B and Qwen2.5-VL-7B widths (random weights,
-  bf16, 1–2 LM layers, CPU), measured in a fresh process each (:func:`analyses.bench.measure_memory`)
+  bf16, 1–2 LM layers, CPU), measured in a fresh process each (:func:`analyses.bench.memory.measure_memory`)
   against :func:`analyses.estimate.activation_peak`; the per-layer growth measured vs predicted
   (linear in layers), and the memory model's 32-layer figure for ``spatialbias report``.
 * ``speed``: a full position-swap patching map (every LM block × target/image/text/last × items,
   denoising) by :func:`interp.patching.run_patches` vs the per-patch loop one writes by hand
-  (:func:`analyses.bench._loop_patching`: per item one cached source run, then one hooked forward
+  (:func:`analyses.bench.common._loop_patching`: per item one cached source run, then one hooked forward
   per patch), outputs asserted equal, on tiny models, the organism and 7B widths.
 * ``sharding``: every tiny architecture split across CPU and disk (accelerate), logits equal.
 * ``screen``: how often ``--screen K`` misses an exact effect ≥ 5 % of the gap on the organism.
@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 
 import interp
-from analyses import bench as b, estimate
+from analyses import estimate
+from analyses.bench import common as b
+from analyses.bench import memory as mem
 from interp import patching
 
 SECTIONS = ("memory", "speed", "sharding", "screen")
 
 
-def memory(models=("llava15", "qwen25vl"), layers=(2, 8), analyses=b.MEMORY_ANALYSES, rows: int = 2,
+def memory(models=("llava15", "qwen25vl"), layers=(2, 8), analyses=mem.MEMORY_ANALYSES, rows: int = 2,
            parallel: int = 2, vision_layers: int = 2) -> dict:
     """Measured vs predicted peak (bytes above the loaded model) per model, LM layers and analysis,
     ``parallel`` fresh processes at a time (one torch thread each), the vision tower fixed at
@@ -38,7 +40,7 @@ def memory(models=("llava15", "qwen25vl"), layers=(2, 8), analyses=b.MEMORY_ANAL
               **_px(m)}
              for m in models for n in layers for a in analyses]
     with ThreadPoolExecutor(parallel) as pool:
-        got = list(pool.map(b.measure_memory, specs))
+        got = list(pool.map(mem.measure_memory, specs))
     return {"runs": got, "linear": linear(got), "report_llava7b": report_prediction()}
 
 

@@ -7,8 +7,8 @@ the wrapper with no intervention reproduces HF's logits bit for bit, and times, 
 the bare HF forward against the wrapper with no intervention, BaPA and AGCI (medians over
 repeats after warm-up; the ratios are the result).
 
-    python benchmarks/real_scale.py --device cuda --out OUT          # all 32 layers (GPU)
-    python benchmarks/real_scale.py --device cpu --lm-layers 2 --vision-layers 2 --batch 1
+    python -m analyses.bench.real_scale --device cuda --out OUT          # all 32 layers (GPU)
+    python -m analyses.bench.real_scale --device cpu --lm-layers 2 --vision-layers 2 --batch 1
 """
 from __future__ import annotations
 

@@ -1,0 +1,181 @@
+"""What every patching scheme shares: a :class:`Patch` (site, token group, position), the token
+groups (:data:`GROUPS`) and their masks per site, the metric (answer logit difference), the
+restoration table, the default patches, and the row / edit helpers of the batched forwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from interp.model import LVLM
+from interp.sites import resolve
+from spatialbias.errors import SpatialBiasError
+
+
+GROUPS = ("target", "image", "text", "last", "all")
+"""Token groups: ``target`` the image tokens of the target's cells (its cell in either
+placement), ``image`` all image tokens, ``text`` the text after the image (the question and
+chat suffix), ``last`` the final token, ``all`` every position."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A site and a token group, or (``position`` set) one position of the site: an index into
+    the padded sequence at LM sites, into the row's flattened vision positions at vision sites
+    and the projector."""
+    site: str
+    group: str = "all"
+    position: int | None = None
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise SpatialBiasError(f"unknown token group {self.group!r}; use one of {', '.join(GROUPS)}")
+
+
+def logit_diff(last_logits: torch.Tensor, correct: torch.Tensor, candidates: Sequence[int]) -> torch.Tensor:
+    """(B,) logit of the correct token minus the best other candidate. ``correct``: (B,) token ids."""
+    cand = torch.as_tensor(list(candidates), device=last_logits.device)
+    lg = last_logits.float()
+    correct = correct.to(lg.device)
+    right = lg.gather(1, correct[:, None])[:, 0]
+    others = lg[:, cand].masked_fill(cand[None, :] == correct[:, None], float("-inf")).max(-1).values
+    return right - others
+
+
+def group_masks(lvlm: LVLM, inputs: dict[str, torch.Tensor], targets: Sequence[Sequence[int]],
+                grid: tuple[int, int] = (3, 3), imap=None) -> dict[str, torch.Tensor]:
+    """(B, L) bool masks of every token group; ``targets[b]``: the target cells of row b (in every
+    image of the row)."""
+    batch = lvlm.batch(inputs)
+    imap = imap if imap is not None else batch.imap
+    mask = batch["attention_mask"].bool()
+    cells = imap.cells(*grid)
+    tgt = torch.zeros_like(mask)
+    for b, ts in enumerate(targets):
+        for t in ts:
+            tgt[b] |= cells[b] == t
+    after = torch.zeros_like(mask)
+    for b in range(mask.shape[0]):
+        img = imap.is_image[b].nonzero().flatten()
+        if len(img):
+            after[b, int(img[-1]) + 1:] = True
+    last = torch.zeros_like(mask)
+    last[:, -1] = True
+    return {"target": tgt, "image": imap.is_image.clone(), "text": after & mask, "last": last, "all": mask}
+
+
+def _check_site(lvlm: LVLM, site: str):
+    s = resolve(lvlm.adapter, lvlm.model, site)
+    if s.canonical == "lm.rotary":
+        raise SpatialBiasError("lm.rotary cannot be activation-patched; use position-id patching (PositionSwap)")
+    if s.tokens is None or s.canonical == "unembed":
+        raise SpatialBiasError(f"{site} has no token axis to patch; patch a residual, attention, MLP, head, "
+                               "vision or projector site")
+    return s
+
+
+def site_groups(lvlm: LVLM, batch, site: str, targets: Sequence[Sequence[int]],
+                grid: tuple[int, int] = (3, 3)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The token groups of a site, read from the site's own token order.
+
+    Returns ((B, T) flat indices of each row's T tokens in the site's order, {group: (B, T) bool}).
+    LM sites have every group of :func:`group_masks` (T = L); vision-side sites (vision blocks,
+    ``vision.out``, the projector) have ``all``, ``image`` (every token of the row's images) and
+    ``target`` (patches whose cell is one of the row's targets on that site's patch grid).
+    """
+    s = _check_site(lvlm, site)
+    smap = lvlm.token_map(batch, site)
+    B = batch.rows
+    rows = [(smap.batch_row == b).nonzero().flatten() for b in range(B)]
+    if len({len(r) for r in rows}) > 1:
+        raise SpatialBiasError(f"rows hold different numbers of tokens at {site}; patch rows of the same image size")
+    idx = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
+    if s.tokens == "lm":
+        return idx, group_masks(lvlm, batch, targets, grid=grid)
+    cells = smap.cells(*grid)[idx]
+    tgt = torch.zeros_like(idx, dtype=torch.bool)
+    for b, ts in enumerate(targets):
+        tgt[b] = torch.isin(cells[b], torch.as_tensor(list(ts), dtype=cells.dtype, device=cells.device))
+    every = torch.ones_like(idx, dtype=torch.bool)
+    return idx, {"all": every, "image": every.clone(), "target": tgt}
+
+
+def _selection(idx: torch.Tensor, masks: dict, row: int, patch: "Patch") -> torch.Tensor:
+    """(n,) flat token indices of ``patch``'s tokens of ``row``, in the site's order."""
+    if patch.position is not None:
+        if not 0 <= patch.position < idx.shape[1]:
+            raise SpatialBiasError(f"position {patch.position} does not exist at {patch.site} "
+                                   f"({idx.shape[1]} positions per row)")
+        return idx[row, patch.position:patch.position + 1]
+    if patch.group not in masks:
+        raise SpatialBiasError(f"group {patch.group!r} is not defined at {patch.site} (a vision-side site); use "
+                               f"{', '.join(masks)}")
+    return idx[row][masks[patch.group][row]]
+
+
+def _row(i: int, p: Patch, metric: float, base_metric: float, source_metric: float) -> dict:
+    return {"item": i, "site": p.site, "group": p.group, "position": p.position, "metric": float(metric),
+            "base_metric": float(base_metric), "source_metric": float(source_metric)}
+
+
+def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]]) -> dict:
+    """Edits copying, for every (patch, source row, patched row), the patch's tokens of the source
+    row onto the patched row, at the patch's site (within one forward)."""
+    ops: dict[str, tuple[list, list]] = {}
+    for p, src_row, dst_row in copies:
+        src = _selection(*groups[p.site], src_row, p)
+        dst = _selection(*groups[p.site], dst_row, p)
+        if len(src) != len(dst):
+            raise SpatialBiasError(f"rows hold different token layouts at {p.site}; patching needs placements of "
+                                   "the same prompt and image size")
+        d, sr = ops.setdefault(p.site, ([], []))
+        d.append(dst)
+        sr.append(src)
+    return {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
+            for site, (d, sr) in ops.items()}
+
+
+def _copy(x: torch.Tensor, n: int, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Copy tokens ``src`` onto tokens ``dst`` of ``x`` viewed as (n, …) (the site's token axis).
+    In place when no graph is recorded (the module's fresh output feeds only the next module),
+    else on a clone."""
+    if x.requires_grad:
+        x = x.clone()
+    x = x.contiguous()
+    view = x.view(n, -1)
+    view[dst.to(x.device)] = view[src.to(x.device)]
+    return x
+
+
+def restoration(df: pd.DataFrame, direction: str) -> pd.DataFrame:
+    """Per (site, group): normalised restoration (see module doc), from item means.
+
+    ``direction``: ``"denoise"`` (base = corrupt, source = clean) or ``"noise"`` (base = clean,
+    source = corrupt). Columns: site, group, restoration, patched, clean, corrupt, n_items.
+    """
+    g = df.groupby(["site", "group"], sort=False)[["metric", "base_metric", "source_metric"]].mean()
+    if direction == "denoise":
+        clean, corrupt = g["source_metric"], g["base_metric"]
+        r = (g["metric"] - corrupt) / (clean - corrupt)
+    elif direction == "noise":
+        clean, corrupt = g["base_metric"], g["source_metric"]
+        r = (clean - g["metric"]) / (clean - corrupt)
+    else:
+        raise SpatialBiasError(f"direction {direction!r}: use 'denoise' or 'noise'")
+    res = pd.DataFrame({"restoration": r, "patched": g["metric"], "clean": clean, "corrupt": corrupt})
+    res["n_items"] = df.groupby(["site", "group"], sort=False)["item"].nunique()
+    res["direction"] = direction
+    return res.reset_index()
+
+
+def default_patches(lvlm: LVLM, groups: Sequence[str] = ("target", "image", "text", "last")) -> list[Patch]:
+    """Vision blocks and projector (``all``), then every LM block output × ``groups``."""
+    a, m = lvlm.adapter, lvlm.model
+    out = [Patch(f"vision.blocks.{i}") for i in range(a.layer_count(m, "vision"))]
+    out.append(Patch("projector"))
+    out += [Patch("lm.input", g) for g in groups]
+    out += [Patch(f"lm.blocks.{i}", g) for i in range(a.layer_count(m, "lm")) for g in groups]
+    return out
