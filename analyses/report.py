@@ -76,6 +76,10 @@ def plan_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> tuple[lis
     """The figures this folder supports (each registered analysis' ``figures``), each with its
     caption, and for each section without data the reason."""
     specs = [spec for a in registry.analyses().values() if a.figures for spec in a.figures(df, tables)]
+    order = {run: k for k, run in enumerate(summ.runs(df))}
+    top = sorted((x for x in specs if x.section == "verdict"), key=lambda x: (
+        order.get((x.kwargs.get("model"), x.kwargs.get("probe")), len(order)), x.function != "causal_graph"))
+    specs = top + [x for x in specs if x.section != "verdict"]  # page order: per run, its causal graph first
     for s in specs:
         s.caption = s.caption or figures.caption(s.function)
     skipped = {x.anchor: "no rows for it in this run (its analysis was not run, or has too little to show)."
