@@ -162,12 +162,15 @@ def joint_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int = 64) -> pd.DataF
 def vision_position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame | None:
     """The vision-side position patch per item: the corrupt run with the vision tower's position
     code of the corrupt and clean cells swapped (:class:`interp.interventions.VisionPositionSwap`),
-    the LM's ids untouched. Site ``vision.embed``, group ``vision_position``; None for a tower
-    without a learned position table (the component is then n/a)."""
+    the LM's ids untouched. Site ``vision.embed``, group ``vision_position``; None (the component
+    is then n/a) for a tower without a learned position table, or whose patch grid the probe's
+    grid does not divide (the two cells' patches do not pair up)."""
     from interp.interventions import VisionPositionSwap
     if lvlm.adapter.vision_position_table(lvlm.model) is None:
         return None
     swap = VisionPositionSwap(a=pairs.corrupt_cell, b=pairs.clean_cell, grid=pairs.grid)
+    if not swap.pairs_up(lvlm, pairs.corrupt):
+        return None  # the grid does not divide the tower's patch grid: the two cells' patches do not pair
     clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs, batch_size), item_metric(lvlm, pairs.corrupt, pairs,
                                                                                           ivs, batch_size)
     patched = item_metric(lvlm, pairs.corrupt, pairs, list(ivs) + [swap], batch_size)

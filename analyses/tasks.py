@@ -62,11 +62,18 @@ def probe_rows(lvlm, cond: Condition, ctx: Context, rows, profile: str = "forwar
     return ctx.rows(lvlm, profile, sample, f"{cond.analysis} on {cond.probe}")
 
 
+def patched_count(n_items: int, items: int) -> int:
+    """How many of a probe's ``n_items`` items the causal analyses patch when asked for ``items``:
+    at most ``items``, and never the last third (rounded up) of the probe, which is held out to
+    choose the cells on (``cells = "auto"``)."""
+    return max(0, min(items, n_items - -(-n_items // 3)))
+
+
 def held_out(rows, items: int) -> list:
     """The probe rows of the items the causal analyses do not patch: every item after the first
-    ``items`` (in probe order, the ones :func:`analyses.causal.placement_pairs` takes)."""
+    :func:`patched_count` (in probe order, the ones :func:`analyses.causal.placement_pairs` takes)."""
     ids = list(dict.fromkeys(r.id for r in rows))
-    patched = set(ids[:items])
+    patched = set(ids[:patched_count(len(ids), items)])
     return [r for r in rows if r.id not in patched]
 
 
@@ -83,11 +90,11 @@ def cells_of(lvlm, cond: Condition, ctx: Context) -> tuple[int, int]:
         from analyses.metrics import cell_metrics
         good, _ = check_probe(cond.probe_path)
         rows = held_out([r for _, r in good], int(cond.options.get("items") or 0))
-        if not rows:
-            raise SpatialBiasError(f"{cond.probe}: cells = \"auto\" chooses the best and worst cell on items the "
-                                   f"causal analyses do not patch, but all {len({r.id for _, r in good})} items are "
-                                   f"patched (items = {cond.options.get('items')}); build a larger probe, use fewer "
-                                   "causal items, or name the cells (patch_cells / --clean-cell --corrupt-cell)")
+        if not rows or len(rows) == len(good):
+            raise SpatialBiasError(f"{cond.probe}: cells = \"auto\" chooses the best and worst cell on held-out items "
+                                   f"and patches the others, but the probe has {len({r.id for _, r in good})} item(s); "
+                                   "build a probe of 2 or more items, or name the cells (patch_cells / --clean-cell "
+                                   "--corrupt-cell)")
         df = score_probe(lvlm, cond.probe_path, {"baseline": []}, progress=False, rows=rows,
                          batch_size=probe_rows(lvlm, cond, ctx, rows))
         acc = np.asarray(cell_metrics(df, seed=cond.seed)["cell_accuracy"])
@@ -101,7 +108,11 @@ def pairs_of(lvlm, cond: Condition, ctx: Context) -> causal.Pairs:
     clean, corrupt = cells_of(lvlm, cond, ctx)
     key = (cond.probe_path, clean, corrupt, cond.options["items"])
     if key not in ctx.pairs:
-        ctx.pairs[key] = causal.placement_pairs(lvlm, cond.probe_path, clean, corrupt, n_items=cond.options["items"])
+        items = cond.options["items"]
+        if cond.options.get("cells", "auto") == "auto":  # the held-out items chose the cells: patch the others
+            from probes.format import read_rows
+            items = patched_count(len({r.id for r in read_rows(cond.probe_path)}), items)
+        ctx.pairs[key] = causal.placement_pairs(lvlm, cond.probe_path, clean, corrupt, n_items=items)
     return ctx.pairs[key]
 
 

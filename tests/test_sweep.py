@@ -97,7 +97,7 @@ def test_results_table_is_tidy(reference):
     agci = reference[reference.intervention == "agci:0.5"]
     assert (agci["lambda"] == 0.5).all() and reference[reference.family == "baseline"]["lambda"].isna().all()
     pat = reference[(reference.analysis == "patching") & (reference.metric == "restoration_denoise")]
-    assert set(pat.group) == {"target", "image", "text", "last", "all", "moved"}
+    assert set(pat.group) == {"target", "image", "text", "last", "all", "moved", "joint", "vision_position"}
     flow = reference[reference.analysis == "flow"]
     assert set(flow.metric) == {"attention_to_target", "attention_spread"} and flow.layer.notna().all()
     spread = flow[flow.metric == "attention_spread"]
@@ -272,7 +272,7 @@ def test_the_real_sweeps_report_renders(sweep_dir, reference, tmp_path):
     specs, skipped = rep.plan_figures(reference, {a: store.read_details(sweep_dir / "ref", reference, a)
                                                    for a in ("flow", "eval")})
     figs = [i for i in p.imgs if ": " in i["alt"]]  # figures; the others are the probe sample's thumbnails
-    assert set(skipped) == {"probe-side", "knockout"} and len(figs) == len(specs) >= 9
+    assert set(skipped) == {"probe-side", "knockout", "logit-lens", "cell-probes"} and len(figs) == len(specs) >= 9
     assert len(p.imgs) - len(figs) == 2 * 9  # one item at all 9 positions of each (model, probe)
     assert all(a in p.ids for a in p.toc_links)
     for img in p.imgs:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from analyses import causal
 from analyses.registry import Analysis, FigureSpec, Section, having, model_probes, register, stem
-from analyses.tasks import Context, pair_rows, pairs_of, rng_of
+from analyses.tasks import Context, pair_rows, pairs_of, patched_count, rng_of
 from spatialbias.errors import SpatialBiasError
 
 
@@ -40,8 +40,9 @@ def causal_sizes(cond, probe_rows: int, items: int) -> tuple[int, int, int]:
     picks the cells on the held-out items when they are "auto") — what the cost of every causal
     analysis starts from."""
     cells = max(1, round(probe_rows / max(items, 1)))
-    n = min(cond.options.get("items", 20), items)
-    return cells, n, cells * (items - n) if cond.options.get("cells") == "auto" else 0
+    auto = cond.options.get("cells") == "auto"
+    n = patched_count(items, cond.options.get("items", 20)) if auto else min(cond.options.get("items", 20), items)
+    return cells, n, cells * (items - n) if auto else 0
 
 
 def cost(cond, probe_rows: int, items: int, lm_layers: int) -> int:

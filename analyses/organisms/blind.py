@@ -35,13 +35,19 @@ MIXTURES: dict[str, tuple[float, set[str]]] = {
     "mixture-strong": (2.0, {MIX, MIX_CODE, VISION, VISION_CODE})}
 """name → (s, expected label kinds): planted-lm seed 0 with cell 0's CLIP position embedding moved
 by s × its norm along a fixed random direction."""
+MIXTURES2: dict[str, tuple[float, set[str]]] = {
+    "mixture2-weak": (0.25, {LM_IDS, MIX, MIX_CODE}), "mixture2-medium": (0.5, {MIX, MIX_CODE}),
+    "mixture2-strong": (1.0, {MIX, MIX_CODE, VISION, VISION_CODE})}
+"""Round 2 (registered after round 1's mixtures planted no deficit): name → (c, expected kinds),
+the shift c × the mean patch-content norm at ``vision.embed`` (:func:`content_norm`)."""
 NULL_PROBE_SEEDS = tuple(range(100, 120))
 PROBE = {"build": "shapes", "n": 300, "seed": 12345, "cell_px": 16}
 
 
-def mixture(src: Path, s: float, out: Path) -> Path:
+def mixture(src: Path, s: float, out: Path, shift: float | None = None) -> Path:
     """planted-lm with a vision-side deficit in cell 0: row 1 of CLIP's position embedding (cell
-    0's one patch; row 0 is CLS) plus s × its norm along a unit direction drawn with torch seed 0."""
+    0's one patch; row 0 is CLS) plus s × its norm (or ``shift``, an absolute length) along a unit
+    direction drawn with torch seed 0."""
     import torch
 
     import interp
@@ -50,10 +56,28 @@ def mixture(src: Path, s: float, out: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     d = torch.randn(w.shape[1], generator=g)
     with torch.no_grad():
-        w[1] += s * w[1].norm() * d / d.norm()
+        w[1] += (shift if shift is not None else s * w[1].norm()) * d / d.norm()
     m.model.save_pretrained(out)
     m.processor.save_pretrained(out)
     return out
+
+
+def content_norm(src: Path, probe: Path) -> float:
+    """The mean L2 norm of the patch content at ``vision.embed`` (its output minus the position
+    embedding) over the patch tokens of the probe's first 18 images, on the model at ``src``."""
+    import torch
+
+    import interp
+    from analyses.evaluate import load_image
+    from interp.tracing import trace
+    from probes.format import find_probe, read_rows
+    m = interp.load(src)
+    rows = read_rows(find_probe(probe))[:18]
+    x = m.inputs([load_image(probe, r, r.image) for r in rows], [m.prompt("what colour is the circle ?")] * len(rows))
+    with torch.no_grad():
+        e = trace(m, x, cache=["vision.embed"]).cache["vision.embed"]
+    pe = m.adapter.module(m.model, "vision.embed").position_embedding.weight
+    return float((e[:, 1:] - pe[1:]).norm(dim=-1).mean())
 
 
 def models(out: Path, ckpt: Path | None, skip_missing: bool = False) -> dict[str, str]:
@@ -93,10 +117,30 @@ def mapping(folders: dict[str, str]) -> dict:
             "analysis": {"patching": {"interventions": ["baseline"]}}}
 
 
+def round2(out: Path) -> dict[str, str]:
+    """Round 2's mixtures in ``out/models`` (the main probe built first, to measure the content norm)."""
+    from probes.build import shapes_probe
+    from analyses.organisms.zoo import get
+    src = get("planted-lm", 0)
+    probe = out / "probe-main"
+    if not (probe / "probe.jsonl").is_file():
+        shapes_probe(probe, n_items=PROBE["n"], seed=PROBE["seed"], cell_px=PROBE["cell_px"], progress=False)
+    norm = content_norm(src, probe)
+    folders = {}
+    for name, (c, _) in MIXTURES2.items():
+        target = out / "models" / name
+        if not (target / "model.safetensors").is_file():
+            mixture(src, 0.0, target, shift=c * norm)
+        folders[name] = str(target)
+    atomic_write_text(out / "content_norm.json", json.dumps({"content_norm": norm}))
+    return folders
+
+
 def score(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, probe): the diagnosis, its components and whether it is informative and
     matches the pre-registered label kinds."""
-    expected = {**{n: e for n, (_, _, e) in MODELS.items()}, **{n: e for n, (_, e) in MIXTURES.items()}}
+    expected = {**{n: e for n, (_, _, e) in MODELS.items()}, **{n: e for n, (_, e) in MIXTURES.items()},
+                **{n: e for n, (_, e) in MIXTURES2.items()}}
     rows = []
     for (model, probe), d in df.groupby(["model", "probe"], sort=False):
         null = model.startswith("uniform")
@@ -114,6 +158,31 @@ def score(df: pd.DataFrame) -> pd.DataFrame:
                         for s, v in (("", "value"), ("_lo", "ci_low"), ("_hi", "ci_high"))},
                      "gap": (dg.get("gap") or {}).get("value")})
     return pd.DataFrame(rows)
+
+
+def uniform_checks(run: Path, model: str = "uniform-s0", shuffles: int = 50, seed: int = 0) -> dict:
+    """What the uniform organism's eval rows say beyond one probe: its cells pooled over every probe
+    it was scored on (is there a small real effect?), and the paired test on its real answers with
+    the cells shuffled within each item (the exact null: the test's false-positive rate there)."""
+    import numpy as np
+
+    from analyses.metrics import cell_metrics, item_matrix, paired_test
+    res = pd.read_parquet(run / "results.parquet")
+    u = res[(res.model == model) & (res.analysis == "eval") & (res.intervention == "baseline")]
+    rng = np.random.default_rng(seed)
+    frames, ps = [], []
+    for cid, det in u.groupby("condition_id").details.first().items():
+        d = pd.read_parquet(run / det)
+        frames.append(d.assign(id=cid + ":" + d["id"].astype(str)))
+        wide = item_matrix(d, 9)
+        ps += [paired_test(np.array([rng.permutation(r) for r in wide]), rng, 200)[2] for _ in range(shuffles)]
+    m = cell_metrics(pd.concat(frames, ignore_index=True), n_resamples=500)
+    ps = np.asarray(ps, float)
+    return {"probes": len(frames), "pooled_items": int(sum(len(f) for f in frames) // 9),
+            "pooled_cell_accuracy": [round(x, 3) for x in m["cell_accuracy"]],
+            "pooled_range_debiased": m["range_debiased"], "pooled_range_ci": m["range_ci"],
+            "pooled_paired_p": m["paired_p"], "shuffled_probes": len(ps), "fpr_05": float((ps < 0.05).mean()),
+            "fpr_01": float((ps < 0.01).mean())}
 
 
 def markdown(tab: pd.DataFrame) -> str:
@@ -134,10 +203,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--skip-missing", action="store_true")
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2))
     a = ap.parse_args(argv)
     from analyses import plan as planmod, runner
-    folders = models(a.out, a.ckpt, a.skip_missing)
-    plan = planmod.from_mapping(mapping(folders), Path.cwd(), a.out / "run", "blind campaign")
+    folders = round2(a.out) if a.round == 2 else models(a.out, a.ckpt, a.skip_missing)
+    cfg = mapping(folders)
+    if a.round == 2:
+        cfg["probes"] = {"main": cfg["probes"]["main"]}
+    plan = planmod.from_mapping(cfg, Path.cwd(), a.out / "run", "blind campaign")
     res = runner.run(plan, a.out / "run", progress=True)
     if res["failed"]:
         raise SystemExit(f"{len(res['failed'])} conditions failed: {res['failed'][0]}")
@@ -149,6 +222,8 @@ def main(argv=None) -> None:
         "informative": int(len(inf)), "matches": int(inf.match.sum()),
         "null_runs": int(tab.model.str.startswith("uniform").sum()),
         "null_false_positives": int((tab.model.str.startswith("uniform") & (tab.kind != NONE)).sum())}, indent=1))
+    if a.round == 1:
+        atomic_write_text(a.out / "uniform.json", json.dumps(uniform_checks(a.out / "run"), indent=1))
     print(markdown(tab))
 
 

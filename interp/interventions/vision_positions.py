@@ -58,6 +58,15 @@ class VisionPositionSwap(Intervention):
             return out.view_as(x)
         return {"vision.embed": swap}
 
+    def pairs_up(self, lvlm, batch) -> bool:
+        """Whether the two cells' vision patches pair one to one on ``batch`` (else :meth:`edits`
+        refuses)."""
+        try:
+            self._pairs(lvlm.adapter.vision_fields(lvlm.model, lvlm.batch(batch), "vision.embed")[0])
+        except SpatialBiasError:
+            return False
+        return True
+
     def decode_edits(self, lvlm, batch, step: int) -> dict[str, Edit]:
         """Nothing: the vision tower runs in the prompt's forward only."""
         return {}
