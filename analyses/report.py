@@ -145,10 +145,15 @@ def _verdict_html(run: dict) -> str:
     e = html.escape
     parts = [f"<div class='verdict'><h3>{e(run['model'])} · {e(run['probe'])}</h3>",
              f"<p class='measured'>Measured: {e(measured(run))}</p>", _warnings_html(run),
-             f"<p class='answer'><b>{e(run.get('verdict') or '')}</b></p>"]
+             f"<p class='answer'><b>{e(_without_note(run.get('verdict') or ''))}</b></p>"]
     if run.get("diagnosis"):
         parts.append(f"<p>{e(run['diagnosis']['text'])} <span class='rule'>(rule: analyses/diagnosis.py)</span></p>")
     return "".join(parts) + "</div>"
+
+
+def _without_note(verdict: str) -> str:
+    """The verdict without its leading "[…]" provenance note (the page shows it in its own box)."""
+    return verdict.split("] ", 1)[1] if verdict.startswith("[") and "] " in verdict else verdict
 
 
 def _details_html(run: dict) -> str:

@@ -56,7 +56,7 @@ def causal_graph(df: pd.DataFrame, model: Labels = None, probe: Labels = None, i
                     intervention)
     order = [iv for iv in intervention_order(d)]
     n = len(order)
-    fig, axes = plt.subplots(1, n, figsize=(min(MAX_WIDTH_IN, 2.9 * n), 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(min(MAX_WIDTH_IN, 2.9 * n), 2.25), squeeze=False)
     for ax, iv in zip(axes[0], order):
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.05)
