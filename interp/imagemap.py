@@ -162,3 +162,25 @@ def from_fields(per_image: Sequence[torch.Tensor], image_row: Sequence[int], ima
         f, img, row = f[order], img[order], row[order]
     return ImageTokenMap(image=img, view=f[:, 0], row=f[:, 1], col=f[:, 2], rows=f[:, 3], cols=f[:, 4],
                          batch_row=row)
+
+
+def keyed_by_place(idx: torch.Tensor, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``idx`` (k,) token indices of one cell, with their view, row and col (k,), sorted (stably)
+    by the key (view, row in cell, col in cell) — each view's coordinates measured from that view's
+    top-left patch of the cell — and those keys (k, 3): two cells' tokens of the same view and the
+    same place inside their cell get the same key, whatever order a site holds them in."""
+    if not len(idx):
+        return idx, torch.zeros(0, 3, dtype=torch.long, device=idx.device)
+    view, r, c = view.clone(), row.clone(), col.clone()
+    for v in view.unique():
+        sel = view == v
+        r[sel] -= r[sel].min()
+        c[sel] -= c[sel].min()
+    keys = torch.stack([view, r, c], 1)
+    flat = torch.zeros_like(idx)
+    for part in keys.T:
+        flat = flat * (int(part.max()) + 1) + part  # lexicographic: view, then row, then col
+    order = flat.argsort(stable=True)
+    return idx[order], keys[order]
+

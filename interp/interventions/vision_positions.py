@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from interp.imagemap import keyed_by_place
 from interp.interventions.base import Edit, Intervention, register
 from spatialbias.errors import SpatialBiasError
 
@@ -80,8 +81,10 @@ class VisionPositionSwap(Intervention):
             view, r, c, rows, cols = f.long().T
             patch = r >= 0
             cell = torch.where(patch, (r * gr // rows.clamp(min=1)) * gc + c * gc // cols.clamp(min=1), -1)
-            ia, ka = _keyed(torch.nonzero(cell == self.a).flatten(), view, r, c)
-            ib, kb = _keyed(torch.nonzero(cell == self.b).flatten(), view, r, c)
+            ia = torch.nonzero(cell == self.a).flatten()
+            ib = torch.nonzero(cell == self.b).flatten()
+            ia, ka = keyed_by_place(ia, view[ia], r[ia], c[ia])
+            ib, kb = keyed_by_place(ib, view[ib], r[ib], c[ib])
             if not len(ia) or ka.shape != kb.shape or not torch.equal(ka, kb):
                 raise SpatialBiasError(f"cells {self.a} and {self.b} hold {len(ia)} and {len(ib)} vision patches of "
                                        f"different layouts; the vision-side position patch needs cells of one shape "
@@ -91,19 +94,3 @@ class VisionPositionSwap(Intervention):
             start += f.shape[0]
         return torch.cat(dst), torch.cat(src)
 
-
-def _keyed(idx: torch.Tensor, view: torch.Tensor, r: torch.Tensor, c: torch.Tensor):
-    """``idx`` sorted (stably) by (view, row in cell, col in cell), with those keys (k, 3)."""
-    if not len(idx):
-        return idx, torch.zeros(0, 3, dtype=torch.long)
-    v, rr, cc = view[idx], r[idx].clone(), c[idx].clone()
-    for x in v.unique():
-        sel = v == x
-        rr[sel] -= rr[sel].min()
-        cc[sel] -= cc[sel].min()
-    keys = torch.stack([v, rr, cc], 1)
-    flat = torch.zeros_like(idx)
-    for part in keys.T:
-        flat = flat * (int(part.max()) + 1) + part
-    o = flat.argsort(stable=True)
-    return idx[o], keys[o]

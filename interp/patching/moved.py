@@ -11,6 +11,7 @@ import torch
 
 from interp.batch import concat, select_rows
 from interp.dispatch import forward, then
+from interp.imagemap import keyed_by_place
 from interp.interventions import Intervention
 from interp.interventions.base import lm_input_edit
 from interp.model import LVLM
@@ -25,19 +26,7 @@ def cell_keys(imap, row: int, cell: int, grid: tuple[int, int] = (3, 3)) -> tupl
     relative place get the same key whatever the LM's token order."""
     cells = imap.cells(*grid)[row]
     pos = (cells == cell).nonzero().flatten()
-    if not len(pos):
-        return pos, torch.zeros(0, 3, dtype=torch.long, device=pos.device)
-    view, r, c = imap.view[row][pos], imap.row[row][pos], imap.col[row][pos]
-    for v in view.unique():
-        sel = view == v
-        r[sel] -= r[sel].min()
-        c[sel] -= c[sel].min()
-    keys = torch.stack([view, r, c], 1)
-    flat = torch.zeros_like(pos)
-    for part in keys.T:
-        flat = flat * (int(part.max()) + 1) + part  # lexicographic: view, then row, then col
-    order = flat.argsort(stable=True)
-    return pos[order], keys[order]
+    return keyed_by_place(pos, imap.view[row][pos], imap.row[row][pos], imap.col[row][pos])
 
 
 def moved_slots(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int,
