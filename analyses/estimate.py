@@ -15,11 +15,9 @@ import numpy as np
 import pandas as pd
 
 import analyses.kinds  # noqa: F401  (registers the analyses whose costs and profiles it reads)
-from analyses import memory_model
 from analyses.memory_model import (DTYPE_BYTES, MIN_ROWS, TEXT_TOKENS, Shapes, activation_peak,  # noqa: F401
-                                   gib, lm_block_saved)
+                                   analysis_profiles, choose_rows, gib, lm_block_saved, profiles)
 from analyses.plan import Condition, Plan
-from analyses.registry import PROFILES
 from analyses.store import Store
 from spatialbias.errors import SpatialBiasError
 
@@ -144,28 +142,5 @@ def memory_row(cond: Condition, settings: dict) -> tuple[int, int | None, str]:
             return 0, s.weights + activation_peak(s, k, MIN_ROWS.get(k, 1)), str(e)
         steps.append((r, activation_peak(s, k, r)))
     return min(r for r, _ in steps), s.weights + max(p for _, p in steps), ""
-
-
-def analysis_profiles(analysis: str, options: dict | None = None) -> tuple[str, ...]:
-    """The memory profiles of an analysis' steps (its registered ``profile`` under ``options``):
-    the dry run prices each step under the budget and reports the largest peak."""
-    from analyses import registry
-    p = registry.get(analysis).profile(options or {})
-    return (p,) if isinstance(p, str) else tuple(p)
-
-
-def profiles(name: str) -> tuple[str, ...]:
-    """A memory profile named directly (:data:`analyses.registry.PROFILES`), else the profiles of
-    the analysis ``name`` at its default options."""
-    return (name,) if name in PROFILES else analysis_profiles(name)
-
-
-def choose_rows(s: Shapes, name: str, budget: int | None, limit: int, what: str = "") -> int:
-    """:func:`analyses.memory_model.choose_rows` for a profile or an analysis whose steps share one."""
-    kinds = profiles(name)
-    if len(kinds) != 1:
-        raise SpatialBiasError(f"{name}: its steps have the memory profiles {', '.join(kinds)}; choose rows per "
-                               "profile")
-    return memory_model.choose_rows(s, kinds[0], budget, limit, what)
 
 

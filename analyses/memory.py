@@ -4,14 +4,14 @@ has free) and, per analysis, the most rows per forward whose peak predicted by t
 
 Chunking changes how many rows share a forward, never a number: the chunked tables equal the
 unchunked ones exactly (tests/test_memory.py). Role: runner and tasks. May import ``interp``,
-``analyses.{memory_model, registry}``.
+``analyses.memory_model``.
 """
 from __future__ import annotations
 
 import psutil
 import torch
 
-from analyses import memory_model, registry
+from analyses import memory_model
 from spatialbias.errors import SpatialBiasError
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -68,14 +68,5 @@ def rows(lvlm, budget_bytes: int | None, analysis: str, inputs, limit: int, what
     if budget_bytes <= 0:
         raise SpatialBiasError(f"{what or analysis}: the weights alone fill --max-memory on {lvlm.device}; raise "
                                "--max-memory or offload weights (--device-map auto --offload-folder DIR)")
-    return memory_model.choose_rows(run_shapes(lvlm, inputs), profile_of(analysis), budget_bytes, limit, what)
+    return memory_model.choose_rows(run_shapes(lvlm, inputs), analysis, budget_bytes, limit, what)
 
-
-def profile_of(name: str) -> str:
-    """A memory profile named directly, else the one profile of the analysis ``name``'s steps."""
-    if name in registry.PROFILES:
-        return name
-    p = registry.get(name).profile({})
-    if not isinstance(p, str):
-        raise SpatialBiasError(f"{name}: its steps have the memory profiles {', '.join(p)}; choose rows per profile")
-    return p

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from analyses import registry
 from analyses.registry import PROFILES
 from spatialbias.errors import SpatialBiasError
 
@@ -209,13 +210,28 @@ MIN_ROWS = {"patching": 3, "attribution": 2}
 attribution a base row with its graph and its source row."""
 
 
+def analysis_profiles(analysis: str, options: dict | None = None) -> tuple[str, ...]:
+    """The memory profiles of an analysis' steps (its registered ``profile`` under ``options``):
+    the dry run prices each step under the budget and reports the largest peak."""
+    p = registry.get(analysis).profile(options or {})
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def profiles(name: str) -> tuple[str, ...]:
+    """A memory profile named directly (:data:`PROFILES`), else the profiles of the analysis
+    ``name`` at its default options."""
+    return (name,) if name in PROFILES else analysis_profiles(name)
+
+
 def choose_rows(s: Shapes, analysis: str, budget: int | None, limit: int, what: str = "") -> int:
-    """The most rows (≤ ``limit``) per step of memory profile ``analysis`` (:data:`PROFILES`)
-    whose predicted peak fits ``budget`` bytes of activations (None: ``limit``). One row that does
-    not fit is one error line naming the numbers."""
-    kind = analysis
-    if kind not in PROFILES:
-        raise SpatialBiasError(f"no memory profile {kind!r}; use {', '.join(PROFILES)}")
+    """The most rows (≤ ``limit``) per step of memory profile ``analysis`` (:data:`PROFILES`, or an
+    analysis whose steps share one profile) whose predicted peak fits ``budget`` bytes of
+    activations (None: ``limit``). One row that does not fit is one error line naming the numbers."""
+    kinds = profiles(analysis)
+    if len(kinds) != 1:
+        raise SpatialBiasError(f"{analysis}: its steps have the memory profiles {', '.join(kinds)}; choose rows per "
+                               "profile")
+    kind = kinds[0]
     lo = MIN_ROWS.get(kind, 1)
     if budget is None:
         return max(lo, limit)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analyses.diagnosis import LM_IDS, NONE, ORDER, VISION, VISION_CODE, diagnose, kind
+from spatialbias.errors import SpatialBiasError
 from spatialbias.files import atomic_write_text
 
 MIX = f"{LM_IDS} + {VISION}"
@@ -146,7 +147,7 @@ def score(df: pd.DataFrame) -> pd.DataFrame:
         null = model.startswith("uniform")
         try:
             dg = diagnose(d, model, probe)
-        except Exception as e:  # a false-positive null has no patching rows on the null probes
+        except SpatialBiasError as e:  # a significant null probe has no patching rows to decompose
             dg = {"label": f"bias found, not decomposed ({e})", "p": float("nan"), "components": {}}
         k = kind(dg["label"])
         informative = null or (dg["label"] not in (NONE,) and not dg["label"].startswith("bias not decomposed"))
