@@ -15,6 +15,7 @@ import hashlib
 import html
 import json
 import re
+import warnings
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -204,12 +205,13 @@ def zoo_table():
     return pd.DataFrame(rows)
 
 
-def graph_results() -> pd.DataFrame:
-    """Patching rows with the diagnosis' components under baseline, BaPA and AGCI: a read gap with
-    shares, BaPA's gap not read (NaN shares), AGCI without the vision position patch."""
+def graph_results(interventions=CAUSAL) -> pd.DataFrame:
+    """Patching rows with the diagnosis' components under each of ``interventions`` (default
+    baseline, BaPA and AGCI): a read gap with shares, BaPA's gap not read (NaN shares), AGCI
+    without the vision position patch."""
     rows = []
     m, p = NASTY, "shapes"
-    for iv in INTERVENTIONS[:2] + INTERVENTIONS[4:5]:
+    for iv in interventions:
         read = iv[1] != "bapa"
         v = (lambda x: x) if read else (lambda x: np.nan)
         rows.append(_row(m, p, iv, "patching", 0, metric="gap", value=2.0 if read else 0.1, ci_low=1.5 if read else
@@ -226,7 +228,8 @@ def graph_results() -> pd.DataFrame:
 
 
 CASES = {  # function → [(case id, table, kwargs)], the largest realistic panel counts
-    "causal_graph": [("3 conditions, long model label", "graph", {})],
+    "causal_graph": [("3 conditions, long model label", "graph", {}),
+                     ("9 conditions (a sweep's), long model label", "graph-9", {})],
     "cell_heatmaps": [("9 conditions, 3×3, 2 seeds", "synthetic", {"model": "organism", "probe": "shapes"}),
                       ("9 conditions, 4×4, 2 seeds", "big", {}),
                       ("p(correct), 9 conditions, 4×4", "big", {"metric": "p_correct"}),
@@ -264,7 +267,8 @@ def tables():
             "flow-small": flow_details(n_layers=2, n_cells=9), "shift": shift_details(),
             "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3)), "zoo": zoo_table(),
             "lens": lens_results(), "cellprobe": pd.concat([big, cellprobe_results()], ignore_index=True),
-            "cellprobe-only": cellprobe_results(), "graph": graph_results()}
+            "cellprobe-only": cellprobe_results(), "graph": graph_results(),
+            "graph-9": graph_results(INTERVENTIONS)}
 
 
 def test_every_figure_function_has_cases():
@@ -315,8 +319,12 @@ def test_text_is_readable_at_display_size(tables, tmp_path, function, case):
     """Every text is ≥ 9 pt as the report shows the PNG; shared colour scales with a colour bar;
     accuracy / p(correct) anchored at 0–1."""
     name, table, kwargs = CASES[function][case]
-    fig = getattr(figures, function)(tables[table], **kwargs)
-    png, _svg = figures.save(fig, tmp_path, "f")
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "Tight layout not applied"
+        warnings.simplefilter("always")
+        fig = getattr(figures, function)(tables[table], **kwargs)
+        png, _svg = figures.save(fig, tmp_path, "f")
+    layout = [str(w.message) for w in caught if "layout" in str(w.message).lower()]
+    assert not layout, f"{function} ({name}): the layout failed: {layout}"
     with Image.open(png) as im:
         width = im.size[0]
     texts = _texts(fig)

@@ -19,6 +19,8 @@ COMPONENTS = {  # name → (metric, site, group, layer-null): the rows a share i
 }
 NODES = {"image": (0.05, 0.35), "vision tower": (0.27, 0.35), "projector": (0.5, 0.35), "LM blocks": (0.73, 0.35),
          "answer": (0.94, 0.35), "vision position code": (0.27, 0.85), "LM position ids": (0.73, 0.85)}
+PER_ROW = 3
+"""Panels per row: a sweep's conditions wrap onto more rows, each panel as wide as the figure allows."""
 
 
 def _share(d: pd.DataFrame, iv: str, name: str) -> tuple[float, float, float] | None:
@@ -56,8 +58,12 @@ def causal_graph(df: pd.DataFrame, model: Labels = None, probe: Labels = None, i
                     intervention)
     order = [iv for iv in intervention_order(d)]
     n = len(order)
-    fig, axes = plt.subplots(1, n, figsize=(min(MAX_WIDTH_IN, 2.9 * n), 2.25), squeeze=False)
-    for ax, iv in zip(axes[0], order):
+    cols = min(n, PER_ROW)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(min(MAX_WIDTH_IN, 2.9 * cols), 2.25 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, iv in zip(axes.flat, order):
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.05)
         ax.axis("off")
