@@ -85,11 +85,18 @@ class ImageTokenMap:
 
 def image_fields(views) -> torch.Tensor:
     """(n_tokens, 5) long: view, row, col, rows, cols of every token of one image, in LM sequence
-    order (views in order, each a raster grid, optional newline per row, optional trailing tokens)."""
+    order (views in order, each a raster grid — or tile by tile, each tile in raster order, for a
+    view with ``tile`` — optional newline per row, optional trailing tokens)."""
     parts = []
     for vi, v in enumerate(views):
         r = torch.arange(v.rows).repeat_interleave(v.cols + int(v.newline_per_row))
         c = torch.arange(v.cols + int(v.newline_per_row)).repeat(v.rows)
+        if getattr(v, "tile", None):  # tiles row-major, each tile's patches in raster order
+            th, tw = v.tile
+            k = torch.arange(v.rows * v.cols)
+            t, j = k // (th * tw), k % (th * tw)
+            r = (t // (v.cols // tw)) * th + j // tw
+            c = (t % (v.cols // tw)) * tw + j % tw
         if v.newline_per_row:
             nl = c == v.cols
             r, c = r.masked_fill(nl, -1), c.masked_fill(nl, -1)
