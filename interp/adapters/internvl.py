@@ -11,10 +11,15 @@ Dynamic tiling (HF's ``GotOcr2ImageProcessorPil`` with ``crop_to_patches``): an 
 to gw·S × gh·S, the (gh, gw) grid picked by ``get_optimal_tiled_canvas`` from its aspect and
 ``min_patches``…``max_patches``, and cut into gh·gw tiles in row-major order; when gh·gw > 1 a
 thumbnail (the whole image resized to S × S) follows as the last crop. ``pixel_values`` is
-(C, 3, S, S): every crop of every image, one after another, and HF's processor drops each
-image's crop count, so the toolkit's processor (:func:`image_only_processor`) adds
-``image_tiles`` (n_images, 2) = (gh, gw) per image; HF's forward takes it in its ``**kwargs`` and
-leaves it unused (as its own ``image_sizes``), and the adapter reads every layout from it.
+(C, 3, S, S): every crop of every image, one after another; HF's processor keeps neither the
+images' sizes nor their grids, so the toolkit's processor (:func:`image_only_processor`) adds
+``image_sizes`` (n_images, 2) = (h, w) of each image as given — an input HF's InternVL forward
+declares (and ignores), so ``model(**inputs)`` and ``model.generate(**inputs)`` take it. The grid
+is then exact: each image's crop count C_i is its run of ``<IMG_CONTEXT>`` tokens / s², its
+tiles n_i = C_i − 1 (C_i > 1) or 1, and (gh, gw) is HF's own ``get_optimal_tiled_canvas`` for
+its size restricted to n_i tiles — the same grid the processor picked among all allowed counts
+(the processor's winner has the smallest aspect difference among the grids of its own count and
+the same tie rule decides among those).
 
 Prompt: ``<img>`` + ``<IMG_CONTEXT>`` × s²·C_i + ``</img>`` per image; ``<img>`` and ``</img>`` are
 text tokens (no cell). LM token order of one image: tile 0's s×s merged tokens in raster order,
@@ -43,8 +48,8 @@ from interp.adapters.base import Adapter, ChatFormat, MemoryFacts, View, raster_
 from interp.adapters.llava import LM, LM_SHAPES, N_LAYERS
 from spatialbias.errors import SpatialBiasError
 
-TILES_KEY = "image_tiles"
-"""The input the toolkit's processor adds: (n_images, 2) long, each image's tile grid (rows, cols)."""
+SIZES_KEY = "image_sizes"
+"""The input the toolkit's processor adds: (n_images, 2) long, each image's (height, width) in pixels."""
 MAX_PATCHES = 12
 """HF's and InternVL's default ``max_patches`` (``max_num`` in the authors' code), for the memory
 model, which reads a config.json alone."""
@@ -78,8 +83,9 @@ def _pair(x) -> int:
 
 def image_only_processor(image_processor, tokenizer, chat_template=None, image_seq_length: int = 256, **kwargs):
     """InternVL's processor without its video processor (``InternVLVideoProcessor`` needs
-    torchvision), whose outputs also carry ``image_tiles`` (n_images, 2): each image's tile grid,
-    computed with the image processor's own tiling and checked against the crops it made."""
+    torchvision), whose outputs also carry ``image_sizes`` (n_images, 2): each image's (h, w), from
+    which (with its crop count) the adapter recovers the tile grid; checked here against the crops
+    the image processor made."""
     from transformers import InternVLProcessor
     from transformers.image_utils import ChannelDimension, get_image_size, infer_channel_dimension_format, \
         make_flat_list_of_images, to_numpy_array
@@ -98,20 +104,20 @@ def image_only_processor(image_processor, tokenizer, chat_template=None, image_s
             ip = self.image_processor
             size = ikw.get("size") or ip.size
             side = int(size["height"] if isinstance(size, dict) else size.height)
-            grids = []
+            sizes, n = [], 0
             for im in make_flat_list_of_images(images):
                 arr = to_numpy_array(im)
                 h, w = get_image_size(arr, channel_dim=infer_channel_dimension_format(arr)
                                       if arr.ndim == 3 else ChannelDimension.LAST)
-                grids.append(tile_grid(h, w, side, ikw.get("min_patches", ip.min_patches),
-                                       ikw.get("max_patches", ip.max_patches),
-                                       ikw.get("crop_to_patches", ip.crop_to_patches)))
-            n = sum(crops_of(gh, gw) for gh, gw in grids)
+                sizes.append((int(h), int(w)))
+                n += crops_of(*tile_grid(h, w, side, ikw.get("min_patches", ip.min_patches),
+                                         ikw.get("max_patches", ip.max_patches),
+                                         ikw.get("crop_to_patches", ip.crop_to_patches)))
             if n != len(out["pixel_values"]):
                 raise SpatialBiasError(f"InternVL processor: the image processor made {len(out['pixel_values'])} "
                                        f"crops, its tiling predicts {n}")
-            out[TILES_KEY] = torch.tensor(grids, dtype=torch.long).reshape(-1, 2) \
-                if isinstance(out["pixel_values"], torch.Tensor) else grids
+            out[SIZES_KEY] = torch.tensor(sizes, dtype=torch.long).reshape(-1, 2) \
+                if isinstance(out["pixel_values"], torch.Tensor) else sizes
             return out
 
     return InternVLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -132,23 +138,58 @@ class InternVLAdapter(Adapter):
             raise SpatialBiasError(f"InternVL: {p} patches per side do not pixel-shuffle by {m}")
         return p, m
 
-    def _tiles(self, inputs) -> list[tuple[int, int]]:
-        """Each image's (gh, gw) tile grid, from ``image_tiles``."""
-        grid = inputs.get(TILES_KEY)
-        if grid is None:
-            raise SpatialBiasError("InternVL inputs need 'image_tiles' (each image's tile grid, which HF's processor "
-                                   "drops): build them with LVLM.inputs, whose processor "
-                                   "(interp.adapters.internvl.image_only_processor) adds it")
-        return [(int(a), int(b)) for a, b in torch.as_tensor(grid).reshape(-1, 2).tolist()]
+    def _sizes(self, inputs) -> list[tuple[int, int]]:
+        """Each image's (h, w) in pixels, from ``image_sizes``."""
+        sizes = inputs.get(SIZES_KEY)
+        if sizes is None:
+            raise SpatialBiasError("InternVL inputs need 'image_sizes' (each image's height and width, which HF's "
+                                   "processor drops): build them with LVLM.inputs, whose processor "
+                                   "(interp.adapters.internvl.image_only_processor) adds them")
+        return [(int(a), int(b)) for a, b in torch.as_tensor(sizes).reshape(-1, 2).tolist()]
+
+    def crop_counts(self, model, inputs) -> list[int]:
+        """Crops of each image (processor order): its run of image tokens in ``input_ids`` / s²
+        (each image's tokens are one run between ``<img>`` and ``</img>``)."""
+        p, m = self._geometry(model)
+        per_crop = (p // m) ** 2
+        ids = inputs["input_ids"]
+        runs = []
+        for row in (ids == self.image_token_id(model)).long().cpu():
+            edges = torch.diff(torch.cat([row.new_zeros(1), row, row.new_zeros(1)])).nonzero().flatten().tolist()
+            runs += [b - a for a, b in zip(edges[::2], edges[1::2])]
+        if any(r % per_crop for r in runs) or len(runs) != len(self._sizes(inputs)):
+            raise SpatialBiasError(f"InternVL: image-token runs {runs} are not whole crops of {per_crop} tokens, one "
+                                   f"per image of image_sizes; were the inputs made by this model's processor?")
+        return [r // per_crop for r in runs]
+
+    def tile_grids(self, model, inputs) -> list[tuple[int, int]]:
+        """Each image's (gh, gw) tile grid: HF's tiling of its size restricted to its tile count."""
+        side = _pair(model.config.vision_config.image_size)
+        out = []
+        for (h, w), c in zip(self._sizes(inputs), self.crop_counts(model, inputs)):
+            n = c - 1 if c > 1 else 1
+            gh, gw = tile_grid(h, w, side, n, n)
+            if gh * gw != n or (c > 1) != (n > 1):
+                raise SpatialBiasError(f"InternVL: {c} crops do not tile an image of {h}x{w} px")
+            out.append((gh, gw))
+        return out
 
     def image_counts(self, inputs):
         if "pixel_values" not in inputs:
             return 0
-        return len(self._tiles(inputs))
+        return len(self._sizes(inputs))
 
     def _patches(self, inputs, v, images):
-        """``pixel_values`` holds every crop of every image in turn: split by each image's crop count."""
-        chunks = v.split([crops_of(gh, gw) for gh, gw in self._tiles(inputs)], 0)
+        """``pixel_values`` holds every crop of every image in turn: split by each image's crop
+        count, read off the batch's image map (an image's share of the image tokens; every crop has
+        the same number)."""
+        imap = getattr(inputs, "imap", None)
+        if imap is None:
+            raise SpatialBiasError("InternVL: selecting images needs a validated batch (LVLM.batch(inputs))")
+        counts = [int((imap.image[b] == i).sum()) for b in range(imap.image.shape[0])
+                  for i in range(int(imap.image[b].max()) + 1)]
+        total = sum(counts)
+        chunks = v.split([c * v.shape[0] // total for c in counts], 0)
         return torch.cat([chunks[i] for i in images], 0) if images else v[:0]
 
     def image_views(self, model, inputs):
@@ -157,7 +198,7 @@ class InternVLAdapter(Adapter):
         p, m = self._geometry(model)
         s = p // m
         views = []
-        for gh, gw in self._tiles(inputs):
+        for gh, gw in self.tile_grids(model, inputs):
             if gh * gw == 1:
                 views.append([View("tiles", s, s)])
             else:
@@ -173,7 +214,7 @@ class InternVLAdapter(Adapter):
         merged = not site.startswith("vision.") or site == "vision.out"
         n = p // m if merged else p
         out = []
-        for gh, gw in self._tiles(inputs):
+        for gh, gw in self.tile_grids(model, inputs):
             crops = []
             for k in range(gh * gw):
                 f = raster_fields(n, n, cls=not merged)
@@ -232,14 +273,11 @@ class InternVLAdapter(Adapter):
         return MemoryFacts(image_tokens=(crops * (p // m) ** 2, crops * (p * p + 1)),
                            pixel_bytes=crops * 3 * S * S * 4, projector_params=proj)
 
-    def prefill_only_keys(self):
-        return (*super().prefill_only_keys(), TILES_KEY)
-
     def load_processor(self, src, trust_remote_code=False):
         """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's
         tokenizer, image processor (``GotOcr2ImageProcessorPil``: PIL/numpy, no torchvision) and
         saved ``image_seq_length`` and chat template: HF's ``InternVLProcessor`` needs a video
-        processor (torchvision) and would not add ``image_tiles``."""
+        processor (torchvision) and would not add ``image_sizes``."""
         import json
         from pathlib import Path
 
@@ -281,7 +319,7 @@ INTERNVL = InternVLAdapter(
             "projector": "(C, P/4, D) the image tokens of every crop, scattered in that order over <IMG_CONTEXT>",
             **LM_SHAPES},
     n_layers=N_LAYERS,
-    image_inputs={"pixel_values": "patches", TILES_KEY: "image"},
+    image_inputs={"pixel_values": "patches", SIZES_KEY: "image"},
     model_types=("internvl",),
     chat=ChatFormat("{marker}\n", "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n", ""),
 )
