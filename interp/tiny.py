@@ -334,7 +334,8 @@ def build_internvl(seed: int = 0):
     """InternVLForConditionalGeneration: InternViT (48 px tiles, 8 px patches → 6×6 patches and a CLS
     token per crop, 2 blocks), pixel shuffle 0.5 (3×3 = 9 tokens per crop), MLP projector, Qwen2 LM
     (2 layers, 64 wide); dynamic tiling on (``max_patches`` 12, HF's default): a square 144 px
-    probe is 3×3 tiles + a thumbnail (90 image tokens), a 40×48 image one crop (9 tokens)."""
+    probe is 3×3 tiles + a thumbnail (90 image tokens), a 40×48 image 3 rows × 4 columns of tiles
+    + a thumbnail (117 tokens), a 48×48 one a single crop (9 tokens)."""
     from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                               InternVLVisionConfig, Qwen2Config)
 
