@@ -5,7 +5,8 @@ The same class maps two kinds of token axes:
 
 * the LM sequence, (B, L): :func:`build` lays each image's views (LLaVA 24×24; LLaVA-NeXT base
   view + unpadded anyres tiles with one newline token per row; Qwen (h/2)×(w/2) merged patches;
-  Gemma3 16×16 pooled tokens) over the image-token positions of each row in order;
+  Gemma3 16×16 pooled tokens; InternVL a tile grid held tile by tile, then a thumbnail) over the
+  image-token positions of each row in order;
 * the flattened token axis of a vision-side site, (T,): :func:`from_fields` takes, per image,
   the (view, row, col, rows, cols) of every token *in the order the site holds them* (each
   adapter's token-order contract, e.g. Qwen2.5-VL's vision-window order), so a cell mask is
