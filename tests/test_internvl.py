@@ -193,3 +193,23 @@ def test_agci_is_the_published_formula_per_image_with_the_thumbnail(m):
     logits = m.run(x, [interp.AGCI(lam=lam)])
     edited = trace(m, x, edits={"lm.input": lambda t: want}).logits
     assert torch.allclose(logits, edited, atol=1e-5)
+
+
+def test_memory_facts_at_internvl3_8b_shapes():
+    """InternVL3-8B's shapes (InternViT-300M at 448 px / 14, Qwen2 3584 × 28): a 1344 px probe is
+    3×3 tiles + a thumbnail — 10 crops of 256 LM tokens and 1025 vision tokens; a 448 px image one crop."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    vc = InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=448, patch_size=14)
+    tc = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=151674)
+    cfg = InternVLConfig(vision_config=vc, text_config=tc)
+    cfg.architectures = ["InternVLForConditionalGeneration"]
+    big = estimate.Shapes.from_config(cfg.to_dict(), "bfloat16", image_px=(1344, 1344))
+    assert (big.image_tokens, big.vision_tokens) == (2560, 10250)
+    one = estimate.Shapes.from_config(cfg.to_dict(), "bfloat16", image_px=(448, 448))
+    assert (one.image_tokens, one.vision_tokens) == (256, 1025)
+    assert 13 * 2 ** 30 < big.weights < 16 * 2 ** 30  # ~7.5B parameters (tied embeddings) in bf16
+    from types import SimpleNamespace
+    ip = SimpleNamespace(size={"height": 448, "width": 448}, min_patches=1, max_patches=12)
+    assert interp.adapters.for_config(cfg.to_dict()).probe_canvas(cfg, ip) == 1344
