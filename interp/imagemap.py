@@ -5,7 +5,8 @@ The same class maps two kinds of token axes:
 
 * the LM sequence, (B, L): :func:`build` lays each image's views (LLaVA 24×24; LLaVA-NeXT base
   view + unpadded anyres tiles with one newline token per row; Qwen (h/2)×(w/2) merged patches;
-  Gemma3 16×16 pooled tokens) over the image-token positions of each row in order;
+  Gemma3 16×16 pooled tokens; InternVL a tile grid held tile by tile, then a thumbnail) over the
+  image-token positions of each row in order;
 * the flattened token axis of a vision-side site, (T,): :func:`from_fields` takes, per image,
   the (view, row, col, rows, cols) of every token *in the order the site holds them* (each
   adapter's token-order contract, e.g. Qwen2.5-VL's vision-window order), so a cell mask is
@@ -85,11 +86,18 @@ class ImageTokenMap:
 
 def image_fields(views) -> torch.Tensor:
     """(n_tokens, 5) long: view, row, col, rows, cols of every token of one image, in LM sequence
-    order (views in order, each a raster grid, optional newline per row, optional trailing tokens)."""
+    order (views in order, each a raster grid — or tile by tile, each tile in raster order, for a
+    view with ``tile`` — optional newline per row, optional trailing tokens)."""
     parts = []
     for vi, v in enumerate(views):
         r = torch.arange(v.rows).repeat_interleave(v.cols + int(v.newline_per_row))
         c = torch.arange(v.cols + int(v.newline_per_row)).repeat(v.rows)
+        if getattr(v, "tile", None):  # tiles row-major, each tile's patches in raster order
+            th, tw = v.tile
+            k = torch.arange(v.rows * v.cols)
+            t, j = k // (th * tw), k % (th * tw)
+            r = (t // (v.cols // tw)) * th + j // tw
+            c = (t % (v.cols // tw)) * tw + j % tw
         if v.newline_per_row:
             nl = c == v.cols
             r, c = r.masked_fill(nl, -1), c.masked_fill(nl, -1)

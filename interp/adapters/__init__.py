@@ -6,13 +6,15 @@ import torch
 from interp.adapters.base import (INPUT_SITES, LM_INPUT, PLAIN, Adapter, ChatFormat, MemoryFacts, View,
                                   default_memory_profile)
 from interp.adapters.gemma3 import GEMMA3
+from interp.adapters.internvl import INTERNVL
 from interp.adapters.llava import LLAVA, LLAVA_NEXT
 from interp.adapters.llava_onevision import LLAVA_ONEVISION
 from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
 from interp.adapters.qwen3_vl import QWEN3_VL
 from spatialbias.errors import SpatialBiasError
 
-ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL)
+ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
+                                 INTERNVL)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 _BY_NAME = {a.name: a for a in ADAPTERS}

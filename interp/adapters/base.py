@@ -36,12 +36,24 @@ VISION_SITES = ("vision.embed", "vision.blocks.{i}", "vision.out", "projector")
 class View:
     """One block of an image's tokens in sequence order: a ``rows``×``cols`` patch grid in
     raster order, optionally followed by one non-patch token per row (LLaVA-NeXT's newline)
-    or by ``trailing`` non-patch tokens."""
+    or by ``trailing`` non-patch tokens.
+
+    ``tile=(th, tw)``: the grid is held tile by tile instead — (rows/th)×(cols/tw) tiles of
+    th×tw patches, tiles in row-major order, each tile's patches in raster order (InternVL's
+    dynamic tiling, whose tiles reach the LM one after another); the token count is unchanged."""
     name: str
     rows: int
     cols: int
     newline_per_row: bool = False
     trailing: int = 0
+    tile: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.tile is not None:
+            th, tw = self.tile
+            if th < 1 or tw < 1 or self.rows % th or self.cols % tw or self.newline_per_row:
+                raise SpatialBiasError(f"view {self.name!r}: a {self.rows}x{self.cols} grid cannot be held in "
+                                       f"{th}x{tw} tiles (tiles must divide it; no newline tokens)")
 
     @property
     def n_tokens(self) -> int:
