@@ -77,13 +77,10 @@ def held_out(rows, items: int) -> list:
     return [r for r in rows if r.id not in patched]
 
 
-def cells_of(lvlm, cond: Condition, ctx: Context) -> tuple[int, int]:
-    """The clean and corrupt cells: given, or (auto) the baseline's best and worst cell by accuracy
-    on the held-out items (:func:`held_out`: not the ones that are then patched, so the gap is not
-    inflated by choosing the cells on the same noise), computed once per model, probe and items."""
-    cells = cond.options.get("cells", "auto")
-    if cells != "auto":
-        return int(cells[0]), int(cells[1])
+def held_out_accuracy(lvlm, cond: Condition, ctx: Context) -> np.ndarray:
+    """(cells,) the baseline's accuracy per cell on the held-out items (:func:`held_out`: not the
+    ones that are then patched, so a gap is not inflated by choosing cells on the same noise),
+    computed once per model, probe and items."""
     key = (cond.probe_path, cond.options.get("items"))
     if key not in ctx.cells:
         from analyses.evaluate import check_probe, score_probe
@@ -91,21 +88,31 @@ def cells_of(lvlm, cond: Condition, ctx: Context) -> tuple[int, int]:
         good, _ = check_probe(cond.probe_path)
         rows = held_out([r for _, r in good], int(cond.options.get("items") or 0))
         if not rows or len(rows) == len(good):
-            raise SpatialBiasError(f"{cond.probe}: cells = \"auto\" chooses the best and worst cell on held-out items "
-                                   f"and patches the others, but the probe has {len({r.id for _, r in good})} item(s); "
-                                   "build a probe of 2 or more items, or name the cells (patch_cells / --clean-cell "
+            raise SpatialBiasError(f"{cond.probe}: cells = \"auto\" chooses the cells on held-out items and patches "
+                                   f"the others, but the probe has {len({r.id for _, r in good})} item(s); build a "
+                                   "probe of 2 or more items, or name the cells (patch_cells / --clean-cell "
                                    "--corrupt-cell)")
         df = score_probe(lvlm, cond.probe_path, {"baseline": []}, progress=False, rows=rows,
                          batch_size=probe_rows(lvlm, cond, ctx, rows))
-        acc = np.asarray(cell_metrics(df, seed=cond.seed)["cell_accuracy"])
-        best, worst = int(np.nanargmax(acc)), int(np.nanargmin(acc))
-        ctx.cells[key] = (best, worst) if best != worst else (best, (best + 1) % len(acc))
+        ctx.cells[key] = np.asarray(cell_metrics(df, seed=cond.seed)["cell_accuracy"], float)
     return ctx.cells[key]
 
 
-def pairs_of(lvlm, cond: Condition, ctx: Context) -> causal.Pairs:
-    """The clean / corrupt placement pairs of the condition's items (cached per probe, cells, items)."""
-    clean, corrupt = cells_of(lvlm, cond, ctx)
+def cells_of(lvlm, cond: Condition, ctx: Context) -> tuple[int, int]:
+    """The clean and corrupt cells: given, or (auto) the baseline's best and worst cell by accuracy
+    on the held-out items (:func:`held_out_accuracy`; first on ties)."""
+    cells = cond.options.get("cells", "auto")
+    if cells != "auto":
+        return int(cells[0]), int(cells[1])
+    acc = held_out_accuracy(lvlm, cond, ctx)
+    best, worst = int(np.nanargmax(acc)), int(np.nanargmin(acc))
+    return (best, worst) if best != worst else (best, (best + 1) % len(acc))
+
+
+def pairs_of(lvlm, cond: Condition, ctx: Context, cells: tuple[int, int] | None = None) -> causal.Pairs:
+    """The clean / corrupt placement pairs of the condition's items (cached per probe, cells, items):
+    between :func:`cells_of`'s cells, or the given (clean, corrupt) ``cells`` on the same items."""
+    clean, corrupt = cells if cells is not None else cells_of(lvlm, cond, ctx)
     key = (cond.probe_path, clean, corrupt, cond.options["items"])
     if key not in ctx.pairs:
         items = cond.options["items"]

@@ -172,6 +172,28 @@ def heads_results(n_layers: int = N_LM, n_heads: int = 32, top: int = 8) -> pd.D
     return _typed(rows)
 
 
+def pairs_results(n_pairs: int = 3) -> pd.DataFrame:
+    """Pairs rows, 3 conditions: the best cell against ``n_pairs`` others (36: every pair of 9
+    cells), P absent under BaPA, one pair not read."""
+    import itertools
+    rng = np.random.default_rng(8)
+    rows = []
+    m, p = "llava-1.5-7b-hf", "shapes"
+    pairs = list(itertools.combinations(range(9), 2))[:n_pairs] if n_pairs > 8 else [(4, c) for c in range(n_pairs)]
+    for iv in CAUSAL:
+        for k, (a, b) in enumerate(pairs):
+            key = {"cell": b, "group": f"{a}→{b}"}
+            g = rng.uniform(0.2, 3)
+            rows.append(_row(m, p, iv, "pairs", 0, metric="pair_gap", value=g, ci_low=g - 0.4, ci_high=g + 0.4, **key))
+            for metric in ("pair_position_restoration", "pair_moved", "pair_joint", "pair_vision_position"):
+                if metric == "pair_position_restoration" and iv[1] == "bapa":
+                    continue
+                v = np.nan if k == 1 else rng.uniform(-0.1, 1.1)
+                rows.append(_row(m, p, iv, "pairs", 0, metric=metric, value=v, ci_low=v - 0.15, ci_high=v + 0.15,
+                                 **key))
+    return _typed(rows)
+
+
 def _detail_base(iv, model="llava-1.5-7b-hf", probe="shapes 4×4", seed=0) -> dict:
     label, family, lam, _ = iv
     return {"model": model, "probe": probe, "intervention": label, "family": family, "lambda": lam, "seed": seed}
@@ -255,6 +277,7 @@ def graph_results(interventions=CAUSAL) -> pd.DataFrame:
 
 
 CASES = {  # function → [(case id, table, kwargs)], the largest realistic panel counts
+    "pair_components": [("3 conditions, 3 pairs", "pairs", {}), ("3 conditions, all 36 pairs", "pairs-36", {})],
     "head_shares": [("3 conditions × 32 layers × 32 heads", "heads", {}),
                     ("2 layers × 4 heads (annotated)", "heads-small", {})],
     "causal_graph": [("3 conditions, long model label", "graph", {}),
@@ -297,6 +320,7 @@ def tables():
             "occlusion": occlusion_details(), "occlusion-3x3": occlusion_details((3, 3)), "zoo": zoo_table(),
             "lens": lens_results(), "cellprobe": pd.concat([big, cellprobe_results()], ignore_index=True),
             "cellprobe-only": cellprobe_results(), "graph": graph_results(), "heads": heads_results(),
+            "pairs": pairs_results(), "pairs-36": pairs_results(36),
             "heads-small": heads_results(n_layers=2, n_heads=4),
             "graph-9": graph_results(INTERVENTIONS)}
 
