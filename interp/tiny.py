@@ -324,9 +324,36 @@ def build_qwen3vl(seed: int = 0):
     return Qwen3VLForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHAT)
 
 
+def build_qwen3vl_moe(seed: int = 0):
+    """Qwen3VLMoeForConditionalGeneration: :func:`build_qwen3vl`'s vision side (DeepStack from vision
+    block 1 added after LM block 0) and processor, and a 2-block Qwen3-MoE LM, 64 wide: every block's
+    MLP routes each token to the top 2 of 4 SwiGLU experts 32 wide (router at ``mlp.gate``)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from interp.adapters.qwen3_vl import image_only_processor
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    text = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True}, **_text_kw(tok))
+    cfg = Qwen3VLMoeConfig(text_config=text,
+                           vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                              out_hidden_size=64, patch_size=8, spatial_merge_size=2,
+                                              temporal_patch_size=2, num_position_embeddings=16,
+                                              deepstack_visual_indexes=[1]),
+                           **_qwen_ids(tok))
+    cfg.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
+                                  size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return Qwen3VLMoeForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHAT)
+
+
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
             "qwen25vl": build_qwen25vl, "gemma3": build_gemma3, "llava_onevision": build_llava_onevision,
             "qwen3vl": build_qwen3vl}
+BUILDERS["qwen3vl_moe"] = build_qwen3vl_moe
 
 
 def save(model, processor, path: str | Path) -> Path:

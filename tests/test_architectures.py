@@ -76,7 +76,12 @@ def test_every_site_fires_has_its_shape_and_writing_changes_logits(arch):
         if site == "lm.rotary":
             assert isinstance(x, tuple) and len(x) == 2 and x[0].shape == x[1].shape, site  # (cos, sin)
             x = x[0]
-        if site.startswith("lm.") and site != "lm.rotary":
+        routing = m.adapter.routing(m.model)
+        if site.endswith(".router"):  # a MoE router: logits of every token, flattened
+            assert tuple(x.shape) == (B * L, routing.experts), (site, x.shape)
+        elif site.endswith(".experts"):  # a MoE block's experts: their weighted sum per token, flattened
+            assert tuple(x.shape) == (B * L, D), (site, x.shape)
+        elif site.startswith("lm.") and site != "lm.rotary":
             assert tuple(x.shape) == (B, L, D), (site, x.shape)
         if site == "unembed":
             assert tuple(x.shape) == (B, L, cfg.text_config.vocab_size)

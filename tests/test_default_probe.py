@@ -21,7 +21,8 @@ ZOO = Path(__file__).parent.parent / "analyses" / "organisms" / "checkpoints"
 # side in px each builder's processor takes as drawn, worked out by hand from its files:
 # CLIP/SigLIP towers: vision_config.image_size; Qwen: the multiple of 3 x patch 8 x merge 2 = 48
 # nearest 336 whose area lies in the processor's 16²..64² pixels
-EXPECTED = {"llava": 32, "llava_next": 32, "qwen2vl": 48, "qwen25vl": 48, "gemma3": 32, "llava_onevision": 32, "qwen3vl": 48}
+EXPECTED = {"llava": 32, "llava_next": 32, "qwen2vl": 48, "qwen25vl": 48, "gemma3": 32, "llava_onevision": 32, "qwen3vl": 48,
+            "qwen3vl_moe": 48}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))

@@ -102,12 +102,14 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
     ("qwen2vl", 64, (2, 2), 3, 0),      # merged 2×2 per cell
     ("qwen2vl", 64, (3, 3), 7, 1),      # merged 1×2 per cell
     ("qwen3vl", 64, (2, 2), 3, 0),      # as Qwen2-VL, with DeepStack added after the first LM blocks
+    ("qwen3vl_moe", 64, (2, 2), 3, 0),  # as Qwen3-VL, with MoE MLPs
 ]
 
 
 @pytest.fixture(scope="module")
 def tinies():
-    return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl")}
+    return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl",
+                                                                         "qwen3vl_moe")}
 
 
 def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,15 +84,27 @@ class MemoryFacts:
 
     ``image_tokens``: (image tokens in the LM, tokens through the vision tower) of one image;
     ``pixel_bytes``: bytes of one image's pixel inputs (fp32, as the processor makes them);
-    ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase;
-    ``block_norms``: RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises
-    q and k per head; ``projector_params``: parameters of the projector."""
+    ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase; ``block_norms``:
+    RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises q and k per head;
+    ``projector_params``: parameters of the projector. MoE LMs (None: dense, 3 F each): elements per
+    token live at an LM MLP's peak (``lm_mlp_live``) and kept by autograd (``lm_mlp_saved``);
+    ``lm_mlp_params``: all LM MLPs' parameters (every expert)."""
     image_tokens: tuple[int, int]
     pixel_bytes: int
     projector_params: int
     vision_attn_live: float = 7.0
     block_norms: int = 2
     qk_norm: bool = False
+    lm_mlp_live: int | None = None
+    lm_mlp_saved: int | None = None
+    lm_mlp_params: int | None = None
+
+
+class Routing(NamedTuple):
+    """A MoE LM's routed ``layers`` (``lm.blocks.{i}.router``: logits (B·L, ``experts``)); ``top_k`` experts a token."""
+    layers: tuple[int, ...]
+    experts: int
+    top_k: int
 
 
 def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
@@ -225,6 +237,14 @@ class Adapter:
         DeepStack). ``lm.blocks.{j}`` is block j's output before the addition; resuming the LM
         (:func:`interp.resume.resume`) re-applies it. None on most architectures."""
         return {}
+
+    def routing(self, model: torch.nn.Module) -> Routing | None:
+        return None  # the LM's mixture-of-experts routing (Routing); None for a dense LM (most)
+
+    def complete_output(self, model: torch.nn.Module, path: str, out: tuple) -> tuple:
+        """Tuple output ``out`` of module ``path`` after an edit of its first element, as the forward must
+        see it: unchanged by default; a MoE router's weights and indices recomputed from its edited logits."""
+        return out
 
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
         obj = model.config
