@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from interp.adapters.base import (INPUT_SITES, LM_INPUT, PLAIN, Adapter, ChatFormat, MemoryFacts, Routing, View,
+from interp.adapters.base import (INPUT_SITES, LM_INPUT, PLAIN, Adapter, ChatFormat, MemoryFacts, View,
                                   default_memory_profile)
 from interp.adapters.gemma3 import GEMMA3
 from interp.adapters.llava import LLAVA, LLAVA_NEXT
 from interp.adapters.llava_onevision import LLAVA_ONEVISION
+from interp.adapters.moe import Routing
 from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
 from interp.adapters.qwen3_vl import QWEN3_VL
 from interp.adapters.qwen3_vl_moe import QWEN3_VL_MOE

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from interp.adapters.moe import Dense
 from spatialbias.errors import SpatialBiasError
 
 LM_INPUT = "lm.input"
@@ -100,13 +101,6 @@ class MemoryFacts:
     lm_mlp_params: int | None = None
 
 
-class Routing(NamedTuple):
-    """A MoE LM's routed ``layers`` (``lm.blocks.{i}.router``: logits (B·L, ``experts``)); ``top_k`` experts a token."""
-    layers: tuple[int, ...]
-    experts: int
-    top_k: int
-
-
 def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
     """Bytes of one image's pixel inputs when it is given as crops at the tower's resolution
     (3 × side² fp32 per crop, crops counted from the vision tokens)."""
@@ -154,7 +148,7 @@ def projector_params(cfg: dict) -> int:
 
 
 @dataclass(frozen=True)
-class Adapter:
+class Adapter(Dense):
     """Declarative description of one HF LVLM architecture.
 
     ``sites`` maps a canonical site (with ``{i}`` for a layer index) to an HF path template;
@@ -171,7 +165,8 @@ class Adapter:
 
     Also declared here, so that no module outside ``interp/adapters`` branches on an
     architecture: modules called more than once per forward (:meth:`calls`), the memory model's
-    facts (:meth:`memory_profile`), tokens through the vision tower (:meth:`vision_tokens`).
+    facts (:meth:`memory_profile`), tokens through the vision tower (:meth:`vision_tokens`), a
+    mixture-of-experts LM's routers (:meth:`routing`, :meth:`complete_output`, from :class:`Dense`).
     """
     name: str
     model_classes: tuple[str, ...]
@@ -237,14 +232,6 @@ class Adapter:
         DeepStack). ``lm.blocks.{j}`` is block j's output before the addition; resuming the LM
         (:func:`interp.resume.resume`) re-applies it. None on most architectures."""
         return {}
-
-    def routing(self, model: torch.nn.Module) -> Routing | None:
-        return None  # the LM's mixture-of-experts routing (Routing); None for a dense LM (most)
-
-    def complete_output(self, model: torch.nn.Module, path: str, out: tuple) -> tuple:
-        """Tuple output ``out`` of module ``path`` after an edit of its first element, as the forward must
-        see it: unchanged by default; a MoE router's weights and indices recomputed from its edited logits."""
-        return out
 
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
         obj = model.config

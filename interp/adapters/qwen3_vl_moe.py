@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from interp.adapters.base import Routing, text_keys
+from interp.adapters.base import text_keys
+from interp.adapters.moe import Routing
 from interp.adapters.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
 
 ROUTER, EXPERTS = "lm.blocks.{i}.router", "lm.blocks.{i}.experts"
