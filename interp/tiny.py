@@ -325,29 +325,19 @@ def build_qwen3vl(seed: int = 0):
 
 
 def build_qwen3vl_moe(seed: int = 0):
-    """Qwen3VLMoeForConditionalGeneration: :func:`build_qwen3vl`'s vision side (DeepStack from vision
-    block 1 added after LM block 0) and processor, and a 2-block Qwen3-MoE LM, 64 wide: every block's
-    MLP routes each token to the top 2 of 4 SwiGLU experts 32 wide (router at ``mlp.gate``)."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
-    from interp.adapters.qwen3_vl import image_only_processor
+    """Qwen3VLMoeForConditionalGeneration: :func:`build_qwen3vl`'s vision side and processor (DeepStack
+    from vision block 1 added after LM block 0), a 2-block Qwen3-MoE LM 64 wide: each block's MLP
+    routes every token to the top 2 of 4 SwiGLU experts 32 wide (router at ``mlp.gate``)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    dense, proc = build_qwen3vl(seed)  # the same tokenizer, processor and configs, then the MoE ones
     torch.manual_seed(seed)
-    tok = tokenizer()
-    text = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                 "mrope_interleaved": True}, **_text_kw(tok))
-    cfg = Qwen3VLMoeConfig(text_config=text,
-                           vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                                              out_hidden_size=64, patch_size=8, spatial_merge_size=2,
-                                              temporal_patch_size=2, num_position_embeddings=16,
-                                              deepstack_visual_indexes=[1]),
-                           **_qwen_ids(tok))
+    text = {**dense.config.text_config.to_diff_dict(), "num_hidden_layers": 2, "moe_intermediate_size": 32,
+            "num_experts": 4, "num_experts_per_tok": 2, "model_type": "qwen3_vl_moe_text"}
+    vision = {**dense.config.vision_config.to_diff_dict(), "deepstack_visual_indexes": [1],
+              "model_type": "qwen3_vl_moe_vision"}
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_qwen_ids(proc.tokenizer))
     cfg.architectures = ["Qwen3VLMoeForConditionalGeneration"]
-    ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
-                                  size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    return Qwen3VLMoeForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHAT)
+    return Qwen3VLMoeForConditionalGeneration(cfg).eval(), proc
 
 
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
