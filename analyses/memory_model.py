@@ -89,6 +89,14 @@ class Shapes:
     pixel_bytes: int = 0
     block_norms: int = 2
     qk_norm: bool = False
+    mlp_live: int = 0
+    mlp_saved: int = 0
+
+    @property
+    def mlp(self) -> int:
+        """Elements per token live at an LM block's MLP peak: gate, activation, up (3 F), or what a
+        MoE block holds (:attr:`interp.adapters.MemoryFacts.lm_mlp_live`)."""
+        return self.mlp_live or 3 * self.ffn
 
     @classmethod
     def from_config(cls, cfg: dict, dtype: str = "float32", image_px: tuple[int, int] = (336, 336),
@@ -113,19 +121,22 @@ class Shapes:
                 seq_len=n_img + text_tokens, vision_tokens=n_vis, image_tokens=n_img, bytes=DTYPE_BYTES[dtype],
                 weights=0, keeps_vision_states="vision_feature_layer" in cfg,
                 vision_attn_live=facts.vision_attn_live, block_norms=facts.block_norms, qk_norm=facts.qk_norm,
-                pixel_bytes=facts.pixel_bytes)
+                pixel_bytes=facts.pixel_bytes, mlp_live=facts.lm_mlp_live or 0,
+                mlp_saved=facts.lm_mlp_saved or 0)
         return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
 
     def param_count(self, cfg: dict) -> int:
         """Parameters from the shapes (LM blocks, embeddings and head, vision blocks, projector);
-        within a few % of the real count (biases and norms aside)."""
+        within a few % of the real count (biases and norms aside). A MoE LM's MLPs count every
+        expert (:attr:`interp.adapters.MemoryFacts.lm_mlp_params`)."""
         D, F, hd = self.width, self.ffn, self.head_dim
-        block = D * hd * (2 * self.heads + 2 * self.kv_heads) + 3 * D * F
+        facts = _facts(cfg)
+        mlps = facts.lm_mlp_params if facts.lm_mlp_params is not None else self.lm_layers * 3 * D * F
         tied = cfg.get("tie_word_embeddings") or cfg.get("text_config", {}).get("tie_word_embeddings")
-        lm = self.lm_layers * block + self.vocab * D * (1 if tied else 2)
+        lm = self.lm_layers * D * hd * (2 * self.heads + 2 * self.kv_heads) + mlps + self.vocab * D * (1 if tied else 2)
         Dv, Fv = self.vision_width, self.vision_ffn
         vision = self.vision_layers * (4 * Dv * Dv + 2 * Dv * Fv) + 3 * 14 * 14 * Dv * 2
-        return int(lm + vision + _facts(cfg).projector_params)
+        return int(lm + vision + facts.projector_params)
 
     def with_run(self, seq_len: int, vision_tokens: int, image_tokens: int | None = None) -> "Shapes":
         """The same model with a run's real token counts."""
@@ -147,7 +158,7 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
 
     * ``forward`` (a no-grad forward, last-position logits): the step's pixel-input copies, then
       the larger of the vision tower's phase (B·P·max(5.2 Dv + 3 Fv, its attention's live set)·b)
-      and the LM's (B·L·(5.2 D + 3 F)·b): one block at a time, so no term grows with the number of
+      and the LM's (B·L·(5.2 D + 3 F)·b; a MoE block's own count for 3 F): one block at a time, so no term grows with the number of
       layers but LLaVA's record of every vision block's output (it reads ``vision_feature_layer``
       from it), (Nv + 1)·B·P·Dv·b;
     * ``flow`` (attention flow: eager attention, reduced inside each block): the forward, or one
@@ -165,13 +176,13 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
       the forward of the step.
     """
     b, B = s.bytes, max(1, rows)
-    L, D, F, P = s.seq_len, s.width, s.ffn, s.vision_tokens
+    L, D, P = s.seq_len, s.width, s.vision_tokens
     Dv, Fv = s.vision_width, s.vision_ffn
     Dkv = s.kv_heads * s.head_dim
 
     def fwd(n: int) -> float:
         vision = n * P * max(VISION_LIVE * Dv + 3 * Fv, s.vision_attn_live * Dv) * b
-        lm = n * L * (LM_LIVE * D + 3 * F) * b
+        lm = n * L * (LM_LIVE * D + s.mlp) * b
         return max(vision, lm) + kept_vision(n) + INPUT_COPIES * n * s.pixel_bytes
 
     def kept_vision(n: int) -> float:
@@ -185,7 +196,7 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
     if kind == "patching":
         c = max(1, B // 2)
         kept = 2 * c * L * ((s.lm_layers + 1) * D + 2 * s.lm_layers * Dkv) * b
-        resumed = B * L * max(LM_LIVE * D + 3 * F, ATTN_LIVE * D + 4 * Dkv) * b
+        resumed = B * L * max(LM_LIVE * D + s.mlp, ATTN_LIVE * D + 4 * Dkv) * b
         return int(kept + max(fwd(2 * c), resumed))
     if kind == "attribution":
         g = max(1, B // 2)
@@ -201,7 +212,8 @@ def lm_block_saved(s: Shapes, sites: bool = True) -> int:
     :data:`GRAD_SAVED_D`); ``sites``: with the 2 D the attribution sites keep beside it."""
     Dq, Dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     norms = GRAD_NORM_BYTES * (s.block_norms * s.width + (Dq + Dkv if s.qk_norm else 0))
-    widths = (GRAD_SAVED_D - 2) * Dq + (2 * s.width if sites else 0) + GRAD_SAVED_KV * Dkv + GRAD_SAVED_F * s.ffn
+    mlp = s.mlp_saved or GRAD_SAVED_F * s.ffn  # a MoE block's own count (MemoryFacts.lm_mlp_saved)
+    widths = (GRAD_SAVED_D - 2) * Dq + (2 * s.width if sites else 0) + GRAD_SAVED_KV * Dkv + mlp
     return int(norms + widths * s.bytes)
 
 

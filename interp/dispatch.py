@@ -3,7 +3,8 @@ attention flow) runs the model's own forward through :func:`forward`, which reso
 :mod:`interp.sites` and installs one PyTorch hook per (module, input/output) for the run.
 
 * Edits (site → ``fn(value) -> value``) and caches act at the same point of the same call, so
-  an edit and a cache of one site see one tensor, in every runner.
+  an edit and a cache of one site see one tensor, in every runner; an edit of a tuple output's
+  first element is completed by the adapter (``Adapter.complete_output``: a MoE router's choice).
 * Repeated calls of a module within one forward are counted (and named by the adapter where it
   can: Gemma3's rotary per layer type); ``SITE@k`` addresses one call; an un-addressed edit acts
   on every call; an un-addressed cache of a module called twice is refused with one line.
@@ -13,8 +14,7 @@ attention flow) runs the model's own forward through :func:`forward`, which reso
 * ``.attn.pattern`` sites switch the LM to ``"spatialbias"`` attention for the run: the module's
   own eager attention function (found in the module's file), with the softmaxed weights passed
   through the site's hook; when an edit changes them the output is recomputed from them.
-* Nothing is remembered between runs (no forward-order cache): each run installs and removes
-  its hooks.
+* Nothing is remembered between runs (no forward-order cache): each run installs, removes its hooks.
 * Generation (``max_new_tokens > 0``): greedy, KV-cached, explicit position ids at every step;
   each intervention gives its decode-step edits (:meth:`interp.Intervention.decode_edits`) or
   refuses; caches hold one entry per forward (prefill, then each decode step).
@@ -192,8 +192,9 @@ class _Run:
             for s in matching:
                 if s.whole or not isinstance(out, tuple):
                     out = self._visit(s, out)
-                else:
+                else:  # an edited first element: the adapter completes what follows from it
                     out = (self._visit(s, out[0]),) + tuple(out[1:])
+                    out = self.lvlm.adapter.complete_output(self.lvlm.model, path, out) if s.name in self.step_edits else out
             return out
         return hook
 

@@ -360,9 +360,25 @@ def build_internvl(seed: int = 0):
     return model, image_only_processor(ip, tok, chat_template=INTERNVL_CHAT, image_seq_length=9)
 
 
+def build_qwen3vl_moe(seed: int = 0):
+    """Qwen3VLMoeForConditionalGeneration: :func:`build_qwen3vl`'s vision side and processor (DeepStack
+    from vision block 1 added after LM block 0), a 2-block Qwen3-MoE LM 64 wide: each block's MLP
+    routes every token to the top 2 of 4 SwiGLU experts 32 wide (router at ``mlp.gate``)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    dense, proc = build_qwen3vl(seed)  # the same tokenizer, processor and configs, then the MoE ones
+    torch.manual_seed(seed)
+    text = {**dense.config.text_config.to_diff_dict(), "num_hidden_layers": 2, "moe_intermediate_size": 32,
+            "num_experts": 4, "num_experts_per_tok": 2, "model_type": "qwen3_vl_moe_text"}
+    vision = {**dense.config.vision_config.to_diff_dict(), "deepstack_visual_indexes": [1],
+              "model_type": "qwen3_vl_moe_vision"}
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_qwen_ids(proc.tokenizer))
+    cfg.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    return Qwen3VLMoeForConditionalGeneration(cfg).eval(), proc
+
+
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
             "qwen25vl": build_qwen25vl, "gemma3": build_gemma3, "llava_onevision": build_llava_onevision,
-            "qwen3vl": build_qwen3vl, "internvl": build_internvl}
+            "qwen3vl": build_qwen3vl, "internvl": build_internvl, "qwen3vl_moe": build_qwen3vl_moe}
 
 
 def save(model, processor, path: str | Path) -> Path:

@@ -76,7 +76,12 @@ def test_every_site_fires_has_its_shape_and_writing_changes_logits(arch):
         if site == "lm.rotary":
             assert isinstance(x, tuple) and len(x) == 2 and x[0].shape == x[1].shape, site  # (cos, sin)
             x = x[0]
-        if site.startswith("lm.") and site != "lm.rotary":
+        routing = m.adapter.routing(m.model)
+        if site.endswith(".router"):  # a MoE router: logits of every token, flattened
+            assert tuple(x.shape) == (B * L, routing.experts), (site, x.shape)
+        elif site.endswith(".experts"):  # a MoE block's experts: their weighted sum per token, flattened
+            assert tuple(x.shape) == (B * L, D), (site, x.shape)
+        elif site.startswith("lm.") and site != "lm.rotary":
             assert tuple(x.shape) == (B, L, D), (site, x.shape)
         if site == "unembed":
             assert tuple(x.shape) == (B, L, cfg.text_config.vocab_size)
@@ -422,12 +427,13 @@ def test_onevision_token_order_base_then_unpadded_rows_each_ending_in_newline(tw
         assert len(src) == 1 and torch.equal(proj[src[0]], x["lm.input"][0, p])
 
 
-def test_qwen3vl_deepstack_is_added_after_the_declared_blocks():
+@pytest.mark.parametrize("build", [tiny.build_qwen3vl, tiny.build_qwen3vl_moe], ids=["qwen3vl", "qwen3vl_moe"])
+def test_qwen3vl_deepstack_is_added_after_the_declared_blocks(build):
     """Qwen3-VL's DeepStack, read off HF's own forward: after LM block k < len(deepstack_visual_indexes)
     the stream entering block k + 1 is block k's output plus ``vision.deepstack.{k}`` at the image
     positions (in the adapter's token order, so positions="image" lines them up) and unchanged
-    elsewhere; after the other blocks nothing is added. The adapter declares exactly these."""
-    model, proc = tiny.build_qwen3vl()
+    elsewhere; after the other blocks nothing is added. The adapter declares exactly these (Qwen3-VL-MoE's too)."""
+    model, proc = build()
     m = interp.load(model, proc)
     inputs = m.inputs([tiny.image(seed=0), tiny.image(40, 60, seed=1)],
                       [m.prompt("describe the image ?"), m.prompt("what is this a picture of ?")])

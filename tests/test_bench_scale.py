@@ -82,6 +82,32 @@ def test_attribution_term_is_what_autograd_keeps(model_type, dtype):
     assert estimate.lm_block_saved(shapes, sites=False) == pytest.approx(got, rel=0.02), got
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_attribution_term_is_what_autograd_keeps(dtype):
+    """The same on one Qwen3-VL-MoE text block (HF's default grouped_mm experts, top 2 of 8
+    experts): the adapter's MoE facts (3 k·Fe + k·D + 2E per token) stand for the MLP's 3 F."""
+    import transformers
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
+    D, L = 256, 40
+    cfg = transformers.Qwen3VLMoeTextConfig(
+        hidden_size=D, intermediate_size=512, moe_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
+                         "mrope_interleaved": True})
+    cfg._attn_implementation, cfg._experts_implementation = "sdpa", "grouped_mm"
+    torch.manual_seed(0)
+    layer = hf.Qwen3VLMoeTextDecoderLayer(cfg, 0).to(dtype)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, L, D, dtype=dtype, requires_grad=True)
+    pos = torch.arange(L)[None]
+    pe = hf.Qwen3VLMoeTextRotaryEmbedding(cfg)(x, pos[None].expand(3, 1, L))
+    got = _saved_bytes_per_token(layer, x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    shapes = estimate.Shapes.from_config({"model_type": "qwen3_vl_moe", "text_config": cfg.to_dict()}, name)
+    assert estimate.lm_block_saved(shapes, sites=False) == pytest.approx(got, rel=0.02), got
+
+
 def test_report_at_llava_7b_shapes_fits_40_gib():
     r = bs.report_prediction(40.0)
     assert 13 * 2 ** 30 < r["weights_bytes"] < 14 * 2 ** 30  # 7B parameters in bf16

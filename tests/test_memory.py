@@ -279,3 +279,21 @@ def test_memory_model_reads_a_gpt2_spelled_text_config():
     assert (s.width, s.heads, s.lm_layers, s.ffn) == (tc.n_embd, tc.n_head, tc.n_layer, tc.n_inner or 4 * tc.n_embd)
     x = m.inputs([tiny.image(48, 48)], [m.prompt("what colour is the circle ?")])
     assert memory.rows(m, 10 ** 9, "forward", x, limit=8) == 8
+
+
+def test_qwen3vl_moe_shapes_from_config():
+    """Qwen3-VL-MoE's memory facts (its adapter): Qwen3-VL's image tokens and q/k norms; the LM
+    MLPs' parameters count every expert and router exactly (E·(3 D·Fe + D) per MoE block); a token
+    is counted through its top-k experts, not all of them (fewer live elements than E experts)."""
+    model, proc = tiny.build_qwen3vl_moe()
+    m = interp.load(model, proc)
+    x = m.inputs([tiny.image(48, 80)], [m.prompt("what is this ?")])
+    cfg = model.config.to_dict()
+    s = estimate.Shapes.from_config(cfg, image_px=(48, 80))
+    assert s.image_tokens == int(m.image_mask(x["input_ids"]).sum()) and s.qk_norm
+    facts = m.adapter.memory_profile(cfg)
+    mlps = sum(p.numel() for layer in model.model.language_model.layers for p in layer.mlp.parameters())
+    assert facts.lm_mlp_params == mlps
+    tc = model.config.text_config
+    D, Fe, E, k = tc.hidden_size, tc.moe_intermediate_size, tc.num_experts, tc.num_experts_per_tok
+    assert s.mlp == max(k * (D + 3 * Fe), 4 * k * D) < E * (D + 3 * Fe)

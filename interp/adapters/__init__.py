@@ -9,12 +9,14 @@ from interp.adapters.gemma3 import GEMMA3
 from interp.adapters.internvl import INTERNVL
 from interp.adapters.llava import LLAVA, LLAVA_NEXT
 from interp.adapters.llava_onevision import LLAVA_ONEVISION
+from interp.adapters.moe import Routing
 from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
 from interp.adapters.qwen3_vl import QWEN3_VL
+from interp.adapters.qwen3_vl_moe import QWEN3_VL_MOE
 from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
-                                 INTERNVL)
+                                 INTERNVL, QWEN3_VL_MOE)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 _BY_NAME = {a.name: a for a in ADAPTERS}
@@ -58,4 +60,4 @@ def memory_profile(cfg: dict, image_px: tuple[int, int] = (336, 336)) -> MemoryF
 
 
 __all__ = ["ADAPTERS", "INPUT_SITES", "LM_INPUT", "PLAIN", "Adapter", "ChatFormat", "MemoryFacts", "View", "for_class",
-           "for_config", "for_model", "for_name", "memory_profile", "supported_classes"]
+           "Routing", "for_config", "for_model", "for_name", "memory_profile", "supported_classes"]

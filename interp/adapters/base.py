@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from interp.adapters.moe import Dense
 from spatialbias.errors import SpatialBiasError
 
 LM_INPUT = "lm.input"
@@ -96,15 +97,20 @@ class MemoryFacts:
 
     ``image_tokens``: (image tokens in the LM, tokens through the vision tower) of one image;
     ``pixel_bytes``: bytes of one image's pixel inputs (fp32, as the processor makes them);
-    ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase;
-    ``block_norms``: RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises
-    q and k per head; ``projector_params``: parameters of the projector."""
+    ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase; ``block_norms``:
+    RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises q and k per head;
+    ``projector_params``: parameters of the projector. MoE LMs (None: dense, 3 F each): elements per
+    token live at an LM MLP's peak (``lm_mlp_live``) and kept by autograd (``lm_mlp_saved``);
+    ``lm_mlp_params``: all LM MLPs' parameters (every expert)."""
     image_tokens: tuple[int, int]
     pixel_bytes: int
     projector_params: int
     vision_attn_live: float = 7.0
     block_norms: int = 2
     qk_norm: bool = False
+    lm_mlp_live: int | None = None
+    lm_mlp_saved: int | None = None
+    lm_mlp_params: int | None = None
 
 
 def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
@@ -154,7 +160,7 @@ def projector_params(cfg: dict) -> int:
 
 
 @dataclass(frozen=True)
-class Adapter:
+class Adapter(Dense):
     """Declarative description of one HF LVLM architecture.
 
     ``sites`` maps a canonical site (with ``{i}`` for a layer index) to an HF path template;
@@ -171,7 +177,8 @@ class Adapter:
 
     Also declared here, so that no module outside ``interp/adapters`` branches on an
     architecture: modules called more than once per forward (:meth:`calls`), the memory model's
-    facts (:meth:`memory_profile`), tokens through the vision tower (:meth:`vision_tokens`).
+    facts (:meth:`memory_profile`), tokens through the vision tower (:meth:`vision_tokens`), a
+    mixture-of-experts LM's routers (:meth:`routing`, :meth:`complete_output`, from :class:`Dense`).
     """
     name: str
     model_classes: tuple[str, ...]
