@@ -122,13 +122,15 @@ def test_attribution_is_the_derivative_along_the_patch(organism, pairs):
     assert np.argmax(scores[:, L - 1, :].mean(0)) == np.argmax(eff)
 
 
-def test_identity_on_a_tiny_qwen2vl():
-    """I1 and I3 on an M-RoPE model with grouped-query attention (4 query heads, 2 KV heads)."""
+@pytest.mark.parametrize("arch", sorted(__import__("interp.tiny", fromlist=["BUILDERS"]).BUILDERS))
+def test_identities_on_every_architecture(arch):
+    """I1 and I3 on every architecture's tiny model (M-RoPE, grouped-query attention, DeepStack,
+    MoE MLPs, bidirectional image attention, tiles): the head site is the same thing everywhere."""
     from analyses.causal import Pairs
     from interp import LVLM, heads as H
     from interp.adapters import for_model
-    from interp.tiny import build_qwen2vl, image
-    model, proc = build_qwen2vl(seed=0)
+    from interp.tiny import BUILDERS, image
+    model, proc = BUILDERS[arch](seed=0)
     lvlm = LVLM(model.eval(), proc, for_model(model))
     imgs = [image(seed=s) for s in range(3)]
     other = [image(seed=s + 10) for s in range(3)]
@@ -138,6 +140,7 @@ def test_identity_on_a_tiny_qwen2vl():
     p = Pairs(b, a, correct, cands, [(0, 1)] * 3, ["a", "b", "c"], 0, 1)
     from analyses.causal import item_metric
     ms = item_metric(lvlm, a, p, [])
+    assert np.abs(ms - item_metric(lvlm, b, p, [])).max() > 1e-4  # the two images differ at the answer
     every = _all_heads(lvlm)
     last = H.head_patches(lvlm, b, a, [every], correct, cands, scope="last", batch_size=2)[:, 0]
     np.testing.assert_allclose(last, ms, atol=1e-4)
