@@ -3,6 +3,10 @@
 * ``llava-llama``: CLIP + projector + Llama (1-D RoPE) — the shipped organism's.
 * ``llava-gpt2``: CLIP + projector + GPT-2 (learned absolute position embeddings ``wpe``).
 * ``qwen2vl``: Qwen2-VL ViT + 2×2 merger + Qwen2 LM with 2-D M-RoPE.
+* ``llava-blind``: CLIP with zero, frozen position embeddings + projector + a one-layer Llama whose
+  rotary angles are scaled to nothing: permutation-invariant over the grid's cells by construction
+  (a ViT without position embeddings is permutation-equivariant over its patches; one attention
+  layer without positions reads the image tokens as a set), so it cannot hold a position bias.
 
 Every architecture turns uint8 canvases (B, 48, 48, 3) and queried shapes (B,) into exactly
 the tensors its HF processor makes (tests check this), so training and probing see the same
@@ -27,6 +31,9 @@ class Arch:
     name: str
     lm: str = "llama"
     is_qwen: bool = False
+    position_blind: bool = False
+    """The vision tower's position embeddings are zero and never trained (with a ``llama-blind``
+    LM: a model that cannot see where anything is)."""
 
     def words(self, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The vocabulary: the base words of the architecture, then ``extra`` (task words)."""
@@ -93,4 +100,5 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (Arch("llava-llama"), Arch("llava-gpt2", lm="gpt2"),
-                                              Arch("qwen2vl", is_qwen=True))}
+                                              Arch("qwen2vl", is_qwen=True),
+                                              Arch("llava-blind", lm="llama-blind", position_blind=True))}

@@ -30,7 +30,7 @@ ITEM_WORDS = tuple(f"{c}{s}" for s in shapes.SHAPES for c in shapes.COLOURS)
 """Composite text tokens ("redcircle", …), index ``shape * 5 + colour``: one grid cell as a word."""
 IMAGE_PX, PATCH_PX = 3 * 16, 16
 N_IMAGE_TOKENS = (IMAGE_PX // PATCH_PX) ** 2
-LMS = ("llama", "gpt2")
+LMS = ("llama", "llama-blind", "gpt2")
 # Messages → "<image> what colour is the circle ?" (the tokenizer adds <bos>).
 CHAT_TEMPLATE = ("{%- for m in messages -%}{%- for c in m['content'] -%}"
                  "{%- if c['type'] == 'image' -%}<image> {% elif c['type'] == 'text' -%}{{ c['text'] }}"
@@ -52,12 +52,20 @@ def processor(words: tuple[str, ...] = WORDS) -> LlavaProcessor:
 
 def text_config(words: tuple[str, ...] = WORDS, lm: str = "llama"):
     """The LM's config: Llama (RoPE) or GPT-2 (learned absolute positions, no dropout); both
-    hidden 128, 2 layers, 4 heads, MLP 256, 128 positions, untied unembedding."""
+    hidden 128, 2 layers, 4 heads, MLP 256, 128 positions, untied unembedding. ``llama-blind``:
+    Llama with one layer and its rotary angles divided by 1e20 (linear scaling: every rotation is
+    the identity in float32), so the answer position reads the tokens as a set — blind to their
+    order and positions by construction."""
     if lm == "llama":
         return LlamaConfig(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                            rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=1,
                            tie_word_embeddings=False)
+    if lm == "llama-blind":  # one layer, rotary angles scaled to nothing: the LM cannot see token order
+        return LlamaConfig(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                           rope_parameters={"rope_type": "linear", "factor": 1e20, "rope_theta": 10000.0},
+                           pad_token_id=0, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False)
     if lm == "gpt2":
         return GPT2Config(vocab_size=len(words), n_embd=128, n_inner=256, n_layer=2, n_head=4, n_positions=128,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,

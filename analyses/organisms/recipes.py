@@ -203,4 +203,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "inference. It shows what BaPA fine-tuning does to a planted LM position prior in this toy. " + _NOT_LVLM,
         base="planted-lm", lora=Lora(), cell_weights=UNIFORM, stop_acc=None, max_steps=300, warmup=30,
         lr=2e-3, bapa_train=True, expected={"bias": "reduced", "compare": "lora", "flatter_under_bapa": True}),
+    Recipe(
+        "blind",
+        "The planted-lm data (the same skewed target cells) on an architecture that cannot see position: CLIP "
+        "with zero, frozen position embeddings and a one-layer Llama whose rotary angles are scaled to nothing, "
+        "so the model is invariant to permuting the grid's cells by construction (tests check it on permuted "
+        "images). The null that the uniform organism is not: whatever it learns, it cannot answer a cell worse "
+        "than another, so the toolkit must report no significant bias and decompose nothing. It shows that "
+        "the statistics do not invent a bias where none can exist. " + _NOT_LVLM,
+        arch="llava-blind", expected={"bias": False, "invariant": True}),
 ]}

@@ -184,6 +184,8 @@ def _start(recipe: Recipe, arch: Arch, seed: int, words: tuple[str, ...], deps: 
         model = arch.model(seed, words).train()
         if recipe.vision_pos_std is not None:  # continues the torch RNG stream of the initialisation
             torch.nn.init.normal_(arch.vision_position_embedding(model).weight, std=recipe.vision_pos_std)
+        if arch.position_blind:
+            torch.nn.init.zeros_(arch.vision_position_embedding(model).weight)
         return model
     return _load(deps["base"]).train()
 
@@ -231,6 +233,8 @@ def train(recipe: Recipe, seed: int = 0, threads: int = 1, progress: bool = True
         for name, ps in parts.items():
             for p in ps:
                 p.requires_grad_(name in recipe.train_parts)
+        if arch.position_blind:
+            arch.vision_position_embedding(model).weight.requires_grad_(False)
         trainer_model = model
     grid = grid_stage(trainer_model, arch, recipe, rng, words, progress)
     if peft_model is not None:
