@@ -238,6 +238,16 @@ class Adapter:
         (:func:`interp.resume.resume`) re-applies it. None on most architectures."""
         return {}
 
+    def check(self, model: torch.nn.Module) -> None:
+        """Refuse (one line) a model of this class whose configuration the adapter cannot run
+        faithfully; called when an :class:`~interp.model.LVLM` is made. Nothing on most architectures."""
+
+    def block_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Keyword arguments an LM block needs beside those a run records (mask, rotary, ids) when
+        it is called on its own (:func:`interp.resume.resume`), made fresh for each resumed run;
+        none on most architectures."""
+        return {}
+
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
         obj = model.config
         for p in self.n_layers[stack].split("."):
