@@ -383,7 +383,7 @@ def build_gemma4(seed: int = 0):
     c = tok.convert_tokens_to_ids
     tcfg = Gemma4TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
-                            attention_k_eq_v=True, sliding_window=8, max_position_embeddings=512,
+                            attention_k_eq_v=True, sliding_window=48, max_position_embeddings=512,
                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                             use_bidirectional_attention="vision", final_logit_softcapping=3.0,
                             hidden_size_per_layer_input=0, vocab_size_per_layer_input=len(tok), num_kv_shared_layers=0,
@@ -397,6 +397,9 @@ def build_gemma4(seed: int = 0):
     model = Gemma4ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # HF initialises the table to ones: every patch would get the same position code
         model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.02)
+        # HF embeds image tokens as padding, so this row is read only by the (tied) unembedding: a zero
+        # logit keeps greedy decoding of the random model from emitting an image placeholder
+        model.model.language_model.embed_tokens.weight[c("<|image|>")] = 0
     ip = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
     return model, image_only_processor(ip, tok, chat_template=GEMMA4_CHAT, image_seq_length=70)
 
