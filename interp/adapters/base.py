@@ -239,13 +239,11 @@ class Adapter:
         return {}
 
     def check(self, model: torch.nn.Module) -> None:
-        """Refuse (one line) a model of this class whose configuration the adapter cannot run
-        faithfully; called when an :class:`~interp.model.LVLM` is made. Nothing on most architectures."""
+        """Refuse (one line) a configuration the adapter cannot run faithfully; called by ``LVLM()``."""
 
     def block_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Keyword arguments an LM block needs beside those a run records (mask, rotary, ids) when
-        it is called on its own (:func:`interp.resume.resume`), made fresh for each resumed run;
-        none on most architectures."""
+        """Keyword arguments an LM block called on its own (:func:`interp.resume.resume`) needs beside
+        the recorded mask, rotary and ids, made fresh per resumed run; none on most architectures."""
         return {}
 
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
