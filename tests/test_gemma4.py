@@ -138,11 +138,13 @@ def test_mm_token_type_ids_is_what_hf_runs_and_is_required(m):
         m.run({**x.tensors(), "mm_token_type_ids": torch.zeros_like(x["input_ids"])})
 
 
-def test_image_tokens_attend_forward_in_sliding_layers_only(m):
+@pytest.mark.parametrize("ivs", [[], [interp.BaPA()]], ids=["baseline", "bapa"])
+def test_image_tokens_attend_forward_in_sliding_layers_only(m, ivs):
     """HF's Gemma4 mask: within one image, a query sees later image tokens in a *sliding* layer
-    (inside the window) and none in a *full* layer (causal there, unlike Gemma3)."""
+    (inside the window) and none in a *full* layer (causal there, unlike Gemma3); BaPA's shared
+    ids leave that mask as it is."""
     x = _inputs(m, [tiny.image(64, 64, seed=3)])
-    t = trace(m, x, cache=["lm.blocks.0.attn.pattern", "lm.blocks.2.attn.pattern"])
+    t = trace(m, x, cache=["lm.blocks.0.attn.pattern", "lm.blocks.2.attn.pattern"], interventions=ivs)
     img = m.image_map(x).is_image[0].nonzero().flatten()
     q = int(img[0])
     later = img[1:20]
