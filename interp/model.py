@@ -39,6 +39,7 @@ class LVLM:
 
     def __init__(self, model: torch.nn.Module, processor: Any, adapter: Adapter, name: str = "",
                  source: str | None = None):
+        adapter.check(model)
         self.model, self.processor, self.adapter, self.name = model.eval(), processor, adapter, name
         self.source = source  # the folder or hub id the weights came from; None for in-memory models
         self.image_token_id = adapter.image_token_id(model)

@@ -182,6 +182,7 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     R, L = len(order), states.residual[0].shape[1]
     blocks = [lvlm.adapter.module(lvlm.model, f"lm.blocks.{j}") for j in range(n)]
     h = None
+    extra = lvlm.adapter.block_kwargs(lvlm.model)
     with cpu_attention_guard(lvlm):
         for j in range(min(order), n):
             k = sum(1 for s in order if s <= j)  # rows that have joined by block j
@@ -195,13 +196,15 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
             K, V = states.kv[j]
             cache = _Prefix(K.index_select(0, rows[:k].to(K.device))[:, :, :p],
                             V.index_select(0, rows[:k].to(V.device))[:, :, :p])
-            out = blocks[j](h, cache=cache, **kw)
+            out = blocks[j](h, cache=cache, **kw, **extra)
             h = out[0] if isinstance(out, tuple) else out
     h = _join(h, hidden, R)
     h = _inject(h, states, injected, n - 1, rows, p)
     norm = lvlm.adapter.module(lvlm.model, "lm.final_norm")
     head = lvlm.adapter.module(lvlm.model, "unembed")
-    return head(norm(h[:, -1:]))[:, -1]
+    logits = head(norm(h[:, -1:]))[:, -1]
+    cap = getattr(getattr(lvlm.model.config, "text_config", lvlm.model.config), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits  # as the model's forward (Gemma4: 30)
 
 
 def _inject(h: torch.Tensor, states: LMStates, injected: dict[int, torch.Tensor] | None, j: int, rows: torch.Tensor,

@@ -376,9 +376,16 @@ def build_qwen3vl_moe(seed: int = 0):
     return Qwen3VLMoeForConditionalGeneration(cfg).eval(), proc
 
 
+def build_gemma4(seed: int = 0):
+    """Gemma4ForConditionalGeneration (:func:`interp.tiny_gemma4.build`: 8×8 pooled soft tokens on a 64 px probe)."""
+    from interp.tiny_gemma4 import build
+    return build(seed, tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>"))
+
+
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
             "qwen25vl": build_qwen25vl, "gemma3": build_gemma3, "llava_onevision": build_llava_onevision,
-            "qwen3vl": build_qwen3vl, "internvl": build_internvl, "qwen3vl_moe": build_qwen3vl_moe}
+            "qwen3vl": build_qwen3vl, "internvl": build_internvl, "qwen3vl_moe": build_qwen3vl_moe,
+            "gemma4": build_gemma4}
 
 
 def save(model, processor, path: str | Path) -> Path:

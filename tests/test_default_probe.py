@@ -21,9 +21,10 @@ ZOO = Path(__file__).parent.parent / "analyses" / "organisms" / "checkpoints"
 # side in px each builder's processor takes as drawn, worked out by hand from its files:
 # CLIP/SigLIP towers: vision_config.image_size; Qwen: the multiple of 3 x patch 8 x merge 2 = 48
 # nearest 336 whose area lies in the processor's 16²..64² pixels; InternVL: 3 × its 48 px tile (the largest
-# k×k tiling of max_patches 12 with k a multiple of 3: one tile per cell)
+# k×k tiling of max_patches 12 with k a multiple of 3: one tile per cell); Gemma4: ⌊√(70·2²) / 2⌋·2 = 16 patches
+# of 4 px, the side its aspect-preserving resize maps every square to
 EXPECTED = {"llava": 32, "llava_next": 32, "qwen2vl": 48, "qwen25vl": 48, "gemma3": 32, "llava_onevision": 32, "qwen3vl": 48,
-            "internvl": 144, "qwen3vl_moe": 48}
+            "internvl": 144, "qwen3vl_moe": 48, "gemma4": 64}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))

@@ -40,6 +40,12 @@ def _sites(m):
                                              "lm.blocks.1#position_embeddings", "lm.blocks.-1"]
 
 
+def _main_key(kw: dict) -> str:
+    """A module's main input among its keyword arguments, as the dispatcher takes it: ``hidden_states``,
+    else the first (Gemma4's projector is called with ``inputs_embeds=``)."""
+    return "hidden_states" if "hidden_states" in kw else next(iter(kw))
+
+
 def _nnsight_value(net, m, inputs, site):
     """The site's value read by nnsight (its own hooks), or None where nnsight cannot say (a repeated call)."""
     s = resolve(m.adapter, m.model, site)
@@ -55,7 +61,7 @@ def _nnsight_value(net, m, inputs, site):
             v = env.inputs[1][s.key].save()
         else:
             args, kw = env.inputs
-            v = (args[0] if args else kw["hidden_states"]).save()
+            v = (args[0] if args else kw[_main_key(kw)]).save()
     if s.heads:
         v = v.reshape(*v.shape[:-1], s.heads, -1)
     return v
@@ -109,12 +115,12 @@ def test_every_site_edit_equals_the_same_edit_in_nnsight(arch):
                 env.inputs = (args, {**kw, s.key: _bump(kw[s.key])})
             else:
                 args, kw = env.inputs
-                x = args[0] if args else kw["hidden_states"]
+                x = args[0] if args else kw[_main_key(kw)]
                 if s.heads:  # the same edit on the (…, H, head_dim) view
                     x = _bump(x.reshape(*x.shape[:-1], s.heads, -1)).reshape(x.shape)
                 else:
                     x = _bump(x)
-                env.inputs = ((x,) + tuple(args[1:]), kw) if args else (args, {**kw, "hidden_states": x})
+                env.inputs = ((x,) + tuple(args[1:]), kw) if args else (args, {**kw, _main_key(kw): x})
             ref = net.output.logits.save()
         assert torch.equal(ours, ref), (name, site)
         dead = site.startswith("vision.blocks.") and name in ("llava", "llava_next") and site.endswith(".1")

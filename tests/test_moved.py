@@ -105,13 +105,15 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
     ("internvl", 144, (3, 3), 8, 0),    # 3×3 tiles (one per cell, 3×3 tokens each, held tile by tile) + thumbnail 1 per cell
     ("internvl", 144, (3, 3), 7, 1),
     ("qwen3vl_moe", 64, (2, 2), 3, 0),  # as Qwen3-VL, with MoE MLPs
+    ("gemma4", 64, (2, 2), 3, 0),       # 8×8 soft tokens (2×2 pooled patches each): 4×4 per cell
+    ("gemma4", 64, (2, 2), 2, 1),
 ]
 
 
 @pytest.fixture(scope="module")
 def tinies():
     return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl",
-                                                                 "internvl", "qwen3vl_moe")}
+                                                                 "internvl", "qwen3vl_moe", "gemma4")}
 
 
 def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:

@@ -6,6 +6,7 @@ import torch
 from interp.adapters.base import (INPUT_SITES, LM_INPUT, PLAIN, Adapter, ChatFormat, MemoryFacts, View,
                                   default_memory_profile)
 from interp.adapters.gemma3 import GEMMA3
+from interp.adapters.gemma4 import GEMMA4
 from interp.adapters.internvl import INTERNVL
 from interp.adapters.llava import LLAVA, LLAVA_NEXT
 from interp.adapters.llava_onevision import LLAVA_ONEVISION
@@ -16,7 +17,7 @@ from interp.adapters.qwen3_vl_moe import QWEN3_VL_MOE
 from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
-                                 INTERNVL, QWEN3_VL_MOE)
+                                 INTERNVL, QWEN3_VL_MOE, GEMMA4)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 _BY_NAME = {a.name: a for a in ADAPTERS}

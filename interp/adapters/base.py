@@ -245,6 +245,14 @@ class Adapter(Dense):
         (:func:`interp.resume.resume`) re-applies it. None on most architectures."""
         return {}
 
+    def check(self, model: torch.nn.Module) -> None:
+        """Refuse (one line) a configuration the adapter cannot run faithfully; called by ``LVLM()``."""
+
+    def block_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Keyword arguments an LM block called on its own (:func:`interp.resume.resume`) needs beside
+        the recorded mask, rotary and ids, made fresh per resumed run; none on most architectures."""
+        return {}
+
     def layer_count(self, model: torch.nn.Module, stack: str) -> int:
         obj = model.config
         for p in self.n_layers[stack].split("."):

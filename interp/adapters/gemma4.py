@@ -1,0 +1,266 @@
+"""Gemma4 (Gemma4ForConditionalGeneration, e.g. gemma-4-31B-it, gemma-4-26B-A4B-it): a ViT over
+p×p pixel patches (16 px in Gemma4) with a learned 2-D position table *and* 2-D (axial) RoPE in
+every block, average pooling of k×k patches (k = ``pooling_kernel_size``, 3 in Gemma4) into soft
+tokens, a projector (``model.embed_vision``: a scale-free RMSNorm then one Linear Dv → D) and a
+Gemma4 LM with interleaved sliding-window and full attention layers of different head sizes
+(``head_dim`` / ``global_head_dim``; full layers may take their values from their keys,
+``attention_k_eq_v``), one rotary per layer type (called by name as Gemma3's: ``lm.rotary@…``)
+and final-logit softcapping.
+
+Shapes: n images, P = ``max_soft_tokens``·k² patch slots per image (the processor pads every
+image to P; padding slots have position (−1, −1)), Dv vision width, D LM width; an image resized
+to H×W px has h = H/p rows and w = W/p columns of patches and (h/k)×(w/k) soft tokens; N the
+soft tokens of all images of the batch.
+
+Images: HF's ``Gemma4ImageProcessorPil`` (PIL/numpy, no torchvision) resizes each image keeping
+its aspect ratio to the largest size with at most P patches whose sides are multiples of k·p px,
+patchifies it in raster order and pads to P; ``image_position_ids`` (n, P, 2) hold each slot's
+(x, y) patch coordinate. The grid of every image is read from them (max x + 1, max y + 1), so
+the token maps need no image size. HF's ``Gemma4Processor`` also needs an audio feature
+extractor and a video processor (torchvision); the toolkit's processor
+(:func:`image_only_processor`) has neither.
+
+Prompt: the marker ``<|image|>`` (the processor's ``image_token``) becomes ``<|image>`` + (h/k)(w/k)
+``<|image|>`` soft tokens + ``<image|>``; the two delimiters are text (no cell). LM token order of
+an image: its soft tokens in raster order (one view). Vision-side order: ``vision.embed`` and
+``vision.blocks.{i}`` hold (n, P, Dv), each image's patch slots in processor order (raster, then
+padding, which maps to no patch); ``vision.out`` (the pooled soft tokens, padding slots dropped)
+and ``projector`` hold (N, ·): every image's soft tokens in raster order, images one after
+another — HF pools patch (x, y) into soft token (y // k)·(w/k) + x // k.
+
+Attention: with ``use_bidirectional_attention="vision"`` (Gemma4's checkpoints) HF lets the
+tokens of one image attend to each other in the *sliding* layers (full layers stay causal) only
+when ``mm_token_type_ids`` is passed; without it the image is read causally and the logits differ.
+The processor returns it; inputs without it (or whose ids do not mark exactly the image tokens)
+are refused here in one line, so every run is what HF runs.
+
+Not supported (refused by :meth:`Gemma4Adapter.check` in one line): per-layer embeddings
+(``hidden_size_per_layer_input`` > 0, gemma-4-E2B/E4B), which the text model computes from the
+LM input *before* block 0, outside every block — an edit of ``lm.input`` would not reach them and
+a resumed block would run without them; and shared key/value layers (``num_kv_shared_layers`` > 0),
+whose blocks read other blocks' keys and values through a per-forward dict and which HF runs on
+the last position only during generation (hooks there see truncated sequences).
+"""
+from __future__ import annotations
+
+import torch
+
+from interp.adapters.base import ChatFormat, MemoryFacts, View, raster_fields, text_keys
+from interp.adapters.gemma3 import Gemma3Adapter
+from interp.adapters.llava import LM, LM_SHAPES, N_LAYERS
+from spatialbias.errors import SpatialBiasError
+
+POSITIONS_KEY = "image_position_ids"
+"""(n, P, 2) long: each patch slot's (x, y) coordinate, (−1, −1) for padding (HF's processor)."""
+TYPES_KEY = "mm_token_type_ids"
+"""(B, L) long: 1 at image tokens, 0 elsewhere (HF's processor); switches on the bidirectional image mask."""
+MAX_SOFT_TOKENS = 280
+"""HF's default ``max_soft_tokens`` (soft tokens per image at most), for the memory model, which
+reads a config.json alone."""
+
+
+def image_only_processor(image_processor, tokenizer, chat_template=None, image_seq_length: int = 280, **kwargs):
+    """Gemma4's processor without its audio feature extractor and video processor (the video
+    processor needs torchvision, and HF's check of the feature extractor's class fails without
+    it): images and text only, returning ``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
+    ``pixel_values`` (n, P, 3p²) and ``image_position_ids`` (n, P, 2)."""
+    from transformers import Gemma4Processor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Gemma4ImageOnlyProcessor(Gemma4Processor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=280, **kw):
+            for k in ("feature_extractor", "video_processor", "audio_seq_length", "audio_ms_per_token"):
+                kw.pop(k, None)
+            self.image_seq_length = image_seq_length
+            self.image_token, self.image_token_id = tokenizer.image_token, tokenizer.image_token_id
+            self.boi_token, self.eoi_token = tokenizer.boi_token, tokenizer.eoi_token
+            self.video_token = self.video_token_id = None
+            self.audio_seq_length, self.audio_ms_per_token = 750, 40
+            self.audio_token = self.audio_token_id = None
+            # HF's validate_inputs refuses any call when these are unset, audio or not
+            self.boa_token = getattr(tokenizer, "boa_token", None) or tokenizer.boi_token
+            self.eoa_token = getattr(tokenizer, "eoa_token", None) or tokenizer.eoi_token
+            ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=chat_template, **kw)
+
+    return Gemma4ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                                    image_seq_length=image_seq_length, **kwargs)
+
+
+def soft_grid(positions: torch.Tensor, k: int) -> tuple[int, int, int, int]:
+    """(h, w, h/k, w/k) of one image from its (P, 2) patch positions (x, y; padding −1)."""
+    valid = (positions >= 0).all(-1)
+    if not bool(valid.any()):
+        raise SpatialBiasError("Gemma4: an image has no patch positions (all padding) in image_position_ids")
+    w = int(positions[valid, 0].max()) + 1
+    h = int(positions[valid, 1].max()) + 1
+    if h % k or w % k or int(valid.sum()) != h * w:
+        raise SpatialBiasError(f"Gemma4: an image's {int(valid.sum())} patches do not form an {h}x{w} grid that "
+                               f"pools by {k}; were the inputs made by this model's processor?")
+    return h, w, h // k, w // k
+
+
+class Gemma4Adapter(Gemma3Adapter):
+    """Gemma3's rotary facts (one rotary per layer type, named calls); Gemma4's own vision side,
+    token maps, input checks and refusals."""
+
+    def check(self, model):
+        tc = model.config.text_config
+        if int(getattr(tc, "hidden_size_per_layer_input", 0) or 0) > 0:
+            raise SpatialBiasError(
+                f"Gemma4 with per-layer embeddings (hidden_size_per_layer_input={tc.hidden_size_per_layer_input}, "
+                "the E2B/E4B models) is not supported: HF computes them from the LM input before block 0, outside "
+                "every block, so lm.input edits (AGCI, patching) would not reach them; use a Gemma4 checkpoint "
+                "without them (31B, 26B-A4B) or add an adapter injection for them")
+        if int(getattr(tc, "num_kv_shared_layers", 0) or 0) > 0:
+            raise SpatialBiasError(
+                f"Gemma4 with shared key/value layers (num_kv_shared_layers={tc.num_kv_shared_layers}) is not "
+                "supported: those blocks read earlier blocks' keys and values through a per-forward dict and run on "
+                "the last position only during generation; use a checkpoint without them (31B, 26B-A4B)")
+
+    def block_kwargs(self, model):
+        """A fresh ``shared_kv_states`` store: the last block of each layer type writes its keys and
+        values there (``store``) even when no block reads them, and fails without one."""
+        from transformers.cache_utils import KVSharingDict
+        return {"shared_kv_states": KVSharingDict()}
+
+    def _k(self, model) -> int:
+        return int(model.config.vision_config.pooling_kernel_size)
+
+    def _positions(self, inputs) -> torch.Tensor:
+        pos = inputs.get(POSITIONS_KEY)
+        if pos is None:
+            raise SpatialBiasError("Gemma4 inputs need 'image_position_ids' (each patch slot's x, y), which the "
+                                   "processor returns; build inputs with LVLM.inputs")
+        return pos
+
+    def grids(self, model, inputs) -> list[tuple[int, int, int, int]]:
+        """Per image (processor order): (h, w, h/k, w/k) patches and soft tokens per column and row."""
+        k = self._k(model)
+        return [soft_grid(p, k) for p in self._positions(inputs).cpu()]
+
+    def image_views(self, model, inputs):
+        """Per image one view: its (h/k)×(w/k) soft tokens in raster order. Checks that
+        ``mm_token_type_ids`` is given and marks exactly the image tokens (refused otherwise)."""
+        types = inputs.get(TYPES_KEY)
+        ids = inputs["input_ids"]
+        if types is None:
+            raise SpatialBiasError("Gemma4 inputs need 'mm_token_type_ids' (1 at image tokens): without it HF reads "
+                                   "the image causally instead of bidirectionally; build inputs with LVLM.inputs")
+        if not torch.equal(torch.as_tensor(types).to(ids.device) == 1, ids == self.image_token_id(model)):
+            raise SpatialBiasError("Gemma4: mm_token_type_ids does not mark exactly the image tokens of input_ids; "
+                                   "build inputs with LVLM.inputs")
+        return [[View("soft", r, c)] for _, _, r, c in self.grids(model, inputs)]
+
+    def vision_fields(self, model, inputs, site):
+        """``vision.embed`` / ``vision.blocks.{i}``: per image its P patch slots in processor order,
+        each at its (y, x) on the h×w patch grid (padding slots: row and column −1);
+        ``vision.out`` / ``projector``: per image its soft tokens in raster order on the
+        (h/k)×(w/k) grid (padding slots are dropped by HF's pooler)."""
+        if site.startswith("vision."):
+            if site == "vision.out":
+                return [raster_fields(r, c) for _, _, r, c in self.grids(model, inputs)], None
+            out = []
+            for pos, (h, w, _, _) in zip(self._positions(inputs).cpu(), self.grids(model, inputs)):
+                pos = pos.long()
+                pad = (pos < 0).any(-1)
+                f = torch.stack([torch.zeros_like(pos[:, 0]), pos[:, 1], pos[:, 0], torch.full_like(pos[:, 0], h),
+                                 torch.full_like(pos[:, 0], w)], 1)
+                f[pad, 1:3] = -1
+                out.append(f)
+            return out, None
+        return [raster_fields(r, c) for _, _, r, c in self.grids(model, inputs)], None
+
+    def vision_position_table(self, model):
+        """None: Gemma4's vision position code is a learned 2-D table (an x row plus a y row per
+        patch, added at ``vision.embed``) *and* 2-D rotary embeddings in every block; swapping the
+        table alone would leave the rotary half in place, so the vision-side position patch
+        reports n/a rather than a partial swap."""
+        return None
+
+    def vision_tokens(self, model, inputs):
+        """Every patch slot of every image runs through the tower, padding included: n × P."""
+        px = inputs["pixel_values"]
+        return int(px.shape[0]) * int(px.shape[1])
+
+    def probe_canvas(self, config, image_processor):
+        """The side HF's resize maps every square image to (so a square probe drawn at it is taken
+        as drawn): ⌊√P / k⌋·k·p px for P = ``max_soft_tokens``·k² (768 px for Gemma4's 16 px
+        patches, k = 3, 280 soft tokens: 16×16 soft tokens; 64 px on the tiny model)."""
+        from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
+        vc = config.vision_config
+        p = int(getattr(image_processor, "patch_size", None) or vc.patch_size)
+        k = int(getattr(image_processor, "pooling_kernel_size", None) or vc.pooling_kernel_size)
+        soft = int(getattr(image_processor, "max_soft_tokens", None) or MAX_SOFT_TOKENS)
+        side, _ = get_aspect_ratio_preserving_size(1000, 1000, p, soft * k * k, k)
+        return int(side)
+
+    def memory_profile(self, cfg, image_px=(768, 768)):
+        """One image of ``image_px`` resized as HF's processor does at its default 280 soft tokens:
+        (h/k)(w/k) LM tokens, P = 280·k² patch slots through the tower (padding included),
+        P·3p² fp32 pixels; the projector one Linear Dv → D; Gemma's 4 norms per block and q/k norms."""
+        from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
+        v = cfg.get("vision_config", {}) or {}
+        p, k = int(v.get("patch_size", 16)), int(v.get("pooling_kernel_size", 3))
+        P = MAX_SOFT_TOKENS * k * k
+        H, W = get_aspect_ratio_preserving_size(int(image_px[0]), int(image_px[1]), p, P, k)
+        D = int(text_keys(cfg.get("text_config", {}))["hidden_size"])
+        return MemoryFacts(image_tokens=((H // p // k) * (W // p // k), P), pixel_bytes=P * 3 * p * p * 4,
+                           projector_params=int(v.get("hidden_size", 768)) * D, block_norms=4, qk_norm=True)
+
+    def load_processor(self, src, trust_remote_code=False):
+        """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's
+        tokenizer, image processor (``Gemma4ImageProcessorPil``) and chat template: HF's
+        ``Gemma4Processor`` needs a video processor (torchvision) and an audio feature extractor."""
+        import json
+        from pathlib import Path
+
+        from transformers import AutoTokenizer, Gemma4ImageProcessorPil
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+        try:
+            ip = Gemma4ImageProcessorPil.from_pretrained(src, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise SpatialBiasError(f"Gemma4: no image processor settings in {src} ({type(e).__name__}); the "
+                                   "checkpoint needs its preprocessor_config.json") from None
+        folder = Path(str(src))
+        kw = {}
+        f = folder / "processor_config.json"
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            saved = saved.get("processor", saved) if isinstance(saved.get("processor"), dict) else saved
+            if "image_seq_length" in saved:
+                kw["image_seq_length"] = int(saved["image_seq_length"])
+        template = getattr(tok, "chat_template", None)
+        jinja = folder / "chat_template.jinja"
+        if not template and jinja.is_file():
+            template = jinja.read_text()
+        return image_only_processor(ip, tok, chat_template=template, **kw)
+
+
+GEMMA4 = Gemma4Adapter(
+    name="gemma4",
+    model_classes=("Gemma4ForConditionalGeneration",),
+    sites={"vision.embed": "model.vision_tower.patch_embedder",
+           "vision.blocks.{i}": "model.vision_tower.encoder.layers.{i}",
+           "projector": "model.embed_vision", **LM},
+    shapes={"vision.embed": "(n, P, Dv) patch embeddings + the learned 2-D position table (x row + y row; zero on "
+                            "padding slots), each image's P slots in processor order",
+            "vision.blocks.{i}": "(n, P, Dv)",
+            "vision.out": "(N, Dv) what the projector reads: k×k patches average-pooled and scaled by √Dv, padding "
+                          "dropped, every image's soft tokens in raster order",
+            "projector": "(N, D) the soft tokens of all images, scattered in that order over the <|image|> tokens",
+            **LM_SHAPES,
+            "lm.blocks.{i}.attn.heads": "(B, L, H, head_dim) per-head outputs; head_dim is the layer type's "
+                                        "(head_dim on sliding layers, global_head_dim on full ones)",
+            "lm.rotary": "(cos, sin), each (B, L, head_dim of the layer type); one call per layer type "
+                         "(@sliding_attention, @full_attention)",
+            "lm.embed": "(B, L, D) token embeddings (scaled by sqrt(D)) before the image scatter",
+            "unembed": "(B, L, V) logits before the final softcapping (HF's logits: cap·tanh(z / cap))"},
+    n_layers=N_LAYERS,
+    image_inputs={"pixel_values": "image", POSITIONS_KEY: "image"},
+    model_types=("gemma4",),
+    chat=ChatFormat("{marker}", "<|turn>user\n{images}{text}<turn|>\n<|turn>model\n", ""),
+)
+"""Gemma4; its published chat format (``<|turn>user … <turn|>``, ``<|image|>`` where an image goes)."""
+
+__all__ = ["GEMMA4", "Gemma4Adapter", "image_only_processor", "soft_grid"]
