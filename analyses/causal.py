@@ -124,13 +124,14 @@ def position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None)
     """Position-id patching per item: the corrupt run with the target's image tokens given their
     clean position ids (``fixed``) and the clean run with the corrupt ids (``broken``), in all
     layers (``layers`` = "all") and one layer at a time (not on an LM with learned absolute
-    positions, which enter once, at the embedding); with the item's ``clean`` and ``corrupt``."""
-    n = lvlm.adapter.layer_count(lvlm.model, "lm") if lvlm.adapter.rope_kind(lvlm.model) != "none" else 0
+    positions, which enter once, at the embedding; on a hybrid LM only its attention layers, the
+    ones that read position ids); with the item's ``clean`` and ``corrupt``."""
+    att = lvlm.adapter.attention_layers(lvlm.model) if lvlm.adapter.rope_kind(lvlm.model) != "none" else []
     a, b = pairs.corrupt_cell, pairs.clean_cell
     bs = batch_size
     clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs, bs), item_metric(lvlm, pairs.corrupt, pairs, ivs, bs)
     frames = []
-    for w in [None] + [(i, i + 1) for i in range(n)]:
+    for w in [None] + [(i, i + 1) for i in att]:  # the layers that read position ids
         fixed = item_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)], bs)
         broken = item_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)], bs)
         frames.append(pd.DataFrame({"item": range(len(clean)), "layers": "all" if w is None else str(w[0]),
@@ -182,12 +183,15 @@ def vision_position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None 
 def knockout_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame:
     """Per item, on the clean placement: the answer logit difference with the question tokens
     unable to attend to the target's cell, to a distractor cell, or to any image token, one layer
-    at a time and in all layers (``base``: without knockout; ``drop`` = base − metric)."""
+    at a time and in all layers (``base``: without knockout; ``drop`` = base − metric). On a hybrid
+    LM (Qwen3.5) "one layer" is each attention layer and "all layers" edits every attention layer:
+    its recurrent layers have no attention mask and still carry the image to the question."""
     n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    att = lvlm.adapter.attention_layers(lvlm.model)  # a hybrid LM's recurrent layers have no mask to edit
     distractor = next(c for c in range(pairs.grid[0] * pairs.grid[1]) if c not in (pairs.clean_cell, pairs.corrupt_cell))
     base = item_metric(lvlm, pairs.clean, pairs, ivs, batch_size)
     frames = []
-    for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
+    for w in [(i, i + 1) for i in att] + [(0, n)]:
         for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
                             ("all image tokens", None)):
             ko = Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
@@ -210,9 +214,10 @@ def flow_items(lvlm: LVLM, probe_dir: str | Path | Probe, ivs, n_items: int, que
         f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid,
                                 batch_size=batch_size).mean(2)  # (B, layers, cells)
         B, L, C = f.shape
-        frames.append(pd.DataFrame({"item": np.repeat(np.arange(B), L * C), "id": np.repeat(pairs.ids, L * C),
-                                    "target_cell": cell, "layer": np.tile(np.repeat(np.arange(L), C), B),
-                                    "cell": np.tile(np.arange(C), B * L), "mass": f.double().flatten().numpy()}))
+        df = pd.DataFrame({"item": np.repeat(np.arange(B), L * C), "id": np.repeat(pairs.ids, L * C),
+                           "target_cell": cell, "layer": np.tile(np.repeat(np.arange(L), C), B),
+                           "cell": np.tile(np.arange(C), B * L), "mass": f.double().flatten().numpy()})
+        frames.append(df[df.layer.isin(lvlm.adapter.attention_layers(lvlm.model))])  # layers with a pattern
     return pd.concat(frames, ignore_index=True)
 
 

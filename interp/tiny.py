@@ -328,12 +328,13 @@ def build_qwen35(seed: int = 0):
     """Qwen3_5ForConditionalGeneration: Qwen3-VL's vision side without DeepStack (learned position
     embeddings on a 4×4 grid, resampled; 2×2 merger) and a hybrid LM of 3 layers — Gated DeltaNet
     (linear attention, no positions), full attention (gated, q/k norms, partial interleaved M-RoPE:
-    8 of 32 head dims rotate), Gated DeltaNet — on HF's torch fallback kernels."""
+    8 of 32 head dims rotate), Gated DeltaNet — on HF's torch fallback kernels; byte-level BPE
+    tokenizer with the ChatML template :data:`QWEN_CHATML`."""
     from transformers import Qwen2VLImageProcessorPil, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     from interp.adapters.qwen3_vl import image_only_processor
     torch.manual_seed(seed)
-    tok = tokenizer()
+    tok = tokenizer("bytelevel")  # a saved qwen3_5 checkpoint is read back with HF's byte-level BPE Qwen3_5Tokenizer
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                 layer_types=["linear_attention", "full_attention", "linear_attention"],
@@ -349,7 +350,7 @@ def build_qwen35(seed: int = 0):
     cfg.architectures = ["Qwen3_5ForConditionalGeneration"]
     ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    return Qwen3_5ForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHAT)
+    return Qwen3_5ForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHATML)
 
 
 INTERNVL_CHAT = ("{%- for m in messages -%}<|im_start|> {{ m['role'] }} {% for c in m['content'] -%}"

@@ -23,7 +23,7 @@ ZOO = Path(__file__).parent.parent / "analyses" / "organisms" / "checkpoints"
 # nearest 336 whose area lies in the processor's 16²..64² pixels; InternVL: 3 × its 48 px tile (the largest
 # k×k tiling of max_patches 12 with k a multiple of 3: one tile per cell)
 EXPECTED = {"llava": 32, "llava_next": 32, "qwen2vl": 48, "qwen25vl": 48, "gemma3": 32, "llava_onevision": 32, "qwen3vl": 48,
-            "internvl": 144}
+            "internvl": 144, "qwen35": 48}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
