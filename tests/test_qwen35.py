@@ -180,3 +180,23 @@ def test_agci_by_hand(setup):
         return torch.cat(out, 0)
     by_projector = trace(m, clean, edits={"projector": merger}).logits[:, -1]
     assert torch.allclose(got.logits[:, -1], by_projector, atol=1e-5)
+
+
+def test_analyses_use_the_attention_layers_only(setup):
+    """The knockout and position-id analyses' one-layer windows, and the heads analysis' ranked
+    heads and share rows, are the attention layers'; nothing is refused on the DeltaNet layers."""
+    import numpy as np
+
+    from analyses import causal
+    from analyses.kinds import heads
+    m, clean, corrupt, correct, cands = setup
+    pairs = causal.Pairs(clean, corrupt, correct, tuple(cands), [(0, 8)] * 2, ["a", "b"], clean_cell=0,
+                         corrupt_cell=8)
+    ko = causal.knockout_items(m, pairs, [])
+    assert set(ko.layers) == {str(ATTENTION), "all"}
+    pos = causal.position_items(m, pairs, [])
+    assert set(pos.layers) == {str(ATTENTION), "all"}
+    scores, mb, ms, tops, rank, confirm, exact = heads.measure(m, pairs, [], top=10, split=False, fwd=4, att=4)
+    assert len(tops) == 4 and {layer for layer, _ in tops} == {ATTENTION}  # 4 heads exist, not 10
+    rows = heads.rows_of(scores, mb, ms, tops, confirm, exact, np.random.default_rng(0))
+    assert {r["layer"] for r in rows if r["metric"] == "head_share_estimate"} == {ATTENTION}

@@ -70,7 +70,7 @@ def measure(lvlm, pairs, ivs, top: int, split: bool, fwd: int, att: int):
     rank, confirm = split_items(len(mb), split)
     flat = np.nan_to_num(scores[rank].mean(0).reshape(-1), nan=-np.inf)  # layers without heads rank last
     n_heads = scores.shape[2]
-    order = np.argsort(-flat, kind="stable")[:min(top, flat.size)]
+    order = np.argsort(-flat, kind="stable")[:min(top, int(np.isfinite(flat).sum()))]
     tops = [(int(i // n_heads), int(i % n_heads)) for i in order]
     b, s = (lvlm.rows(lvlm.batch(x), confirm) for x in (pairs.corrupt, pairs.clean))
     correct = pairs.correct[confirm]
