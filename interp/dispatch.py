@@ -55,8 +55,7 @@ class Trace:
     function's output where one was given); for a generation, a list with one value per forward
     (prefill, then each decode step). ``batch``: the validated, prepared inputs that ran.
     ``kv``: with ``kv=True``, per LM layer the (keys, values) its attention used, each
-    (B, kv_heads, L, head_dim) after the rotary embedding; None for a layer without attention (a
-    hybrid LM's recurrent layer: :meth:`~interp.adapters.Adapter.attention_layers`)."""
+    (B, kv_heads, L, head_dim) after the rotary embedding (None: a hybrid LM's recurrent layer)."""
     logits: torch.Tensor | None
     cache: dict[str, Any] = field(default_factory=dict)
     tokens: torch.Tensor | None = None
@@ -343,11 +342,10 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
     try:
         with torch.set_grad_enabled(grad), attention_implementation(lvlm.model, impl), cpu_attention_guard(lvlm):
             if not max_new_tokens:
-                att = set(lvlm.adapter.attention_layers(lvlm.model)) if kv else set()
                 run.begin_forward(0, run.edits)
                 kw = {"logits_to_keep": 1} if last_only else {}
                 if kv:
-                    kw.update(cache=_kv_cache(lvlm), use_cache=True)
+                    kw.update(cache=lvlm.adapter.kv_cache(lvlm.model), use_cache=True)
                 else:
                     kw["use_cache"] = False
                 try:
@@ -355,26 +353,14 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
                 except _Stop:
                     return Trace(None, {n: v[0] for n, v in run.values.items()}, batch=batch)
                 run.end_forward()
-                keys = [(getattr(layer, "keys", None), getattr(layer, "values", None)) if i in att else None
-                        for i, layer in enumerate(out.cache.layers)] if kv else None
+                att = lvlm.adapter.attention_layers(lvlm.model)
+                keys = [(x.keys, x.values) if i in att else None for i, x in enumerate(out.cache.layers)] if kv else None
                 return Trace(out.logits, {n: v[0] for n, v in run.values.items()}, batch=batch, kv=keys)
             logits, tokens = _generate(lvlm, batch, interventions, run, max_new_tokens, edits or {})
             return Trace(logits, dict(run.values), tokens=tokens, batch=batch)
     finally:
         for h in handles:
             h.remove()
-
-
-def _kv_cache(lvlm):
-    """An empty KV cache for a ``kv=True`` forward: a plain one (every layer keeps all its keys and
-    values, whatever its attention window) where every LM layer attends; on a hybrid LM the
-    model's own layout, whose recurrent layers (Gated DeltaNet) keep their conv and recurrent states
-    there (their :attr:`Trace.kv` entry is None)."""
-    from transformers import DynamicCache
-    a, m = lvlm.adapter, lvlm.model
-    if len(a.attention_layers(m)) == a.layer_count(m, "lm"):
-        return DynamicCache()
-    return DynamicCache(config=m.config.get_text_config())
 
 
 def _decode_edits(lvlm, batch: Batch, interventions, step: int, user_edits: dict[str, Edit]) -> dict[str, Edit]:

@@ -325,29 +325,23 @@ def build_qwen3vl(seed: int = 0):
 
 
 def build_qwen35(seed: int = 0):
-    """Qwen3_5ForConditionalGeneration: Qwen3-VL's vision side without DeepStack (learned position
-    embeddings on a 4×4 grid, resampled; 2×2 merger) and a hybrid LM of 3 layers — Gated DeltaNet
-    (linear attention, no positions), full attention (gated, q/k norms, partial interleaved M-RoPE:
-    8 of 32 head dims rotate), Gated DeltaNet — on HF's torch fallback kernels; byte-level BPE
-    tokenizer with the ChatML template :data:`QWEN_CHATML`."""
+    """Qwen3_5ForConditionalGeneration: Qwen3-VL's tiny vision side without DeepStack and a hybrid LM —
+    Gated DeltaNet, full attention (partial interleaved M-RoPE: 8 of 32 head dims rotate), Gated DeltaNet —
+    on HF's torch kernels; byte-level BPE (a saved qwen3_5 folder is read back with one) and ChatML."""
     from transformers import Qwen2VLImageProcessorPil, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     from interp.adapters.qwen3_vl import image_only_processor
     torch.manual_seed(seed)
-    tok = tokenizer("bytelevel")  # a saved qwen3_5 checkpoint is read back with HF's byte-level BPE Qwen3_5Tokenizer
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                layer_types=["linear_attention", "full_attention", "linear_attention"],
-                linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True}, **_text_kw(tok))
-    cfg = Qwen3_5Config(text_config=text,
-                        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                                           out_hidden_size=64, patch_size=8, spatial_merge_size=2,
-                                           temporal_patch_size=2, num_position_embeddings=16),
+    tok = tokenizer("bytelevel")
+    rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True}
+    text = dict(_qwen_text(tok), num_hidden_layers=3, head_dim=32, rope_parameters=rope, linear_key_head_dim=8,
+                layer_types=["linear_attention", "full_attention", "linear_attention"], linear_value_head_dim=8,
+                linear_num_key_heads=2, linear_num_value_heads=4)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, architectures=["Qwen3_5ForConditionalGeneration"],
                         **_qwen_ids(tok))
-    cfg.architectures = ["Qwen3_5ForConditionalGeneration"]
     ip = Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2,
                                   size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
     return Qwen3_5ForConditionalGeneration(cfg).eval(), image_only_processor(ip, tok, chat_template=QWEN_CHATML)

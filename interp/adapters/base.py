@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from interp.adapters.layers import LayerKinds
 from spatialbias.errors import SpatialBiasError
 
 LM_INPUT = "lm.input"
@@ -154,7 +155,7 @@ def projector_params(cfg: dict) -> int:
 
 
 @dataclass(frozen=True)
-class Adapter:
+class Adapter(LayerKinds):
     """Declarative description of one HF LVLM architecture.
 
     ``sites`` maps a canonical site (with ``{i}`` for a layer index) to an HF path template;
@@ -204,9 +205,7 @@ class Adapter:
             regex = "^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>-?\d+)") + "$"
             m = re.match(regex, site)
             if m:
-                if m.groupdict().get("i") is not None and model is not None:
-                    self._check_layer(model, pattern, int(m.group("i")), site)
-                return template.format(**m.groupdict())
+                return self._check_layer(model, pattern, m.groupdict().get("i"), site) or template.format(**m.groupdict())
         names = ", ".join([*INPUT_SITES, *self.site_table(model)])
         raise SpatialBiasError(f"unknown site {site!r} for {self.name}; known sites: {names}")
 
@@ -218,8 +217,7 @@ class Adapter:
         return get_module(model, self.path(site, model))
 
     def concrete_sites(self, model: torch.nn.Module) -> list[str]:
-        """Every canonical site with its layer indices filled in, e.g. ``lm.blocks.0`` … ``lm.blocks.N-1``
-        (a per-layer-kind site only on the layers that have it: :meth:`layers_of`)."""
+        """Every canonical site with its layer indices filled in, e.g. ``lm.blocks.0`` … ``lm.blocks.N-1``."""
         out = list(INPUT_SITES)
         for pattern in self.site_table(model):
             if "{i}" in pattern:
@@ -232,45 +230,6 @@ class Adapter:
         """How many modules an indexed site pattern names: the vision or LM layer count (an
         adapter with other indexed sites, e.g. Qwen3-VL's ``vision.deepstack.{i}``, says so)."""
         return self.layer_count(model, "vision" if pattern.startswith("vision") else "lm")
-
-    def layers_of(self, model: torch.nn.Module, pattern: str) -> list[int]:
-        """The indices at which an indexed site pattern names a module: all of ``range(pattern_count)``,
-        unless the architecture's LM layers differ in kind (a hybrid LM's ``lm.blocks.{i}.attn`` only on
-        its attention layers, its recurrent mixer's site only on the others)."""
-        return list(range(self.pattern_count(model, pattern)))
-
-    def attention_layers(self, model: torch.nn.Module) -> list[int]:
-        """The LM layers whose token mixer is softmax attention over keys and values: where
-        ``lm.blocks.{i}.attn`` / ``.attn.heads`` / ``.attn.pattern`` exist, an attention mask can be
-        edited (:class:`~interp.interventions.Knockout`), the rotary embedding of the position ids
-        acts (BaPA, :class:`~interp.interventions.PositionSwap`) and a resumed run reuses the keys and
-        values of the prefix. Every layer on most architectures; on a hybrid LM the other layers
-        (recurrent mixers: Gated DeltaNet) read no position and the whole prefix through their state."""
-        return self.layers_of(model, "lm.blocks.{i}.attn")
-
-    def layer_kind(self, model: torch.nn.Module, i: int) -> str:
-        """LM layer ``i``'s kind, for messages: the text config's ``layer_types`` entry where it has
-        one (``full_attention``, ``sliding_attention``, ``linear_attention``), else ``attention``."""
-        types = getattr(getattr(model.config, "text_config", None), "layer_types", None)
-        return str(types[i]) if types else "attention"
-
-    def mixer_site(self, model: torch.nn.Module, i: int) -> str:
-        """The canonical site of LM layer ``i``'s token-mixer output (B, L, D), before the residual
-        add: ``lm.blocks.{i}.attn`` on an attention layer (an adapter with another mixer names it)."""
-        return f"lm.blocks.{i}.attn"
-
-    def _check_layer(self, model: torch.nn.Module, pattern: str, i: int, site: str) -> None:
-        """One error line when ``site`` (pattern ``pattern`` at index ``i``) names a layer that lacks it."""
-        n = self.pattern_count(model, pattern)
-        layers = self.layers_of(model, pattern)
-        if not -n <= i < n or len(layers) == n or i % n in layers:
-            return
-        i %= n
-        here = [p.format(i=i) for p in self.site_table(model) if p.startswith("lm.blocks.{i}") and i in
-                self.layers_of(model, p)]
-        raise SpatialBiasError(f"site {site!r}: LM layer {i} of {self.name} is a {self.layer_kind(model, i)} layer "
-                               f"without that module ({pattern} exists on layers {layers} only); layer {i} has "
-                               f"{', '.join(here)}")
 
     def injections(self, model: torch.nn.Module) -> dict[int, str]:
         """What the text model adds to the residual stream *between* LM blocks, outside every block
