@@ -124,13 +124,13 @@ def position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None)
     """Position-id patching per item: the corrupt run with the target's image tokens given their
     clean position ids (``fixed``) and the clean run with the corrupt ids (``broken``), in all
     layers (``layers`` = "all") and one layer at a time (not on an LM with learned absolute
-    positions, which enter once, at the embedding); with the item's ``clean`` and ``corrupt``."""
-    n = lvlm.adapter.layer_count(lvlm.model, "lm") if lvlm.adapter.rope_kind(lvlm.model) != "none" else 0
+    positions, which enter once, at the embedding; a hybrid LM's attention layers: the ones reading them)."""
+    att = lvlm.adapter.attention_layers(lvlm.model) if lvlm.adapter.rope_kind(lvlm.model) != "none" else []
     a, b = pairs.corrupt_cell, pairs.clean_cell
     bs = batch_size
     clean, corrupt = item_metric(lvlm, pairs.clean, pairs, ivs, bs), item_metric(lvlm, pairs.corrupt, pairs, ivs, bs)
     frames = []
-    for w in [None] + [(i, i + 1) for i in range(n)]:
+    for w in [None] + [(i, i + 1) for i in att]:
         fixed = item_metric(lvlm, pairs.corrupt, pairs, ivs + [PositionSwap(a=a, b=b, layers=w, grid=pairs.grid)], bs)
         broken = item_metric(lvlm, pairs.clean, pairs, ivs + [PositionSwap(a=b, b=a, layers=w, grid=pairs.grid)], bs)
         frames.append(pd.DataFrame({"item": range(len(clean)), "layers": "all" if w is None else str(w[0]),
@@ -182,12 +182,12 @@ def vision_position_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None 
 def knockout_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None) -> pd.DataFrame:
     """Per item, on the clean placement: the answer logit difference with the question tokens
     unable to attend to the target's cell, to a distractor cell, or to any image token, one layer
-    at a time and in all layers (``base``: without knockout; ``drop`` = base − metric)."""
+    at a time and in all layers (``base``: without knockout; ``drop`` = base − metric); a hybrid LM's
+    attention layers only (its recurrent ones have no mask, and carry the image past the knockout)."""
     n = lvlm.adapter.layer_count(lvlm.model, "lm")
     distractor = next(c for c in range(pairs.grid[0] * pairs.grid[1]) if c not in (pairs.clean_cell, pairs.corrupt_cell))
-    base = item_metric(lvlm, pairs.clean, pairs, ivs, batch_size)
-    frames = []
-    for w in [(i, i + 1) for i in range(n)] + [(0, n)]:
+    base, frames = item_metric(lvlm, pairs.clean, pairs, ivs, batch_size), []
+    for w in [(i, i + 1) for i in lvlm.adapter.attention_layers(lvlm.model)] + [(0, n)]:
         for what, cells in (("target cell", (pairs.clean_cell,)), ("distractor cell", (distractor,)),
                             ("all image tokens", None)):
             ko = Knockout(cells=cells, layers=w, query="text", grid=pairs.grid)
@@ -200,18 +200,17 @@ def knockout_items(lvlm: LVLM, pairs: Pairs, ivs, batch_size: int | None = None)
 def flow_items(lvlm: LVLM, probe_dir: str | Path | Probe, ivs, n_items: int, query: str = "last",
                batch_size: int | None = None) -> pd.DataFrame:
     """Attention mass from the query rows to each cell (mean over heads), for every placement of
-    the first ``n_items`` items: one row per item × target cell × layer × cell."""
-    probe = find_probe(probe_dir)
+    the first ``n_items`` items: one row per item × target cell × (attention) layer × cell."""
+    probe, frames, att = find_probe(probe_dir), [], lvlm.adapter.attention_layers(lvlm.model)
     n, m = probe_grid(read_rows(probe), probe.rows_file)
-    frames = []
     for cell in range(n * m):
         other = 0 if cell != 0 else n * m - 1
         pairs = placement_pairs(lvlm, probe, clean_cell=cell, corrupt_cell=other, n_items=n_items)
         f = attention.cell_flow(lvlm, pairs.clean, ivs, query=query, grid=pairs.grid,
-                                batch_size=batch_size).mean(2)  # (B, layers, cells)
+                                batch_size=batch_size).mean(2)[:, att]  # (B, attention layers, cells)
         B, L, C = f.shape
         frames.append(pd.DataFrame({"item": np.repeat(np.arange(B), L * C), "id": np.repeat(pairs.ids, L * C),
-                                    "target_cell": cell, "layer": np.tile(np.repeat(np.arange(L), C), B),
+                                    "target_cell": cell, "layer": np.tile(np.repeat(att, C), B),
                                     "cell": np.tile(np.arange(C), B * L), "mass": f.double().flatten().numpy()}))
     return pd.concat(frames, ignore_index=True)
 

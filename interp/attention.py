@@ -29,7 +29,9 @@ def cell_flow(lvlm: LVLM, inputs: dict[str, torch.Tensor], interventions: Sequen
 
     Returns (B, layers, heads, n·m) float: per row, layer and head, the attention weight the
     query rows put on the image tokens of each cell (summed over the cell's tokens, averaged
-    over query rows). Summing over cells gives the mass on the whole image.
+    over query rows). Summing over cells gives the mass on the whole image. A layer without
+    attention (a hybrid LM's recurrent layer, outside :meth:`~interp.adapters.Adapter.attention_layers`)
+    is NaN: it has no pattern.
 
     Memory is bounded by one layer of ``batch_size`` rows (default: all rows in one forward): each
     layer's pattern (``lm.blocks.{i}.attn.pattern``, (B, H, L, L)) is reduced inside that layer's
@@ -54,6 +56,9 @@ def cell_flow(lvlm: LVLM, inputs: dict[str, torch.Tensor], interventions: Sequen
         return torch.einsum("bhqk,bq,bkc->bhc", rows, w.to(att.device), onehot.to(att.device))
 
     n = lvlm.adapter.layer_count(lvlm.model, "lm")
-    sites = [f"lm.blocks.{i}.attn.pattern" for i in range(n)]
-    t = forward(lvlm, inputs, interventions, cache=sites, reduce={s: to_cells for s in sites}, last_only=True)
-    return torch.stack([t.cache[s] for s in sites], 1)
+    att = lvlm.adapter.attention_layers(lvlm.model)
+    sites = {i: f"lm.blocks.{i}.attn.pattern" for i in att}
+    t = forward(lvlm, inputs, interventions, cache=list(sites.values()),
+                reduce={s: to_cells for s in sites.values()}, last_only=True)
+    first = t.cache[sites[att[0]]]
+    return torch.stack([t.cache[sites[i]] if i in sites else torch.full_like(first, float("nan")) for i in range(n)], 1)

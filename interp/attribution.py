@@ -294,12 +294,12 @@ def position_attribution(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict
 
 def position_sites(lvlm: LVLM) -> list[str]:
     """Every patchable site in forward order: vision blocks, projector, ``lm.input``, then per
-    LM block its attention output, MLP output and residual stream (the per-position granularity
+    LM block its token mixer's output (attention; a hybrid LM's recurrent mixer), MLP output and residual stream (the per-position granularity
     of :func:`run_position_patches` / :func:`position_attribution`)."""
     a, m = lvlm.adapter, lvlm.model
     out = [f"vision.blocks.{i}" for i in range(a.layer_count(m, "vision"))] + ["projector", "lm.input"]
     for i in range(a.layer_count(m, "lm")):
-        out += [f"lm.blocks.{i}.attn", f"lm.blocks.{i}.mlp", f"lm.blocks.{i}"]
+        out += [a.mixer_site(m, i), f"lm.blocks.{i}.mlp", f"lm.blocks.{i}"]
     return out
 
 

@@ -55,12 +55,12 @@ class Trace:
     function's output where one was given); for a generation, a list with one value per forward
     (prefill, then each decode step). ``batch``: the validated, prepared inputs that ran.
     ``kv``: with ``kv=True``, per LM layer the (keys, values) its attention used, each
-    (B, kv_heads, L, head_dim) after the rotary embedding."""
+    (B, kv_heads, L, head_dim) after the rotary embedding (None: a hybrid LM's recurrent layer)."""
     logits: torch.Tensor | None
     cache: dict[str, Any] = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     batch: Batch | None = None
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,8 +346,7 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
                 run.begin_forward(0, run.edits)
                 kw = {"logits_to_keep": 1} if last_only else {}
                 if kv:
-                    from transformers import DynamicCache
-                    kw.update(cache=DynamicCache(), use_cache=True)
+                    kw.update(cache=lvlm.adapter.kv_cache(lvlm.model), use_cache=True)
                 else:
                     kw["use_cache"] = False
                 try:
@@ -355,7 +354,8 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
                 except _Stop:
                     return Trace(None, {n: v[0] for n, v in run.values.items()}, batch=batch)
                 run.end_forward()
-                keys = [(layer.keys, layer.values) for layer in out.cache.layers] if kv else None
+                att = lvlm.adapter.attention_layers(lvlm.model)
+                keys = [(x.keys, x.values) if i in att else None for i, x in enumerate(out.cache.layers)] if kv else None
                 return Trace(out.logits, {n: v[0] for n, v in run.values.items()}, batch=batch, kv=keys)
             logits, tokens = _generate(lvlm, batch, interventions, run, max_new_tokens, edits or {})
             return Trace(logits, dict(run.values), tokens=tokens, batch=batch)

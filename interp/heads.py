@@ -8,6 +8,9 @@ difference at the last position (:func:`interp.patching.logit_diff`). A head's t
 site ``lm.blocks.{l}.attn.heads``: (B, L, H, head_dim), the input of the attention output
 projection split into heads (writing it changes the layer's output).
 
+Only attention layers have heads: on a hybrid LM (Qwen3.5's Gated DeltaNet layers) the others
+score NaN and cannot be named.
+
 * :func:`head_attribution` — attribution patching per head: ``Σ_{pos, d} Δa · ∂m/∂a`` at the base
   run (Δa = source − base head output), every head of every layer from one forward of the
   source rows and one forward/backward of the base rows. (N, layers, H).
@@ -68,10 +71,13 @@ def head_attribution(lvlm: LVLM, base, source, correct: torch.Tensor, candidates
                      interventions: Sequence = (), batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attribution-patching estimate of every head's denoising effect.
 
-    Returns (scores (N, layers, H): the estimated ``m(base with the head patched) − m(base)``,
-    base metric (N,), source metric (N,))."""
+    Returns (scores (N, layers, H): the estimated ``m(base with the head patched) − m(base)``, NaN
+    on an LM layer without attention heads (a hybrid LM's recurrent layer:
+    :meth:`~interp.adapters.Adapter.attention_layers`), base metric (N,), source metric (N,))."""
     base, source = _check(lvlm, base, source, correct)
-    sites = [head_site(i) for i in range(lvlm.adapter.layer_count(lvlm.model, "lm"))]
+    n_layers = lvlm.adapter.layer_count(lvlm.model, "lm")
+    att = lvlm.adapter.attention_layers(lvlm.model)
+    sites = [head_site(i) for i in att]
     scores, mb, ms = [], [], []
     for rows in _chunks(base.rows, batch_size):
         b, s = lvlm.rows(base, rows), lvlm.rows(source, rows)
@@ -88,7 +94,9 @@ def head_attribution(lvlm: LVLM, base, source, correct: torch.Tensor, candidates
                 continue
             delta = t_s.cache[x].to(a_b.device).double() - a_b.double()
             per.append((delta * g.double()).sum((1, 3)).cpu())  # (B, H)
-        scores.append(torch.stack(per, 1))
+        full = torch.full((len(rows), n_layers, per[0].shape[1]), float("nan"), dtype=torch.float64)
+        full[:, att] = torch.stack(per, 1)
+        scores.append(full)
         mb.append(m.detach().double().cpu().numpy())
         ms.append(_metric(lvlm, t_s.logits, correct[rows], candidates))
     return torch.cat(scores).numpy(), np.concatenate(mb), np.concatenate(ms)

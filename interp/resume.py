@@ -32,15 +32,17 @@ class LMStates:
     ``lm.input``, ``residual[N]`` the last block's output; on an architecture that adds to the
     stream between blocks, block s − 1's output before the addition, as ``lm.blocks.{s-1}``). ``kwargs[j]``: block j's recorded
     keyword arguments (:data:`RESUME_KWARGS`; as the hooks saw them, i.e. after every edit of the
-    run). ``kv[j]``: block j's (keys, values), each (B, kv_heads, L, head_dim). ``reach``: (B, L)
-    the last key position each query attends to in any block (from the masks), for
+    run). ``kv[j]``: block j's (keys, values), each (B, kv_heads, L, head_dim); None for a block
+    without attention (a recurrent one, which :func:`resume` re-runs from position 0). ``reach``: (B, L)
+    the last key position each query attends to in any attention block (from the masks; a
+    recurrent block is causal), for
     :meth:`prefix`. ``logits``: (B, V) last-position logits of the run. ``injected[j]``: (B, L, D)
     what the text model added to block j's output before block j + 1 (the adapter's
     :meth:`~interp.adapters.Adapter.injections`, zero outside the image positions), None where
     nothing is (every block of most architectures)."""
     residual: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     reach: torch.Tensor
     logits: torch.Tensor
     injected: list[torch.Tensor | None] = field(default_factory=list)
@@ -113,9 +115,10 @@ def capture_lm(lvlm, inputs, interventions: Sequence = (), edits: dict[str, Edit
     B, L = residual[0].shape[:2]
     reach = torch.arange(L, device=residual[0].device).expand(B, L).clone()
     seen = set()
-    for kw in kwargs:
+    att = set(lvlm.adapter.attention_layers(lvlm.model))
+    for j, kw in enumerate(kwargs):
         m = kw["attention_mask"]
-        if m is None or id(m) in seen:
+        if j not in att or m is None or id(m) in seen:  # a recurrent layer's (B, L) padding mask: causal
             continue  # no mask: causal (what SDPA is given when nothing is padded)
         seen.add(id(m))
         allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
@@ -169,7 +172,10 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     run; positions before ``p`` are not recomputed: every block reads their keys and values from
     ``states.kv``, so ``p`` must not exceed :meth:`LMStates.prefix` of any row's first changed
     position. Masks, rotary embeddings and ids are the run's own (``states.kwargs``), sliced to
-    the resumed queries. What the text model adds between blocks (``states.injected``: DeepStack)
+    the resumed queries. A recurrent block (a hybrid LM's Gated DeltaNet: not among the adapter's
+    :meth:`~interp.adapters.Adapter.attention_layers`) has no keys and values to reuse: it is run
+    over all L positions, the run's own input before p, then the resumed rows (exact, at the cost
+    of the prefix). What the text model adds between blocks (``states.injected``: DeepStack)
     is added after each block as in the run — after block ``start`` − 1 too, since ``hidden`` is
     that block's output as ``lm.blocks.{start-1}`` holds it; ``injected`` replaces it per block
     for all R rows ((R, L − p, D): a patched vision side's). Rows must be sorted by ``start``.
@@ -181,6 +187,7 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
         raise SpatialBiasError("resume: rows must be sorted by their start block")
     R, L = len(order), states.residual[0].shape[1]
     blocks = [lvlm.adapter.module(lvlm.model, f"lm.blocks.{j}") for j in range(n)]
+    att = set(lvlm.adapter.attention_layers(lvlm.model))
     h = None
     extra = lvlm.adapter.block_kwargs(lvlm.model)
     with cpu_attention_guard(lvlm):
@@ -189,6 +196,9 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
             h = _join(h, hidden, k)
             if j > 0:
                 h = _inject(h, states, injected, j - 1, rows, p)
+            if j not in att:  # a recurrent layer: its state at p summarises the whole prefix, so run it from 0
+                h = _from_start(blocks[j], states, j, rows[:k], h, p)
+                continue
             kw = {name: _rows_of(name, v, rows[:k], p) for name, v in states.kwargs[j].items()}
             if kw.get("attention_mask") is None:  # SDPA got no mask (nothing padded): causal, made explicit
                 q = torch.arange(p, L, device=h.device)[:, None]
@@ -205,6 +215,24 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     logits = head(norm(h[:, -1:]))[:, -1]
     cap = getattr(getattr(lvlm.model.config, "text_config", lvlm.model.config), "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits  # as the model's forward (Gemma4: 30)
+
+
+def _from_start(block: torch.nn.Module, states: LMStates, j: int, rows: torch.Tensor, h: torch.Tensor,
+                p: int) -> torch.Tensor:
+    """(k, L − p, D): recurrent block ``j`` (no keys and values to reuse: Gated DeltaNet's conv and
+    recurrent states at p depend on every earlier token) run over all L positions — the run's own
+    input to it (``states.residual[j]`` plus what was added after block j − 1) at positions before
+    ``p``, unchanged by any change at p or later (the layer is causal), then ``h`` (k, L − p, D) —
+    with the run's (B, L) padding mask and rotary pair gathered to ``rows`` (k,), not sliced; its
+    outputs at positions p… are kept."""
+    pre = states.residual[j].index_select(0, rows.to(states.residual[j].device))[:, :p]
+    if j > 0:
+        add = states.injection(j - 1, rows, 0)
+        if add is not None:
+            pre = pre + add[:, :p].to(pre.device, pre.dtype)
+    kw = {name: _rows_of(name, v, rows, 0) for name, v in states.kwargs[j].items()}
+    out = block(torch.cat([pre.to(h.device, h.dtype), h], 1), cache=None, **kw)
+    return (out[0] if isinstance(out, tuple) else out)[:, p:]
 
 
 def _inject(h: torch.Tensor, states: LMStates, injected: dict[int, torch.Tensor] | None, j: int, rows: torch.Tensor,

@@ -103,7 +103,8 @@ def resolve(adapter: Adapter, model: torch.nn.Module, name: str) -> Site:
 def every_site(adapter: Adapter, model: torch.nn.Module) -> list[str]:
     """Every canonical site of ``model`` that can be cached, in forward order: the adapter's
     concrete sites (a module called more than once per forward by each named call), plus per LM
-    layer ``.attn.heads`` and ``.attn.pattern``."""
+    attention layer (:meth:`~interp.adapters.Adapter.attention_layers`) ``.attn.heads`` and
+    ``.attn.pattern``."""
     out = []
     for name in adapter.concrete_sites(model):
         out += adapter.calls(model, name)

@@ -24,7 +24,7 @@ ZOO = Path(__file__).parent.parent / "analyses" / "organisms" / "checkpoints"
 # k×k tiling of max_patches 12 with k a multiple of 3: one tile per cell); Gemma4: ⌊√(70·2²) / 2⌋·2 = 16 patches
 # of 4 px, the side its aspect-preserving resize maps every square to
 EXPECTED = {"llava": 32, "llava_next": 32, "qwen2vl": 48, "qwen25vl": 48, "gemma3": 32, "llava_onevision": 32, "qwen3vl": 48,
-            "internvl": 144, "qwen3vl_moe": 48, "gemma4": 64}
+            "internvl": 144, "qwen3vl_moe": 48, "gemma4": 64, "qwen35": 48}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))

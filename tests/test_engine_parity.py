@@ -35,7 +35,7 @@ def _envoy(net, path):
 
 def _sites(m):
     """Every canonical site (per-head and pattern included), plus the escape hatch and a keyword site."""
-    path = m.adapter.path("lm.blocks.0.attn", m.model)
+    path = m.adapter.path(f"lm.blocks.{m.adapter.attention_layers(m.model)[0]}.attn", m.model)
     return every_site(m.adapter, m.model) + [f"module:{path}.{m.adapter.out_proj(m.model)}",
                                              "lm.blocks.1#position_embeddings", "lm.blocks.-1"]
 
@@ -141,14 +141,15 @@ def test_pattern_write_equals_a_masked_softmax(arch):
         w = w.masked_fill(drop, 0)
         return w / w.sum(-1, keepdim=True)
 
-    edits = {f"lm.blocks.{i}.attn.pattern": renorm for i in range(n)}
+    att = m.adapter.attention_layers(m.model)  # range(n), or a hybrid LM's attention layers
+    edits = {f"lm.blocks.{i}.attn.pattern": renorm for i in att}
     got = trace(m, inputs, edits=edits).logits[:, -1]
     with torch.no_grad(), attention.eager_attention(m.model):
         want = m.run(inputs, [Knockout(cells=None, query="text")])[:, -1]
         plain = m.run(inputs)[:, -1]
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert (want - plain).abs().max() > 1e-3
-    same = trace(m, inputs, edits={f"lm.blocks.{i}.attn.pattern": lambda w: w.clone() for i in range(n)})
+    same = trace(m, inputs, edits={f"lm.blocks.{i}.attn.pattern": lambda w: w.clone() for i in att})
     assert torch.allclose(same.logits[:, -1], plain, atol=1e-6)  # a rewrite that changes nothing
 
 

@@ -102,6 +102,7 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
     ("qwen2vl", 64, (2, 2), 3, 0),      # merged 2×2 per cell
     ("qwen2vl", 64, (3, 3), 7, 1),      # merged 1×2 per cell
     ("qwen3vl", 64, (2, 2), 3, 0),      # as Qwen2-VL, with DeepStack added after the first LM blocks
+    ("qwen35", 64, (2, 2), 3, 0),       # as Qwen2-VL; hybrid LM (Gated DeltaNet + full attention)
     ("internvl", 144, (3, 3), 8, 0),    # 3×3 tiles (one per cell, 3×3 tokens each, held tile by tile) + thumbnail 1 per cell
     ("internvl", 144, (3, 3), 7, 1),
     ("qwen3vl_moe", 64, (2, 2), 3, 0),  # as Qwen3-VL, with MoE MLPs
@@ -113,7 +114,7 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
 @pytest.fixture(scope="module")
 def tinies():
     return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl",
-                                                                 "internvl", "qwen3vl_moe", "gemma4")}
+                                                                 "internvl", "qwen3vl_moe", "gemma4", "qwen35")}
 
 
 def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:

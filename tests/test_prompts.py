@@ -73,13 +73,13 @@ def test_prompt_builder_order(tiny_llava):
         "<|im_start|>user\n<IMG_CONTEXT>\nq<|im_end|>\n<|im_start|>assistant\n")  # HF's InternVL-hf processor tests
     assert prompts.prompt(proc, "gemma4", "<|image|>", "q") == "<|turn>user\n<|image|>q<turn|>\n<|turn>model\n"
     assert set(prompts.FALLBACK_TEMPLATES) == {"llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3", "llava_onevision",
-                                             "qwen3vl", "internvl", "qwen3vlmoe", "gemma4"}
+                                             "qwen3vl", "internvl", "qwen3vlmoe", "gemma4", "qwen35"}
     from interp.adapters import ADAPTERS
     assert all(prompts.chat_format(a) is a.chat for a in ADAPTERS)  # the adapter's own field
 
 
 @pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3", "llava_onevision", "qwen3vl",
-                                  "internvl", "qwen3vl_moe", "gemma4"])
+                                  "internvl", "qwen3vl_moe", "gemma4", "qwen35"])
 def test_fallback_prompts_hold_one_marker_per_image(name):
     m, p = tiny.BUILDERS[name]()
     p.chat_template = None

@@ -56,8 +56,9 @@ def test_resuming_from_every_block_reproduces_the_run(arch):
 def test_resumed_patching_equals_one_full_forward_per_patch(arch, ivs):
     name, m, clean, corrupt, correct, cands = arch
     n = m.adapter.layer_count(m.model, "lm")
+    a = m.adapter.attention_layers(m.model)[0]  # 0, or a hybrid LM's first attention layer
     iv = {"none": [], "bapa": [BaPA()], "agci": [AGCI(lam=0.5)],
-          "knockout": [Knockout(cells=(0,), query="text", layers=(0, 1))],
+          "knockout": [Knockout(cells=(0,), query="text", layers=(a, a + 1))],
           "swap": [PositionSwap(a=0, b=8, layers=(1, 2))]}[ivs]
     ps = patching.default_patches(m) + [patching.Patch("lm.blocks.0.mlp", "image"),
                                         patching.Patch(f"lm.blocks.{n - 1}", position=5)]

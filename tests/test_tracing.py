@@ -37,14 +37,15 @@ def test_trace_caches_every_site_and_matches_hf(arch):
 
 def test_attention_pattern_sites_are_hf_eager_attentions(arch):
     _, m, inputs = arch
-    n = m.adapter.layer_count(m.model, "lm")
-    t = trace(m, inputs, cache=[f"lm.blocks.{i}.attn.pattern" for i in range(n)])
+    att = m.adapter.attention_layers(m.model)  # every layer, or a hybrid LM's attention layers (HF's attentions)
+    t = trace(m, inputs, cache=[f"lm.blocks.{i}.attn.pattern" for i in att])
     from interp.attention import eager_attention
     with torch.no_grad(), eager_attention(m.model):
         ref = m.model(**inputs, output_attentions=True)
     assert torch.equal(t.logits, ref.logits)
-    for i in range(n):
-        assert torch.equal(t.cache[f"lm.blocks.{i}.attn.pattern"], ref.attentions[i])
+    assert len(ref.attentions) == len(att)
+    for k, i in enumerate(att):
+        assert torch.equal(t.cache[f"lm.blocks.{i}.attn.pattern"], ref.attentions[k])
     assert m.model.config.text_config._attn_implementation == "sdpa"  # switched back
 
 
@@ -110,7 +111,8 @@ def test_keyword_sites_knockout_and_layer_window_ids_match_the_runner(arch):
     from interp.interventions import Knockout
     from interp.interventions import PositionSwap
     _, m, inputs = arch
-    for ivs in ([Knockout(cells=(0, 4), layers=(0, 1), query="text")], [PositionSwap(a=0, b=8, layers=(1, 2))]):
+    a = m.adapter.attention_layers(m.model)[0]  # 0, or a hybrid LM's first attention layer
+    for ivs in ([Knockout(cells=(0, 4), layers=(a, a + 1), query="text")], [PositionSwap(a=0, b=8, layers=(1, 2))]):
         t = trace(m, inputs, interventions=ivs, cache=["lm.blocks.0#attention_mask"])
         with torch.no_grad():
             want, base = m.run(inputs, ivs), m.run(inputs)

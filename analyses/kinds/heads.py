@@ -68,9 +68,9 @@ def measure(lvlm, pairs, ivs, top: int, split: bool, fwd: int, att: int):
     from interp import heads as H
     scores, mb, ms = H.head_attribution(lvlm, pairs.corrupt, pairs.clean, pairs.correct, pairs.candidates, ivs, att)
     rank, confirm = split_items(len(mb), split)
-    flat = scores[rank].mean(0).reshape(-1)
+    flat = np.nan_to_num(scores[rank].mean(0).reshape(-1), nan=-np.inf)  # layers without heads rank last
     n_heads = scores.shape[2]
-    order = np.argsort(-flat, kind="stable")[:min(top, flat.size)]
+    order = np.argsort(-flat, kind="stable")[:min(top, int(np.isfinite(flat).sum()))]
     tops = [(int(i // n_heads), int(i % n_heads)) for i in order]
     b, s = (lvlm.rows(lvlm.batch(x), confirm) for x in (pairs.corrupt, pairs.clean))
     correct = pairs.correct[confirm]
@@ -87,6 +87,8 @@ def rows_of(scores, mb, ms, tops, confirm, exact, rng) -> list[dict]:
     rows = []
     L, Hn = scores.shape[1:]
     for layer in range(L):
+        if np.isnan(scores[:, layer]).all():  # no attention heads (a hybrid LM's recurrent layer)
+            continue
         for h in range(Hn):
             rows.append({"metric": "head_share_estimate", "layer": layer, "group": f"head {h}",
                          "site": f"lm.blocks.{layer}.attn.heads",

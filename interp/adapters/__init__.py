@@ -13,11 +13,12 @@ from interp.adapters.llava_onevision import LLAVA_ONEVISION
 from interp.adapters.moe import Routing
 from interp.adapters.qwen import QWEN2_5_VL, QWEN2_VL
 from interp.adapters.qwen3_vl import QWEN3_VL
+from interp.adapters.qwen3_5 import QWEN3_5
 from interp.adapters.qwen3_vl_moe import QWEN3_VL_MOE
 from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
-                                 INTERNVL, QWEN3_VL_MOE, GEMMA4)
+                                 INTERNVL, QWEN3_VL_MOE, GEMMA4, QWEN3_5)
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 _BY_NAME = {a.name: a for a in ADAPTERS}

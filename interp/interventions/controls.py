@@ -10,7 +10,7 @@ import torch
 
 from spatialbias.errors import SpatialBiasError
 from interp.interventions.base import Intervention, _image_groups, _moved_image_ids, register
-from interp.sites import layer_range
+from interp.interventions.knockout import attention_window
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,9 @@ class PositionSwap(Intervention):
 
     Run on the corrupt placement with a = the target's cell there and b = its cell in the clean
     placement, the target's content is read at the clean target's positions: the direct causal
-    test of the RoPE hypothesis. On M-RoPE models all three rows are swapped.
+    test of the RoPE hypothesis. On M-RoPE models all three rows are swapped. With ``layers``, the
+    rotary pair of the window's attention layers is swapped (a hybrid LM's recurrent layers read no
+    positions; a window of those only is refused).
     """
     kind: ClassVar[str] = "position_swap"
     a: int = 0
@@ -58,7 +60,7 @@ class PositionSwap(Intervention):
                                    "layers=None")
         pos = self.swapped_ids(lvlm, batch)
         out = {}
-        for i in layer_range(lvlm.adapter.layer_count(lvlm.model, "lm"), self.layers):
+        for i in attention_window(lvlm, self.layers, "PositionSwap"):
             out[f"lm.blocks.{i}#position_embeddings"] = lambda old, i=i: _rope_like(lvlm, old, pos, i)
         return out
 

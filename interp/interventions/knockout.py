@@ -42,7 +42,9 @@ def query_rows(lvlm, inputs: dict[str, torch.Tensor], query: str) -> torch.Tenso
 class Knockout(Intervention):
     """Block attention from the ``query`` rows to the image tokens of ``cells`` in layers
     ``layers`` = (start, stop); ``cells=None`` blocks every image token (patches and newline
-    tokens). Works with eager and SDPA masks."""
+    tokens). Works with eager and SDPA masks. On a hybrid LM (Qwen3.5) only the window's attention
+    layers are edited: a recurrent layer still carries the image to the queries through its state
+    (a window of recurrent layers only is refused; :func:`attention_window`)."""
     kind: ClassVar[str] = "knockout"
     cells: tuple[int, ...] | None = None
     layers: tuple[int, int] | None = None
@@ -65,8 +67,7 @@ class Knockout(Intervention):
         if impl not in EDITABLE_MASKS:
             raise SpatialBiasError(f"Knockout edits the attention mask, which the {impl!r} attention implementation "
                                    f"does not take; load the model with attn_implementation='sdpa' or 'eager'")
-        n = lvlm.adapter.layer_count(lvlm.model, "lm")
-        return [f"lm.blocks.{i}#attention_mask" for i in layer_range(n, self.layers)]
+        return [f"lm.blocks.{i}#attention_mask" for i in attention_window(lvlm, self.layers, "Knockout")]
 
     def edits(self, lvlm, batch):
         batch = lvlm.batch(batch)
@@ -98,6 +99,23 @@ class Knockout(Intervention):
             hit[:, inside] = keys[:, col[inside]]
             return _blocked(mask, hit[:, None, None, :].to(mask.device))
         return {s: edit for s in sites}
+
+
+def attention_window(lvlm, layers: tuple[int, int] | None, what: str) -> list[int]:
+    """The attention layers (:meth:`~interp.adapters.Adapter.attention_layers`) among the LM layers
+    ``layers`` = (start, stop) names (None: all): a hybrid LM's recurrent layers (Gated DeltaNet)
+    have no attention mask and read no position ids, so ``what`` acts on the attention layers of
+    its window only; a window without one is one error line."""
+    a, m = lvlm.adapter, lvlm.model
+    window = layer_range(a.layer_count(m, "lm"), layers)
+    att = set(a.attention_layers(m))
+    out = [i for i in window if i in att]
+    if not out:
+        kinds = sorted({a.layer_kind(m, i) for i in window})
+        raise SpatialBiasError(f"{what}(layers={layers}): LM layers {list(window)} of {a.name} are "
+                               f"{'/'.join(kinds)} layers, which have no attention mask and read no position ids; "
+                               f"give a window holding an attention layer ({sorted(att)})")
+    return out
 
 
 EDITABLE_MASKS = ("eager", "sdpa", PATTERN_IMPL)

@@ -1,0 +1,74 @@
+"""The memory model's facts about an architecture, computed from a config.json mapping
+(:meth:`interp.adapters.base.Adapter.memory_profile`), and the config readers they share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    """What the memory model (:mod:`analyses.estimate`) needs to know about an architecture,
+    computed from a config.json mapping for one image of a given size (:meth:`Adapter.memory_profile`).
+
+    ``image_tokens``: (image tokens in the LM, tokens through the vision tower) of one image;
+    ``pixel_bytes``: bytes of one image's pixel inputs (fp32, as the processor makes them);
+    ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase; ``block_norms``:
+    RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises q and k per head;
+    ``projector_params``: parameters of the projector. MoE LMs (None: dense, 3 F each): elements per
+    token live at an LM MLP's peak (``lm_mlp_live``) and kept by autograd (``lm_mlp_saved``);
+    ``lm_mlp_params``: all LM MLPs' parameters (every expert)."""
+    image_tokens: tuple[int, int]
+    pixel_bytes: int
+    projector_params: int
+    vision_attn_live: float = 7.0
+    block_norms: int = 2
+    qk_norm: bool = False
+    lm_mlp_live: int | None = None
+    lm_mlp_saved: int | None = None
+    lm_mlp_params: int | None = None
+
+
+def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
+    """Bytes of one image's pixel inputs when it is given as crops at the tower's resolution
+    (3 × side² fp32 per crop, crops counted from the vision tokens)."""
+    side, patch = int(v.get("image_size", 336)), int(v.get("patch_size", 14))
+    crops = max(1, round(vision_tokens / ((side // patch) ** 2 + 1)))
+    return crops * 3 * side * side * 4
+
+
+def default_memory_profile(cfg: dict, image_px: tuple[int, int] = (336, 336)) -> MemoryFacts:
+    """One crop at the tower's ``image_size`` with a CLS token through the tower (LLaVA-1.5's
+    layout) and an MLP projector: the facts of an architecture that declares nothing else (and
+    of a config no adapter claims)."""
+    v = cfg.get("vision_config", {})
+    side = int(v.get("image_size", 336)) // int(v.get("patch_size", 14))
+    n_img, n_vis = side * side, side * side + 1
+    return MemoryFacts(image_tokens=(n_img, n_vis), pixel_bytes=crop_pixel_bytes(v, n_vis),
+                       projector_params=projector_params(cfg))
+
+
+TEXT_KEY_SPELLINGS = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+                      "intermediate_size": "n_inner"}
+"""Canonical text-config keys and the names GPT-2-style configs give them (HF maps those as
+attributes only, so ``config.to_dict()`` has the GPT-2 names)."""
+
+
+def text_keys(t: dict) -> dict:
+    """A text config mapping with the canonical keys filled from the other spellings (an unset
+    ``n_inner`` means 4 × the width)."""
+    out = dict(t)
+    for key, alt in TEXT_KEY_SPELLINGS.items():
+        if out.get(key) is None and alt in out:
+            out[key] = out[alt]
+    if out.get("intermediate_size") is None and out.get("hidden_size") is not None:
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    return out
+
+
+def projector_params(cfg: dict) -> int:
+    """Parameters of the projector from the config's widths: an MLP (Dv·D + D·D), or a 2×2
+    merger (16 Dv² + 4 Dv·D) where the config names one."""
+    t, v = text_keys(cfg.get("text_config", cfg)), cfg.get("vision_config", {})
+    D = int(t["hidden_size"])
+    Dv = int(v.get("embed_dim") or v.get("hidden_size") or 1)
+    return Dv * D + D * D if "merger" not in str(cfg) else 16 * Dv * Dv + 4 * Dv * D
