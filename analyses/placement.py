@@ -12,17 +12,19 @@ offloaded block. So the predicted map is the map a load gives (tests/test_estima
 Peaks per device (bytes) assume how the engine runs a dispatched model (:mod:`interp.dispatch`
 through accelerate's hooks; :func:`interp.model.execution_device`): inputs go to the execution
 device of the input embeddings (:attr:`interp.model.LVLM.device`); a block stored on ``cpu`` or
-``disk`` while a GPU is in the map computes on the first GPU of the map, its weights copied there
-for its forward; every other block computes on the device it is stored on, and its activations
-live there. Hence, at the dry run's rows per step (the batch size; the run chooses its rows from
+``disk`` computes on accelerate's main device (the first GPU in the map, else the CPU), its
+weights copied there for its forward; every other block computes on the device it is stored on,
+and its activations live there. Hence, at the dry run's rows per step (the batch size; the run chooses its rows from
 what the execution device has free after loading):
 
-* the execution device: its weights + the largest block stored on cpu/disk (copied in for its
-  forward) + the whole step's activations (:func:`analyses.memory_model.activation_peak`: what the
-  run budgets there, an upper bound: the LM blocks of other GPUs are counted here too);
-* another GPU: its weights + the activations of the blocks it holds — the same profile with only
-  its n LM blocks (no vision tokens, no pixel inputs) plus, where it holds vision blocks, the
-  profile of those blocks alone (the sum: autograd keeps both during attribution);
+* the execution device: its weights + the whole step's activations
+  (:func:`analyses.memory_model.activation_peak`: what the run budgets there, an upper bound:
+  the LM blocks of other GPUs are counted here too);
+* another GPU: its weights + the activations of the blocks it computes — the same profile with
+  only its n LM blocks (no vision tokens, no pixel inputs) plus, where it computes vision blocks,
+  the profile of those blocks alone (the sum: autograd keeps both during attribution);
+* the main device also holds the largest block stored on cpu/disk (copied in for its forward)
+  and computes the offloaded blocks (counted among its own);
 * ``cpu`` / ``disk`` (unless the CPU is the execution device: no GPU in the map): weights only,
   their blocks compute on the execution device.
 
@@ -50,13 +52,15 @@ class Placement:
     ``weights``: bytes of parameters and buffers per device label (``"cuda:0"``, ``"cpu"``,
     ``"disk"``; tied tensors once), in map order; ``lm_layers`` / ``vision_layers``: the LM /
     vision block indices stored on each device label; ``execution``: the label of the device
-    the inputs go to; ``largest_offloaded``: bytes of the largest map entry stored on cpu/disk
-    that computes elsewhere (copied onto ``execution`` for its forward; 0 when none)."""
+    the inputs go to; ``main``: accelerate's main device, where blocks stored on cpu/disk compute;
+    ``largest_offloaded``: bytes of the largest map entry stored on cpu/disk that computes
+    elsewhere (copied onto ``main`` for its forward; 0 when none)."""
     device_map: dict
     weights: dict[str, int]
     lm_layers: dict[str, tuple[int, ...]]
     vision_layers: dict[str, tuple[int, ...]]
     execution: str
+    main: str
     largest_offloaded: int
 
     @property
@@ -142,12 +146,13 @@ def predict(model_path: str, dtype: str, device_map, max_memory: dict | None, of
 
     gpus = [label(v) for v in dm.values() if label(v) not in OFFLOAD]
     embed = where(adapter.path("lm.embed", model)) or "cpu"
-    # accelerate's main device: offloaded blocks compute on the first GPU of the map, else on the CPU
-    execution = embed if embed not in OFFLOAD else gpus[0] if gpus else "cpu"
+    main = gpus[0] if gpus else "cpu"  # accelerate's main device: where offloaded blocks compute
+    execution = embed if embed not in OFFLOAD else main
     offloaded = [int(sizes.get(k, 0)) for k, v in dm.items()
                  if label(v) in OFFLOAD and (gpus or label(v) == "disk")]
     weights.setdefault(execution, 0)
-    p = Placement(dm, weights, blocks("lm"), blocks("vision"), execution, max(offloaded, default=0))
+    weights.setdefault(main, 0)
+    p = Placement(dm, weights, blocks("lm"), blocks("vision"), execution, main, max(offloaded, default=0))
     if "disk" in weights and not offload_folder:
         room = sum(v for k, v in (mem or {}).items() if k != "disk")
         raise SpatialBiasError(
@@ -168,7 +173,9 @@ def device_activations(s: Shapes, kind: str, rows: int, p: Placement) -> dict[st
         elif d in OFFLOAD:  # its blocks compute on the execution device
             out[d] = 0
         else:
-            n, nv = len(p.lm_layers.get(d, ())), len(p.vision_layers.get(d, ()))
+            here = (d, *(OFFLOAD if d == p.main else ()))  # the main device computes the offloaded blocks
+            n = sum(len(p.lm_layers.get(x, ())) for x in here)
+            nv = sum(len(p.vision_layers.get(x, ())) for x in here)
             lm = replace(s, lm_layers=n, vision_layers=0, vision_tokens=0, pixel_bytes=0, keeps_vision_states=False)
             vis = replace(s, lm_layers=0, seq_len=0, vision_layers=nv, pixel_bytes=0)
             out[d] = (activation_peak(lm, kind, rows) if n else 0) + (activation_peak(vis, kind, rows) if nv else 0)
@@ -177,9 +184,9 @@ def device_activations(s: Shapes, kind: str, rows: int, p: Placement) -> dict[st
 
 def device_peaks(s: Shapes, kinds: tuple[str, ...], rows: int, p: Placement) -> dict[str, int]:
     """Predicted peak bytes per device label: its weights (+ the largest offloaded block on the
-    execution device) + the activations of the largest of the steps ``kinds`` on it."""
+    main device) + the activations of the largest of the steps ``kinds`` on it."""
     acts = [device_activations(s, k, rows, p) for k in kinds]
-    return {d: w + (p.largest_offloaded if d == p.execution else 0) + max(a[d] for a in acts)
+    return {d: w + (p.largest_offloaded if d == p.main else 0) + max(a[d] for a in acts)
             for d, w in p.weights.items()}
 
 
