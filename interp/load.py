@@ -170,16 +170,32 @@ def read_config(name: str, trust_remote_code: bool = False):
 def probe_canvas(name: Any, trust_remote_code: bool = False) -> int:
     """Side in pixels of a square probe this checkpoint's processor takes as drawn (its adapter's
     :meth:`~interp.adapters.Adapter.probe_canvas`), read from the config and processor files
-    alone. One error line where no 3×3 grid fits (a processor that does not resize and a side
-    that 3 does not divide)."""
+    alone (a folder of config files without a tokenizer, like ``benchmarks/configs/*``: its
+    ``preprocessor_config.json`` alone). One error line where no 3×3 grid fits (a processor that
+    does not resize and a side that 3 does not divide)."""
     cfg, adapter = read_config(name, trust_remote_code)
     src = ALIASES.get(str(name), str(name))
-    ip = _processor(adapter, src, trust_remote_code).image_processor
+    try:
+        ip = _processor(adapter, src, trust_remote_code).image_processor
+    except Exception:  # noqa: BLE001 — no usable tokenizer here: the image processor alone, if saved
+        ip = _image_processor(src, trust_remote_code)
+        if ip is None:
+            raise
     side = adapter.probe_canvas(cfg, ip)
     if side % 3 and getattr(ip, "do_resize", True) is False:
         raise SpatialBiasError(f"{name}: its processor does not resize and its {side} px images do not split into "
                                "a 3×3 grid of whole pixels; pass a probe built for it (--probe)")
     return side
+
+
+def _image_processor(src: Any, trust_remote_code: bool):
+    """The image processor alone of a folder that has ``preprocessor_config.json`` but no full
+    processor (no tokenizer); None where it has none either."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _processor(adapter, src: Any, trust_remote_code: bool):

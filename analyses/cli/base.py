@@ -125,9 +125,16 @@ def _print_estimate(p, out: Path) -> None:
         typer.echo(est.drop(columns=["est_seconds"]).to_string(index=False))
     peak = est.groupby("analysis", sort=False).peak_GiB.max()
     if peak.notna().any():
-        what = "activations" if p.settings.get("device_map") else "weights + activations"
+        what = ("weights + activations on the execution device" if p.settings.get("device_map")
+                else "weights + activations")
         typer.echo(f"predicted peak ({what}, GiB) per analysis: "
                    + ", ".join(f"{a} {v:.2f}" for a, v in peak.items() if v == v))
+    devices = est.attrs.get("devices") or []
+    if devices:
+        typer.echo("predicted placement per device (accelerate's, from config.json; peak = weights + activations of "
+                   "the largest step there, GiB):")
+        table = __import__("pandas").DataFrame(devices)
+        typer.echo(table.to_string(index=False))
     for note in est.attrs.get("memory_notes", []):
         typer.echo(f"memory: {note}")
     pend = est[est.status == "pending"]
