@@ -264,14 +264,17 @@ def test_caching_during_generation_gives_one_value_per_forward(arch):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.03), (torch.float16, 0.004)], ids=["bf16", "fp16"])
 def test_low_precision_runs_agree_with_fp32(dtype, tol):
     """Stated tolerances (max |Δ| of last-position logits, tiny models): bf16 0.03, fp16 0.004, for
-    the plain run, BaPA's and AGCI's effects (intervened − plain) and a patching metric."""
+    the plain run, BaPA's and AGCI's effects (intervened − plain) and a patching metric — or twice
+    HF's own precision loss on the same inputs (its plain forward in ``dtype`` against fp32) where
+    a model loses more by itself (the tiny Gemma4: 0.025 in bf16), so the engine adds none of its own."""
     for name in NAMES:
-        runs = {}
+        runs, own = {}, {}
         for dt in (torch.float32, dtype):
             model, proc = tiny.BUILDERS[name]()
             m = interp.load(model.to(dt), proc)
             x = m.inputs([tiny.image(64, 64, seed=1), tiny.image(64, 64, seed=2)], [m.prompt("what is this ?")] * 2)
             with torch.no_grad():
+                own[dt] = m.model(**x).logits[:, -1].float()
                 plain = m.run(x, last_only=True)[:, -1].float()
                 bapa = m.run(x, [interp.BaPA()], last_only=True)[:, -1].float() - plain
                 agci = m.run(x, [interp.AGCI(lam=0.5)], last_only=True)[:, -1].float() - plain
@@ -280,8 +283,9 @@ def test_low_precision_runs_agree_with_fp32(dtype, tol):
                                       torch.tensor([cands[0]]), cands, [()])
             runs[dt] = (plain, bapa, agci, torch.tensor(df.metric.to_numpy()))
             assert all(torch.isfinite(v).all() for v in runs[dt]), (name, dt)
+        limit = max(tol, 2 * float((own[torch.float32] - own[dtype]).abs().max()))
         for a, b, what in zip(runs[torch.float32], runs[dtype], ("plain", "bapa", "agci", "patching")):
-            assert (a - b).abs().max() < tol, (name, dtype, what, float((a - b).abs().max()))
+            assert (a - b).abs().max() < limit, (name, dtype, what, float((a - b).abs().max()), limit)
 
 
 @pytest.mark.parametrize("name", ["qwen2vl", "qwen25vl", "gemma3", "llava_onevision"])

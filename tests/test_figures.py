@@ -454,8 +454,8 @@ def test_style_is_scoped():
 def test_every_planned_figure_has_a_caption(tables):
     """plan_figures gives every figure a caption (what to read from it), one source: the first
     paragraph of the figure function's docstring."""
-    df = pd.concat([tables["synthetic"], tables["big"], tables["lens"], tables["cellprobe-only"], tables["graph"]],
-                   ignore_index=True)
+    df = pd.concat([tables["synthetic"], tables["big"], tables["lens"], tables["cellprobe-only"], tables["graph"],
+                    tables["heads"], tables["pairs"]], ignore_index=True)
     tabs = {"flow": tables["flow"], "eval": tables["shift"], "occlusion": tables["occlusion"]}
     specs, _ = report.plan_figures(df, tabs)
     # zoo_diagnosis is drawn by `spatialbias zoo` from its zoo table, not planned by the report

@@ -40,3 +40,19 @@ def test_hub_id_not_in_cache_is_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "llava-hf/llava-1.5-7b-hf" in lines[0] and "HF cache" in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_gemma3n_is_refused_with_its_reason(tmp_path):
+    """Gemma3n needs timm (and so torchvision) for its vision tower and an adapter for its parallel
+    residual streams: one line saying so, before anything loads — not a traceback from timm."""
+    import json
+
+    import pytest
+
+    from spatialbias.errors import SpatialBiasError
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3nForConditionalGeneration"],
+                                                      "model_type": "gemma3n"}))
+    with pytest.raises(SpatialBiasError) as e:
+        interp.load(str(tmp_path))
+    line = str(e.value)
+    assert "\n" not in line and "Gemma3nForConditionalGeneration" in line and "timm" in line and "torchvision" in line

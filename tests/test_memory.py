@@ -126,8 +126,10 @@ def test_dtype_enters_ids_and_placement_does_not(probe_dir):
     code, placed = _dry(["--device-map", "auto", "--max-memory", "cpu=8GiB", "--offload-folder",
                          str(probe_dir / "off")], probe_dir)
     assert code == 0 and _ids(placed) == _ids(plain), placed  # placement changes no number: same conditions
-    # a split model's weights are placed by accelerate: the dry run counts activations only, and says so
-    assert "predicted peak (activations, GiB)" in placed and "split by --device-map" in placed, placed
+    # a split model's weights are placed by accelerate: the dry run predicts that placement per device and
+    # prices the execution device (its weights + the step's activations), and says so
+    assert "predicted peak (weights + activations on the execution device, GiB)" in placed, placed
+    assert "predicted placement per device" in placed and "split by --device-map" in placed, placed
     assert "predicted peak (weights + activations, GiB)" in plain, plain
 
 

@@ -19,6 +19,13 @@ from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
                                  INTERNVL, QWEN3_VL_MOE, GEMMA4, QWEN3_5)
+REFUSED = {
+    "Gemma3nForConditionalGeneration": "Gemma3n's vision tower is timm's MobileNetV5 and timm imports torchvision, "
+                                       "which this install leaves out (torchvision wheels pin their own torch build); "
+                                       "no adapter yet: its four parallel residual streams and K/V-sharing layers "
+                                       "need one (open an issue)",
+}
+"""Classes refused with a reason (what blocks them and what would fix it), not as merely unknown."""
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 _BY_NAME = {a.name: a for a in ADAPTERS}
@@ -29,6 +36,8 @@ def supported_classes() -> list[str]:
 
 
 def for_class(class_name: str) -> Adapter:
+    if class_name in REFUSED:
+        raise SpatialBiasError(f"unsupported model class {class_name}: {REFUSED[class_name]}")
     try:
         return _BY_CLASS[class_name]
     except KeyError:
