@@ -212,29 +212,10 @@ class Gemma4Adapter(Gemma3Adapter):
         """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's
         tokenizer, image processor (``Gemma4ImageProcessorPil``) and chat template: HF's
         ``Gemma4Processor`` needs a video processor (torchvision) and an audio feature extractor."""
-        import json
-        from pathlib import Path
+        from transformers import Gemma4ImageProcessorPil
 
-        from transformers import AutoTokenizer, Gemma4ImageProcessorPil
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
-        try:
-            ip = Gemma4ImageProcessorPil.from_pretrained(src, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise SpatialBiasError(f"Gemma4: no image processor settings in {src} ({type(e).__name__}); the "
-                                   "checkpoint needs its preprocessor_config.json") from None
-        folder = Path(str(src))
-        kw = {}
-        f = folder / "processor_config.json"
-        if f.is_file():
-            saved = json.loads(f.read_text())
-            saved = saved.get("processor", saved) if isinstance(saved.get("processor"), dict) else saved
-            if "image_seq_length" in saved:
-                kw["image_seq_length"] = int(saved["image_seq_length"])
-        template = getattr(tok, "chat_template", None)
-        jinja = folder / "chat_template.jinja"
-        if not template and jinja.is_file():
-            template = jinja.read_text()
-        return image_only_processor(ip, tok, chat_template=template, **kw)
+        from interp.adapters.saved import rebuild_processor
+        return rebuild_processor(src, "Gemma4", Gemma4ImageProcessorPil, image_only_processor, trust_remote_code)
 
 
 GEMMA4 = Gemma4Adapter(

@@ -278,31 +278,10 @@ class InternVLAdapter(Adapter):
         tokenizer, image processor (``GotOcr2ImageProcessorPil``: PIL/numpy, no torchvision) and
         saved ``image_seq_length`` and chat template: HF's ``InternVLProcessor`` needs a video
         processor (torchvision) and would not add ``image_sizes``."""
-        import json
-        from pathlib import Path
+        from transformers import GotOcr2ImageProcessorPil
 
-        from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
-        try:
-            ip = GotOcr2ImageProcessorPil.from_pretrained(src, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise SpatialBiasError(f"InternVL: no image processor settings in {src} ({type(e).__name__}); the "
-                                   "checkpoint needs its preprocessor_config.json") from None
-        folder = Path(str(src))
-        kw = {}
-        for name in ("processor_config.json", "preprocessor_config.json"):
-            f = folder / name
-            if f.is_file():
-                saved = json.loads(f.read_text())
-                saved = saved.get("processor", saved) if isinstance(saved.get("processor"), dict) else saved
-                if "image_seq_length" in saved:
-                    kw["image_seq_length"] = int(saved["image_seq_length"])
-                    break
-        template = getattr(tok, "chat_template", None)
-        jinja = folder / "chat_template.jinja"
-        if not template and jinja.is_file():
-            template = jinja.read_text()
-        return image_only_processor(ip, tok, chat_template=template, **kw)
+        from interp.adapters.saved import rebuild_processor
+        return rebuild_processor(src, "InternVL", GotOcr2ImageProcessorPil, image_only_processor, trust_remote_code, files=("processor_config.json", "preprocessor_config.json"))
 
 
 INTERNVL = InternVLAdapter(
