@@ -281,7 +281,8 @@ class InternVLAdapter(Adapter):
         from transformers import GotOcr2ImageProcessorPil
 
         from interp.adapters.saved import rebuild_processor
-        return rebuild_processor(src, "InternVL", GotOcr2ImageProcessorPil, image_only_processor, trust_remote_code, files=("processor_config.json", "preprocessor_config.json"))
+        return rebuild_processor(src, "InternVL", GotOcr2ImageProcessorPil, image_only_processor, trust_remote_code,
+                                 files=("processor_config.json", "preprocessor_config.json"))
 
 
 INTERNVL = InternVLAdapter(
