@@ -176,3 +176,14 @@ def test_shared_kv_layers_have_no_key_value_projections():
     attn = [b.self_attn for b in build_tiny().model.language_model.layers]
     assert [a.is_kv_shared_layer for a in attn] == [False, False, True, True]
     assert not hasattr(attn[2], "k_proj") and hasattr(attn[0], "k_proj")
+
+
+def test_its_image_processor_needs_no_torchvision():
+    """The image side is not what blocks it: HF maps ``gemma3n`` to a PIL image processor, which
+    resizes any image to the fixed size ((1, 3, 16, 16) here from a 40×30 image)."""
+    from PIL import Image
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers import SiglipImageProcessorPil
+    assert IMAGE_PROCESSOR_MAPPING_NAMES["gemma3n"]["pil"] == "SiglipImageProcessorPil"
+    px = SiglipImageProcessorPil(size={"height": 16, "width": 16})(Image.new("RGB", (40, 30)), return_tensors="pt")
+    assert tuple(px["pixel_values"].shape) == (1, 3, 16, 16)
