@@ -43,8 +43,10 @@ def test_hub_id_not_in_cache_is_one_line(tmp_path):
 
 
 def test_gemma3n_is_refused_with_its_reason(tmp_path):
-    """Gemma3n needs timm (and so torchvision) for its vision tower and an adapter for its parallel
-    residual streams: one line saying so, before anything loads — not a traceback from timm."""
+    """Gemma3n needs timm (and so torchvision) for its vision tower, and even with them its per-layer
+    inputs and four AltUp streams are out of ``lm.input``'s reach: one line naming both blockers
+    and each one's fix, before anything loads (a config-only folder) — not a traceback from timm.
+    The evidence for the second blocker is pinned in ``tests/test_gemma3n.py``."""
     import json
 
     import pytest
@@ -56,3 +58,6 @@ def test_gemma3n_is_refused_with_its_reason(tmp_path):
         interp.load(str(tmp_path))
     line = str(e.value)
     assert "\n" not in line and "Gemma3nForConditionalGeneration" in line and "timm" in line and "torchvision" in line
+    assert "install timm and torchvision" in line and torch.__version__.split("+")[0] in line
+    assert "project_per_layer_inputs" in line and "lm.input" in line and "(4, B, T, D)" in line
+    assert "inputs_embeds" in line and "docs/architectures.md" in line

@@ -19,11 +19,17 @@ from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
                                  INTERNVL, QWEN3_VL_MOE, GEMMA4, QWEN3_5)
+_TORCH = torch.__version__.split("+")[0]
 REFUSED = {
-    "Gemma3nForConditionalGeneration": "Gemma3n's vision tower is timm's MobileNetV5 and timm imports torchvision, "
-                                       "which this install leaves out (torchvision wheels pin their own torch build); "
-                                       "no adapter yet: its four parallel residual streams and K/V-sharing layers "
-                                       "need one (open an issue)",
+    "Gemma3nForConditionalGeneration":
+        "two things block it: (1) its vision tower is timm's MobileNetV5 (TimmWrapperModel) and timm imports "
+        "torchvision, which this install leaves out: install timm and torchvision (CPU wheels matching torch "
+        f"{_TORCH}) to load that tower; (2) even then no adapter can edit it faithfully: HF's Gemma3nTextModel "
+        "projects every layer's per-layer input from the LM input (project_per_layer_inputs) and stacks it into 4 "
+        "AltUp streams before block 0, outside every block, so lm.input edits (AGCI, patching) would not reach the "
+        "per-layer inputs and every block holds (4, B, T, D) where the engine reads (B, T, D): that needs an "
+        "lm.input at the text model's inputs_embeds and a stream axis in the engine (docs/architectures.md, "
+        "Gemma3n (refused))",
 }
 """Classes refused with a reason (what blocks them and what would fix it), not as merely unknown."""
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
@@ -56,8 +62,11 @@ def for_name(name: str) -> Adapter | None:
 
 def for_config(cfg: dict) -> Adapter | None:
     """The adapter of a config.json mapping: by its ``architectures`` (the class HF saved), else by
-    the ``model_type`` an adapter claims; None when no adapter claims it."""
+    the ``model_type`` an adapter claims; None when no adapter claims it. A refused class
+    (:data:`REFUSED`) raises its one line, so no estimate is made for a model that cannot load."""
     for cls in cfg.get("architectures") or ():
+        if cls in REFUSED:
+            for_class(cls)
         if cls in _BY_CLASS:
             return _BY_CLASS[cls]
     return _BY_TYPE.get(cfg.get("model_type"))
