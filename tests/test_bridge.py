@@ -27,7 +27,8 @@ Qwen2.5-VL, Qwen3-VL(-MoE) and Qwen3.5 boot with their adapters' torchvision req
 (``interp.bridge.boot``; it is for the processor, which is given). On LLaVA-OneVision the bridge
 leaves the SigLIP tower on SDPA (the reference is eager): up to 1.2e-6 apart, SDPA's rounding.
 Qwen2-VL and InternVL cannot be cross-checked: transformer-lens 4.3 has no adapter for
-``Qwen2VLForConditionalGeneration`` or ``InternVLForConditionalGeneration`` (asserted, so this test flags when one arrives).
+``Qwen2VLForConditionalGeneration`` or ``InternVLForConditionalGeneration`` (asserted, so this test
+flags when one arrives).
 """
 import os
 
