@@ -22,8 +22,9 @@ def boot(model: torch.nn.Module, processor: Any):
     tokenizer from its ``name_or_path``, so the tokenizer goes through a temporary folder. Two
     transformer-lens load-time steps are replaced, since the processor is given: loading the
     processor from ``model_name`` (which ``pip install``s torchvision when that fails; here that
-    raises instead) and the adapters' torchvision requirement (Qwen2.5-VL lists it for its
-    processor; the bridge's forward does not import it). Other missing libraries still raise.
+    raises instead) and the adapters' torchvision requirement (Qwen2.5-VL, Qwen3-VL and Qwen3.5
+    list it for their processors; the bridge's forward does not import it). Other missing
+    libraries still raise.
     """
     from transformers import AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
