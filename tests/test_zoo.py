@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_recipe_registry_is_consistent():
     assert set(RECIPES) == {"planted-lm", "uniform", "planted-order", "planted-vision", "learned-absolute", "mrope", "where",
-                            "recency", "lora", "lora-bapa", "blind"}
+                            "recency", "lora", "lora-bapa", "blind", "deepstack"}
     prints = set()
     for name, r in RECIPES.items():
         assert r.name == name and r.arch in arch_mod.ARCHS
@@ -43,7 +43,7 @@ def test_fingerprint_follows_training_fields_only():
     assert r.with_(lr=1e-3).fingerprint() != r.fingerprint()
 
 
-@pytest.mark.parametrize("name", ["planted-lm", "learned-absolute", "mrope", "where"])
+@pytest.mark.parametrize("name", ["planted-lm", "learned-absolute", "mrope", "where", "deepstack"])
 def test_training_inputs_equal_the_processor_inputs(name):
     """What the trainer feeds the model is exactly what the checkpoint's processor makes."""
     r = RECIPES[name]

@@ -166,6 +166,18 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         arch="qwen2vl",
         expected={"bias": True, "locus": "lm_position_ids", "bapa_removes": {"reference": True, "keep_hw": False}}),
     Recipe(
+        "deepstack",
+        "The planted skew (planted-lm's cell weights 1, 4, ..., 81 and its stop at 80% running accuracy) on a "
+        "Qwen3-VL-class model: Qwen3-VL ViT with learned position embeddings (HF's init, std 0.02) + 2x2 merger "
+        "(one merged token per cell) + DeepStack (vision block 0's features, through a merger of their own, added "
+        "to the LM's residual stream at the 9 image positions after LM block 0) + Qwen3 LM with interleaved "
+        "M-RoPE, image token (r, c) at (t, h, w) = (s, s+r, s+c). Vision features thus enter the LM twice, at its "
+        "input and inside it. Pre-registered (docs/zoo_preregistration.md): the bias is expected in the LM's "
+        "position ids, not in the vision side that DeepStack feeds into the LM. It shows whether the toolkit's "
+        "decomposition still finds a planted LM-side bias when vision features also enter after the first LM "
+        "block; it says nothing about Qwen3-VL checkpoints. " + _NOT_LVLM,
+        arch="qwen3vl", expected={"bias": True, "locus": "lm_position_ids", "preregistered": True}),
+    Recipe(
         "where",
         "Uniform target cells, two questions: 'what colour is the <shape> ?' (answer a colour) and 'where is "
         "the <shape> ?' (answer one of 9 cell words). The colour question alone until its running accuracy "

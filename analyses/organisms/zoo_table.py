@@ -40,6 +40,7 @@ EXPECTED: dict[str, set | None] = {
     "planted-lm": {LM_IDS}, "learned-absolute": {LM_IDS}, "mrope": {LM_IDS},
     "planted-vision": {VISION, VISION_CODE}, "planted-order": {ORDER},
     "uniform": {NONE}, "where": {NONE}, "lora": {NONE, LM_IDS}, "lora-bapa": {NONE, LM_IDS}, "recency": None,
+    "deepstack": {LM_IDS},
 }
 """Per recipe, the diagnoses (label kinds, :func:`analyses.diagnosis.kind`) its construction allows —
 None: exploratory, not scored. Every organism is diagnosed under ordinary ids (baseline), as a
@@ -48,7 +49,7 @@ PLANTED = {"planted-lm": "LM position ids (RoPE)", "learned-absolute": "LM posit
            "mrope": "LM position ids (M-RoPE)", "planted-vision": "vision tower / projector",
            "planted-order": "LM token order (trained under BaPA)", "uniform": "none", "where": "none",
            "lora": "planted-lm, LoRA on uniform data", "lora-bapa": "planted-lm, LoRA+BaPA on uniform data",
-           "recency": "exploratory: LM text prior"}
+           "recency": "exploratory: LM text prior", "deepstack": "LM position ids (interleaved M-RoPE; DeepStack)"}
 
 
 def mapping(models: dict[str, str], items: int, causal_items: int, lambdas: Sequence[float] = LAMBDAS,
