@@ -61,8 +61,9 @@ class LMStates:
         ok = torch.nonzero(reach < torch.arange(1, first + 1, device=reach.device)).flatten()
         return int(ok[-1]) + 1 if len(ok) else 0
 
-    def same_inputs(self, a: int, b: int, start: int) -> bool:
-        """Rows ``a`` and ``b`` give blocks ``start``… equal keyword arguments (masks, rotary, ids)."""
+    def same_inputs(self, a: int, b: int, start: int, injected: bool = True) -> bool:
+        """Rows ``a`` and ``b`` give blocks ``start``… equal keyword arguments (masks, rotary, ids)
+        and (``injected``) get equal additions between them."""
         for kw in self.kwargs[start:]:
             for name, v in kw.items():
                 for t in (v if isinstance(v, tuple) else (v,)):
@@ -70,7 +71,7 @@ class LMStates:
                     if isinstance(t, torch.Tensor) and t.shape[d] > 1 and not torch.equal(t.select(d, a),
                                                                                             t.select(d, b)):
                         return False
-        for x in self.injected[max(0, start - 1):]:  # what is added before block start and after
+        for x in (self.injected[max(0, start - 1):] if injected else ()):  # added before block start and after
             if x is not None and not torch.equal(x[a], x[b]):
                 return False
         return True

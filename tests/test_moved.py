@@ -164,12 +164,29 @@ def test_moved_equals_hand_built_edit_multi_token(tinies, name, size, grid, clea
     for b in range(2):
         for d, s in _translation_partner(imap, b, 2 + b, clean_cell, corrupt_cell, grid).items():
             h[b, d] = clean_in[b, s]
-    lg = trace(m, corrupt, edits={"lm.input": lambda x: h}, interventions=ivs).logits[:, -1]
+    edits = {"lm.input": lambda x: h}
+    for site in m.adapter.injections(m.model).values():  # DeepStack: the same tokens' features, by ordinal
+        src_f = trace(m, clean, cache=[site], interventions=ivs).cache[site]
+        f = trace(m, corrupt, cache=[site], interventions=ivs).cache[site].clone()
+        for b in range(2):
+            for d, s in _translation_partner(imap, b, 2 + b, clean_cell, corrupt_cell, grid).items():
+                f[_ordinal(m, corrupt, b, d)] = src_f[_ordinal(m, clean, b, s)]
+        assert not torch.equal(f, src_f)  # the placements' features differ: the edit is informative
+        edits[site] = lambda x, f=f: f
+    lg = trace(m, corrupt, edits=edits, interventions=ivs).logits[:, -1]
     want = patching.logit_diff(lg, correct, cands).numpy()
     np.testing.assert_allclose(got.sort_values("item").metric.to_numpy(), want, atol=1e-5)
     same = patching.run_moved(m, corrupt, corrupt, corrupt_cell, corrupt_cell, correct, cands, interventions=ivs,
                               grid=grid)
     assert (same.metric == same.base_metric).all()
+
+
+def _ordinal(m, inputs, row: int, pos: int) -> int:
+    """Index of image token (row, pos) among the batch's image tokens in sequence order: its place
+    in an injection site's (T, D) features (the order HF's DeepStack addition scatters them in)."""
+    mask = m.image_mask(m.batch(inputs)["input_ids"])
+    assert mask[row, pos]
+    return int(mask[:row].sum() + mask[row, :pos].sum())
 
 
 def test_moved_refuses_cells_of_different_shapes(tinies):

@@ -20,6 +20,7 @@ import interp
 from helpers import mirrored_pair
 from interp import patching, tiny
 from interp.dispatch import forward
+from interp.tracing import trace
 from interp.resume import capture_lm, resume
 from spatialbias.errors import SpatialBiasError
 from interp.interventions import AGCI, BaPA, Intervention, Knockout, PositionSwap
@@ -70,6 +71,26 @@ def test_resumed_patching_equals_one_full_forward_per_patch(arch, ivs):
         assert res[["item", "site", "group"]].equals(full[["item", "site", "group"]])
         for col in ("metric", "base_metric", "source_metric"):
             assert (res[col] - full[col]).abs().max() < 1e-5, (name, ivs, bs, col)
+
+
+@pytest.mark.parametrize("name", ["qwen3vl", "qwen3vl_moe"])
+def test_deepstack_features_move_with_lm_patches(name):
+    """A patch of every image token at ``lm.input``, or of every position at a site before the
+    last DeepStack addition (the block's output, taken before it; the block's input), gives the
+    source run exactly, in both schemes: the source's later DeepStack features move with the
+    patched image tokens. (Kept from the base run, they would mix two placements' features at
+    one position: the test checks the placements' features differ, so it is informative.)"""
+    m, clean, corrupt, correct, cands = make(name)
+    inj = m.adapter.injections(m.model)
+    k = max(inj)
+    feats = [trace(m, x, cache=[inj[k]]).cache[inj[k]] for x in (clean, corrupt)]
+    assert not torch.allclose(*feats)
+    ps = [patching.Patch("lm.input", "image"), patching.Patch(f"lm.blocks.{k}", "all"),
+          patching.Patch(f"lm.blocks.{k}#input", "all")]
+    for resume in (False, True):
+        df = patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, resume=resume)
+        assert (df.metric - df.source_metric).abs().max() < 1e-5, (resume, df)
+        assert (df.base_metric - df.source_metric).abs().min() > 1e-3  # the patch had a gap to close
 
 
 def test_gemma3_prefix_ends_where_the_image_begins():

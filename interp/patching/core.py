@@ -4,12 +4,14 @@ restoration table, the default patches, and the row / edit helpers of the batche
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import pandas as pd
 import torch
 
+from interp.dispatch import then
 from interp.model import LVLM
 from interp.sites import resolve
 from spatialbias.errors import SpatialBiasError
@@ -121,10 +123,14 @@ def _row(i: int, p: Patch, metric: float, base_metric: float, source_metric: flo
             "base_metric": float(base_metric), "source_metric": float(source_metric)}
 
 
-def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]]) -> dict:
+def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]], lvlm: LVLM | None = None,
+                input_ids: torch.Tensor | None = None) -> dict:
     """Edits copying, for every (patch, source row, patched row), the patch's tokens of the source
-    row onto the patched row, at the patch's site (within one forward)."""
+    row onto the patched row, at the patch's site (within one forward). With ``lvlm`` and the
+    forward's ``input_ids``, an LM-side patch's image tokens also take the source's features of
+    the injections still to come (:func:`injection_edits`)."""
     ops: dict[str, tuple[list, list]] = {}
+    moves = []
     for p, src_row, dst_row in copies:
         src = _selection(*groups[p.site], src_row, p)
         dst = _selection(*groups[p.site], dst_row, p)
@@ -134,8 +140,53 @@ def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]]) -> dict:
         d, sr = ops.setdefault(p.site, ([], []))
         d.append(dst)
         sr.append(src)
-    return {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
-            for site, (d, sr) in ops.items()}
+        k0 = injection_start(lvlm, p.site) if lvlm is not None else None
+        if k0 is not None:
+            moves.append((src, dst, k0))
+    edits = {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
+             for site, (d, sr) in ops.items()}
+    if not moves:
+        return edits
+    return then(edits, injection_edits(lvlm, input_ids, moves))
+
+
+def injection_start(lvlm: LVLM, site: str) -> int | None:
+    """The first of the adapter's injections (:meth:`~interp.adapters.Adapter.injections`: added
+    after LM block k) that a patch at ``site`` comes before: 0 at ``lm.input``, j at every site of
+    LM block j (its input, its output — taken before the addition after block j — and its
+    sub-layers); None elsewhere (vision side, ``lm.embed``, after the last block)."""
+    s = resolve(lvlm.adapter, lvlm.model, site)
+    if s.canonical == "lm.input":
+        return 0
+    m = re.match(r"lm\.blocks\.(\d+)([.#]|$)", s.canonical)
+    return int(m.group(1)) if m else None
+
+
+def injection_edits(lvlm: LVLM, input_ids: torch.Tensor, moves: list[tuple[torch.Tensor, torch.Tensor, int]]
+                    ) -> dict:
+    """Edits carrying the adapter's injections (Qwen3-VL's DeepStack features) with LM-side
+    patches, so that a patched image token gets the source's later vision features with its
+    residual: for every (src, dst, k0) — (n,) flat (row · L + position) LM token indices of
+    ``input_ids`` (B, L), token ``src[i]`` moving onto ``dst[i]``, and the first injection the patch
+    comes before (:func:`injection_start`) — the features of every injection k ≥ k0 at the image
+    tokens among them are copied from source to destination. An injection site holds the batch's
+    image tokens flattened in sequence order, (T, D); {} where the adapter declares none."""
+    inj = lvlm.adapter.injections(lvlm.model)
+    if not inj:
+        return {}
+    mask = lvlm.image_mask(input_ids).flatten().cpu()
+    ordinal = mask.long().cumsum(0) - 1
+    ops: dict[str, tuple[list, list]] = {}
+    for src, dst, k0 in moves:
+        src, dst = src.cpu(), dst.cpu()
+        keep = mask[src] & mask[dst]
+        for k, site in inj.items():
+            if k >= k0 and keep.any():
+                d, sr = ops.setdefault(site, ([], []))
+                d.append(ordinal[dst[keep]])
+                sr.append(ordinal[src[keep]])
+    n = int(mask.sum())
+    return {site: (lambda x, d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr)) for site, (d, sr) in ops.items()}
 
 
 def _copy(x: torch.Tensor, n: int, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _full_patches(lvlm, both, N, patches, correct, candidates, targets, interven
         row_targets = [targets[i] for i, s, js in layout for _ in range(2 + len(js))]
         groups = {site: site_groups(lvlm, chunk, site, row_targets, grid) for site in sites}
         copies = [(p, s, s + 2 + k) for i, s, js in layout for k, p in enumerate(patches[j] for j in js)]
-        edits = then(iv_edits, _copy_edits(groups, copies))
+        edits = then(iv_edits, _copy_edits(groups, copies, lvlm, chunk["input_ids"]))
         with torch.no_grad():
             logits = forward(lvlm, chunk, edits=edits, last_only=True).logits[:, -1]
         corr = torch.cat([correct[i].repeat(2 + len(js)) for i, s, js in layout]).to(logits.device)

@@ -15,7 +15,7 @@ from interp.imagemap import keyed_by_place
 from interp.interventions import Intervention
 from interp.interventions.base import lm_input_edit
 from interp.model import LVLM
-from interp.patching.core import _copy, logit_diff
+from interp.patching.core import _copy, injection_edits, logit_diff
 from spatialbias.errors import SpatialBiasError
 
 
@@ -58,8 +58,10 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
     same place inside its cell (:func:`moved_slots`; refused when the cells' shapes differ): the content as the
     vision tower and projector produced it at the good cell, read by the LM at the bad cell's
     sequence slots and position ids (the base row's prepared inputs, interventions included,
-    are otherwise unchanged). Each forward holds, per item, its source row, its unpatched base
-    row and its patched row; the edit copies from the source row of the same forward.
+    are otherwise unchanged). What the text model adds to those tokens after LM blocks (the
+    adapter's injections: Qwen3-VL's DeepStack features) moves with them, token for token. Each
+    forward holds, per item, its source row, its unpatched base row and its patched row; the edit
+    copies from the source row of the same forward.
 
     On an LM with learned absolute positions (GPT-2), whose ``lm.input`` already holds the
     position embeddings, the moved tokens are the source's ``lm.input`` minus the source slots'
@@ -101,7 +103,8 @@ def run_moved(lvlm: LVLM, base: dict[str, torch.Tensor], source: dict[str, torch
             src.append(s + 3 * k * L)
             dst.append(d + (3 * k + 2) * L)
         n = len(rows) * chunk["input_ids"].shape[1]
-        move = _move_edits(lvlm, n, torch.cat(dst), torch.cat(src))
+        dst, src = torch.cat(dst), torch.cat(src)
+        move = then(_move_edits(lvlm, n, dst, src), injection_edits(lvlm, chunk["input_ids"], [(src, dst, 0)]))
         with torch.no_grad():
             logits = forward(lvlm, chunk, edits=then(iv_edits, move), last_only=True).logits[:, -1]
         corr = torch.cat([correct[i].repeat(3) for i in items]).to(logits.device)

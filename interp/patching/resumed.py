@@ -125,14 +125,19 @@ def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src
     entering block ``start``: a resumed job (p, start, a, j, None, pos), or None when the patched
     residual is the source's or the base's own (its metric is then that run's). Nothing of size L
     is kept per job: the residual is built when its batch runs. After the last block (``start`` = N)
-    only the last position reaches the logits."""
+    only the last position reaches the logits. What the text model adds after blocks
+    ``start − 1``… (DeepStack) moves with the patched positions (:func:`_injected`), as in the
+    full scheme (:func:`interp.patching.core.injection_edits`)."""
     base, src = st.residual[start][c + a], st.residual[start][a]
     differs = (base != src).any(-1)  # (L,) positions where the two runs' residuals differ
+    for x in st.injected[max(0, start - 1):]:  # or what is still to be added there
+        if x is not None:
+            differs |= (x[c + a] != x[a]).any(-1).to(differs.device)
     patched = torch.zeros_like(differs)
     patched[pos.to(differs.device)] = True
     used = torch.zeros_like(differs)
     used[-1 if start == st.layers else slice(None)] = True
-    if not (differs & used & ~patched).any() and st.same_inputs(a, c + a, start):
+    if not (differs & used & ~patched).any() and st.same_inputs(a, c + a, start, injected=False):
         out[(item, j)] = _row(item, patch, src_m[a], base_m[a], src_m[a])
         return None
     changed = (differs & patched & used).nonzero().flatten()
@@ -167,8 +172,8 @@ def _pre_jobs(lvlm, st, both, N: int, interventions, items, pre_patches, pre_idx
         groups = {site: site_groups(lvlm, sub, site, sub_targets, grid) for site in sites}
         copies = [(pre_patches[k], srcs.index(a), len(srcs) + n) for n, (a, k) in enumerate(take)]
         with torch.no_grad():
-            t = forward(lvlm, sub, edits=then(iv_edits, _copy_edits(groups, copies)), cache=["lm.input", *inj_sites],
-                        stop=True)
+            edits = then(iv_edits, _copy_edits(groups, copies, lvlm, sub["input_ids"]))
+            t = forward(lvlm, sub, edits=edits, cache=["lm.input", *inj_sites], stop=True)
         x = t.cache["lm.input"]
         mask = lvlm.image_mask(sub["input_ids"])
         added = {jj: injected_at(t.cache[s], mask, x) for jj, s in inj.items()}  # per block: (rows, L, D)
@@ -217,9 +222,9 @@ def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, s
         rows = torch.tensor([c + jb[2] for jb in batch])
         hidden = torch.stack([_hidden(st, c, jb, p) for jb in batch])
         injected = None
-        if any(jb[6] for jb in batch):  # patched vision sides: their own DeepStack additions
-            injected = {jj: torch.stack([jb[6][jj][p:] if jb[6] else st.injected[jj][c + jb[2]][p:] for jb in batch])
-                        for jj in lvlm.adapter.injections(lvlm.model)}
+        inj = lvlm.adapter.injections(lvlm.model)
+        if inj and any(jb[6] or jb[5] is not None for jb in batch):  # patched DeepStack additions
+            injected = {jj: torch.stack([_injected(st, c, jb, jj, p) for jb in batch]) for jj in inj}
         logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p, injected)
         corr = torch.stack([correct[items[jb[2]]] for jb in batch])
         metric = logit_diff(logits, corr, candidates).cpu()
@@ -237,6 +242,22 @@ def _hidden(st, c: int, job, p: int) -> torch.Tensor:
     x = st.residual[start][c + a][p:].clone()
     pos = pos.to(x.device)
     x[pos - p] = st.residual[start][a][pos]
+    return x
+
+
+def _injected(st, c: int, job, jj: int, p: int) -> torch.Tensor:
+    """(L − p, D): what a job's row gets added after block ``jj``, positions p…: a patched vision
+    side's own additions, or the base row's with the source's at the positions a residual patch
+    moves when the patch comes before that addition (``jj ≥ start − 1``), else the base row's."""
+    _, start, a, _, _, pos, add = job
+    if add:
+        return add[jj][p:]
+    x = st.injected[jj][c + a][p:]
+    if pos is None or jj < start - 1:
+        return x
+    x = x.clone()
+    pos = pos.to(x.device)
+    x[pos - p] = st.injected[jj][a][pos]
     return x
 
 
