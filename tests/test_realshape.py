@@ -5,7 +5,8 @@
   token ids (the tiny tokenizer's) differ; with few vision blocks DeepStack taps blocks it keeps;
   its benchmark canvas is the adapter's probe canvas (288 px: 81 merged image tokens).
 * ``python -m analyses.bench.swap_map`` end to end on a tiny Qwen3-VL registered as a real-shape
-  model (seconds): batched and looped maps equal, one line printed, the JSON written.
+  model (seconds): batched and looped maps equal (the loop with the head over all positions or
+  the last one only), one line printed, the JSON written.
 """
 import json
 from pathlib import Path
@@ -45,15 +46,18 @@ def test_qwen3_vl_8b_canvas_is_the_probe_canvas():
     assert (side, side) == realshape.REAL["qwen3vl8b"].image_px == realshape.REAL["qwen3vl8b"].cpu_px == (288, 288)
 
 
-def test_swap_map_script_on_a_tiny_qwen3_vl(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("last_only", [False, True])
+def test_swap_map_script_on_a_tiny_qwen3_vl(monkeypatch, tmp_path, capsys, last_only):
     from analyses.bench import swap_map
     spec = realshape.RealModel(lambda lm, vision, dtype=None, device="cpu": tiny.build_qwen3vl(), 3, 2, (48, 48),
                                (48, 48))
     monkeypatch.setitem(realshape.REAL, "tiny_qwen3vl", spec)
     out = tmp_path / "r.json"
-    r = swap_map.main(["--model", "tiny_qwen3vl", "--items", "2", "--threads", "1", "--out", str(out)])
+    r = swap_map.main(["--model", "tiny_qwen3vl", "--items", "2", "--threads", "1", "--out", str(out)]
+                      + ["--loop-last-only"] * last_only)
     assert r["patches"] == 3 * 4 and r["items"] == 2  # every LM block × target/image/text/last
     assert r["max_abs_diff"] <= 1e-3 and r["speedup"] > 0 and r["image_tokens"] == 9
+    assert r["loop_last_only"] is last_only
     assert json.loads(out.read_text())["speedup"] == r["speedup"]
     line = capsys.readouterr().out.strip()
     assert len(line.splitlines()) == 1 and "speed-up" in line and "max |Δ|" in line and "load average" in line

@@ -115,14 +115,16 @@ def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items:
     return res
 
 
-def real_speed(name: str, layers: int = 2, items: int = 2, batch_size: int = 4, warmup: bool = True) -> dict:
+def real_speed(name: str, layers: int = 2, items: int = 2, batch_size: int = 4, warmup: bool = True,
+               loop_last_only: bool = False) -> dict:
     """The full position-swap map (:func:`position_map`: every LM block × target/image/text/last)
     on ``items`` items of one real-shape model (:data:`interp.realshape.REAL`; ``layers`` LM layers
     and as many vision blocks, random weights) at its ``cpu_px`` canvas, batched vs the per-patch
     loop (:func:`analyses.bench.common.patching_speed`: times in seconds, ``speedup`` = loop / batched
     from the same run, ``max_abs_diff`` in logit-difference units, asserted ≤ 1e-3). fp32, so that
     equality is checked at 1e-3 (bf16 differences would need a loose tolerance). ``warmup``: one
-    unpatched forward of one row first, so that neither timing pays the first call's set-up."""
+    unpatched forward of one row first, so that neither timing pays the first call's set-up.
+    ``loop_last_only``: the loop computes the head at the last position only."""
     from interp import realshape
     lvlm, _ = b.real_model(name, layers, torch.float32, vision_layers=layers)
     size = realshape.REAL[name].cpu_px
@@ -130,7 +132,8 @@ def real_speed(name: str, layers: int = 2, items: int = 2, batch_size: int = 4, 
     if warmup:
         with torch.no_grad():
             lvlm.run(lvlm.rows(clean, [0]))
-    r = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets, batch_size=batch_size)
+    r = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets, batch_size=batch_size,
+                         loop_last_only=loop_last_only)
     return {**r, "image_px": list(size), "dtype": "float32", "lm_layers": layers,
             "tokens": int(clean["input_ids"].shape[1]), "image_tokens": int(lvlm.image_mask(clean["input_ids"])[0].sum())}
 
