@@ -1,6 +1,6 @@
-"""Real-scale shapes with random weights, for benchmarks (no download): LLaVA-1.5-7B and
-Qwen2.5-VL-7B configs, optionally with fewer layers, and real processors (PIL image
-processors at the real resolution; the tiny word-level tokenizer)."""
+"""Real-scale shapes with random weights, for benchmarks (no download): LLaVA-1.5-7B,
+Qwen2.5-VL-7B and Qwen3-VL-8B configs, optionally with fewer layers, and real processors (PIL
+image processors at the real resolution; the tiny word-level tokenizer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,6 +90,47 @@ def qwen25_vl_7b_config(lm_layers: int = 28, vision_layers: int = 32):
     return cfg
 
 
+def qwen3_vl_8b(lm_layers: int = 36, vision_layers: int = 27, dtype: torch.dtype = torch.float32,
+                device: str = "cpu"):
+    """Qwen3-VL-8B: a 27-block ViT (1152 wide, 16 px patches, learned position embeddings,
+    DeepStack) + 2×2 merger + Qwen3 LM (4096 wide, 36 layers, 8 KV heads, interleaved M-RoPE);
+    a 288 px canvas (its probe canvas) gives 18×18 patches → 81 merged image tokens. Returns
+    (model, processor)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
+
+    from interp.adapters.qwen3_vl import image_only_processor
+    tok = tiny.tokenizer()
+    model = _build(Qwen3VLForConditionalGeneration, qwen3_vl_8b_config(lm_layers, vision_layers), dtype, device)
+    ip = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": 16777216})
+    return model, image_only_processor(ip, tok, chat_template=tiny.QWEN_CHAT)
+
+
+def qwen3_vl_8b_config(lm_layers: int = 36, vision_layers: int = 27):
+    """The Qwen3VLConfig of :func:`qwen3_vl_8b` (no weights), the values of
+    ``benchmarks/configs/qwen3-vl-8b/config.json`` (tests/test_realshape.py compares them) but the
+    depths and the token ids (the tiny tokenizer's). DeepStack taps the real blocks 8/16/24 that
+    are kept; with fewer than 9 vision blocks, the first ``min(3, vision_layers)`` blocks instead
+    (so a few-layer model still adds DeepStack features after its first LM blocks)."""
+    from transformers import Qwen3VLConfig
+    tok = tiny.tokenizer()
+    deepstack = [i for i in (8, 16, 24) if i < vision_layers] or list(range(min(3, vision_layers)))
+    cfg = Qwen3VLConfig(
+        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=lm_layers,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                             "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                         vocab_size=151936, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(depth=vision_layers, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           out_hidden_size=4096, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+                           deepstack_visual_indexes=deepstack),
+        tie_word_embeddings=False, **tiny._qwen_ids(tok))
+    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    return cfg
+
+
 @dataclass(frozen=True)
 class RealModel:
     """A real-shape benchmark model: ``build(lm_layers, vision_layers, dtype=, device=)`` →
@@ -105,6 +146,7 @@ class RealModel:
 REAL: dict[str, RealModel] = {
     "llava15": RealModel(llava_15_7b, 32, 24, (336, 336), (336, 336)),
     "qwen25vl": RealModel(qwen25_vl_7b, 28, 32, (840, 840), (448, 448)),  # 840 px: 900 merged image tokens
+    "qwen3vl8b": RealModel(qwen3_vl_8b, 36, 27, (288, 288), (288, 288)),  # its probe canvas: 81 merged tokens
 }
 """The benchmarks' real-shape models by name (this module builds named architectures, so the
 table lives here and the benchmarks read it instead of branching on a name)."""

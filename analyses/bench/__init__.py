@@ -11,4 +11,5 @@ file its docs/benchmarks.md section cites:
     python -m analyses.bench.real_scale --device cuda --out DIR                # wrapper vs HF at 7B
     python -m analyses.bench.profile_batching --device cuda --out DIR          # batching at 7B (GPU)
     OUT=DIR python -m analyses.bench.gpu_patching                              # patching at 7B (GPU)
+    python -m analyses.bench.swap_map --model qwen3vl8b --threads 2 --out F.json  # swap map, one real shape
 """

@@ -96,9 +96,11 @@ def position_map(lvlm) -> list[patching.Patch]:
     return [patching.Patch(f"lm.blocks.{i}", g) for i in range(n) for g in ("target", "image", "text", "last")]
 
 
-def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items: int = 2, real_layers: int = 2) -> dict:
-    """Resumed batched patching vs the hand-written loop (see the module doc); real widths in fp32
-    so that equality is checked at 1e-3 (bf16 differences would need a loose tolerance)."""
+def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items: int = 2, real_layers: int = 2,
+          real: tuple[str, ...] | None = None) -> dict:
+    """Resumed batched patching vs the hand-written loop (see the module doc) on the organism, every
+    tiny model and the ``real`` real-shape models (default: every one of
+    :data:`interp.realshape.REAL`) by :func:`real_speed`."""
     from interp import realshape, tiny
     res = {}
     m, pairs = b.organism_pairs(out, organism_items)
@@ -108,14 +110,32 @@ def speed(out: Path, organism_items: int = 100, tiny_items: int = 8, real_items:
         lvlm = interp.load(*build())
         clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, tiny_items, (48, 48))
         res[f"tiny/{name}"] = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets)
-    for name in ("llava15", "qwen25vl"):
-        lvlm, _ = b.real_model(name, real_layers, torch.float32, vision_layers=real_layers)
-        size = realshape.REAL[name].cpu_px
-        clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, real_items, size)
-        r = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets, batch_size=4)
-        res[f"{name}/{real_layers} layers"] = {**r, "image_px": list(size), "dtype": "float32"}
-        del lvlm
+    for name in realshape.REAL if real is None else real:
+        res[f"{name}/{real_layers} layers"] = real_speed(name, real_layers, real_items)
     return res
+
+
+def real_speed(name: str, layers: int = 2, items: int = 2, batch_size: int = 4, warmup: bool = True,
+               loop_last_only: bool = False) -> dict:
+    """The full position-swap map (:func:`position_map`: every LM block × target/image/text/last)
+    on ``items`` items of one real-shape model (:data:`interp.realshape.REAL`; ``layers`` LM layers
+    and as many vision blocks, random weights) at its ``cpu_px`` canvas, batched vs the per-patch
+    loop (:func:`analyses.bench.common.patching_speed`: times in seconds, ``speedup`` = loop / batched
+    from the same run, ``max_abs_diff`` in logit-difference units, asserted ≤ 1e-3). fp32, so that
+    equality is checked at 1e-3 (bf16 differences would need a loose tolerance). ``warmup``: one
+    unpatched forward of one row first, so that neither timing pays the first call's set-up.
+    ``loop_last_only``: the loop computes the head at the last position only."""
+    from interp import realshape
+    lvlm, _ = b.real_model(name, layers, torch.float32, vision_layers=layers)
+    size = realshape.REAL[name].cpu_px
+    clean, corrupt, correct, cands, targets = b.placement_batch(lvlm, items, size)
+    if warmup:
+        with torch.no_grad():
+            lvlm.run(lvlm.rows(clean, [0]))
+    r = b.patching_speed(lvlm, corrupt, clean, position_map(lvlm), correct, cands, targets, batch_size=batch_size,
+                         loop_last_only=loop_last_only)
+    return {**r, "image_px": list(size), "dtype": "float32", "lm_layers": layers,
+            "tokens": int(clean["input_ids"].shape[1]), "image_tokens": int(lvlm.image_mask(clean["input_ids"])[0].sum())}
 
 
 def sharding(tmp: Path) -> dict:
