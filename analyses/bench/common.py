@@ -76,9 +76,14 @@ def real_model(name: str, layers: int, dtype=torch.bfloat16, device: str = "cpu"
 def _loop_patching(lvlm: LVLM, base, source, patches, correct, cands, targets, last_only: bool = False) -> torch.Tensor:
     """What one writes by hand: per item, cache the source activations, then one forward per patch.
     Returns (patches, items) metrics. ``last_only``: every forward computes the head at the last
-    position only (``logits_to_keep=1``) instead of over all positions, as a careful loop would."""
+    position only (``logits_to_keep=1``) instead of over all positions, as a careful loop would.
+    An LM-side patch also takes the source's features of the injections still to come at its image
+    tokens (DeepStack, as the engine does: :func:`interp.patching.core.injection_edits`); one row per
+    forward, so an injection's (T, D) features are that row's image tokens in sequence order."""
     from interp.dispatch import forward
-    sites = sorted({p.site for p in patches})
+    from interp.patching.core import injection_start
+    inj = lvlm.adapter.injections(lvlm.model)
+    sites = sorted({p.site for p in patches} | set(inj.values()))
     N = base["input_ids"].shape[0]
     vals = torch.empty(len(patches), N)
     for i in range(N):
@@ -86,12 +91,18 @@ def _loop_patching(lvlm: LVLM, base, source, patches, correct, cands, targets, l
         s = lvlm.rows(source, [i])
         cache = forward(lvlm, s, cache=sites, last_only=last_only).cache
         masks = patching.group_masks(lvlm, b, [targets[i]])
+        image = lvlm.image_mask(b["input_ids"])[0]
         for j, p in enumerate(patches):
             src = cache[p.site]
             if p.group == "all" or not (p.site.startswith("lm.") or p.site == "unembed"):
                 edit = {p.site: lambda x, v=src: v.clone()}
             else:
                 edit = {p.site: lambda x, v=src, mk=masks[p.group]: torch.where(mk[..., None], v, x)}
+            k0 = injection_start(lvlm, p.site)
+            moved = (masks[p.group][0] if p.group != "all" else torch.ones_like(image))[image]  # per image token
+            for k, site in inj.items():
+                if k0 is not None and k >= k0:
+                    edit[site] = lambda x, v=cache[site], mk=moved: torch.where(mk[:, None].to(x.device), v, x)
             lg = forward(lvlm, b, edits=edit, last_only=last_only).logits[:, -1]
             vals[j, i] = patching.logit_diff(lg, correct[i:i + 1].to(lg.device), cands)[0]
     return vals
