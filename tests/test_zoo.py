@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_recipe_registry_is_consistent():
     assert set(RECIPES) == {"planted-lm", "uniform", "planted-order", "planted-vision", "learned-absolute", "mrope", "where",
-                            "recency", "lora", "lora-bapa", "blind", "deepstack"}
+                            "recency", "lora", "lora-bapa", "blind", "deepstack", "vision-only"}
     prints = set()
     for name, r in RECIPES.items():
         assert r.name == name and r.arch in arch_mod.ARCHS

@@ -10,6 +10,8 @@
   rotary angles are scaled to nothing: permutation-invariant over the grid's cells by construction
   (a ViT without position embeddings is permutation-equivariant over its patches; one attention
   layer without positions reads the image tokens as a set), so it cannot hold a position bias.
+* ``llava-lmblind``: the same LM with CLIP's learned position embeddings kept: only the vision
+  tower can tell cells apart, so any position bias it holds lives before the LM.
 
 Every architecture turns uint8 canvases (B, 48, 48, 3) and queried shapes (B,) into exactly
 the tensors its HF processor makes (tests check this), so training and probing see the same
@@ -126,4 +128,5 @@ class Arch:
 ARCHS: dict[str, Arch] = {a.name: a for a in (Arch("llava-llama"), Arch("llava-gpt2", lm="gpt2"),
                                               Arch("qwen2vl", is_qwen=True),
                                               Arch("qwen3vl", is_qwen=True, deepstack=True),
-                                              Arch("llava-blind", lm="llama-blind", position_blind=True))}
+                                              Arch("llava-blind", lm="llama-blind", position_blind=True),
+                                              Arch("llava-lmblind", lm="llama-blind"))}

@@ -6,6 +6,8 @@ runner, diagnosis}``, ``analyses.organisms.{zoo}``. Every model is copied into `
 without its training record, so it is diagnosed exactly as a user's checkpoint.
 
     python -m analyses.organisms.blind --out OUT [--ckpt DIR]   # DIR: trained seeds {recipe}-seed{s}
+    python -m analyses.organisms.blind --out OUT2 --round 2       # round 2's mixtures
+    python -m analyses.organisms.blind --out OUT3 --round 3       # round 3: the vision-only organism
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ MIXTURES2: dict[str, tuple[float, set[str]]] = {
     "mixture2-strong": (1.0, {MIX, MIX_CODE, VISION, VISION_CODE})}
 """Round 2 (registered after round 1's mixtures planted no deficit): name → (c, expected kinds),
 the shift c × the mean patch-content norm at ``vision.embed`` (:func:`content_norm`)."""
+ROUND3: dict[str, tuple[str, int, set[str]]] = {"vision-only-s0": ("vision-only", 0, {VISION, VISION_CODE})}
+"""Round 3 (registered before its checkpoint was trained): a bias before the LM by construction
+(learned CLIP positions, a position-blind LM): name → (recipe, seed, expected label kinds)."""
 NULL_PROBE_SEEDS = tuple(range(100, 120))
 PROBE = {"build": "shapes", "n": 300, "seed": 12345, "cell_px": 16}
 
@@ -81,23 +86,31 @@ def content_norm(src: Path, probe: Path) -> float:
     return float((e[:, 1:] - pe[1:]).norm(dim=-1).mean())
 
 
+def copied(out: Path, name: str, recipe: str, seed: int, ckpt: Path | None = None) -> str:
+    """``out/models/name``: the checkpoint of (recipe, seed) — trained in ``ckpt`` if it is there,
+    else the zoo's — copied without its training record."""
+    from analyses.organisms.zoo import get
+    target = out / "models" / name
+    if not (target / "model.safetensors").is_file():
+        trained = ckpt / f"{recipe}-seed{seed}" if ckpt is not None else None
+        src = trained if trained is not None and (trained / "training.json").is_file() else get(recipe, seed)
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns("training.json", "adapter"), dirs_exist_ok=True)
+    return str(target)
+
+
 def models(out: Path, ckpt: Path | None, skip_missing: bool = False) -> dict[str, str]:
     """Every model of the campaign copied (or made) into ``out/models`` without a training record;
     ``skip_missing``: leave out seeds neither shipped nor trained in ``ckpt`` yet (a later run of
     the same command adds them: the plan resumes)."""
-    from analyses.organisms.zoo import get, shipped
+    from analyses.organisms.zoo import shipped
     dest = out / "models"
     folders = {}
     for name, (recipe, seed, _) in MODELS.items():
-        target = dest / name
-        if not (target / "model.safetensors").is_file():
-            trained = ckpt / f"{recipe}-seed{seed}" if ckpt is not None else None
-            have = trained is not None and (trained / "training.json").is_file()
-            if skip_missing and not have and shipped(recipe, seed) is None:
-                continue
-            src = trained if have else get(recipe, seed)
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns("training.json", "adapter"), dirs_exist_ok=True)
-        folders[name] = str(target)
+        have = ckpt is not None and (ckpt / f"{recipe}-seed{seed}" / "training.json").is_file()
+        if skip_missing and not (dest / name / "model.safetensors").is_file() and not have \
+                and shipped(recipe, seed) is None:
+            continue
+        folders[name] = copied(out, name, recipe, seed, ckpt)
     for name, (s, _) in MIXTURES.items():
         target = dest / name
         if not (target / "model.safetensors").is_file():
@@ -141,7 +154,7 @@ def score(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, probe): the diagnosis, its components and whether it is informative and
     matches the pre-registered label kinds."""
     expected = {**{n: e for n, (_, _, e) in MODELS.items()}, **{n: e for n, (_, e) in MIXTURES.items()},
-                **{n: e for n, (_, e) in MIXTURES2.items()}}
+                **{n: e for n, (_, e) in MIXTURES2.items()}, **{n: e for n, (_, _, e) in ROUND3.items()}}
     rows = []
     for (model, probe), d in df.groupby(["model", "probe"], sort=False):
         null = model.startswith("uniform")
@@ -204,12 +217,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--skip-missing", action="store_true")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2))
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3))
     a = ap.parse_args(argv)
     from analyses import plan as planmod, runner
-    folders = round2(a.out) if a.round == 2 else models(a.out, a.ckpt, a.skip_missing)
+    if a.round == 3:
+        folders = {n: copied(a.out, n, r, s, a.ckpt) for n, (r, s, _) in ROUND3.items()}
+    else:
+        folders = round2(a.out) if a.round == 2 else models(a.out, a.ckpt, a.skip_missing)
     cfg = mapping(folders)
-    if a.round == 2:
+    if a.round > 1:
         cfg["probes"] = {"main": cfg["probes"]["main"]}
     plan = planmod.from_mapping(cfg, Path.cwd(), a.out / "run", "blind campaign")
     res = runner.run(plan, a.out / "run", progress=True)

@@ -224,4 +224,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "than another, so the toolkit must report no significant bias and decompose nothing. It shows that "
         "the statistics do not invent a bias where none can exist. " + _NOT_LVLM,
         arch="llava-blind", expected={"bias": False, "invariant": True}),
+    Recipe(
+        "vision-only",
+        "The planted-lm data (the same skewed target cells) on an architecture whose LM cannot see position: "
+        "the blind organism's one-layer Llama with its rotary angles scaled to nothing (its answer position "
+        "reads the tokens as a set, so neither position ids nor token order can tell cells apart), with CLIP's "
+        "learned position embeddings kept and initialised with std 2.0 (as planted-vision) so the tower's "
+        "features depend on position. Whatever depends on the cell is made before the LM, by construction: the "
+        "positive control for 'vision side' under ordinary ids (round 3 of docs/diagnosis_preregistration.md). "
+        "It shows that the diagnosis can find a bias that lives before the LM; it does not say where bias "
+        "lives in pretrained LVLMs. " + _NOT_LVLM,
+        arch="llava-lmblind", vision_pos_std=2.0,
+        expected={"bias": True, "locus": "vision_or_projector", "bapa_removes": False}),
 ]}
