@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from analyses.evaluate import answer_set, load_image
 from analyses.scoring import prompt_text
@@ -338,55 +337,6 @@ def flow_rows(items: pd.DataFrame, rng: np.random.Generator) -> list[dict]:
         spread = lambda **m: np.max(np.stack(list(m.values())), 0) - np.min(np.stack(list(m.values())), 0)  # noqa: E731
         rows.append({"metric": "attention_spread", "layer": int(layer), **_point_ci(arrays, spread, rng)})
     return rows
-
-
-def attribution_rows(exact: pd.DataFrame, estimates: dict[str, pd.DataFrame],
-                     rng: np.random.Generator | None = None, n_resamples: int = 2000) -> list[dict]:
-    """Per estimator (``group``: e.g. "atp", "atp×8"): its Spearman rank correlation with exact
-    denoising restoration over all (site, group) patches (``attribution_spearman``, with a
-    bootstrap interval over items: the restorations and estimates of every patch recomputed from
-    the resampled items), and each patch's estimated restoration (``attribution_estimate``, site
-    and token group in ``site``)."""
-    ex = patching.restoration(exact[exact.direction == "denoise"], "denoise")
-    rows = []
-    for name, est in estimates.items():
-        at = attribution.estimated_restoration(est)
-        j = ex.merge(at, on=["site", "group"])
-        rho = float(stats.spearmanr(j["restoration"], j["estimate"]).statistic)
-        lo, hi = _spearman_ci(exact[exact.direction == "denoise"], est, rng, n_resamples) if rng is not None \
-            else (float("nan"), float("nan"))
-        rows.append({"metric": "attribution_spearman", "group": name, "value": rho, "ci_low": lo, "ci_high": hi})
-        rows += [{"metric": "attribution_estimate", "group": name, "site": f"{r.site}:{r.group}", "value": r.estimate}
-                 for r in j.itertuples()]
-    return rows
-
-
-def _spearman_ci(exact: pd.DataFrame, est: pd.DataFrame, rng: np.random.Generator,
-                 n_resamples: int) -> tuple[float, float]:
-    """Percentile 95% interval of the Spearman correlation between exact restoration and the
-    estimate over patches, items resampled jointly (every patch's ratio of means recomputed)."""
-    keys = ["site", "group"]
-    e = exact.pivot_table(index="item", columns=keys, values="metric").sort_index()
-    base = exact.pivot_table(index="item", columns=keys, values="base_metric").sort_index()[e.columns]
-    src = exact.pivot_table(index="item", columns=keys, values="source_metric").sort_index()[e.columns]
-    a = est.pivot_table(index="item", columns=keys, values="attribution").sort_index()[e.columns]
-    n = len(e)
-    if n < 2:
-        return float("nan"), float("nan")
-    idx = rng.integers(0, n, (n_resamples, n))
-    m = {k: v.to_numpy()[idx].mean(1) for k, v in (("p", e), ("b", base), ("s", src), ("a", a))}  # (R, P)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gap = m["s"] - m["b"]
-        exact_r, est_r = (m["p"] - m["b"]) / gap, m["a"] / gap
-    rx, ry = stats.rankdata(exact_r, axis=1), stats.rankdata(est_r, axis=1)
-    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rho = (rx * ry).sum(1) / np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
-    rho = rho[np.isfinite(rho)]
-    if not len(rho):
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(rho, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def _point_ci(arrays: dict[str, np.ndarray], fn, rng: np.random.Generator) -> dict:

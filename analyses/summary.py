@@ -276,10 +276,12 @@ def causal_conclusion(run: dict) -> str:
             lines.append(f"{iv}: clean {q['logit_diff_clean']['value']:.2f} vs corrupt "
                          f"{q['logit_diff_corrupt']['value']:.2f} (gap {gap:.2f}); position-id patching restores "
                          f"{_pct(position_of(run, iv, 'all', 'restoration'))}.")
-    for iv, rhos in c.get("attribution", {}).items():
-        lines.append(f"Attribution patching vs exact patching ({iv}): Spearman "
-                     + ", ".join(f"{_num(rho, '.2f')} ({name})" for name, rho in rhos.items())
-                     + "; exact patching is the reference.")
+    for iv, errs in c.get("attribution", {}).items():
+        n = next(iter(errs.values()))["patches"]
+        lines.append(f"Attribution patching vs exact patching ({iv}): mean |error| "
+                     + ", ".join(f"{_num(err, '.2f')} (max {_num({'value': err['max']}, '.2f')}; {name})" for name, err in errs.items())
+                     + f" of the gap over the {int(n or 0)} patches that are not 0 or 1 by construction; exact "
+                     "patching is the reference.")
     return " ".join(lines)
 
 

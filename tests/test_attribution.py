@@ -199,3 +199,27 @@ def test_atp_with_steps_keeps_the_earlier_pixel_mean_gradient(llava):
             h.remove()
         g = g + torch.autograd.grad(patching.logit_diff(lg, correct, cands).sum(), keep["a"])[0] / k
     assert torch.allclose(scores[site], ((a_s - a_b) * g).sum(-1), atol=1e-5)
+
+
+def test_attribution_error_is_read_over_the_patches_that_are_not_0_or_1_by_construction():
+    """Hand-made tables, 3 items × 4 patches: ``whole`` (patched = source on every item: 1 by
+    construction) and ``none`` (patched = base: 0) are left out; the error is the mean of
+    |estimate − exact| over ``half`` and ``most`` computed by hand, and a bug that kept the trivial
+    patches (errors 0.3 and 0.2 here) or took signed errors would change it."""
+    import numpy as np
+    import pandas as pd
+    from analyses.kinds.attribution import error_rows
+    base, src = np.array([0.0, 1.0, 2.0]), np.array([2.0, 3.0, 4.0])  # gap 2 on every item
+    patched = {"whole": src, "none": base, "half": base + 1.0, "most": base + 1.6}
+    estimate = {"whole": src - base - 0.6, "none": base * 0 + 0.4, "half": (src - base) * 0.8, "most": (src - base) * 0.5}
+    exact = pd.DataFrame([{"item": i, "site": s, "group": "all", "metric": patched[s][i], "base_metric": base[i],
+                           "source_metric": src[i], "direction": "denoise"} for s in patched for i in range(3)])
+    est = pd.DataFrame([{"item": i, "site": s, "group": "all", "attribution": estimate[s][i], "base_metric": base[i],
+                         "source_metric": src[i]} for s in patched for i in range(3)])
+    rows = {r["metric"]: r for r in error_rows(exact, {"atp": est}, np.random.default_rng(0), 200)
+            if r["metric"] != "attribution_estimate"}
+    want = (abs(0.8 - 0.5) + abs(0.5 - 0.8)) / 2  # half: exact 0.5, estimate 0.8; most: exact 0.8, estimate 0.5
+    assert rows["attribution_error"]["value"] == pytest.approx(want)
+    assert rows["attribution_error_max"]["value"] == pytest.approx(0.3)
+    assert rows["attribution_patches"]["value"] == 2
+    assert rows["attribution_error"]["ci_low"] == pytest.approx(want) == rows["attribution_error"]["ci_high"]  # no item noise

@@ -68,8 +68,8 @@ def test_report_end_to_end(tmp_path, small_probe):
     assert set(c["patching"]) == {"baseline", "bapa", "agci:0.5"} and c["cells"]["n_items"] == 4
     r0 = c["patching"]["baseline"]["restoration"][0]
     assert {"site", "group", "direction", "value", "ci_low", "ci_high"} <= set(r0)
-    rho = c["attribution"]["baseline"]["atp"]
-    assert -1 <= rho["value"] <= 1 and -1 <= rho["ci_low"] <= rho["ci_high"] <= 1  # with a bootstrap interval
+    err = c["attribution"]["baseline"]["atp"]  # mean |estimate − exact| in gap units, with a bootstrap interval
+    assert 0 <= err["ci_low"] <= err["ci_high"] and 0 <= err["value"] <= err["max"] and err["patches"] >= 1
     assert set(c["flow_spread"]["baseline"]) == {"0", "1"} and c["flow_spread"]["baseline"]["0"]["ci_high"] is not None
     assert run["findings"] and all({"claim", "value", "ci_low", "ci_high"} <= set(f) for f in run["findings"])
     figs = {p.name for p in (out / "figures").iterdir()}
