@@ -2,9 +2,15 @@
 
 * ``linear``: per-layer growth between the fewest and most LM layers and its carry to full depth;
 * the memory model's per-block autograd term equals what autograd really keeps (saved-tensor
-  hooks on one Llama, Qwen2 and Gemma3 block, fp32 and bf16, frozen parameters): the bugs this
-  catches are the ones found (the norms' fp32 inputs counted at the model dtype; Gemma3's four
-  norms and per-head q/k norms, and its q width ≠ D);
+  hooks, fp32 and bf16, frozen parameters, within 2 %) on one block of each LM block class:
+  ``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ``Gemma3DecoderLayer``, ``Qwen3DecoderLayer``
+  (InternVL3.5's LM), ``Qwen3VLTextDecoderLayer``, ``Qwen3VLMoeTextDecoderLayer``,
+  ``Gemma4TextDecoderLayer`` (a sliding and a full-attention layer) and ``Qwen3_5DecoderLayer``
+  (a Gated DeltaNet and a gated full-attention layer), Qwen2 blocks also under InternVL's and
+  LLaVA-OneVision's model_type (their adapters route the facts): the bugs this catches are the
+  ones found (the norms' fp32 inputs counted at the model dtype; Gemma3's four norms and per-head
+  q/k norms, and its q width ≠ D; Gemma4's v norm and full layers' own head size; Qwen3.5's
+  output gate and DeltaNet layers; InternVL3.5's Qwen3 q/k norms);
 * ``spatialbias report`` at LLaVA-1.5-7B shapes fits 40 GiB (the README's claim);
 * the sharding section on the tiny models (accelerate CPU/disk split, logits equal).
 """
@@ -40,13 +46,22 @@ def _saved_bytes_per_token(layer, x, **kw) -> float:
     return sum(v for k, v in seen.items() if k not in skip) / x.shape[1]
 
 
-ARCHS = {  # top-level model_type: (config class, decoder layer, rotary, D, F, heads, kv heads, head dim)
-    "llava": ("LlamaConfig", "llama.modeling_llama.LlamaDecoderLayer", "llama.modeling_llama.LlamaRotaryEmbedding",
-              256, 688, 4, 4, 64),
-    "qwen2_vl": ("Qwen2Config", "qwen2.modeling_qwen2.Qwen2DecoderLayer", "qwen2.modeling_qwen2.Qwen2RotaryEmbedding",
+ARCHS = {  # case: (top-level model_type, config class, decoder layer, rotary, D, F, heads, kv heads, head dim)
+    "llava": ("llava", "LlamaConfig", "llama.modeling_llama.LlamaDecoderLayer",
+              "llama.modeling_llama.LlamaRotaryEmbedding", 256, 688, 4, 4, 64),
+    "qwen2_vl": ("qwen2_vl", "Qwen2Config", "qwen2.modeling_qwen2.Qwen2DecoderLayer",
+                 "qwen2.modeling_qwen2.Qwen2RotaryEmbedding",
                  448, 1216, 7, 1, 64),  # grouped-query: k and v at the key/value width
-    "gemma3": ("Gemma3TextConfig", "gemma3.modeling_gemma3.Gemma3DecoderLayer",
+    "gemma3": ("gemma3", "Gemma3TextConfig", "gemma3.modeling_gemma3.Gemma3DecoderLayer",
                "gemma3.modeling_gemma3.Gemma3RotaryEmbedding", 256, 1024, 4, 2, 96),  # 4 norms, q/k norms, Dq ≠ D
+    # the LMs of InternVL (Qwen2 in InternVL3, Qwen3 in InternVL3.5) and LLaVA-OneVision (Qwen2):
+    # the same blocks, routed through their own adapters' facts
+    "internvl": ("internvl", "Qwen2Config", "qwen2.modeling_qwen2.Qwen2DecoderLayer",
+                 "qwen2.modeling_qwen2.Qwen2RotaryEmbedding", 256, 688, 4, 2, 64),
+    "internvl/qwen3": ("internvl", "Qwen3Config", "qwen3.modeling_qwen3.Qwen3DecoderLayer",
+                       "qwen3.modeling_qwen3.Qwen3RotaryEmbedding", 256, 688, 4, 2, 64),  # q/k norms
+    "llava_onevision": ("llava_onevision", "Qwen2Config", "qwen2.modeling_qwen2.Qwen2DecoderLayer",
+                        "qwen2.modeling_qwen2.Qwen2RotaryEmbedding", 256, 688, 4, 2, 64),
 }
 
 
@@ -56,14 +71,14 @@ def _load(path: str):
     return getattr(importlib.import_module(f"transformers.models.{mod}"), name)
 
 
-@pytest.mark.parametrize("model_type", list(ARCHS))
+@pytest.mark.parametrize("case", list(ARCHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attribution_term_is_what_autograd_keeps(model_type, dtype):
+def test_attribution_term_is_what_autograd_keeps(case, dtype):
     """Per token of one LM block: the memory model's autograd term (without the 2 D the
     attribution sites keep outside the block) equals the bytes of the tensors autograd saves with
     frozen parameters, to 2 % (the rest: per-token norm scalars)."""
     import transformers
-    cfg_name, layer_path, rot_path, D, F, H, KV, hd = ARCHS[model_type]
+    model_type, cfg_name, layer_path, rot_path, D, F, H, KV, hd = ARCHS[case]
     cfg = getattr(transformers, cfg_name)(hidden_size=D, intermediate_size=F, num_attention_heads=H,
                                           num_key_value_heads=KV, head_dim=hd, num_hidden_layers=1)
     cfg._attn_implementation = "sdpa"
@@ -106,6 +121,91 @@ def test_moe_attribution_term_is_what_autograd_keeps(dtype):
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     shapes = estimate.Shapes.from_config({"model_type": "qwen3_vl_moe", "text_config": cfg.to_dict()}, name)
     assert estimate.lm_block_saved(shapes, sites=False) == pytest.approx(got, rel=0.02), got
+
+
+def _frozen(layer, dtype):
+    layer = layer.to(dtype)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return layer
+
+
+def _predicted_block(model_type: str, t: dict, i: int, dtype: str) -> float:
+    """The memory model's autograd term of LM block i alone (attribution sites aside): all blocks
+    up to i minus those before it, so the adapter's per-layer kinds say which kind block i is."""
+    def upto(n):
+        shapes = estimate.Shapes.from_config({"model_type": model_type, "text_config": {**t, "num_hidden_layers": n}},
+                                             dtype)
+        return estimate.lm_blocks_saved(shapes, sites=False)
+    return upto(i + 1) - upto(i)
+
+
+def _qwen3_vl(L, dtype):
+    import transformers
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
+    cfg = transformers.Qwen3VLTextConfig(
+        hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        num_hidden_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [8, 12, 12], "mrope_interleaved": True})
+    cfg._attn_implementation = "sdpa"
+    layer = _frozen(hf.Qwen3VLTextDecoderLayer(cfg, 0), dtype)
+    return cfg, [(0, layer, lambda x, pos: {"position_embeddings": hf.Qwen3VLTextRotaryEmbedding(cfg)(
+        x, pos[None].expand(3, *pos.shape))})]
+
+
+def _gemma4(L, dtype):
+    import transformers
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+    cfg = transformers.Gemma4TextConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True,
+        layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0, num_kv_shared_layers=0)
+    cfg._attn_implementation = "sdpa"
+    rot = hf.Gemma4TextRotaryEmbedding(cfg)
+    return cfg, [(i, _frozen(hf.Gemma4TextDecoderLayer(cfg, i), dtype),
+                  lambda x, pos, k=k: {"position_embeddings": rot(x, pos, k), "shared_kv_states": {}})
+                 for i, k in enumerate(cfg.layer_types)]
+
+
+def _qwen3_5(L, dtype):
+    import transformers
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+    cfg = transformers.Qwen3_5TextConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=4,
+        linear_num_value_heads=8, layer_types=["linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    cfg._attn_implementation = "sdpa"
+    rot = hf.Qwen3_5TextRotaryEmbedding(cfg)
+    return cfg, [(i, _frozen(hf.Qwen3_5DecoderLayer(cfg, i), dtype),
+                  lambda x, pos: {"position_embeddings": rot(x, pos[None].expand(3, *pos.shape))})
+                 for i in range(2)]
+
+
+KINDS = {  # case: (top-level model_type, builder, tokens); each builder's blocks are checked one by one
+    "qwen3_vl": ("qwen3_vl", _qwen3_vl, 40),  # q/k norms, interleaved M-RoPE
+    "gemma4": ("gemma4", _gemma4, 40),  # sliding (head_dim 64, 2 KV heads) and full (128, 1 K=V head) layers
+    # Gated DeltaNet (block 0) at whole 64-token chunks of its scan; gated full attention (block 1)
+    "qwen3_5": ("qwen3_5", _qwen3_5, 128),
+}
+
+
+@pytest.mark.parametrize("case", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attribution_term_per_layer_kind(case, dtype):
+    """The same per block of the architectures whose blocks differ by layer kind (or whose block
+    differs from Llama's in other ways), each block against its own kind's term."""
+    model_type, build, L = KINDS[case]
+    torch.manual_seed(0)
+    cfg, layers = build(L, dtype)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    for i, layer, extra in layers:
+        x = torch.randn(1, L, cfg.hidden_size, dtype=dtype, requires_grad=True)
+        pos = torch.arange(L)[None]
+        got = _saved_bytes_per_token(layer, x, attention_mask=None, position_ids=pos, **extra(x, pos))
+        want = _predicted_block(model_type, cfg.to_dict(), i, name)
+        assert want == pytest.approx(got, rel=0.02), (i, got, want)
 
 
 def test_report_at_llava_7b_shapes_fits_40_gib():

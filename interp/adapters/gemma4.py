@@ -48,6 +48,7 @@ import torch
 from interp.adapters.base import ChatFormat, MemoryFacts, View, raster_fields, text_keys
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES, N_LAYERS
+from interp.adapters.memory_facts import LayerKind
 from spatialbias.errors import SpatialBiasError
 
 POSITIONS_KEY = "image_position_ids"
@@ -198,7 +199,9 @@ class Gemma4Adapter(Gemma3Adapter):
     def memory_profile(self, cfg, image_px=(768, 768)):
         """One image of ``image_px`` resized as HF's processor does at its default 280 soft tokens:
         (h/k)(w/k) LM tokens, P = 280·k² patch slots through the tower (padding included),
-        P·3p² fp32 pixels; the projector one Linear Dv → D; Gemma's 4 norms per block and q/k norms."""
+        P·3p² fp32 pixels; the projector one Linear Dv → D; Gemma's 4 norms per block, q/k norms
+        and the scale-free v norm; full-attention layers at their own head size and key/value
+        heads (:func:`layer_kinds`)."""
         from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
         v = cfg.get("vision_config", {}) or {}
         p, k = int(v.get("patch_size", 16)), int(v.get("pooling_kernel_size", 3))
@@ -206,7 +209,8 @@ class Gemma4Adapter(Gemma3Adapter):
         H, W = get_aspect_ratio_preserving_size(int(image_px[0]), int(image_px[1]), p, P, k)
         D = int(text_keys(cfg.get("text_config", {}))["hidden_size"])
         return MemoryFacts(image_tokens=((H // p // k) * (W // p // k), P), pixel_bytes=P * 3 * p * p * 4,
-                           projector_params=int(v.get("hidden_size", 768)) * D, block_norms=4, qk_norm=True)
+                           projector_params=int(v.get("hidden_size", 768)) * D, block_norms=4, qk_norm=True,
+                           v_norm=True, lm_layer_kinds=layer_kinds(cfg.get("text_config", {}) or {}))
 
     def load_processor(self, src, trust_remote_code=False):
         """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's
@@ -244,4 +248,25 @@ GEMMA4 = Gemma4Adapter(
 )
 """Gemma4; its published chat format (``<|turn>user … <turn|>``, ``<|image|>`` where an image goes)."""
 
-__all__ = ["GEMMA4", "Gemma4Adapter", "image_only_processor", "soft_grid"]
+def layer_kinds(t: dict) -> tuple[LayerKind, ...]:
+    """The LM layers whose attention differs from the config-wide ``head_dim`` /
+    ``num_key_value_heads``, grouped by (head size, key/value heads): from the saved
+    ``per_layer_config`` (HF's ``to_dict``: {index: overrides}), else from the published keys
+    (``global_head_dim``, and ``num_global_key_value_heads`` where ``attention_k_eq_v``) on the
+    ``full_attention`` layers of ``layer_types``."""
+    n = int(t.get("num_hidden_layers") or 0)
+    per = t.get("per_layer_config")
+    if per is None:
+        over = {"head_dim": t.get("global_head_dim", 512)}
+        if t.get("attention_k_eq_v", True) and t.get("num_global_key_value_heads") is not None:
+            over["num_key_value_heads"] = t["num_global_key_value_heads"]
+        per = {i: over for i, kind in enumerate(t.get("layer_types") or []) if kind == "full_attention"}
+    counts: dict[tuple, int] = {}
+    for i, over in per.items():
+        if int(i) < n and isinstance(over, dict):
+            key = (over.get("head_dim"), over.get("num_key_value_heads"))
+            counts[key] = counts.get(key, 0) + 1
+    return tuple(LayerKind(c, head_dim=hd, kv_heads=kv) for (hd, kv), c in sorted(counts.items(), key=str))
+
+
+__all__ = ["GEMMA4", "Gemma4Adapter", "image_only_processor", "layer_kinds", "soft_grid"]

@@ -124,6 +124,10 @@ def image_only_processor(image_processor, tokenizer, chat_template=None, image_s
                                       image_seq_length=image_seq_length, chat_template=chat_template, **kwargs)
 
 
+QK_NORM_LMS = ("qwen3",)
+"""Text ``model_type`` values of InternVL's LMs whose attention normalises q and k per head."""
+
+
 class InternVLAdapter(Adapter):
     def _geometry(self, model) -> tuple[int, int]:
         """(p, m): patches per tile side and the pixel-shuffle factor (2 for ``downsample_ratio`` 0.5)."""
@@ -260,7 +264,8 @@ class InternVLAdapter(Adapter):
     def memory_profile(self, cfg, image_px=(448, 448)):
         """One image of ``image_px`` tiled as HF's processor does with its default ``max_patches``
         (12): C crops (tiles + thumbnail) of s² LM tokens and P + 1 vision tokens each; the
-        projector LayerNorm(4Dv) + Linear(4Dv → D) + Linear(D → D)."""
+        projector LayerNorm(4Dv) + Linear(4Dv → D) + Linear(D → D); q/k norms where the LM is
+        Qwen3 (InternVL3.5; InternVL3's Qwen2 has none)."""
         v = cfg.get("vision_config", {})
         S, patch = _pair(v.get("image_size", 448)), _pair(v.get("patch_size", 14))
         p = S // patch
@@ -271,7 +276,8 @@ class InternVLAdapter(Adapter):
         Dv = int(v.get("hidden_size", 1024))
         proj = 2 * m * m * Dv + (m * m * Dv + 1) * D + (D + 1) * D
         return MemoryFacts(image_tokens=(crops * (p // m) ** 2, crops * (p * p + 1)),
-                           pixel_bytes=crops * 3 * S * S * 4, projector_params=proj)
+                           pixel_bytes=crops * 3 * S * S * 4, projector_params=proj,
+                           qk_norm=(cfg.get("text_config") or {}).get("model_type") in QK_NORM_LMS)
 
     def load_processor(self, src, trust_remote_code=False):
         """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's

@@ -14,9 +14,14 @@ class MemoryFacts:
     ``pixel_bytes``: bytes of one image's pixel inputs (fp32, as the processor makes them);
     ``vision_attn_live``: live tensors (× Dv) of a vision block's attention phase; ``block_norms``:
     RMSNorms of width D per LM block; ``qk_norm``: whether attention normalises q and k per head;
+    ``v_norm``: whether attention also normalises v per head (Gemma4's scale-free v norm: autograd
+    keeps its fp32 input, 4 bytes × Dkv); ``attn_gate``: whether attention's output is gated
+    (Qwen3.5's full-attention layers: σ(gate) and the output it multiplies, 2 Dq, and in fp32 the q
+    norm's input is a view of the fused q·gate projection, so its whole 2 Dq stays);
     ``projector_params``: parameters of the projector. MoE LMs (None: dense, 3 F each): elements per
     token live at an LM MLP's peak (``lm_mlp_live``) and kept by autograd (``lm_mlp_saved``);
-    ``lm_mlp_params``: all LM MLPs' parameters (every expert)."""
+    ``lm_mlp_params``: all LM MLPs' parameters (every expert). ``lm_layer_kinds``: LM blocks whose
+    autograd facts differ from the config-wide ones (:class:`LayerKind`); the other blocks have those."""
     image_tokens: tuple[int, int]
     pixel_bytes: int
     projector_params: int
@@ -26,6 +31,25 @@ class MemoryFacts:
     lm_mlp_live: int | None = None
     lm_mlp_saved: int | None = None
     lm_mlp_params: int | None = None
+    v_norm: bool = False
+    attn_gate: bool = False
+    lm_layer_kinds: tuple["LayerKind", ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """``count`` LM blocks whose attention has its own ``head_dim`` / ``kv_heads`` (None: the
+    config's; Gemma4's full-attention layers), or whose token mixer is no attention at all
+    (``mixer_fp32`` not None; Qwen3.5's Gated DeltaNet): then per token the mixer keeps
+    ``mixer_fp32`` elements in fp32, ``mixer_model`` at the model dtype and ``mixer_fp32_only``
+    more when the model dtype is fp32 (casts to fp32 that are then no-ops leave copies apart),
+    in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's."""
+    count: int
+    head_dim: int | None = None
+    kv_heads: int | None = None
+    mixer_fp32: int | None = None
+    mixer_model: int = 0
+    mixer_fp32_only: int = 0
 
 
 def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:

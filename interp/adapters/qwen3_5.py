@@ -26,7 +26,10 @@ views as Qwen3-VL.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from interp.adapters.base import ChatFormat
+from interp.adapters.memory_facts import LayerKind
 from interp.adapters.qwen import IMAGE_INPUTS, SHAPES, SITES
 from interp.adapters.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
 
@@ -36,6 +39,34 @@ ATTENTION_SITES = ("lm.blocks.{i}.attn",)
 """Patterns that exist on softmax-attention layers only."""
 MIXER = "lm.blocks.{i}.mixer"
 """The Gated DeltaNet mixer's site: exists on linear-attention layers only."""
+CHUNK = 64
+"""Tokens per chunk of HF's Gated DeltaNet (``torch_chunk_gated_delta_rule``'s default)."""
+
+
+def deltanet_kind(t: dict) -> LayerKind:
+    """What autograd keeps per token of a Gated DeltaNet layer with frozen parameters (HF's torch
+    path: ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule``, no ``causal_conv1d`` / ``fla``
+    kernels), read from the saved tensors' ops and counted with saved-tensor hooks (within 2 %,
+    fp32 and bf16, at whole chunks, tests/test_bench_scale.py). Hv value heads of dk / dv, Hk key
+    heads, C = :data:`CHUNK`:
+
+    * model dtype: the conv's input and its SiLU's input (2 × (2 Hk·dk + Hv·dv)), the gated norm's
+      input cast back (Hv·dv), β's sigmoid output (Hv);
+    * fp32: 5 Hv·C (per chunk the pairwise decays, the UT system, the intra-chunk q·k map and its
+      slice in the scan, the triangular solve's matrix), 8 Hv·dk (q and k before and after their L2
+      norm, β·k, the decayed keys solved, their per-chunk slices) + 6 Hv·dv (values, β·v solved,
+      its per-chunk correction, the gated norm's input, gate and SiLU(gate)), the recurrent state
+      once per chunk (Hv·dk·dv / C per token), ~9 Hv per-head scalars;
+    * fp32 models only: 4 Hv·dk more (the scan's batched q and k operands are copies there, views
+      of the tensors above in bf16).
+
+    A sequence padded to whole chunks costs its padding too (per token, a 40-token input keeps
+    C/40 times the chunk terms); not counted: the model is for long multimodal inputs."""
+    hv, hk = int(t.get("linear_num_value_heads", 32)), int(t.get("linear_num_key_heads", 16))
+    dk, dv = int(t.get("linear_key_head_dim", 128)), int(t.get("linear_value_head_dim", 128))
+    n = sum(1 for k in (t.get("layer_types") or [])[:int(t.get("num_hidden_layers") or 0)] if k == LINEAR)
+    return LayerKind(n, mixer_fp32=5 * hv * CHUNK + 8 * hv * dk + 6 * hv * dv + hv * dk * dv // CHUNK + 9 * hv,
+                     mixer_model=2 * (2 * hk * dk + hv * dv) + hv * dv + hv, mixer_fp32_only=4 * hv * dk)
 
 
 class Qwen35Adapter(Qwen3VLAdapter):
@@ -44,6 +75,12 @@ class Qwen35Adapter(Qwen3VLAdapter):
 
     def pattern_count(self, model, pattern):
         return super(Qwen3VLAdapter, self).pattern_count(model, pattern)
+
+    def memory_profile(self, cfg, image_px=(336, 336)):
+        """Qwen3-VL's layout and q/k norms; the full-attention layers' output gate; the Gated
+        DeltaNet layers' own autograd term (:func:`deltanet_kind`)."""
+        return replace(super().memory_profile(cfg, image_px), attn_gate=True,
+                       lm_layer_kinds=(deltanet_kind(cfg.get("text_config", {}) or {}),))
 
     def injections(self, model):
         """No DeepStack: nothing is added between LM blocks."""
