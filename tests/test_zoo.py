@@ -193,6 +193,15 @@ def test_planted_lm_bias_is_removed_by_bapa():
     assert r["bapa"]["range"] < r["baseline"]["range"] / 2
 
 
+def test_vision_only_organism_is_biased_and_its_lm_cannot_see_position():
+    """Round 3's positive control (docs/diagnosis.md): the bias is large, and it lives before the
+    LM by construction — BaPA (one shared id) and reversed image tokens leave every answer as it was."""
+    r = _measure("vision-only", {"baseline": [], "bapa": BAPA, "reversed": REV})["colour"]
+    assert r["baseline"]["range"] > 0.3 and r["baseline"]["chi2_p"] < 1e-6
+    for other in ("bapa", "reversed"):
+        assert r[other]["cell_accuracy"] == pytest.approx(r["baseline"]["cell_accuracy"], abs=1e-9), other
+
+
 def test_uniform_organism_shows_no_bias():
     r = _measure("uniform", {"baseline": []})["colour"]["baseline"]
     assert r["range"] < 0.12 and r["chi2_p"] > 0.01 and r["mean_accuracy"] > 0.7
