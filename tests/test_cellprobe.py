@@ -89,16 +89,18 @@ def test_ridge_probe_is_grouped_deterministic_and_decodes_a_planted_signal():
     assert (ridge_cv(rng.normal(size=(108, 40)), y, g, 9) == y).mean() < 0.3  # noise: near 1/9
 
 
-@pytest.mark.parametrize("build", ["build_qwen2vl", "build_gemma3"])
-def test_cellprobe_runs_on_tiny_architectures_under_bapa(build, tmp_path):
-    """Every site of Qwen2-VL (vision blocks before the 2×2 merger, M-RoPE LM) and Gemma3 (2×2
-    pooled soft tokens: the LM sites cannot resolve a 3×3 grid, so they are reported unresolved)."""
+@pytest.mark.parametrize("arch", sorted(__import__("interp.tiny", fromlist=["BUILDERS"]).BUILDERS))
+def test_cellprobe_runs_on_tiny_architectures_under_bapa(arch, tmp_path):
+    """Every site of every architecture's tiny model is probed or reported unresolved; Qwen2-VL
+    (vision blocks before the 2×2 merger, M-RoPE LM) resolves all; Gemma3 (2×2 pooled soft tokens:
+    the LM sites cannot resolve a 3×3 grid) reports its LM sites unresolved."""
     import interp
     from analyses.kinds import cellprobe
     from interp import tiny
     from probes.build import caption_probe
     probe = caption_probe("skimage", tmp_path / "p", n_items=3, seed=0, size=96, progress=False).parent
-    lvlm = interp.load(*getattr(tiny, build)())
+    lvlm = interp.load(*tiny.BUILDERS[arch]())
+    build = f"build_{arch}"
     cond = condition("cellprobe", probe, 3, interventions=[interp.BaPA().to_dict()], folds=3, alpha=1.0)
     rows, d = cellprobe.run(lvlm, cond, Context(batch_size=64))
     r = pd.DataFrame(rows)
@@ -110,6 +112,8 @@ def test_cellprobe_runs_on_tiny_architectures_under_bapa(build, tmp_path):
         assert done == set(sites)
     else:
         assert set(r[r.metric == "cellprobe_unresolved"].site) == set(sites) - done
+    if build == "build_gemma3":
+        assert not any(s.startswith("lm.") for s in done)
 
 
 def test_lens_and_cellprobe_run_through_plan_runner_summary_and_report(tmp_path, small_probe):

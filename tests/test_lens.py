@@ -84,13 +84,15 @@ def caption33(tmp_path_factory):
     return caption_probe("skimage", d / "p33", n_items=2, seed=0, size=96, progress=False).parent
 
 
-@pytest.mark.parametrize("build", ["build_qwen2vl", "build_gemma3"])
-def test_lens_is_exact_on_tiny_architectures(build, caption33):
-    """E1 on M-RoPE (Qwen2-VL) and on Gemma3 (pooled soft tokens, its own norm and scaling)."""
+@pytest.mark.parametrize("arch", sorted(__import__("interp.tiny", fromlist=["BUILDERS"]).BUILDERS))
+def test_lens_is_exact_on_tiny_architectures(arch, caption33):
+    """E1 on every architecture's tiny model: M-RoPE (Qwen2-VL, Qwen3-VL), pooled soft tokens with
+    their own norm and scaling (Gemma3, Gemma4 with its final softcap), DeepStack, MoE, a hybrid
+    LM (Qwen3.5), tiles and a thumbnail (InternVL), newline slots (LLaVA-NeXT, -OneVision)."""
     import interp
     from analyses.kinds import lens
     from interp import tiny
-    lvlm = interp.load(*getattr(tiny, build)())
+    lvlm = interp.load(*tiny.BUILDERS[arch]())
     rows, d = lens.run(lvlm, condition("lens", caption33, 2), Context(batch_size=64))
     last = f"lm.blocks.{lvlm.adapter.layer_count(lvlm.model, 'lm') - 1}"
     np.testing.assert_allclose(d[d.site == last].sort_values("row").margin.to_numpy(),
