@@ -128,9 +128,11 @@ def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]], lvlm: LVLM
     """Edits copying, for every (patch, source row, patched row), the patch's tokens of the source
     row onto the patched row, at the patch's site (within one forward). With ``lvlm`` and the
     forward's ``input_ids``, an LM-side patch's image tokens also take the source's features of
-    the injections still to come (:func:`injection_edits`)."""
+    the injections still to come (:func:`injection_edits`), and a ``projector`` patch's tokens
+    take the source's features of every injection (an injection site holds its tokens in the
+    projector's order: Qwen3-VL's DeepStack mergers and its merger both emit merged raster order)."""
     ops: dict[str, tuple[list, list]] = {}
-    moves = []
+    moves, sizes = [], {}
     for p, src_row, dst_row in copies:
         src = _selection(*groups[p.site], src_row, p)
         dst = _selection(*groups[p.site], dst_row, p)
@@ -143,7 +145,14 @@ def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]], lvlm: LVLM
         k0 = injection_start(lvlm, p.site) if lvlm is not None else None
         if k0 is not None:
             moves.append((src, dst, k0))
-    edits = {site: (lambda x, n=groups[site][0].numel(), d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
+        elif lvlm is not None and p.site == "projector":  # the injections' tokens are in the projector's order
+            for site in lvlm.adapter.injections(lvlm.model).values():
+                d, sr = ops.setdefault(site, ([], []))
+                d.append(dst)
+                sr.append(src)
+                sizes[site] = groups["projector"][0].numel()
+    sizes.update({site: groups[site][0].numel() for site in ops if site in groups})
+    edits = {site: (lambda x, n=sizes[site], d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
              for site, (d, sr) in ops.items()}
     if not moves:
         return edits
