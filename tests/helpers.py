@@ -37,3 +37,16 @@ def mirrored_pair(m, n: int = 3, size: int = 48, questions=None):
     corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], qs)
     cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
     return clean, corrupt, torch.tensor([cands[i % 3] for i in range(n)]), cands
+
+
+def bf16_sdpa_forced_off() -> bool:
+    """True where torch 2.13's bf16 SDPA kernel for CPU cannot run: ``ATEN_CPU_CAPABILITY=default``
+    forced on a CPU that has AVX-512 (the kernel checks the CPU, its build is the forced level, and
+    it fails inside torch: "pack_vnni2 is only supported when avx512 is supported")."""
+    import torch
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    return torch.backends.cpu.get_cpu_capability() == "DEFAULT" and "avx512" in flags

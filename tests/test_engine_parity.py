@@ -6,6 +6,7 @@ import torch
 from nnsight import NNsight
 
 import interp
+from helpers import bf16_sdpa_forced_off
 from interp import attention, patching, tiny
 from spatialbias.errors import SpatialBiasError
 from interp.interventions import Knockout, bapa_position_ids
@@ -281,16 +282,7 @@ def _sdpa_that_runs_here(dtype):
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    forced = torch.backends.cpu.get_cpu_capability() == "DEFAULT" and "avx512" in _cpu_flags()
-    return sdpa_kernel([SDPBackend.MATH]) if dtype == torch.bfloat16 and forced else contextlib.nullcontext()
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
+    return sdpa_kernel([SDPBackend.MATH]) if dtype == torch.bfloat16 and bf16_sdpa_forced_off() else contextlib.nullcontext()
 
 
 def _low_precision_runs_agree(dtype, tol):
