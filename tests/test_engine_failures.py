@@ -32,8 +32,10 @@ def test_qwen25_projector_cells_equal_lm_input_cells(cells):
 
 
 # 3. Two images in a row: the rows' pixel values must follow their rows.
-def test_two_images_per_row_patching_base_metric_is_the_direct_run():
-    model, proc = tiny.build_llava()
+@pytest.mark.parametrize("resume", [None, False], ids=["resumed", "full"])
+@pytest.mark.parametrize("arch", ["llava", "qwen3vl"])  # qwen3vl: DeepStack features of both images move too
+def test_two_images_per_row_patching_base_metric_is_the_direct_run(arch, resume):
+    model, proc = tiny.BUILDERS[arch]()
     m = interp.load(model, proc)
     prompt = m.prompt("what is this ?", n_images=2)
     imgs = [[tiny.image(seed=2 * i), tiny.image(seed=2 * i + 1)] for i in range(3)]
@@ -41,7 +43,8 @@ def test_two_images_per_row_patching_base_metric_is_the_direct_run():
     src = m.inputs([[b, a] for a, b in imgs], [prompt] * 3)
     cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog")]
     correct = torch.tensor([cands[0]] * 3)
-    df = patching.run_patches(m, base, src, [patching.Patch("lm.input", "image")], correct, cands, [()] * 3)
+    df = patching.run_patches(m, base, src, [patching.Patch("lm.input", "image")], correct, cands, [()] * 3,
+                              resume=resume)
     with torch.no_grad():
         direct = patching.logit_diff(m.run(base, last_only=True)[:, -1], correct, cands)
         source = patching.logit_diff(m.run(src, last_only=True)[:, -1], correct, cands)
