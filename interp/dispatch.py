@@ -30,6 +30,7 @@ import torch
 from interp.attention_kernels import (PATTERN_IMPL, _PATTERN_HOOKS, _register_pattern_kernel,  # noqa: F401
                                       attention_implementation, cpu_attention_guard)
 from interp.batch import Batch, validate
+from interp.hook_io import _file_name, _positional_index, layer_kv, to_file
 from spatialbias.errors import SpatialBiasError
 from interp.sites import Site, resolve
 
@@ -114,7 +115,16 @@ class _Run:
         return out
 
     def _visit(self, site: Site, value):
-        """Apply the site's edit (if any) to ``value``, then record it (if cached)."""
+        """Apply the site's edit (if any) to ``value``, then record it (if cached). A block state
+        of S > 1 streams (S, B, L, D) is seen as (B, L, S·D) by both (:meth:`Adapter.streams`)."""
+        if site.streams > 1 and isinstance(value, torch.Tensor):
+            # an edited or leaf-made view goes on in the forward; else HF's tensor does, untouched
+            native, edited = value, site.name in self.step_edits or (self.leaves and site.name in self.values)
+            value = self._visit_view(site, self.lvlm.adapter.merge_streams(value))
+            return self.lvlm.adapter.split_streams(value, site.streams) if edited else native
+        return self._visit_view(site, value)
+
+    def _visit_view(self, site: Site, value):
         name = site.name
         fn = self.step_edits.get(name)
         if fn is not None:
@@ -206,7 +216,11 @@ class _Run:
             args, kwargs = tuple(args), dict(kwargs)
             for s in matching:
                 if s.hook == "kwarg":
-                    kwargs[s.key] = self._visit(s, kwargs.get(s.key))
+                    i = None if s.key in kwargs else _positional_index(_mod, s.key)
+                    if i is not None and i < len(args):  # an argument the caller passed by position
+                        args = args[:i] + (self._visit(s, args[i]),) + args[i + 1:]
+                    else:
+                        kwargs[s.key] = self._visit(s, kwargs.get(s.key))
                     continue
                 if args:
                     x = args[0]
@@ -260,21 +274,6 @@ class _Unregister:
 
     def remove(self):
         _PATTERN_HOOKS.pop(self.key, None)
-
-
-def to_file(x: torch.Tensor, path: Path) -> torch.Tensor:
-    """``x`` written to ``path`` (raw bytes) and returned as a CPU tensor memory-mapped from it
-    (same shape and dtype; its pages are read back on use, not held in memory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbytes = x.numel() * x.element_size()
-    storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
-    out = torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape)  # contiguous view of the file
-    out.copy_(x)
-    return out
-
-
-def _file_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def _shape(x) -> str:
@@ -354,8 +353,7 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
                 except _Stop:
                     return Trace(None, {n: v[0] for n, v in run.values.items()}, batch=batch)
                 run.end_forward()
-                att = lvlm.adapter.attention_layers(lvlm.model)
-                keys = [(x.keys, x.values) if i in att else None for i, x in enumerate(out.cache.layers)] if kv else None
+                keys = layer_kv(lvlm, out.cache) if kv else None
                 return Trace(out.logits, {n: v[0] for n, v in run.values.items()}, batch=batch, kv=keys)
             logits, tokens = _generate(lvlm, batch, interventions, run, max_new_tokens, edits or {})
             return Trace(logits, dict(run.values), tokens=tokens, batch=batch)

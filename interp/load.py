@@ -65,6 +65,9 @@ def load(model_or_path: Any, processor: Any = None, *, dtype: torch.dtype | None
     src = ALIASES.get(name, name)
     cfg, adapter = read_config(name, trust_remote_code)
     archs = cfg.architectures
+    why = adapter.load_requirements()
+    if why:
+        raise SpatialBiasError(f"cannot load {name!r} ({archs[0]}): {why}")
     import transformers
     cls = getattr(transformers, archs[0])
     from transformers.utils import logging as hf_logging

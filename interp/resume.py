@@ -30,22 +30,26 @@ class LMStates:
 
     ``residual[s]``: (B, L, D) the residual stream entering block ``s`` (``residual[0]`` =
     ``lm.input``, ``residual[N]`` the last block's output; on an architecture that adds to the
-    stream between blocks, block s − 1's output before the addition, as ``lm.blocks.{s-1}``). ``kwargs[j]``: block j's recorded
-    keyword arguments (:data:`RESUME_KWARGS`; as the hooks saw them, i.e. after every edit of the
-    run). ``kv[j]``: block j's (keys, values), each (B, kv_heads, L, head_dim); None for a block
+    stream between blocks, block s − 1's output before the addition, as ``lm.blocks.{s-1}``; with
+    S streams (B, L, S·D) after ``lm.input``). ``kwargs[j]``: block j's recorded
+    keyword arguments (:data:`RESUME_KWARGS` and the adapter's ``token_inputs``; as the hooks saw
+    them, i.e. after every edit of the run). ``kv[j]``: block j's (keys, values), each
+    (B, kv_heads, L, head_dim) (a block that reuses another's: that block's); None for a block
     without attention (a recurrent one, which :func:`resume` re-runs from position 0). ``reach``: (B, L)
     the last key position each query attends to in any attention block (from the masks; a
     recurrent block is causal), for
     :meth:`prefix`. ``logits``: (B, V) last-position logits of the run. ``injected[j]``: (B, L, D)
     what the text model added to block j's output before block j + 1 (the adapter's
     :meth:`~interp.adapters.Adapter.injections`, zero outside the image positions), None where
-    nothing is (every block of most architectures)."""
+    nothing is (every block of most architectures). ``entry``: (B, L, …) the adapter's
+    ``entry_site`` values (what block 0's input is made of besides ``lm.input``), None without one."""
     residual: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     reach: torch.Tensor
     logits: torch.Tensor
     injected: list[torch.Tensor | None] = field(default_factory=list)
+    entry: torch.Tensor | None = None
 
     @property
     def layers(self) -> int:
@@ -61,11 +65,13 @@ class LMStates:
         ok = torch.nonzero(reach < torch.arange(1, first + 1, device=reach.device)).flatten()
         return int(ok[-1]) + 1 if len(ok) else 0
 
-    def same_inputs(self, a: int, b: int, start: int, injected: bool = True) -> bool:
-        """Rows ``a`` and ``b`` give blocks ``start``… equal keyword arguments (masks, rotary, ids)
-        and (``injected``) get equal additions between them."""
+    def same_inputs(self, a: int, b: int, start: int, injected: bool = True, skip: tuple[str, ...] = ()) -> bool:
+        """Rows ``a`` and ``b`` give blocks ``start``… equal keyword arguments (masks, rotary, ids;
+        not those named in ``skip``) and (``injected``) get equal additions between them."""
         for kw in self.kwargs[start:]:
             for name, v in kw.items():
+                if name in skip:
+                    continue
                 for t in (v if isinstance(v, tuple) else (v,)):
                     d = _batch_dim(name, t) if isinstance(t, torch.Tensor) else 0
                     if isinstance(t, torch.Tensor) and t.shape[d] > 1 and not torch.equal(t.select(d, a),
@@ -100,15 +106,18 @@ def capture_lm(lvlm, inputs, interventions: Sequence = (), edits: dict[str, Edit
     if impl not in RESUMABLE_IMPLS:
         raise SpatialBiasError(f"resuming LM blocks needs tensor attention masks; the {impl!r} attention "
                                "implementation has none: load the model with attn_implementation='sdpa' or 'eager'")
-    n = lvlm.adapter.layer_count(lvlm.model, "lm")
+    a = lvlm.adapter
+    n = a.layer_count(lvlm.model, "lm")
     inputs = validate(lvlm, inputs)
     res_sites = ["lm.input"] + [f"lm.blocks.{j}" for j in range(n)]
-    kw_sites = [f"lm.blocks.{j}#{k}" for j in range(n) for k in RESUME_KWARGS]
-    inj = lvlm.adapter.injections(lvlm.model)
+    names = (*RESUME_KWARGS, *a.token_inputs())
+    kw_sites = [f"lm.blocks.{j}#{k}" for j in range(n) for k in names]
+    inj = a.injections(lvlm.model)
     inj_sites = [s for s in dict.fromkeys(inj.values()) if s not in cache]
-    t = forward(lvlm, inputs, interventions, edits=edits, cache=[*res_sites, *kw_sites, *inj_sites, *cache], kv=True,
-                last_only=True)
-    kwargs = [{k: t.cache.pop(f"lm.blocks.{j}#{k}") for k in RESUME_KWARGS} for j in range(n)]
+    entry = [a.entry_site()] if a.entry_site() else []
+    t = forward(lvlm, inputs, interventions, edits=edits, cache=[*res_sites, *kw_sites, *inj_sites, *entry, *cache],
+                kv=True, last_only=True)
+    kwargs = [{k: t.cache.pop(f"lm.blocks.{j}#{k}") for k in names} for j in range(n)]
     residual = [t.cache.pop(s) if s not in cache else t.cache[s] for s in res_sites]
     feats = {s: (t.cache.pop(s) if s in inj_sites else t.cache[s]) for s in dict.fromkeys(inj.values())}
     mask = lvlm.image_mask(inputs["input_ids"])
@@ -126,7 +135,8 @@ def capture_lm(lvlm, inputs, interventions: Sequence = (), edits: dict[str, Edit
         L_k = allowed.shape[-1]
         last = torch.where(allowed.any(1), torch.arange(L_k, device=m.device), -1).amax(-1)  # (B|1, Lq)
         reach = torch.maximum(reach, last.to(reach.device).expand(B, L))
-    return t, LMStates(residual, kwargs, list(t.kv or []), reach, t.logits[:, -1], injected)
+    part = t.cache.pop(entry[0]) if entry else None
+    return t, LMStates(residual, kwargs, list(t.kv or []), reach, t.logits[:, -1], injected, part)
 
 
 def injected_at(feat: torch.Tensor | None, image_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
@@ -147,8 +157,9 @@ class _Prefix:
         self.keys, self.values = keys, values
 
     def update(self, keys, values, layer_idx=None, *args, **kwargs):
-        return (torch.cat([self.keys.to(keys.device, keys.dtype), keys], -2),
-                torch.cat([self.values.to(values.device, values.dtype), values], -2))
+        self.full = (torch.cat([self.keys.to(keys.device, keys.dtype), keys], -2),
+                     torch.cat([self.values.to(values.device, values.dtype), values], -2))
+        return self.full
 
 
 def _rows_of(name: str, t, rows: torch.Tensor, p: int):
@@ -164,12 +175,18 @@ def _rows_of(name: str, t, rows: torch.Tensor, p: int):
     return t[..., p:] if name == "position_ids" else t[..., p:, :]
 
 
-def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidden: torch.Tensor,
-           p: int, injected: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidden: torch.Tensor | list,
+           p: int, injected: dict[int, torch.Tensor] | None = None,
+           inputs: dict[int, dict[str, torch.Tensor]] | None = None,
+           kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """Last-position logits of runs that continue an unpatched run from a block on.
 
-    Row r continues the run's row ``rows[r]`` with ``hidden[r]`` (Lq = L − p positions p…, width D)
-    as the residual entering block ``start[r]`` (N: after the last block). Blocks before it are not
+    Row r continues the run's row ``rows[r]`` with ``hidden[r]`` (Lq = L − p positions p…) as the
+    residual entering block ``start[r]`` (N: after the last block): width D, or S·D for an LM of S
+    streams, whose rows starting at block 0 hold ``lm.input`` (D) — ``hidden`` is then a list of
+    per-row tensors — and enter through the adapter's :meth:`~interp.adapters.Adapter.enter`
+    (block 0's input and the per-token block inputs it derives, as the text model makes them).
+    Blocks before it are not
     run; positions before ``p`` are not recomputed: every block reads their keys and values from
     ``states.kv``, so ``p`` must not exceed :meth:`LMStates.prefix` of any row's first changed
     position. Masks, rotary embeddings and ids are the run's own (``states.kwargs``), sliced to
@@ -179,43 +196,90 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     of the prefix). What the text model adds between blocks (``states.injected``: DeepStack)
     is added after each block as in the run — after block ``start`` − 1 too, since ``hidden`` is
     that block's output as ``lm.blocks.{start-1}`` holds it; ``injected`` replaces it per block
-    for all R rows ((R, L − p, D): a patched vision side's). Rows must be sorted by ``start``.
+    for all R rows ((R, L − p, D): a patched vision side's). ``inputs`` replaces recorded per-token
+    block inputs (the adapter's ``token_inputs``) per block for all R rows ((R, L − p, …): a
+    residual patch's carried ones). A block that reuses another's keys and values
+    (:meth:`~interp.adapters.Adapter.kv_sources`) gets the ones that block made in this run for the
+    rows that ran it, for the others the run's own or ``kv[s]`` ((R, kv_heads, L, head_dim) per
+    source block s: a residual patch's carried ones). Rows must be sorted by ``start``.
     Returns (R, V).
     """
+    a, model = lvlm.adapter, lvlm.model
     n = states.layers
     order = start.tolist()
     if order != sorted(order):
         raise SpatialBiasError("resume: rows must be sorted by their start block")
+    hidden = list(hidden)
     R, L = len(order), states.residual[0].shape[1]
-    blocks = [lvlm.adapter.module(lvlm.model, f"lm.blocks.{j}") for j in range(n)]
-    att = set(lvlm.adapter.attention_layers(lvlm.model))
-    h = None
-    extra = lvlm.adapter.block_kwargs(lvlm.model)
+    blocks = [a.module(model, f"lm.blocks.{j}") for j in range(n)]
+    att = set(a.attention_layers(model))
+    S, sources, ran = a.streams(model), a.kv_sources(model), {}
+    h, entered = None, None
+    extra = a.block_kwargs(model)
     with cpu_attention_guard(lvlm):
         for j in range(min(order), n):
             k = sum(1 for s in order if s <= j)  # rows that have joined by block j
             h = _join(h, hidden, k)
+            if j == 0:
+                part = None if states.entry is None else states.entry.index_select(0, rows[:k].to(
+                    states.entry.device))[:, p:].to(h.device)
+                h, entered = a.enter(model, h, part)
             if j > 0:
                 h = _inject(h, states, injected, j - 1, rows, p)
             if j not in att:  # a recurrent layer: its state at p summarises the whole prefix, so run it from 0
                 h = _from_start(blocks[j], states, j, rows[:k], h, p)
                 continue
             kw = {name: _rows_of(name, v, rows[:k], p) for name, v in states.kwargs[j].items()}
+            kw.update(_token_inputs(a, kw, inputs, entered, j, k))
             if kw.get("attention_mask") is None:  # SDPA got no mask (nothing padded): causal, made explicit
                 q = torch.arange(p, L, device=h.device)[:, None]
                 kw["attention_mask"] = (torch.arange(L, device=h.device)[None] <= q)[None, None]
             K, V = states.kv[j]
             cache = _Prefix(K.index_select(0, rows[:k].to(K.device))[:, :, :p],
                             V.index_select(0, rows[:k].to(V.device))[:, :, :p])
-            out = blocks[j](h, cache=cache, **kw, **extra)
+            more = a.reused_kv_kwargs(model, j, *_reused(states, sources[j], ran, rows[:k], kv)) if j in sources else {}
+            x = a.split_streams(h, S) if S > 1 else h
+            out = blocks[j](x, cache=cache, **kw, **{**extra, **more})
             h = out[0] if isinstance(out, tuple) else out
+            h = a.merge_streams(h) if S > 1 else h
+            if getattr(cache, "full", None) is not None:
+                ran[j] = cache.full
     h = _join(h, hidden, R)
     h = _inject(h, states, injected, n - 1, rows, p)
-    norm = lvlm.adapter.module(lvlm.model, "lm.final_norm")
-    head = lvlm.adapter.module(lvlm.model, "unembed")
-    logits = head(norm(h[:, -1:]))[:, -1]
-    cap = getattr(getattr(lvlm.model.config, "text_config", lvlm.model.config), "final_logit_softcapping", None)
+    norm = a.module(model, "lm.final_norm")
+    head = a.module(model, "unembed")
+    logits = head(norm(a.readout(model, h[:, -1:])))[:, -1]
+    cap = getattr(getattr(model.config, "text_config", model.config), "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits  # as the model's forward (Gemma4: 30)
+
+
+def _token_inputs(a, kw: dict, inputs, entered, j: int, k: int) -> dict:
+    """Block ``j``'s per-token inputs (the adapter's ``token_inputs``) for the first ``k`` resumed
+    rows: the recorded ones (in ``kw``), replaced by ``inputs[j]`` (all rows) where given, and for
+    the rows that entered at block 0 by what :meth:`~interp.adapters.Adapter.enter` derived."""
+    out = {}
+    for name in a.token_inputs():
+        x = inputs[j][name][:k].to(kw[name].device, kw[name].dtype) if inputs and j in inputs else kw[name]
+        if entered is not None:
+            new = entered[j][name]
+            x = torch.cat([new.to(x.device, x.dtype), x[len(new):]], 0)
+        out[name] = x
+    return out
+
+
+def _reused(states: LMStates, s: int, ran: dict, rows: torch.Tensor, kv=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values), each (k, kv_heads, L, head_dim), that block ``s`` made for the resumed rows
+    ``rows`` (k,): this run's for the rows that ran block ``s`` (the first ones), the recorded run's
+    (or ``kv[s]``'s first k rows) for the rows that joined after it."""
+    if kv and s in kv:
+        K, V = kv[s][0][:len(rows)], kv[s][1][:len(rows)]
+    else:
+        K, V = (t.index_select(0, rows.to(t.device)) for t in states.kv[s])
+    if s in ran:
+        k_s = ran[s][0].shape[0]
+        K = torch.cat([ran[s][0].to(K.device, K.dtype), K[k_s:]], 0)
+        V = torch.cat([ran[s][1].to(V.device, V.dtype), V[k_s:]], 0)
+    return K, V
 
 
 def _from_start(block: torch.nn.Module, states: LMStates, j: int, rows: torch.Tensor, h: torch.Tensor,
@@ -247,10 +311,10 @@ def _inject(h: torch.Tensor, states: LMStates, injected: dict[int, torch.Tensor]
     return h + add[:h.shape[0]].to(h.device, h.dtype)
 
 
-def _join(h: torch.Tensor | None, hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """``h`` (rows already running) with rows len(h)…k of ``hidden`` appended."""
+def _join(h: torch.Tensor | None, hidden: list, k: int) -> torch.Tensor:
+    """``h`` (rows already running) with rows len(h)…k of ``hidden`` (per-row tensors) appended."""
     if h is None:
-        return hidden[:k]
+        return torch.stack(hidden[:k])
     if k > h.shape[0]:
-        return torch.cat([h, hidden[h.shape[0]:k].to(h.device, h.dtype)], 0)
+        return torch.cat([h, torch.stack(hidden[h.shape[0]:k]).to(h.device, h.dtype)], 0)
     return h

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from interp.adapters.base import INPUT_SITES, Adapter, get_module
+from dataclasses import replace
+
+from interp.adapters.base import INPUT_SITES, LM_INPUT, Adapter, get_module
 from spatialbias.errors import SpatialBiasError
 
 _GRAMMAR = re.compile(r"^(?P<base>[^#@\s]+)(?:#(?P<key>[A-Za-z_]\w*))?(?:@(?P<call>[\w.\-]+))?$")
@@ -50,6 +52,7 @@ class Site:
     whole: bool = False
     tokens: str | None = None
     canonical: str = ""
+    streams: int = 1
 
     @property
     def event(self) -> tuple[str, str]:
@@ -68,17 +71,22 @@ def resolve(adapter: Adapter, model: torch.nn.Module, name: str) -> Site:
     if base.startswith("module:"):
         path = base[len("module:"):]
         get_module(model, path)
-        return _with_key(Site(name=name, path=path, hook="output", call=call, canonical=base), key, name)
+        return _with_key(Site(name=name, path=path, hook="output", call=call, canonical=base), key, name, True)
     base = _layer_index(adapter, model, base)
     canonical = base
     heads = None
     hook = "output"
+    if call is None:
+        call = adapter.default_call(base)
     if base in INPUT_SITES:
-        site = Site(name=name, path=adapter.path(base, model), hook="input", call=call,
-                    tokens="lm" if base == "lm.input" else "vision", canonical=base)
         if key is not None:
             raise SpatialBiasError(f"site {name!r}: {base} is already an input; write {INPUT_SITES[base]}#{key}")
-        return site
+        at = adapter.lm_input_at() if base == LM_INPUT else None
+        if at is not None:  # the text model's own input, before anything derived from it
+            get_module(model, at[0])
+            return Site(name=name, path=at[0], hook="kwarg", key=at[1], call=call, tokens="lm", canonical=base)
+        return Site(name=name, path=adapter.path(base, model), hook="input", call=call,
+                    tokens="lm" if base == "lm.input" else "vision", canonical=base)
     if base.endswith(".attn.heads") or base.endswith(".attn.pattern"):
         attn = base.rsplit(".", 1)[0]
         path = adapter.path(attn, model)
@@ -97,7 +105,10 @@ def resolve(adapter: Adapter, model: torch.nn.Module, name: str) -> Site:
         "lm" if base.startswith("lm.") and base != "lm.rotary" or base == "unembed" else None)
     site = Site(name=name, path=path, hook=hook, call=call, whole=base == "lm.rotary", tokens=tokens,
                 canonical=canonical)
-    return _with_key(site, key, name)
+    site = _with_key(site, key, name, adapter.lm_input_at() is None)
+    if re.fullmatch(r"lm\.blocks\.\d+", base) and key in (None, "input"):
+        site = replace(site, streams=adapter.streams(model))
+    return site
 
 
 def every_site(adapter: Adapter, model: torch.nn.Module) -> list[str]:
@@ -114,12 +125,13 @@ def every_site(adapter: Adapter, model: torch.nn.Module) -> list[str]:
     return out
 
 
-def _with_key(site: Site, key: str | None, name: str) -> Site:
+def _with_key(site: Site, key: str | None, name: str, block0_is_lm_input: bool) -> Site:
     if key is None:
         return site
     if key == "input":
         # the main input of a block is the residual stream before it: same token axis
-        canonical = {v: k for k, v in INPUT_SITES.items()}.get(site.canonical, f"{site.canonical}#input")
+        alias = {v: k for k, v in INPUT_SITES.items() if block0_is_lm_input or k != LM_INPUT}
+        canonical = alias.get(site.canonical, f"{site.canonical}#input")
         return Site(name=name, path=site.path, hook="input", call=site.call, tokens=site.tokens,
                     canonical=canonical)
     return Site(name=name, path=site.path, hook="kwarg", key=key, call=site.call, canonical=f"{site.canonical}#{key}")

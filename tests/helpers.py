@@ -1,4 +1,5 @@
 """Test helpers shared by several test files (importable because pytest puts tests/ on the path)."""
+import contextlib
 import json
 
 import numpy as np
@@ -50,3 +51,20 @@ def bf16_sdpa_forced_off() -> bool:
     except OSError:
         flags = ""
     return torch.backends.cpu.get_cpu_capability() == "DEFAULT" and "avx512" in flags
+
+
+@contextlib.contextmanager
+def stand_in_timm():
+    """Within it a saved tiny Gemma3n loads where timm is missing: HF builds the stand-in tower
+    (:func:`interp.tiny.gemma3n.stand_in_tower`) where it would build timm's, and the adapter's
+    timm requirement is lifted. The rest of :func:`interp.load` is the real path. Other
+    architectures are unaffected."""
+    from interp.adapters.gemma3n import Gemma3nAdapter
+    from interp.tiny.gemma3n import stand_in_tower
+    real = Gemma3nAdapter.load_requirements
+    Gemma3nAdapter.load_requirements = lambda self: None
+    try:
+        with stand_in_tower():
+            yield
+    finally:
+        Gemma3nAdapter.load_requirements = real

@@ -11,6 +11,8 @@ from interp import attention, patching, tiny
 from spatialbias.errors import SpatialBiasError
 from interp.interventions import Knockout, bapa_position_ids
 from interp.interventions.knockout import query_rows
+from interp.adapters.base import get_module
+from interp.hook_io import _positional_index
 from interp.sites import every_site, resolve
 from interp.tracing import trace
 
@@ -50,8 +52,8 @@ def _main_key(kw: dict) -> str:
 def _nnsight_value(net, m, inputs, site):
     """The site's value read by nnsight (its own hooks), or None where nnsight cannot say (a repeated call)."""
     s = resolve(m.adapter, m.model, site)
-    if m.adapter.calls(m.model, s.canonical.split("@")[0]) != [s.canonical.split("@")[0]]:
-        return None  # nnsight sees only a module's first call (Gemma3's rotary)
+    if _repeated(m, s):
+        return None  # nnsight sees only a module's first call (Gemma3's rotary, Gemma3n's embedder)
     with torch.no_grad(), net.trace(**dict(inputs), use_cache=False):
         env = _envoy(net, s.path)
         if s.hook == "pattern":
@@ -59,13 +61,27 @@ def _nnsight_value(net, m, inputs, site):
         elif s.hook == "output":
             v = (env.output if s.whole or not isinstance(env.output, tuple) else env.output[0]).save()
         elif s.hook == "kwarg":
-            v = env.inputs[1][s.key].save()
+            args, kw = env.inputs
+            v = (kw[s.key] if s.key in kw else args[_positional_index(get_module(m.model, s.path), s.key)]).save()
         else:
             args, kw = env.inputs
             v = (args[0] if args else kw[_main_key(kw)]).save()
     if s.heads:
         v = v.reshape(*v.shape[:-1], s.heads, -1)
-    return v
+    return m.adapter.merge_streams(v) if s.streams > 1 else v
+
+
+def _repeated(m, s) -> bool:
+    """The site names one of several calls of its module per forward (nnsight reads the first)."""
+    base = s.canonical.split("@")[0]
+    return m.adapter.calls(m.model, base) != [base] or s.call is not None
+
+
+def _bump_native(m, s, x):
+    """:func:`_bump` of the site's view (a multi-stream block state: of its (B, L, S·D) view)."""
+    if s.streams > 1:
+        return m.adapter.split_streams(_bump(m.adapter.merge_streams(x)), s.streams)
+    return _bump(x)
 
 
 def test_every_site_caches_what_nnsight_sees(arch):
@@ -100,7 +116,7 @@ def test_every_site_edit_equals_the_same_edit_in_nnsight(arch):
         base = m.run(inputs)
     for site in _sites(m):
         s = resolve(m.adapter, m.model, site)
-        if s.hook == "pattern" or m.adapter.calls(m.model, s.canonical.split("@")[0]) != [s.canonical.split("@")[0]]:
+        if s.hook == "pattern" or _repeated(m, s):
             continue  # pattern writes and repeated calls: checked below against other references
         ours = trace(m, inputs, edits={site: _bump}).logits
         with torch.no_grad(), net.trace(**dict(inputs), use_cache=False):
@@ -108,19 +124,23 @@ def test_every_site_edit_equals_the_same_edit_in_nnsight(arch):
             if s.hook == "output":
                 out = env.output
                 if s.whole or not isinstance(out, tuple):
-                    env.output = _bump(out)
+                    env.output = _bump(out) if s.whole else _bump_native(m, s, out)
                 else:  # what follows from the first element is the adapter's (a MoE router's choice)
                     env.output = m.adapter.complete_output(m.model, s.path, (_bump(out[0]),) + tuple(out[1:]))
             elif s.hook == "kwarg":
                 args, kw = env.inputs
-                env.inputs = (args, {**kw, s.key: _bump(kw[s.key])})
+                if s.key in kw:
+                    env.inputs = (args, {**kw, s.key: _bump(kw[s.key])})
+                else:  # passed by position (Gemma3n's blocks)
+                    i = _positional_index(get_module(m.model, s.path), s.key)
+                    env.inputs = (tuple(args[:i]) + (_bump(args[i]),) + tuple(args[i + 1:]), kw)
             else:
                 args, kw = env.inputs
                 x = args[0] if args else kw[_main_key(kw)]
                 if s.heads:  # the same edit on the (…, H, head_dim) view
                     x = _bump(x.reshape(*x.shape[:-1], s.heads, -1)).reshape(x.shape)
                 else:
-                    x = _bump(x)
+                    x = _bump_native(m, s, x)
                 env.inputs = ((x,) + tuple(args[1:]), kw) if args else (args, {**kw, _main_key(kw): x})
             ref = net.output.logits.save()
         assert torch.equal(ours, ref), (name, site)

@@ -1,189 +1,165 @@
-"""Gemma3n (Gemma3nForConditionalGeneration) is refused, and why: the evidence in HF's code (the
-one-line refusal of a config-only folder is tested in ``tests/test_load.py``).
+"""Gemma3n's decisions (interp/adapters/gemma3n.py), each pinned on the tiny Gemma3n (HF's own
+model with a stand-in for timm's vision tower: interp/tiny/gemma3n.py). The parity suite
+(every ``tiny.BUILDERS`` test) runs it too; these are the checks particular to its structure:
 
-A tiny Gemma3n is built here with a stand-in vision tower (HF builds the real one, timm's
-MobileNetV5, through ``AutoModel.from_config``, which needs timm and so torchvision). The
-stand-in keeps the real tower's interface as ``Gemma3nModel.get_image_features`` reads it:
-``pixel_values`` (n, 3, H, W) → ``last_hidden_state`` (n, Dv, h, w) with h·w =
-``vision_soft_tokens_per_image``. On it these tests pin the facts the refusal rests on, so that a
-transformers release that changes them fails here and the refusal is re-examined:
-
-* block 0 of the LM reads (4, B, T, D) — AltUp's four streams — where ``lm.input`` (the input of
-  ``lm.blocks.0``) is (B, T, D) on every supported architecture;
-* an edit of that input (what AGCI and patching at ``lm.input`` do) does not reach any block's
-  per-layer input, which ``Gemma3nTextModel.forward`` projects from ``inputs_embeds`` before
-  block 0; an edit of the text model's ``inputs_embeds`` does.
+* the block state is HF's (4, B, T, D), seen as (B, T, 4·D), and read out as the text model does;
+* ``lm.input`` is the text model's ``inputs_embeds``: an edit there reaches every per-layer input,
+  while an edit of block 0's input (where ``lm.input`` is on other architectures) reaches none;
+* a residual patch carries the per-layer inputs of the blocks still to come (a full patch gives
+  the source run; without the carry it would not);
+* a resumed run hands a reusing layer the keys and values of its source layer: this run's for
+  rows that ran it, the recorded run's for rows that joined later.
 """
-import importlib.util
-
 import pytest
 import torch
 
 import interp
-from interp import adapters
-from spatialbias.errors import SpatialBiasError
+from interp import patching, tiny
+from interp.dispatch import forward
+from interp.resume import capture_lm, resume
 
-CLASS = "Gemma3nForConditionalGeneration"
-SOFT = 4
-"""Soft tokens per image of the tiny model (a 2×2 grid of the stand-in tower's 8 px patches)."""
-IMAGE, BOI, EOI = 257, 256, 258
+N_LAYERS = 5
 
 
-class StandInTower(torch.nn.Module):
-    """MobileNetV5's interface as ``get_image_features`` uses it: (n, 3, 16, 16) pixels →
-    ``last_hidden_state`` (n, Dv, 2, 2), one 8 px patch per soft token."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, config.hidden_size, 8, 8)
-
-    def forward(self, pixel_values, do_pooling=False, return_dict=True, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        return BaseModelOutputWithPooling(last_hidden_state=self.conv(pixel_values))
+@pytest.fixture(scope="module")
+def g3n():
+    m = interp.load(*tiny.BUILDERS["gemma3n"]())
+    imgs = [tiny.image(48, 48, seed=s) for s in range(3)]
+    qs = [m.prompt("what is this ?"), m.prompt("what is this a picture of ?"), m.prompt("is it ?")]
+    clean = m.inputs(imgs, qs)
+    corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], qs)
+    cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
+    return m, clean, corrupt, torch.tensor(cands), cands
 
 
-def tiny_config():
-    """A 4-layer Gemma3n: D = 32, per-layer inputs of width 8, 4 AltUp streams, the last 2 layers
-    reusing the keys and values of the first 2; vision tokens at ids 256–263 (its own table)."""
-    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
-    tc = Gemma3nTextConfig(vocab_size=300, vocab_size_per_layer_input=256, hidden_size=32,
-                           hidden_size_per_layer_input=8, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_kv_shared_layers=2,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
-                           activation_sparsity_pattern=[0.0] * 4, laurel_rank=4, altup_num_inputs=4,
-                           max_position_embeddings=128)
-    vc = Gemma3nVisionConfig(hidden_size=24, vocab_size=8, vocab_offset=256)
-    ac = Gemma3nAudioConfig(vocab_size=8, vocab_offset=264, hidden_size=16, conf_num_hidden_layers=1,
-                            conf_num_attention_heads=2, sscp_conv_channel_size=[4, 4], input_feat_size=16)
-    return Gemma3nConfig(text_config=tc, vision_config=vc, audio_config=ac, vision_soft_tokens_per_image=SOFT,
-                         image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI, audio_token_id=265,
-                         boa_token_id=264, eoa_token_id=266)
+def per_layer_inputs(m, x, edits=None):
+    """Every block's per-layer input (B, L, P) in a run with ``edits``, and its logits."""
+    sites = [f"lm.blocks.{j}#per_layer_input" for j in range(N_LAYERS)]
+    t = forward(m, x, edits=edits or {}, cache=sites)
+    return [t.cache[s] for s in sites], t.logits
 
 
-def build_tiny():
-    """The tiny Gemma3n (eval mode) with :class:`StandInTower` in place of MobileNetV5."""
-    from transformers.models.gemma3n import modeling_gemma3n as hf
-    torch.manual_seed(0)
-    real = hf.AutoModel.from_config
-    hf.AutoModel.from_config = lambda c, **kw: StandInTower(c) if c.model_type == "gemma3n_vision" else real(c, **kw)
-    try:
-        return hf.Gemma3nForConditionalGeneration(tiny_config()).eval()
-    finally:
-        hf.AutoModel.from_config = real
-
-
-def inputs():
-    """One prompt of 10 tokens with the image's 4 soft tokens at positions 3–6, and one image."""
-    ids = torch.tensor([[2, 5, BOI, IMAGE, IMAGE, IMAGE, IMAGE, EOI, 7, 9]])
-    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
-
-
-def per_layer_inputs(model, x, pre_hook=None, on=None):
-    """Every block's per_layer_input (B, T, 8), with ``pre_hook`` (a kwargs pre-hook) on module ``on``."""
-    seen, handles = [], []
-    for block in model.model.language_model.layers:
-        handles.append(block.register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[2] if len(a) > 2 else k["per_layer_input"]).clone()), with_kwargs=True))
-    if pre_hook is not None:
-        handles.append(on.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            logits = model(**x).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return seen, logits
-
-
-def test_memory_estimate_of_its_config_is_refused_too():
-    """The memory model does not make up facts for a class that cannot load (default profile)."""
-    with pytest.raises(SpatialBiasError, match="timm"):
-        adapters.memory_profile({"architectures": [CLASS], "model_type": "gemma3n"})
-    assert adapters.for_config({"architectures": ["SomethingElse"]}) is None
-
-
-@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
-def test_hf_cannot_build_it_without_timm():
-    """The first blocker: transformers refuses to build the class at all without timm."""
-    from transformers.models.gemma3n import modeling_gemma3n as hf
-    with pytest.raises(ImportError, match="timm"):
-        hf.Gemma3nForConditionalGeneration(tiny_config())
-
-
-def test_an_in_memory_model_is_refused_with_the_same_line():
-    """Built with the stand-in tower (so timm is no longer in the way), it is still refused: the
-    engine reason holds whatever the tower."""
-    model = build_tiny()
-    with pytest.raises(SpatialBiasError) as e:
-        interp.load(model, processor=object())
-    assert str(e.value) == f"unsupported model class {CLASS}: {adapters.REFUSED[CLASS]}"
-
-
-def test_stand_in_tower_runs_hf_forward():
-    """The stand-in gives get_image_features what MobileNetV5 gives: (n, Dv, h, w) with h·w soft
-    tokens, scattered into the 4 image-token positions (other pixels, other logits there on)."""
-    model, x = build_tiny(), inputs()
-    with torch.no_grad():
-        feats = model.model.get_image_features(x["pixel_values"]).pooler_output
-        a = model(**x).logits
-        b = model(**{**x, "pixel_values": x["pixel_values"] + 1}).logits
-    assert feats.shape == (1, SOFT, 32)
-    assert torch.equal(a[:, :3], b[:, :3]) and not torch.allclose(a[:, 3:], b[:, 3:])
-
-
-def test_block_input_is_four_streams():
-    """What ``lm.input`` would name (the input of ``lm.blocks.0``) is (4, B, T, D), not (B, T, D)."""
-    model, shapes = build_tiny(), []
-    h = model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, a, k: shapes.append(tuple((a[0] if a else k["hidden_states"]).shape)), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs())
+def test_block_state_is_hfs_four_streams_side_by_side(g3n):
+    """``lm.blocks.{i}`` is HF's (4, B, T, D) block output with stream s at [..., s·D:(s+1)·D], and
+    the adapter's readout of the last one gives HF's logits through the final norm and head."""
+    m, clean, *_ = g3n
+    seen = []
+    h = m.adapter.module(m.model, "lm.blocks.1").register_forward_hook(lambda mod, a, out: seen.append(out))
+    t = forward(m, clean, cache=["lm.blocks.1", f"lm.blocks.{N_LAYERS - 1}"])
     h.remove()
-    assert shapes == [(4, 1, 10, 32)]
+    native, got = seen[0], t.cache["lm.blocks.1"]
+    S, B, L, D = native.shape
+    assert S == 4 and got.shape == (B, L, S * D)
+    for s in range(S):
+        assert torch.equal(got[..., s * D:(s + 1) * D], native[s])
+    a = m.adapter
+    last = a.readout(m.model, t.cache[f"lm.blocks.{N_LAYERS - 1}"])
+    logits = a.module(m.model, "unembed")(a.module(m.model, "lm.final_norm")(last))
+    cap = m.model.config.text_config.final_logit_softcapping
+    logits = cap * torch.tanh(logits / cap) if cap else logits
+    assert torch.allclose(logits, t.logits, atol=1e-5)
 
 
-def test_block0_input_edit_misses_the_per_layer_inputs():
-    """Adding to the image tokens of every stream at block 0's input changes the logits but no
-    block's per-layer input; the same addition to the text model's ``inputs_embeds`` changes them
-    all. So an ``lm.input`` edit at the first block would be incomplete, as on Gemma4 E2B/E4B."""
-    model, x = build_tiny(), inputs()
-    base, logits = per_layer_inputs(model, x)
+def test_lm_input_edit_reaches_every_per_layer_input(g3n):
+    """Adding to the image tokens at ``lm.input`` changes every block's per-layer input there (the
+    text model projects them from it); the same addition to every stream of block 0's input changes
+    the logits but no per-layer input — which is why ``lm.input`` is the text model's input here."""
+    m, clean, *_ = g3n
+    img = m.image_mask(clean["input_ids"])
+    base, logits = per_layer_inputs(m, clean)
 
-    def at_block0(m, a, k):
-        hs = (a[0] if a else k["hidden_states"]).clone()
-        hs[:, :, 3:7] += 1.0
-        return ((hs, *a[1:]), k) if a else (a, {**k, "hidden_states": hs})
-
-    def at_embeds(m, a, k):
-        e = k["inputs_embeds"].clone()
-        e[:, 3:7] += 1.0
-        return a, {**k, "inputs_embeds": e}
-
-    lm = model.model.language_model
-    blk, blk_logits = per_layer_inputs(model, x, at_block0, lm.layers[0])
-    emb, _ = per_layer_inputs(model, x, at_embeds, lm)
-    assert len(base) == len(blk) == len(emb) == 4
-    assert not torch.allclose(blk_logits, logits)
-    assert all(torch.equal(p, q) for p, q in zip(base, blk))
-    assert all(not torch.allclose(p[:, 3:7], q[:, 3:7]) for p, q in zip(base, emb))
-    assert all(torch.equal(p[:, :3], q[:, :3]) for p, q in zip(base, emb))
+    def add(x):
+        return x + img[..., None].to(x.dtype)
+    at_input, l1 = per_layer_inputs(m, clean, {"lm.input": add})
+    at_block0, l2 = per_layer_inputs(m, clean, {"lm.blocks.0#input": add})
+    for b, x, y in zip(base, at_input, at_block0):
+        assert not torch.allclose(b[img], x[img]) and torch.equal(b[~img], x[~img])
+        assert torch.equal(b, y)
+    assert not torch.allclose(l1, logits) and not torch.allclose(l2, logits)
 
 
-def test_shared_kv_layers_have_no_key_value_projections():
-    """The K/V-sharing layers (the last ``num_kv_shared_layers``) read the keys and values of an
-    earlier layer through a per-forward dict: they have no k_proj/v_proj to hook, and a resumed
-    block among them would need that dict."""
-    attn = [b.self_attn for b in build_tiny().model.language_model.layers]
-    assert [a.is_kv_shared_layer for a in attn] == [False, False, True, True]
-    assert not hasattr(attn[2], "k_proj") and hasattr(attn[0], "k_proj")
+def test_a_block_patch_carries_per_layer_inputs_and_reused_keys(g3n, monkeypatch):
+    """Patching every position of the stream from the source gives the source run exactly: what
+    later blocks read of those tokens moves with them — the per-layer inputs of the blocks after the
+    patch, and the keys and values made before it that later layers reuse. With either carry
+    switched off the patch misses the source (each case is informative: at ``lm.blocks.0`` block
+    1's per-layer input reaches layer 2's keys; at ``lm.blocks.1`` layer 3 reuses layer 1's keys)."""
+    m, clean, corrupt, correct, cands = g3n
+    assert m.adapter.kv_sources(m.model) == {3: 1, 4: 2}
+    ps = [patching.Patch("lm.blocks.0", "all"), patching.Patch("lm.blocks.1", "all"),
+          patching.Patch("lm.blocks.0#input", "all")]
+    run = lambda: patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, resume=False)
+    df = run()
+    assert (df.metric - df.source_metric).abs().max() < 1e-5, df
+    assert (df.base_metric - df.source_metric).abs().min() > 1e-3  # the patch had a gap to close
+    import interp.patching.core as core
+    gap = lambda d, site: (d[d.site == site].metric - d[d.site == site].source_metric).abs().max()
+    with monkeypatch.context() as mp:  # no per-layer inputs carried
+        mp.setattr(core, "carried_sites", lambda lvlm, site: [])
+        off = run()
+    assert gap(off, "lm.blocks.0") > 1e-4 and gap(off, "lm.blocks.0#input") > 1e-4
+    with monkeypatch.context() as mp:  # no reused keys and values carried
+        mp.setattr(core, "carried_kv", lambda lvlm, site: [])
+        off = run()
+    assert gap(off, "lm.blocks.1") > 1e-4
 
 
-def test_its_image_processor_needs_no_torchvision():
-    """The image side is not what blocks it: HF maps ``gemma3n`` to a PIL image processor, which
-    resizes any image to the fixed size ((1, 3, 16, 16) here from a 40×30 image)."""
-    from PIL import Image
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
-    from transformers import SiglipImageProcessorPil
-    assert IMAGE_PROCESSOR_MAPPING_NAMES["gemma3n"]["pil"] == "SiglipImageProcessorPil"
-    px = SiglipImageProcessorPil(size={"height": 16, "width": 16})(Image.new("RGB", (40, 30)), return_tensors="pt")
-    assert tuple(px["pixel_values"].shape) == (1, 3, 16, 16)
+def test_resumed_patches_carry_what_the_full_scheme_carries(g3n, monkeypatch):
+    """Partial patches (the image tokens) at block outputs, resumed, equal one full forward each;
+    the equality is informative: without the resumed scheme's own carry of per-layer inputs, or of
+    reused keys and values, it breaks."""
+    m, clean, corrupt, correct, cands = g3n
+    ps = [patching.Patch(f"lm.blocks.{j}", g) for j in (0, 1, 2) for g in ("image", "target")]
+    run = lambda resume: patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, resume=resume)
+    full, res = run(False), run(True)
+    assert res.attrs["engine"] == "resumed" and (res.metric - full.metric).abs().max() < 1e-5
+    import interp.patching.resumed as resumed
+    with monkeypatch.context() as mp:
+        mp.setattr(resumed, "_carried", lambda st, c, job, k, name, p: st.kwargs[k][name][c + job[2]][p:])
+        assert (run(True).metric - full.metric).abs().max() > 1e-4
+    with monkeypatch.context() as mp:
+        mp.setattr(resumed, "_carried_kv", lambda st, c, job, s: (st.kv[s][0][c + job[2]], st.kv[s][1][c + job[2]]))
+        assert (run(True).metric - full.metric).abs().max() > 1e-4
+
+
+def test_resume_hands_reusing_layers_their_source_keys_and_values(g3n):
+    """Layers 3 and 4 reuse layers 1 and 2's keys and values. Resuming from every block (rows that
+    ran the source layer and rows that joined after it, in one batch) reproduces the run; a resume
+    from block 3 reads layer 1's recorded keys (changing them changes its logits)."""
+    m, clean, *_ = g3n
+    _, st = capture_lm(m, clean)
+    p = 5
+    for starts in ([0, 0, 0], [1, 2, 3], [0, 2, 4], [3, 3, 5], [1, 4, 5]):
+        h = [st.residual[s][r, p:] for r, s in enumerate(starts)]
+        got = resume(m, st, torch.arange(3), torch.tensor(starts), h, p)
+        assert torch.allclose(got, st.logits, atol=1e-5), starts
+    K, V = st.kv[1]
+    st.kv[1] = (K * 2, V.flip(2))  # (a constant added to every key would not change a softmax)
+    st.kv[3] = st.kv[1]
+    late = resume(m, st, torch.arange(3), torch.tensor([3] * 3), [st.residual[3][r, p:] for r in range(3)], p)
+    st.kv[1], st.kv[3] = (K, V), (K, V)
+    assert not torch.allclose(late, st.logits, atol=1e-4)
+
+
+def test_projector_names_the_soft_token_call(g3n):
+    """``model.embed_vision`` also embeds the vision vocabulary's hard tokens; ``projector`` is its
+    soft-token call (n, h·w, D), ``projector@tokens`` the other (B, L, D)."""
+    m, clean, *_ = g3n
+    t = forward(m, clean, cache=["projector", "projector@tokens", "vision.out"])
+    n, side = clean["pixel_values"].shape[0], 6
+    D = m.model.config.text_config.hidden_size
+    assert t.cache["projector"].shape == (n, side * side, D)
+    assert t.cache["projector@tokens"].shape == (*clean["input_ids"].shape, D)
+    assert t.cache["vision.out"].shape == (n, side * side, m.model.config.vision_config.hidden_size)
+
+
+def test_memory_estimate_of_an_e4b_config():
+    """The memory model reads a Gemma3n config.json (E4B's published shape: HF's defaults) through
+    its adapter: 256 soft tokens per image."""
+    from transformers import Gemma3nConfig
+
+    from interp import adapters
+    cfg = Gemma3nConfig().to_dict()
+    cfg["architectures"] = ["Gemma3nForConditionalGeneration"]
+    facts = adapters.memory_profile(cfg)
+    assert facts.image_tokens == (256, 256) and adapters.for_config(cfg).name == "gemma3n"

@@ -42,22 +42,23 @@ def test_hub_id_not_in_cache_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_gemma3n_is_refused_with_its_reason(tmp_path):
-    """Gemma3n needs timm (and so torchvision) for its vision tower, and even with them its per-layer
-    inputs and four AltUp streams are out of ``lm.input``'s reach: one line naming both blockers
-    and each one's fix, before anything loads (a config-only folder) — not a traceback from timm.
-    The evidence for the second blocker is pinned in ``tests/test_gemma3n.py``."""
+def test_gemma3n_without_timm_is_refused_with_the_fix(tmp_path):
+    """A Gemma3n checkpoint needs timm (and so torchvision) for its vision tower; where timm is
+    missing, one line naming the class and the fix, before anything loads (a config-only folder) —
+    not a traceback from inside transformers. (With the tower present the class loads: the saved
+    tiny Gemma3n goes through the rest of the path in tests/test_architectures.py.)"""
+    import importlib.util
     import json
 
     import pytest
 
     from spatialbias.errors import SpatialBiasError
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3nForConditionalGeneration"],
                                                       "model_type": "gemma3n"}))
     with pytest.raises(SpatialBiasError) as e:
         interp.load(str(tmp_path))
     line = str(e.value)
     assert "\n" not in line and "Gemma3nForConditionalGeneration" in line and "timm" in line and "torchvision" in line
-    assert "install timm and torchvision" in line and torch.__version__.split("+")[0] in line
-    assert "project_per_layer_inputs" in line and "lm.input" in line and "(4, B, T, D)" in line
-    assert "inputs_embeds" in line and "docs/architectures.md" in line
+    assert "pip install timm torchvision" in line and "interp.load(model, processor)" in line

@@ -28,10 +28,12 @@ def test_trace_caches_every_site_and_matches_hf(arch):
         ref = m.model(**inputs, output_hidden_states=True)
     assert torch.equal(t.logits, ref.logits)
     assert set(t.cache) == set(sites)
-    n = m.adapter.layer_count(m.model, "lm")
+    n, S = m.adapter.layer_count(m.model, "lm"), m.adapter.streams(m.model)
+    view = m.adapter.merge_streams if S > 1 else (lambda h: h)  # Gemma3n's (S, B, L, D) block states
     for i in range(n - 1):  # HF's last hidden state has the final norm applied
-        assert torch.equal(t.cache[f"lm.blocks.{i}"], ref.hidden_states[i + 1])
-    assert torch.equal(t.cache["lm.input"], ref.hidden_states[0])
+        assert torch.equal(t.cache[f"lm.blocks.{i}"], view(ref.hidden_states[i + 1]))
+    # HF records block 0's input; with S streams lm.input (the text model's input) is its stream 0
+    assert torch.equal(t.cache["lm.input"], ref.hidden_states[0][0] if S > 1 else ref.hidden_states[0])
     assert all(v.device.type == "cpu" for v in t.cache.values() if isinstance(v, torch.Tensor))
 
 
@@ -53,8 +55,10 @@ def test_image_positions_only(arch):
     _, m, inputs = arch
     t = trace(m, inputs, cache=["lm.blocks.0", "projector", "lm.input"], positions="image")
     n_patch = int(m.image_map(inputs).is_patch.sum())  # image tokens that cover a patch (no newlines)
+    D = m.model.config.text_config.hidden_size
     for site in ("lm.blocks.0", "projector", "lm.input"):
-        assert tuple(t.cache[site].shape) == (n_patch, m.model.config.text_config.hidden_size), site
+        width = D * (m.adapter.streams(m.model) if site == "lm.blocks.0" else 1)
+        assert tuple(t.cache[site].shape) == (n_patch, width), site
     full = trace(m, inputs, cache=["lm.blocks.0"]).cache["lm.blocks.0"]
     raster = m.image_map(inputs).raster_order()  # sequence order, except InternVL's tiles (held tile by tile)
     assert torch.equal(t.cache["lm.blocks.0"], full.reshape(-1, full.shape[-1])[raster])
@@ -63,8 +67,9 @@ def test_image_positions_only(arch):
 
 def test_writes_and_interventions_match_the_runner(arch):
     _, m, inputs = arch
+    vision = "vision.blocks.0" if m.adapter.layer_count(m.model, "vision") else "vision.out"  # Gemma3n: timm's tower
     bump = {"lm.blocks.0": lambda x: x + torch.linspace(0, 1, x.shape[-1]),
-            "vision.blocks.0": lambda x: x * 1.1 + torch.linspace(0, 1, x.shape[-1])}
+            vision: lambda x: x * 1.1 + torch.linspace(0, 1, x.shape[-1])}
     t = trace(m, inputs, edits=bump, interventions=[interp.BaPA(), interp.AGCI(lam=0.5)])
 
     class Bump(interp.Intervention):

@@ -50,7 +50,9 @@ def lm_sites(lvlm) -> list[tuple[str, int | None]]:
 
 def decoder(lvlm, candidates):
     """``fn(h) -> (…, C)`` candidate logits of residual vectors ``h`` (…, D): the model's final norm
-    and unembedding rows of the candidates (with its bias and final-logit softcapping, if any)."""
+    and unembedding rows of the candidates (with its bias and final-logit softcapping, if any). A
+    block state of S streams (…, S·D) is first read out as the text model reads its last block's
+    (:meth:`~interp.adapters.Adapter.readout`)."""
     norm = lvlm.adapter.module(lvlm.model, "lm.final_norm")
     head = lvlm.adapter.module(lvlm.model, "unembed")
     ids = torch.as_tensor(candidates, device=head.weight.device)
@@ -61,8 +63,11 @@ def decoder(lvlm, candidates):
 
     nd = next(norm.parameters(), w).device  # a dispatched model may hold them on other devices than h
 
+    width = w.shape[-1]
+
     def fn(h):
-        z = torch.nn.functional.linear(norm.forward(h.to(nd)).to(w.device), w, b).float().to(h.device)
+        x = h.to(nd) if h.shape[-1] == width else lvlm.adapter.readout(lvlm.model, h.to(nd))
+        z = torch.nn.functional.linear(norm.forward(x).to(w.device), w, b).float().to(h.device)
         return cap * torch.tanh(z / cap) if cap else z  # norm.forward: no hooks of a run fire
     return fn
 

@@ -6,6 +6,7 @@ import torch
 from interp.adapters.base import (INPUT_SITES, LM_INPUT, PLAIN, Adapter, ChatFormat, MemoryFacts, View,
                                   default_memory_profile)
 from interp.adapters.gemma3 import GEMMA3
+from interp.adapters.gemma3n import GEMMA3N
 from interp.adapters.gemma4 import GEMMA4
 from interp.adapters.internvl import INTERNVL
 from interp.adapters.llava import LLAVA, LLAVA_NEXT
@@ -18,19 +19,8 @@ from interp.adapters.qwen3_vl_moe import QWEN3_VL_MOE
 from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
-                                 INTERNVL, QWEN3_VL_MOE, GEMMA4, QWEN3_5)
-_TORCH = torch.__version__.split("+")[0]
-REFUSED = {
-    "Gemma3nForConditionalGeneration":
-        "two things block it: (1) its vision tower is timm's MobileNetV5 (TimmWrapperModel) and timm imports "
-        "torchvision, which this install leaves out: install timm and torchvision (CPU wheels matching torch "
-        f"{_TORCH}) to load that tower; (2) even then no adapter can edit it faithfully: HF's Gemma3nTextModel "
-        "projects every layer's per-layer input from the LM input (project_per_layer_inputs) and stacks it into 4 "
-        "AltUp streams before block 0, outside every block, so lm.input edits (AGCI, patching) would not reach the "
-        "per-layer inputs and every block holds (4, B, T, D) where the engine reads (B, T, D): that needs an "
-        "lm.input at the text model's inputs_embeds and a stream axis in the engine (docs/architectures.md, "
-        "Gemma3n (refused))",
-}
+                                 INTERNVL, QWEN3_VL_MOE, GEMMA4, QWEN3_5, GEMMA3N)
+REFUSED: dict[str, str] = {}
 """Classes refused with a reason (what blocks them and what would fix it), not as merely unknown."""
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}

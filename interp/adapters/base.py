@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from interp.adapters.layers import LayerKinds
+from interp.adapters.lm_structure import LMStructure
 from interp.adapters.memory_facts import (TEXT_KEY_SPELLINGS, MemoryFacts, crop_pixel_bytes,  # noqa: F401
                                          default_memory_profile, projector_params, text_keys)
 from interp.adapters.moe import Dense
@@ -94,7 +95,7 @@ taken to follow after a space, as the next word of plain text does."""
 
 
 @dataclass(frozen=True)
-class Adapter(Dense, LayerKinds):
+class Adapter(Dense, LayerKinds, LMStructure):
     """Declarative description of one HF LVLM architecture.
 
     ``sites`` maps a canonical site (with ``{i}`` for a layer index) to an HF path template;
@@ -139,6 +140,8 @@ class Adapter(Dense, LayerKinds):
 
     def path(self, site: str, model: torch.nn.Module | None = None) -> str:
         """HF module path of a concrete canonical site, e.g. ``lm.blocks.3`` → ``model.language_model.layers.3``."""
+        if site == LM_INPUT and self.lm_input_at() is not None:
+            return self.lm_input_at()[0]
         if site in INPUT_SITES:
             return self.path(INPUT_SITES[site], model)
         for pattern, template in self.site_table(model).items():
@@ -178,6 +181,17 @@ class Adapter(Dense, LayerKinds):
         DeepStack). ``lm.blocks.{j}`` is block j's output before the addition; resuming the LM
         (:func:`interp.resume.resume`) re-applies it. None on most architectures."""
         return {}
+
+    def default_call(self, site: str) -> str | None:
+        """The call a site names when it names none, for a module the forward calls for other
+        things too (Gemma3n's soft-token embedder also embeds the vision vocabulary's hard tokens):
+        None on most architectures (an edit acts on every call)."""
+        return None
+
+    def load_requirements(self) -> str | None:
+        """Why a checkpoint of this architecture cannot be loaded in this install, naming the fix
+        (None: it can); checked by :func:`interp.load` before the weights are read."""
+        return None
 
     def check(self, model: torch.nn.Module) -> None:
         """Refuse (one line) a configuration the adapter cannot run faithfully; called by ``LVLM()``."""

@@ -130,8 +130,11 @@ def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]], lvlm: LVLM
     forward's ``input_ids``, an LM-side patch's image tokens also take the source's features of
     the injections still to come (:func:`injection_edits`), and a ``projector`` patch's tokens
     take the source's features of every injection (an injection site holds its tokens in the
-    projector's order: Qwen3-VL's DeepStack mergers and its merger both emit merged raster order)."""
+    projector's order: Qwen3-VL's DeepStack mergers and its merger both emit merged raster order);
+    a residual patch's tokens also take the source's per-token inputs of the blocks still to come
+    (:func:`carried_sites`)."""
     ops: dict[str, tuple[list, list]] = {}
+    kv_ops: dict[int, tuple[list, list]] = {}
     moves, sizes = [], {}
     for p, src_row, dst_row in copies:
         src = _selection(*groups[p.site], src_row, p)
@@ -145,6 +148,15 @@ def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]], lvlm: LVLM
         k0 = injection_start(lvlm, p.site) if lvlm is not None else None
         if k0 is not None:
             moves.append((src, dst, k0))
+            for site in carried_sites(lvlm, p.site):  # per-token block inputs: the LM token layout too
+                d, sr = ops.setdefault(site, ([], []))
+                d.append(dst)
+                sr.append(src)
+                sizes[site] = groups[p.site][0].numel()
+            for k in carried_kv(lvlm, p.site):  # keys and values made before the patch, read after it
+                d, sr = kv_ops.setdefault(k, ([], []))
+                d.append(dst)
+                sr.append(src)
         elif lvlm is not None and p.site == "projector":  # the injections' tokens are in the projector's order
             for site in lvlm.adapter.injections(lvlm.model).values():
                 d, sr = ops.setdefault(site, ([], []))
@@ -154,6 +166,9 @@ def _copy_edits(groups: dict, copies: list[tuple["Patch", int, int]], lvlm: LVLM
     sizes.update({site: groups[site][0].numel() for site in ops if site in groups})
     edits = {site: (lambda x, n=sizes[site], d=torch.cat(d), sr=torch.cat(sr): _copy(x, n, d, sr))
              for site, (d, sr) in ops.items()}
+    for k, (d, sr) in kv_ops.items():
+        site, fn = lvlm.adapter.reused_kv_edit(lvlm.model, k, lambda x, d=torch.cat(d), sr=torch.cat(sr): _copy_kv(x, d, sr))
+        edits = then(edits, {site: fn})
     if not moves:
         return edits
     return then(edits, injection_edits(lvlm, input_ids, moves))
@@ -169,6 +184,45 @@ def injection_start(lvlm: LVLM, site: str) -> int | None:
         return 0
     m = re.match(r"lm\.blocks\.(\d+)([.#]|$)", s.canonical)
     return int(m.group(1)) if m else None
+
+
+def carried_sites(lvlm: LVLM, site: str) -> list[str]:
+    """The per-token block inputs (:meth:`~interp.adapters.Adapter.carried`, LM token layout) that a
+    patch at ``site`` carries: a patch of the stream between blocks — ``lm.blocks.{j}`` (those of
+    blocks j + 1…), ``lm.blocks.{j}#input`` (blocks j…) — and none for a patch of one component
+    (attention, MLP, heads), which changes that output only, nor at ``lm.input``, from which the
+    model derives them itself. [] on most architectures."""
+    if not lvlm.adapter.token_inputs():
+        return []
+    s = resolve(lvlm.adapter, lvlm.model, site)
+    m = re.fullmatch(r"lm\.blocks\.(\d+)(#input)?", s.canonical)
+    if not m:
+        return []
+    return lvlm.adapter.carried(lvlm.model, int(m.group(1)) + (0 if m.group(2) else 1))
+
+
+def carried_kv(lvlm: LVLM, site: str) -> list[int]:
+    """The blocks that reuse keys and values (:meth:`~interp.adapters.Adapter.kv_sources`) made
+    before a patch of the stream at ``site`` (``lm.blocks.{j}``: by blocks ≤ j; ``#input``: < j) and
+    run after it: their keys and values at the patched tokens move with the patch, as everything a
+    later block reads of those tokens does. [] elsewhere and on most architectures."""
+    sources = lvlm.adapter.kv_sources(lvlm.model)
+    if not sources:
+        return []
+    m = re.fullmatch(r"lm\.blocks\.(\d+)(#input)?", resolve(lvlm.adapter, lvlm.model, site).canonical)
+    if not m:
+        return []
+    first = int(m.group(1)) + (0 if m.group(2) else 1)  # the first block after the patch
+    return [k for k, s in sources.items() if k >= first and s < first]
+
+
+def _copy_kv(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Tokens ``src`` copied onto ``dst`` (flat row · L + position indices) of keys or values
+    (B, kv_heads, L, head_dim); a new tensor."""
+    B, H, L, E = x.shape
+    t = x.transpose(1, 2).reshape(B * L, H * E).clone()
+    t[dst.to(x.device)] = t[src.to(x.device)]
+    return t.view(B, L, H, E).transpose(1, 2).contiguous()
 
 
 def injection_edits(lvlm: LVLM, input_ids: torch.Tensor, moves: list[tuple[torch.Tensor, torch.Tensor, int]]

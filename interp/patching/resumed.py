@@ -108,11 +108,12 @@ def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, inter
                 _pre_jobs(lvlm, st, both, N, interventions, items, [patches[j] for j in pre], pre, targets, grid,
                           batch_size, run)
             jobs = []
+            tok = lvlm.adapter.token_inputs()
             for a, i in enumerate(items):
                 for j in res:
                     p, s = patches[j], kinds[j][1]
                     pos = _selection(*groups[p.site], c + a, p) % L  # token positions in the row
-                    jobs.append(_residual_job(st, a, c, s, pos, j, src_m, base_m, out, i, p))
+                    jobs.append(_residual_job(st, a, c, s, pos, j, src_m, base_m, out, i, p, tok))
             _run_jobs(*run[:2], [j for j in jobs if j is not None], *run[2:])
         bar.update(c)
     bar.close()
@@ -120,24 +121,28 @@ def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, inter
 
 
 def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src_m, base_m, out, item: int,
-                  patch: Patch):
+                  patch: Patch, tok: tuple[str, ...] = ()):
     """Patch ``pos`` (token positions) of base row ``c + a`` with source row ``a`` at the residual
     entering block ``start``: a resumed job (p, start, a, j, None, pos), or None when the patched
     residual is the source's or the base's own (its metric is then that run's). Nothing of size L
     is kept per job: the residual is built when its batch runs. After the last block (``start`` = N)
     only the last position reaches the logits. What the text model adds after blocks
     ``start − 1``… (DeepStack) moves with the patched positions (:func:`_injected`), as in the
-    full scheme (:func:`interp.patching.core.injection_edits`)."""
+    full scheme (:func:`interp.patching.core.injection_edits`); so do the per-token block inputs
+    ``tok`` of blocks ``start``… (Gemma3n's per-layer inputs: :meth:`Adapter.carried`)."""
     base, src = st.residual[start][c + a], st.residual[start][a]
     differs = (base != src).any(-1)  # (L,) positions where the two runs' residuals differ
     for x in st.injected[max(0, start - 1):]:  # or what is still to be added there
         if x is not None:
             differs |= (x[c + a] != x[a]).any(-1).to(differs.device)
+    for kw in st.kwargs[start:]:  # or a per-token input of a block still to come
+        for name in tok:
+            differs |= (kw[name][c + a] != kw[name][a]).any(-1).to(differs.device)
     patched = torch.zeros_like(differs)
     patched[pos.to(differs.device)] = True
     used = torch.zeros_like(differs)
     used[-1 if start == st.layers else slice(None)] = True
-    if not (differs & used & ~patched).any() and st.same_inputs(a, c + a, start, injected=False):
+    if not (differs & used & ~patched).any() and st.same_inputs(a, c + a, start, injected=False, skip=tok):
         out[(item, j)] = _row(item, patch, src_m[a], base_m[a], src_m[a])
         return None
     changed = (differs & patched & used).nonzero().flatten()
@@ -220,12 +225,17 @@ def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, s
         batch = sorted(batch, key=lambda jb: jb[1])
         p = min(jb[0] for jb in batch)
         rows = torch.tensor([c + jb[2] for jb in batch])
-        hidden = torch.stack([_hidden(st, c, jb, p) for jb in batch])
+        hidden = [_hidden(st, c, jb, p) for jb in batch]  # widths differ where lm.input is not block 0's input
         injected = None
         inj = lvlm.adapter.injections(lvlm.model)
         if inj and any(jb[6] or jb[5] is not None for jb in batch):  # patched DeepStack additions
             injected = {jj: torch.stack([_injected(st, c, jb, jj, p) for jb in batch]) for jj in inj}
-        logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p, injected)
+        tok = lvlm.adapter.token_inputs()
+        carried = {k: {name: torch.stack([_carried(st, c, jb, k, name, p) for jb in batch]) for name in tok}
+                   for k in range(min(jb[1] for jb in batch), st.layers)} if tok else None
+        kv = {s: tuple(torch.stack(x) for x in zip(*[_carried_kv(st, c, jb, s) for jb in batch]))
+              for s in set(lvlm.adapter.kv_sources(lvlm.model).values())} or None
+        logits = resume_lm(lvlm, st, rows, torch.tensor([jb[1] for jb in batch]), hidden, p, injected, carried, kv)
         corr = torch.stack([correct[items[jb[2]]] for jb in batch])
         metric = logit_diff(logits, corr, candidates).cpu()
         for jb, v in zip(batch, metric):
@@ -259,6 +269,34 @@ def _injected(st, c: int, job, jj: int, p: int) -> torch.Tensor:
     pos = pos.to(x.device)
     x[pos - p] = st.injected[jj][a][pos]
     return x
+
+
+def _carried(st, c: int, job, k: int, name: str, p: int) -> torch.Tensor:
+    """(L − p, …): block ``k``'s per-token input ``name`` for a job's row, positions p…: the base
+    row's, with the source's at the positions a residual patch moves when the patch comes before
+    block ``k`` (a row that starts at block 0 derives its own: :meth:`Adapter.enter`)."""
+    _, start, a, _, _, pos, _ = job
+    x = st.kwargs[k][name][c + a][p:]
+    if pos is None or k < start:
+        return x
+    x = x.clone()
+    pos = pos.to(x.device)
+    x[pos - p] = st.kwargs[k][name][a][pos]
+    return x
+
+
+def _carried_kv(st, c: int, job, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``s``'s (keys, values), each (kv_heads, L, head_dim), that a later block reuses for a
+    job's row when the row does not run block ``s`` (it starts after it): the base row's, with the
+    source's at the positions a residual patch after block ``s`` moves."""
+    _, start, a, _, _, pos, _ = job
+    K, V = st.kv[s]
+    if pos is None or start <= s:
+        return K[c + a], V[c + a]
+    K, V = K[c + a].clone(), V[c + a].clone()
+    pos = pos.to(K.device)
+    K[:, pos], V[:, pos] = st.kv[s][0][a][:, pos], st.kv[s][1][a][:, pos]
+    return K, V
 
 
 def _resume_check(lvlm, st, c: int, chunk) -> bool:

@@ -1,4 +1,4 @@
-"""Tiny Gemma3 and Gemma4."""
+"""Tiny Gemma3, Gemma3n and Gemma4."""
 from __future__ import annotations
 
 import torch
@@ -42,3 +42,10 @@ def build_gemma4(seed: int = 0):
     """Gemma4ForConditionalGeneration (:func:`interp.tiny.gemma4.build`: 8×8 pooled soft tokens on a 64 px probe)."""
     from interp.tiny.gemma4 import build
     return build(seed, tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>"))
+
+
+def build_gemma3n(seed: int = 0):
+    """Gemma3nForConditionalGeneration with a stand-in vision tower (:func:`interp.tiny.gemma3n.build`:
+    6×6 soft tokens on a 48 px probe, 4 AltUp streams, per-layer inputs, shared keys and values)."""
+    from interp.tiny.gemma3n import build
+    return build(seed)

@@ -1,0 +1,205 @@
+"""Gemma3n (Gemma3nForConditionalGeneration, e.g. gemma-3n-E4B-it): timm's MobileNetV5 as the vision
+tower (768 px → a 16×16 map of soft tokens), a soft-token embedder as the projector, and a Gemma3n
+LM with four AltUp residual streams, per-layer inputs, LAuReL, sliding/full attention layers (one
+rotary per layer type, named calls as Gemma3's) and layers that reuse earlier layers' keys and values.
+
+Shapes: n images, h×w = ``vision_soft_tokens_per_image`` soft tokens per image (16×16), Dv the
+tower's width, D the LM width, S = ``altup_num_inputs`` streams (4), N LM blocks, P
+``hidden_size_per_layer_input``.
+
+* ``lm.input`` is the text model's ``inputs_embeds`` (B, L, D): the embeddings with the image's
+  soft tokens scattered in. The text model derives everything else from it *before* block 0 and
+  outside every block — each layer's per-layer input (a projection of it plus a per-token table)
+  and the S streams (stream 0 is it, streams 1… projections of it) — so an edit there (AGCI,
+  patching) reaches all of them, as HF computes them.
+* ``lm.blocks.{i}`` / ``lm.blocks.{i}#input``: HF holds the block state as (S, B, L, D); every
+  runner sees it as (B, L, S·D) (:meth:`~interp.adapters.Adapter.merge_streams`). After the last
+  block the text model un-projects streams 1… and averages the S streams
+  (:meth:`Gemma3nAdapter.readout`) before ``lm.final_norm``.
+* ``lm.blocks.{i}#per_layer_input`` (B, L, P): what block i reads beside the streams. A residual
+  patch (``lm.input``, ``lm.blocks.{i}``) carries the source's per-layer inputs of the blocks still
+  to come at its tokens, as DeepStack features are carried on Qwen3-VL (:meth:`carried`).
+* Layers ``N − num_kv_shared_layers``… compute no keys and values: each reads those of the last
+  earlier layer of its type (:meth:`kv_sources`); a resumed run hands them over.
+* ``projector`` (``model.embed_vision``): the module also embeds the vision vocabulary's hard
+  tokens (a call with ``input_ids``) in every forward; ``projector`` and ``vision.out`` name its
+  soft-token call (``@image``) unless another is named (``projector@tokens``). ``vision.out``:
+  (n, h·w, Dv) the tower's map in raster order, scaled by √Dv; ``projector``: (n, h·w, D).
+  The tower is a convolutional network (timm): no canonical ``vision.blocks.{i}`` and no learned
+  position table (the vision-side position patch is refused); ``module:`` reaches its layers.
+* Attention over image tokens is causal (HF passes no bidirectional mask).
+
+Loading a checkpoint needs timm (and so torchvision) for the tower; without it
+:func:`interp.load` refuses in one line naming the fix. A model built in memory loads with any
+tower that keeps MobileNetV5's interface (the tiny one: :mod:`interp.tiny.gemma3n`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from interp.adapters.base import ChatFormat, MemoryFacts, View, get_module, projector_params, raster_fields
+from interp.adapters.gemma3 import Gemma3Adapter
+from interp.adapters.llava import LM, LM_SHAPES
+from spatialbias.errors import SpatialBiasError
+
+TEXT_MODEL = "model.language_model"
+
+
+class Gemma3nAdapter(Gemma3Adapter):
+    """Gemma3's rotary facts (one rotary per layer type); Gemma3n's streams, entry, readout,
+    per-layer inputs, shared keys and values and soft-token vision side."""
+
+    # ---------------------------------------------------------------- the LM's own structure
+    def lm_input_at(self):
+        return TEXT_MODEL, "inputs_embeds"
+
+    def streams(self, model):
+        return int(model.config.text_config.altup_num_inputs)
+
+    def _text(self, model):
+        return get_module(model, TEXT_MODEL)
+
+    def readout(self, model, h):
+        """(…, D) from the last block's (…, S·D): streams 1… un-projected and scaled to stream 0's
+        RMS, then the S streams averaged (HF's ``Gemma3nTextModel.forward`` after its layer loop)."""
+        tm, S = self._text(model), self.streams(model)
+        xs = h.unflatten(-1, (S, h.shape[-1] // S)).unbind(-2)
+        target = torch.mean(xs[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        out = [xs[0]]
+        for i in range(1, S):
+            x = tm.altup_unembed_projections[i - 1](xs[i]).to(xs[0].dtype)
+            new = torch.sqrt(torch.mean(x ** 2, dim=-1, keepdim=True).clamp(min=1e-5))
+            out.append(x * target / new)
+        return torch.stack(out).mean(0)
+
+    def entry_site(self):
+        return f"module:{TEXT_MODEL}#per_layer_inputs"
+
+    def enter(self, model, x, part):
+        """Block 0's input (R, Lq, S·D) — stream 0 is ``x`` (R, Lq, D), streams 1… its projections
+        scaled to its RMS — and every block's per-layer input (R, Lq, P): a projection of ``x`` plus
+        ``part`` (R, Lq, N, P), the per-token table's rows (``per_layer_inputs`` of the text model's
+        call). HF's ``Gemma3nTextModel.forward`` before its layer loop; all per token."""
+        tm, S = self._text(model), self.streams(model)
+        per_layer = tm.project_per_layer_inputs(x, part)
+        target = torch.mean(x ** 2, dim=-1, keepdim=True) ** 0.5
+        out = [x]
+        for i in range(1, S):
+            p = tm.altup_projections[i - 1](x).to(x.dtype)
+            out.append(p * target / torch.sqrt(torch.mean(p ** 2, dim=-1, keepdim=True).clamp(min=1e-5)))
+        blocks = [{"per_layer_input": per_layer[:, :, j]} for j in range(per_layer.shape[2])]
+        return self.merge_streams(torch.stack(out)), blocks
+
+    def token_inputs(self):
+        return ("per_layer_input",)
+
+    def kv_sources(self, model):
+        """{layer j → layer s}: layer j computes no keys and values and attends with those layer s
+        stored (the last earlier layer of its type: HF's ``kv_sharing_modes``)."""
+        tc = model.config.text_config
+        modes, types = list(tc.kv_sharing_modes), list(tc.layer_types)
+        out = {}
+        for j, mode in enumerate(modes):
+            if mode == "reuse":
+                out[j] = max(s for s in range(j) if modes[s] == "store" and types[s] == types[j])
+        return out
+
+    def reused_kv_kwargs(self, model, j, keys, values):
+        from transformers.cache_utils import KVSharingDict
+        return {"shared_kv_states": KVSharingDict({model.config.text_config.layer_types[j]: (keys, values)})}
+
+    def reused_kv_edit(self, model, j, fn):
+        t = model.config.text_config.layer_types[j]
+
+        def edit(store):  # the forward's KVSharingDict: the storing layer's (keys, values) per layer type
+            store[t] = tuple(fn(x) for x in store[t])
+            return store
+        return f"lm.blocks.{j}#shared_kv_states", edit
+
+    def block_kwargs(self, model):
+        """A fresh ``shared_kv_states`` store per resumed run (the storing layers write there)."""
+        from transformers.cache_utils import KVSharingDict
+        return {"shared_kv_states": KVSharingDict()}
+
+    # ---------------------------------------------------------------- calls
+    def call_label(self, site, args, kwargs):
+        """The rotary's calls by layer type; the embedder's by what it embeds (soft tokens: ``image``)."""
+        if site in ("projector", "vision.out"):
+            return "image" if kwargs.get("inputs_embeds") is not None else "tokens"
+        return super().call_label(site, args, kwargs)
+
+    def default_call(self, site):
+        return "image" if site in ("projector", "vision.out") else None
+
+    # ---------------------------------------------------------------- vision side
+    def layer_count(self, model, stack):
+        return 0 if stack == "vision" else super().layer_count(model, stack)
+
+    def _side(self, model) -> int:
+        n = int(model.config.vision_soft_tokens_per_image)
+        side = math.isqrt(n)
+        if side * side != n:
+            raise SpatialBiasError(f"vision_soft_tokens_per_image={n} is not a square grid; Gemma3n's tower makes one")
+        return side
+
+    def image_views(self, model, inputs):
+        side = self._side(model)
+        return [[View("soft", side, side)] for _ in range(inputs["pixel_values"].shape[0])]
+
+    def vision_fields(self, model, inputs, site):
+        if site not in ("vision.out", "projector"):
+            raise SpatialBiasError(f"{site}: Gemma3n's vision tower (timm) has no canonical token sites; use "
+                                   "vision.out, projector or a module: path")
+        side = self._side(model)
+        return [raster_fields(side, side)] * inputs["pixel_values"].shape[0], None
+
+    def vision_position_table(self, model):
+        return None
+
+    def vision_tokens(self, model, inputs):
+        return self._side(model) ** 2 * int(inputs["pixel_values"].shape[0])
+
+    def probe_canvas(self, config, image_processor):
+        size = getattr(image_processor, "size", None) or {}
+        return int(size.get("height", 768))
+
+    def load_requirements(self) -> str | None:
+        """Why a checkpoint cannot be loaded here (None: it can): the tower needs timm."""
+        if importlib.util.find_spec("timm") is None:
+            return ("its vision tower is timm's MobileNetV5 and timm is not installed (timm needs torchvision): "
+                    "install both as CPU/GPU wheels matching this torch, e.g. pip install timm torchvision "
+                    "--index-url https://download.pytorch.org/whl/cpu; or build the model in memory and pass it "
+                    "to interp.load(model, processor)")
+        return None
+
+    # ---------------------------------------------------------------- memory
+    def memory_profile(self, cfg, image_px=(768, 768)):
+        """``vision_soft_tokens_per_image`` soft tokens per image in the LM; through the tower the
+        same count is assumed (its convolutional stages hold more positions at lower widths; the
+        memory model's vision term is a lower bound here); 3 × 768² fp32 pixels; the embedder's
+        Dv·D projection; per LM block 4 width-D norms plus the per-layer-input norm, and q/k norms."""
+        n = int(cfg.get("vision_soft_tokens_per_image", 256))
+        return MemoryFacts(image_tokens=(n, n), pixel_bytes=3 * 768 * 768 * 4, projector_params=projector_params(cfg),
+                           block_norms=5, qk_norm=True, v_norm=True)
+
+
+SHAPES = {**LM_SHAPES,
+          "lm.input": "(B, L, D) the text model's inputs_embeds: embeddings with the soft tokens scattered in",
+          "lm.blocks.{i}": "(B, L, S·D) the S AltUp streams after block i (HF: (S, B, L, D))",
+          "lm.rotary": "(cos, sin), each (B, L, head_dim); one call per layer type (@sliding_attention, @full_attention)",
+          "vision.out": "(n, h·w, Dv) the tower's soft-token map in raster order, scaled by √Dv",
+          "projector": "(n, h·w, D) soft tokens in LM space"}
+
+GEMMA3N = Gemma3nAdapter(
+    name="gemma3n",
+    model_classes=("Gemma3nForConditionalGeneration",),
+    sites={"projector": "model.embed_vision", **LM},
+    shapes=SHAPES,
+    n_layers={"lm": "text_config.num_hidden_layers"},
+    prompt_marker="image_token",
+    model_types=("gemma3n",),
+    chat=ChatFormat("{marker}", "<start_of_turn>user\n{images}{text}<end_of_turn>\n<start_of_turn>model\n", ""),
+)
