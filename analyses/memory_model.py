@@ -174,9 +174,11 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
       block's attention map at its softmax (B·H·L²·(b + 8): the map, its fp32 copy and the fp32
       output) with 6 widths D alive, whichever is larger — one block's map, never all of them;
     * ``patching`` (resumed): ``rows`` // 2 = c items captured at once keep every block's residual
-      stream and keys/values, 2c·L·((N+1)·D + 2N·Dkv)·b, on top of the larger of the capture's
-      forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a resumed batch
-      of ``rows`` rows (a block's MLP, or its attention with the reused keys and values: 6 D + 4 Dkv);
+      stream and every attention block's keys/values at its own width, 2c·L·((N+1)·D + Σ 2·Dkv)·b
+      (:func:`lm_states_bytes`: Dkv per layer kind, none for a recurrent one), on top of the larger
+      of the capture's forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a
+      resumed batch of ``rows`` rows (a block's MLP, or its attention with the reused keys and
+      values at the widest kind's Dkv: 6 D + 4 Dkv);
     * ``attribution`` (``rows`` // 2 = g base rows through the graph, parameters frozen, the
       source rows without it): per base row, token and LM block the norms' fp32 inputs (8 bytes
       × D for Llama and Qwen) + (2 Dq + 2 D + 2 Dkv + 3 F)·b kept for the backward
@@ -188,7 +190,7 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
     b, B = s.bytes, max(1, rows)
     L, D, P = s.seq_len, s.width, s.vision_tokens
     Dv, Fv = s.vision_width, s.vision_ffn
-    Dkv = s.kv_heads * s.head_dim
+    Dkv = max((w for n, w in kv_widths(s) if n), default=s.kv_heads * s.head_dim)  # the widest kind's
 
     def fwd(n: int) -> float:
         vision = n * P * max(VISION_LIVE * Dv + 3 * Fv, s.vision_attn_live * Dv) * b
@@ -205,7 +207,7 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
         return int(max(fwd(B), att + kept_vision(B) + INPUT_COPIES * B * s.pixel_bytes))
     if kind == "patching":
         c = max(1, B // 2)
-        kept = 2 * c * L * ((s.lm_layers + 1) * D + 2 * s.lm_layers * Dkv) * b
+        kept = 2 * c * L * lm_states_bytes(s)
         resumed = B * L * max(LM_LIVE * D + s.mlp, ATTN_LIVE * D + 4 * Dkv) * b
         return int(kept + max(fwd(2 * c), resumed))
     if kind == "attribution":
@@ -246,6 +248,24 @@ def lm_blocks_saved(s: Shapes, sites: bool = True) -> int:
     declares (``Shapes.layer_kinds``) at its own count, the rest as :func:`lm_block_saved`."""
     other = s.lm_layers - sum(k.count for k in s.layer_kinds)
     return other * lm_block_saved(s, sites) + sum(k.count * lm_block_saved(s, sites, k) for k in s.layer_kinds)
+
+
+def kv_widths(s: Shapes) -> tuple[tuple[int, int], ...]:
+    """(LM blocks, Dkv) per block kind: Dkv = key/value heads × head size of the kind's attention
+    (the config's for blocks of no declared kind; :class:`interp.adapters.memory_facts.LayerKind`'s
+    own where it has them), 0 for a kind whose token mixer is no attention (it keeps no keys or values)."""
+    other = s.lm_layers - sum(k.count for k in s.layer_kinds)
+    return ((other, s.kv_heads * s.head_dim),) + tuple(
+        (k.count, (k.kv_heads or s.kv_heads) * (k.head_dim or s.head_dim) if k.attends else 0) for k in s.layer_kinds)
+
+
+def lm_states_bytes(s: Shapes) -> int:
+    """Bytes per token of one row that resumed patching's capture keeps
+    (:func:`interp.resume.capture_lm`'s ``LMStates``): the residual stream entering every LM block
+    and leaving the last, (N + 1)·D, and every attention block's keys and values, each
+    (kv_heads, head_dim) per token at its kind's own width, Σ over blocks 2·Dkv (:func:`kv_widths`;
+    none for a recurrent block, which resuming re-runs from position 0), all at b bytes."""
+    return int(((s.lm_layers + 1) * s.width + sum(2 * n * w for n, w in kv_widths(s))) * s.bytes)
 
 
 MIN_ROWS = {"patching": 3, "attribution": 2}

@@ -12,10 +12,15 @@
   q/k norms, and its q width ≠ D; Gemma4's v norm and full layers' own head size; Qwen3.5's
   output gate and DeltaNet layers; InternVL3.5's Qwen3 q/k norms; Gemma4's MoE block,
   ``enable_moe_block``, whose router and experts beside the dense MLP had no term);
+* resumed patching's kept term equals what :func:`interp.resume.capture_lm` keeps (residual
+  streams, keys/values at each layer kind's width, none for Gated DeltaNet) on the tiny Qwen3.5
+  and a tiny Gemma4 whose full layers' keys/values are wider than its sliding ones';
 * gemma-4-26B-A4B's config goes through the memory model and ``report --dry-run``;
 * ``spatialbias report`` at LLaVA-1.5-7B shapes fits 40 GiB (the README's claim);
 * the sharding section on the tiny models (accelerate CPU/disk split, logits equal).
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -222,6 +227,47 @@ def test_attribution_term_per_layer_kind(case, dtype):
         assert want == pytest.approx(got, rel=0.02), (i, got, want)
 
 
+def _gemma4_wide_full_layers():
+    """The tiny Gemma4 with its full-attention layer's keys and values twice the sliding layers'
+    (head_dim 64, one K=V head: 64 per token against 2 × 16), as 26B-A4B's differ (1024 against
+    2048); the tiny model's own widths are equal (32 and 2 × 16), which the old term got right."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    model, proc = tiny.build_gemma4()
+    d = model.config.to_dict()
+    d["text_config"].pop("per_layer_config")
+    d["text_config"].update(global_head_dim=64, num_global_key_value_heads=1)
+    torch.manual_seed(0)
+    return Gemma4ForConditionalGeneration(Gemma4Config.from_dict(d)).eval(), proc
+
+
+@pytest.mark.parametrize("case", ["qwen35", "gemma4_wide"])
+def test_patching_term_is_what_the_capture_keeps(case):
+    """Resumed patching's kept term per token and row (:func:`analyses.memory_model.lm_states_bytes`)
+    equals the bytes of the residual streams and keys/values :func:`interp.resume.capture_lm` keeps:
+    every attention block's at its own kind's width, none for Qwen3.5's Gated DeltaNet blocks (the
+    old term, (N + 1)·D + 2N·Dkv, priced every block at the config's Dkv: 2560 bytes per token and
+    row against the 1536 the tiny Qwen3.5 keeps, 1792 against 2048 on this Gemma4)."""
+    import interp
+    from interp.resume import capture_lm
+    model, proc = _gemma4_wide_full_layers() if case == "gemma4_wide" else tiny.BUILDERS[case]()
+    m = interp.load(model, proc)
+    x = m.inputs([tiny.image(64, 64), tiny.image(40, 48)], [m.prompt("what is this ?")] * 2)
+    _, st = capture_lm(m, x)
+    B, L = st.residual[0].shape[:2]
+    kept = sum(r.numel() * r.element_size() for r in st.residual)
+    kept += sum(t.numel() * t.element_size() for kv in st.kv if kv is not None for t in kv)
+    s = estimate.Shapes.from_config(model.config.to_dict())
+    assert estimate.lm_states_bytes(s) == kept / (B * L)
+    old = ((s.lm_layers + 1) * s.width + 2 * s.lm_layers * s.kv_heads * s.head_dim) * s.bytes
+    assert old != kept / (B * L)
+    # the patching profile's peak carries it: 2 rows (one item) keep 2·L tokens' worth more or less
+    # than with every block priced at the config's width (the rest of the peak is the same here)
+    flat = replace(s, layer_kinds=())
+    assert estimate.lm_states_bytes(flat) == old
+    assert (estimate.activation_peak(s, "patching", 2) - estimate.activation_peak(flat, "patching", 2)
+            == 2 * s.seq_len * (kept / (B * L) - old))
+
+
 def _gemma4_26b_a4b_config():
     """gemma-4-26B-A4B's shapes (its published config.json: 30 LM layers 2816 wide, a full-attention
     layer every 6th with head_dim 512 and 2 K=V heads, sliding ones 256 × 8 heads; 128 experts 704
@@ -243,7 +289,8 @@ def _gemma4_26b_a4b_config():
 def test_gemma4_26b_a4b_through_the_memory_model(tmp_path):
     """26B-A4B's config goes through the adapter's facts and ``report --dry-run``: every expert's
     parameters are counted (≈ 25.6 B, 47.6 GiB in bf16; 5.1 GiB when the experts had no term), the
-    MoE term is in each block's autograd count."""
+    MoE term is in each block's autograd count, and the patching term keeps 25 sliding layers'
+    keys/values at 2 × 8 × 256 and 5 full ones' at 2 × 2 × 512 (not all 30 at the sliding width)."""
     import subprocess
     import sys
     cfg = _gemma4_26b_a4b_config()
@@ -252,6 +299,7 @@ def test_gemma4_26b_a4b_through_the_memory_model(tmp_path):
     D, k, Fe, F, E = 2816, 8, 704, 2112, 128
     assert (s.mlp_saved, s.mlp_fp32, s.mlp_fp32_upcast) == (3 * F + 3 * k * Fe + k * D + k, 2 * D + E + 10 * k + 1,
                                                            2 * D)
+    assert estimate.lm_states_bytes(s) == (31 * D + 2 * (25 * 8 * 256 + 5 * 2 * 512)) * 2
     cfg.save_pretrained(tmp_path / "a4b")
     r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", str(tmp_path / "a4b"), "--dry-run",
                         "--dtype", "bfloat16", "--max-memory", "80GiB", "--out", str(tmp_path / "o")],

@@ -294,7 +294,7 @@ def moe_facts(t: dict) -> dict:
     if not t.get("enable_moe_block"):
         return {}
     D, F, n = int(t["hidden_size"]), int(t["intermediate_size"]), int(t["num_hidden_layers"])
-    E, k, Fe = int(t.get("num_experts") or 0), int(t.get("top_k_experts") or 0), int(t.get("moe_intermediate_size") or 0)
+    E, k, Fe = (int(t.get(key) or 0) for key in ("num_experts", "top_k_experts", "moe_intermediate_size"))
     if not (E and k and Fe):
         raise SpatialBiasError(f"Gemma4 config with enable_moe_block needs num_experts, top_k_experts and "
                                f"moe_intermediate_size (got {E or None}, {k or None}, {Fe or None})")

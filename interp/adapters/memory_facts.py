@@ -50,13 +50,19 @@ class LayerKind:
     (``mixer_fp32`` not None; Qwen3.5's Gated DeltaNet): then per token the mixer keeps
     ``mixer_fp32`` elements in fp32, ``mixer_model`` at the model dtype and ``mixer_fp32_only``
     more when the model dtype is fp32 (casts to fp32 that are then no-ops leave copies apart),
-    in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's."""
+    in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's.
+    Such a block keeps no keys or values (:attr:`attends`): resuming re-runs it from position 0."""
     count: int
     head_dim: int | None = None
     kv_heads: int | None = None
     mixer_fp32: int | None = None
     mixer_model: int = 0
     mixer_fp32_only: int = 0
+
+    @property
+    def attends(self) -> bool:
+        """Whether the blocks' token mixer is attention (they have keys and values)."""
+        return self.mixer_fp32 is None
 
 
 def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
