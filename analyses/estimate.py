@@ -17,8 +17,8 @@ import pandas as pd
 
 import analyses.kinds  # noqa: F401  (registers the analyses whose costs and profiles it reads)
 from analyses.memory_model import (DTYPE_BYTES, MIN_ROWS, TEXT_TOKENS, Shapes, activation_peak,  # noqa: F401
-                                   analysis_profiles, choose_rows, gib, lm_block_saved, lm_blocks_saved,
-                                   profiles)
+                                   analysis_profiles, choose_rows, gib, kv_widths, lm_block_saved,
+                                   lm_blocks_saved, lm_states_bytes, profiles)
 from analyses.placement import device_peaks
 from analyses.plan import Condition, Plan
 from analyses.store import Store

@@ -56,10 +56,10 @@ q and output (2 Dq, Dq = heads × head dim, D but for Gemma3) plus, for the attr
 gradient returned for it (2 D); SDPA's k and v at the key/value width (2 Dkv: not repeated for
 grouped-query attention); SiLU's input and the gate·up product's two factors (3 F). Counted with
 saved-tensor hooks on one block of every LM block class (Llama, Qwen2, Qwen3, Gemma3, Qwen3-VL and
-its MoE, Gemma4's two layer kinds, Qwen3.5's gated attention and Gated DeltaNet: the adapters'
-``MemoryFacts.v_norm``, ``attn_gate``, ``lm_layer_kinds``) in fp32 and bf16 (within 2 %), and per
-layer in the bench section ``memory`` (docs/benchmarks.md). A vision block keeps 6 Dv + 3 Fv
-(CLIP keeps 6 Dv + 2 Fv: an over-estimate there)."""
+its MoE, Gemma4's two layer kinds and its MoE block, Qwen3.5's gated attention and Gated DeltaNet:
+the adapters' ``MemoryFacts.v_norm``, ``attn_gate``, ``lm_layer_kinds``, ``lm_mlp_fp32``) in fp32
+and bf16 (within 2 %), and per layer in the bench section ``memory`` (docs/benchmarks.md). A
+vision block keeps 6 Dv + 3 Fv (CLIP keeps 6 Dv + 2 Fv: an over-estimate there)."""
 GRAD_SAVED_DV, GRAD_SAVED_FV = 6.0, 3.0
 
 
@@ -96,6 +96,8 @@ class Shapes:
     v_norm: bool = False
     attn_gate: bool = False
     layer_kinds: tuple = ()
+    mlp_fp32: int = 0
+    mlp_fp32_upcast: int = 0
 
     @property
     def mlp(self) -> int:
@@ -128,7 +130,8 @@ class Shapes:
                 vision_attn_live=facts.vision_attn_live, block_norms=facts.block_norms, qk_norm=facts.qk_norm,
                 pixel_bytes=facts.pixel_bytes, mlp_live=facts.lm_mlp_live or 0,
                 mlp_saved=facts.lm_mlp_saved or 0, v_norm=facts.v_norm, attn_gate=facts.attn_gate,
-                layer_kinds=tuple(facts.lm_layer_kinds))
+                layer_kinds=tuple(facts.lm_layer_kinds), mlp_fp32=facts.lm_mlp_fp32,
+                mlp_fp32_upcast=facts.lm_mlp_fp32_upcast)
         return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
 
     def param_count(self, cfg: dict) -> int:
@@ -171,20 +174,23 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
       block's attention map at its softmax (B·H·L²·(b + 8): the map, its fp32 copy and the fp32
       output) with 6 widths D alive, whichever is larger — one block's map, never all of them;
     * ``patching`` (resumed): ``rows`` // 2 = c items captured at once keep every block's residual
-      stream and keys/values, 2c·L·((N+1)·D + 2N·Dkv)·b, on top of the larger of the capture's
-      forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a resumed batch
-      of ``rows`` rows (a block's MLP, or its attention with the reused keys and values: 6 D + 4 Dkv);
+      stream and every attention block's keys/values at its own width, 2c·L·((N+1)·D + Σ 2·Dkv)·b
+      (:func:`lm_states_bytes`: Dkv per layer kind, none for a recurrent one), on top of the larger
+      of the capture's forward (2c rows; the forwards that stop at ``lm.input`` are no larger) and a
+      resumed batch of ``rows`` rows (a block's MLP, or its attention with the reused keys and
+      values at the widest kind's Dkv: 6 D + 4 Dkv);
     * ``attribution`` (``rows`` // 2 = g base rows through the graph, parameters frozen, the
       source rows without it): per base row, token and LM block the norms' fp32 inputs (8 bytes
       × D for Llama and Qwen) + (2 Dq + 2 D + 2 Dkv + 3 F)·b kept for the backward
-      (:func:`lm_block_saved`; blocks of another kind, e.g. Gated DeltaNet, their own: :func:`lm_blocks_saved`),
+      (:func:`lm_block_saved`; a MoE MLP its own count for 3 F, with its fp32 part; blocks of another
+      kind, e.g. Gated DeltaNet, their own: :func:`lm_blocks_saved`),
       per vision token and block 6 Dv + 3 Fv when the sites reach into the vision tower, plus
       the forward of the step.
     """
     b, B = s.bytes, max(1, rows)
     L, D, P = s.seq_len, s.width, s.vision_tokens
     Dv, Fv = s.vision_width, s.vision_ffn
-    Dkv = s.kv_heads * s.head_dim
+    Dkv = max((w for n, w in kv_widths(s) if n), default=s.kv_heads * s.head_dim)  # the widest kind's
 
     def fwd(n: int) -> float:
         vision = n * P * max(VISION_LIVE * Dv + 3 * Fv, s.vision_attn_live * Dv) * b
@@ -201,7 +207,7 @@ def activation_peak(s: Shapes, kind: str, rows: int, vision_sites: bool = True) 
         return int(max(fwd(B), att + kept_vision(B) + INPUT_COPIES * B * s.pixel_bytes))
     if kind == "patching":
         c = max(1, B // 2)
-        kept = 2 * c * L * ((s.lm_layers + 1) * D + 2 * s.lm_layers * Dkv) * b
+        kept = 2 * c * L * lm_states_bytes(s)
         resumed = B * L * max(LM_LIVE * D + s.mlp, ATTN_LIVE * D + 4 * Dkv) * b
         return int(kept + max(fwd(2 * c), resumed))
     if kind == "attribution":
@@ -217,20 +223,24 @@ def lm_block_saved(s: Shapes, sites: bool = True, kind=None) -> int:
     """Bytes autograd keeps per token of one LM block with frozen parameters (see
     :data:`GRAD_SAVED_D`); ``sites``: with the 2 D the attribution sites keep beside it; ``kind``:
     a block of another kind (:class:`interp.adapters.memory_facts.LayerKind`: its own head size
-    and key/value heads, or a token mixer that is no attention), None: the config-wide block."""
-    mlp = s.mlp_saved or GRAD_SAVED_F * s.ffn  # a MoE block's own count (MemoryFacts.lm_mlp_saved)
+    and key/value heads, or a token mixer that is no attention), None: the config-wide block. The
+    MLP part: 3 F at the model dtype, or a MoE block's own elements at the model dtype and at 4
+    bytes (:attr:`Shapes.mlp_saved`, :attr:`~Shapes.mlp_fp32`, and :attr:`~Shapes.mlp_fp32_upcast`
+    below fp32: Gemma4's router, experts and their norms beside its dense MLP)."""
+    mlp = (s.mlp_saved or GRAD_SAVED_F * s.ffn) * s.bytes
+    mlp += GRAD_NORM_BYTES * (s.mlp_fp32 + (s.mlp_fp32_upcast if s.bytes < 4 else 0))
     site = 2 * s.width if sites else 0
     if kind is not None and kind.mixer_fp32 is not None:
         fp32 = kind.mixer_fp32 + (kind.mixer_fp32_only if s.bytes == 4 else 0)
-        return int(GRAD_NORM_BYTES * (s.block_norms * s.width + fp32) + (kind.mixer_model + site + mlp) * s.bytes)
+        return int(GRAD_NORM_BYTES * (s.block_norms * s.width + fp32) + (kind.mixer_model + site) * s.bytes + mlp)
     if kind is not None:
         s = replace(s, head_dim=kind.head_dim or s.head_dim, kv_heads=kind.kv_heads or s.kv_heads)
     Dq, Dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     qk = (Dq + Dkv + (Dq if s.attn_gate and s.bytes == 4 else 0)) if s.qk_norm else 0
     norms = GRAD_NORM_BYTES * (s.block_norms * s.width + qk + (Dkv if s.v_norm else 0))
     gate = 2 * Dq if s.attn_gate else 0
-    widths = (GRAD_SAVED_D - 2) * Dq + site + GRAD_SAVED_KV * Dkv + gate + mlp
-    return int(norms + widths * s.bytes)
+    widths = (GRAD_SAVED_D - 2) * Dq + site + GRAD_SAVED_KV * Dkv + gate
+    return int(norms + widths * s.bytes + mlp)
 
 
 def lm_blocks_saved(s: Shapes, sites: bool = True) -> int:
@@ -238,6 +248,24 @@ def lm_blocks_saved(s: Shapes, sites: bool = True) -> int:
     declares (``Shapes.layer_kinds``) at its own count, the rest as :func:`lm_block_saved`."""
     other = s.lm_layers - sum(k.count for k in s.layer_kinds)
     return other * lm_block_saved(s, sites) + sum(k.count * lm_block_saved(s, sites, k) for k in s.layer_kinds)
+
+
+def kv_widths(s: Shapes) -> tuple[tuple[int, int], ...]:
+    """(LM blocks, Dkv) per block kind: Dkv = key/value heads × head size of the kind's attention
+    (the config's for blocks of no declared kind; :class:`interp.adapters.memory_facts.LayerKind`'s
+    own where it has them), 0 for a kind whose token mixer is no attention (it keeps no keys or values)."""
+    other = s.lm_layers - sum(k.count for k in s.layer_kinds)
+    return ((other, s.kv_heads * s.head_dim),) + tuple(
+        (k.count, (k.kv_heads or s.kv_heads) * (k.head_dim or s.head_dim) if k.attends else 0) for k in s.layer_kinds)
+
+
+def lm_states_bytes(s: Shapes) -> int:
+    """Bytes per token of one row that resumed patching's capture keeps
+    (:func:`interp.resume.capture_lm`'s ``LMStates``): the residual stream entering every LM block
+    and leaving the last, (N + 1)·D, and every attention block's keys and values, each
+    (kv_heads, head_dim) per token at its kind's own width, Σ over blocks 2·Dkv (:func:`kv_widths`;
+    none for a recurrent block, which resuming re-runs from position 0), all at b bytes."""
+    return int(((s.lm_layers + 1) * s.width + sum(2 * n * w for n, w in kv_widths(s))) * s.bytes)
 
 
 MIN_ROWS = {"patching": 3, "attribution": 2}

@@ -5,15 +5,22 @@
   hooks, fp32 and bf16, frozen parameters, within 2 %) on one block of each LM block class:
   ``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ``Gemma3DecoderLayer``, ``Qwen3DecoderLayer``
   (InternVL3.5's LM), ``Qwen3VLTextDecoderLayer``, ``Qwen3VLMoeTextDecoderLayer``,
-  ``Gemma4TextDecoderLayer`` (a sliding and a full-attention layer) and ``Qwen3_5DecoderLayer``
+  ``Gemma4TextDecoderLayer`` (a sliding and a full-attention layer, dense and MoE) and ``Qwen3_5DecoderLayer``
   (a Gated DeltaNet and a gated full-attention layer), Qwen2 blocks also under InternVL's and
   LLaVA-OneVision's model_type (their adapters route the facts): the bugs this catches are the
   ones found (the norms' fp32 inputs counted at the model dtype; Gemma3's four norms and per-head
   q/k norms, and its q width ≠ D; Gemma4's v norm and full layers' own head size; Qwen3.5's
-  output gate and DeltaNet layers; InternVL3.5's Qwen3 q/k norms);
+  output gate and DeltaNet layers; InternVL3.5's Qwen3 q/k norms; Gemma4's MoE block,
+  ``enable_moe_block``, whose router and experts beside the dense MLP had no term);
+* resumed patching's kept term equals what :func:`interp.resume.capture_lm` keeps (residual
+  streams, keys/values at each layer kind's width, none for Gated DeltaNet) on the tiny Qwen3.5
+  and a tiny Gemma4 whose full layers' keys/values are wider than its sliding ones';
+* gemma-4-26B-A4B's config goes through the memory model and ``report --dry-run``;
 * ``spatialbias report`` at LLaVA-1.5-7B shapes fits 40 GiB (the README's claim);
 * the sharding section on the tiny models (accelerate CPU/disk split, logits equal).
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -154,18 +161,25 @@ def _qwen3_vl(L, dtype):
         x, pos[None].expand(3, *pos.shape))})]
 
 
-def _gemma4(L, dtype):
+def _gemma4(L, dtype, **moe):
     import transformers
     from transformers.models.gemma4 import modeling_gemma4 as hf
     cfg = transformers.Gemma4TextConfig(
         hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=64, global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True,
-        layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0, num_kv_shared_layers=0)
-    cfg._attn_implementation = "sdpa"
+        layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+        **moe)
+    cfg._attn_implementation, cfg._experts_implementation = "sdpa", "grouped_mm"
     rot = hf.Gemma4TextRotaryEmbedding(cfg)
     return cfg, [(i, _frozen(hf.Gemma4TextDecoderLayer(cfg, i), dtype),
                   lambda x, pos, k=k: {"position_embeddings": rot(x, pos, k), "shared_kv_states": {}})
                  for i, k in enumerate(cfg.layer_types)]
+
+
+def _gemma4_moe(L, dtype):
+    """Gemma4's MoE block (26B-A4B's ``enable_moe_block``): the dense MLP, then a router and the top
+    4 of 16 experts 128 wide (HF's default grouped_mm) on the same input, beside both layer kinds."""
+    return _gemma4(L, dtype, enable_moe_block=True, num_experts=16, top_k_experts=4, moe_intermediate_size=128)
 
 
 def _qwen3_5(L, dtype):
@@ -187,6 +201,7 @@ def _qwen3_5(L, dtype):
 KINDS = {  # case: (top-level model_type, builder, tokens); each builder's blocks are checked one by one
     "qwen3_vl": ("qwen3_vl", _qwen3_vl, 40),  # q/k norms, interleaved M-RoPE
     "gemma4": ("gemma4", _gemma4, 40),  # sliding (head_dim 64, 2 KV heads) and full (128, 1 K=V head) layers
+    "gemma4_moe": ("gemma4", _gemma4_moe, 40),  # the same with router and experts beside the dense MLP
     # Gated DeltaNet (block 0) at whole 64-token chunks of its scan; gated full attention (block 1)
     "qwen3_5": ("qwen3_5", _qwen3_5, 128),
 }
@@ -210,6 +225,110 @@ def test_attribution_term_per_layer_kind(case, dtype):
         got = _saved_bytes_per_token(layer, x, attention_mask=None, position_ids=pos, **extra(x, pos))
         want = _predicted_block(model_type, cfg.to_dict(), i, name)
         assert want == pytest.approx(got, rel=0.02), (i, got, want)
+
+
+def _gemma4_wide_full_layers():
+    """The tiny Gemma4 with its full-attention layer's keys and values twice the sliding layers'
+    (head_dim 64, one K=V head: 64 per token against 2 × 16), as 26B-A4B's differ (1024 against
+    2048); the tiny model's own widths are equal (32 and 2 × 16), which the old term got right."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    model, proc = tiny.build_gemma4()
+    d = model.config.to_dict()
+    d["text_config"].pop("per_layer_config")
+    d["text_config"].update(global_head_dim=64, num_global_key_value_heads=1)
+    torch.manual_seed(0)
+    return Gemma4ForConditionalGeneration(Gemma4Config.from_dict(d)).eval(), proc
+
+
+@pytest.mark.parametrize("case", ["qwen35", "gemma4_wide"])
+def test_patching_term_is_what_the_capture_keeps(case):
+    """Resumed patching's kept term per token and row (:func:`analyses.memory_model.lm_states_bytes`)
+    equals the bytes of the residual streams and keys/values :func:`interp.resume.capture_lm` keeps:
+    every attention block's at its own kind's width, none for Qwen3.5's Gated DeltaNet blocks (the
+    old term, (N + 1)·D + 2N·Dkv, priced every block at the config's Dkv: 2560 bytes per token and
+    row against the 1536 the tiny Qwen3.5 keeps, 1792 against 2048 on this Gemma4)."""
+    import interp
+    from interp.resume import capture_lm
+    model, proc = _gemma4_wide_full_layers() if case == "gemma4_wide" else tiny.BUILDERS[case]()
+    m = interp.load(model, proc)
+    x = m.inputs([tiny.image(64, 64), tiny.image(40, 48)], [m.prompt("what is this ?")] * 2)
+    _, st = capture_lm(m, x)
+    B, L = st.residual[0].shape[:2]
+    kept = sum(r.numel() * r.element_size() for r in st.residual)
+    kept += sum(t.numel() * t.element_size() for kv in st.kv if kv is not None for t in kv)
+    s = estimate.Shapes.from_config(model.config.to_dict())
+    assert estimate.lm_states_bytes(s) == kept / (B * L)
+    old = ((s.lm_layers + 1) * s.width + 2 * s.lm_layers * s.kv_heads * s.head_dim) * s.bytes
+    assert old != kept / (B * L)
+    # the patching profile's peak carries it: 2 rows (one item) keep 2·L tokens' worth more or less
+    # than with every block priced at the config's width (the rest of the peak is the same here)
+    flat = replace(s, layer_kinds=())
+    assert estimate.lm_states_bytes(flat) == old
+    assert (estimate.activation_peak(s, "patching", 2) - estimate.activation_peak(flat, "patching", 2)
+            == 2 * s.seq_len * (kept / (B * L) - old))
+
+
+def _gemma4_26b_a4b_config():
+    """gemma-4-26B-A4B's shapes (its published config.json: 30 LM layers 2816 wide, a full-attention
+    layer every 6th with head_dim 512 and 2 K=V heads, sliding ones 256 × 8 heads; 128 experts 704
+    wide, top 8, beside a 2112-wide dense MLP; a 27-block 1152-wide vision tower)."""
+    from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
+    tc = Gemma4TextConfig(hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
+                          num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
+                          attention_k_eq_v=True, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                          moe_intermediate_size=704, sliding_window=1024, vocab_size=262144,
+                          layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
+                          hidden_size_per_layer_input=0, num_kv_shared_layers=0, final_logit_softcapping=30.0)
+    vc = Gemma4VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                            num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3)
+    cfg = Gemma4Config(text_config=tc, vision_config=vc, audio_config=None)
+    cfg.architectures = ["Gemma4ForConditionalGeneration"]
+    return cfg
+
+
+def test_gemma4_26b_a4b_through_the_memory_model(tmp_path):
+    """26B-A4B's config goes through the adapter's facts and ``report --dry-run``: every expert's
+    parameters are counted (≈ 25.6 B, 47.6 GiB in bf16; 5.1 GiB when the experts had no term), the
+    MoE term is in each block's autograd count, and the patching term keeps 25 sliding layers'
+    keys/values at 2 × 8 × 256 and 5 full ones' at 2 × 2 × 512 (not all 30 at the sliding width)."""
+    import subprocess
+    import sys
+    cfg = _gemma4_26b_a4b_config()
+    s = estimate.Shapes.from_config(cfg.to_dict(), "bfloat16")
+    assert 47 * 2 ** 30 < s.weights < 48.5 * 2 ** 30
+    D, k, Fe, F, E = 2816, 8, 704, 2112, 128
+    assert (s.mlp_saved, s.mlp_fp32, s.mlp_fp32_upcast) == (3 * F + 3 * k * Fe + k * D + k, 2 * D + E + 10 * k + 1,
+                                                           2 * D)
+    assert estimate.lm_states_bytes(s) == (31 * D + 2 * (25 * 8 * 256 + 5 * 2 * 512)) * 2
+    cfg.save_pretrained(tmp_path / "a4b")
+    r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", str(tmp_path / "a4b"), "--dry-run",
+                        "--dtype", "bfloat16", "--max-memory", "80GiB", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
+    values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
+    assert all(47 < v <= 80 for v in values), peaks
+
+
+def test_gemma4_moe_facts_count_hf_parameters_and_refuse_a_partial_config():
+    """The MoE block's parameters (dense MLP, router, experts) equal HF's module's; a config with
+    ``enable_moe_block`` but no expert count is one error line."""
+    import transformers
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+
+    from interp.adapters.gemma4 import moe_facts
+    from spatialbias.errors import SpatialBiasError
+    cfg = transformers.Gemma4TextConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, global_head_dim=64, layer_types=["sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=24)
+    layer = hf.Gemma4TextDecoderLayer(cfg, 0)
+    mlp = sum(p.numel() for mod in (layer.mlp, layer.router, layer.experts) for p in mod.parameters())
+    assert moe_facts(cfg.to_dict())["lm_mlp_params"] == 2 * mlp
+    assert moe_facts({**cfg.to_dict(), "enable_moe_block": False}) == {}
+    with pytest.raises(SpatialBiasError, match="needs num_experts") as e:
+        moe_facts({**cfg.to_dict(), "num_experts": None})
+    assert "\n" not in str(e.value)
 
 
 def test_report_at_llava_7b_shapes_fits_40_gib():

@@ -201,16 +201,18 @@ class Gemma4Adapter(Gemma3Adapter):
         (h/k)(w/k) LM tokens, P = 280·k² patch slots through the tower (padding included),
         P·3p² fp32 pixels; the projector one Linear Dv → D; Gemma's 4 norms per block, q/k norms
         and the scale-free v norm; full-attention layers at their own head size and key/value
-        heads (:func:`layer_kinds`)."""
+        heads (:func:`layer_kinds`); with ``enable_moe_block`` (26B-A4B) the router and experts
+        beside every block's dense MLP (:func:`moe_facts`)."""
         from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
         v = cfg.get("vision_config", {}) or {}
         p, k = int(v.get("patch_size", 16)), int(v.get("pooling_kernel_size", 3))
         P = MAX_SOFT_TOKENS * k * k
         H, W = get_aspect_ratio_preserving_size(int(image_px[0]), int(image_px[1]), p, P, k)
-        D = int(text_keys(cfg.get("text_config", {}))["hidden_size"])
+        t = text_keys(cfg.get("text_config", {}) or {})
+        D = int(t["hidden_size"])
         return MemoryFacts(image_tokens=((H // p // k) * (W // p // k), P), pixel_bytes=P * 3 * p * p * 4,
                            projector_params=int(v.get("hidden_size", 768)) * D, block_norms=4, qk_norm=True,
-                           v_norm=True, lm_layer_kinds=layer_kinds(cfg.get("text_config", {}) or {}))
+                           v_norm=True, lm_layer_kinds=layer_kinds(t), **moe_facts(t))
 
     def load_processor(self, src, trust_remote_code=False):
         """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's
@@ -269,4 +271,40 @@ def layer_kinds(t: dict) -> tuple[LayerKind, ...]:
     return tuple(LayerKind(c, head_dim=hd, kv_heads=kv) for (hd, kv), c in sorted(counts.items(), key=str))
 
 
-__all__ = ["GEMMA4", "Gemma4Adapter", "image_only_processor", "layer_kinds", "soft_grid"]
+def moe_facts(t: dict) -> dict:
+    """The MLP facts of a Gemma4 LM with ``enable_moe_block`` (every block: the dense MLP, then a
+    router and ``num_experts`` = E experts of width ``moe_intermediate_size`` = Fe, top
+    ``top_k_experts`` = k per token, on the block's MLP input; the two outputs, each normed, are
+    summed), as :class:`MemoryFacts` keyword arguments; {} for a dense LM. Per token, with frozen
+    parameters and HF's default ``grouped_mm`` experts, autograd keeps (counted with saved-tensor
+    hooks, tests/test_bench_scale.py) beside the dense MLP's 3 F at the model dtype:
+
+    * the experts' 3 k·Fe (gate·up output, the activation of the gate) and k·D (their outputs,
+      before the routing weights multiply them) and the k gathered per-expert scales, model dtype;
+    * at 4 bytes: the fp32 inputs of the two new norms on fresh tensors (the experts' output and
+      the sum, 2 D; the dense output's norm stands where the dense block's post-MLP norm was),
+      the router's fp32 softmax (E), top-k indices (int64, 2k), weights and their sum (k + 1),
+      the expert sort's three int64 permutations (6k) and the sorted weights (k);
+    * below fp32, 2 D more: the router's and the experts' pre-norms each keep an fp32 copy of the
+      MLP input (in fp32 it is the tensor the dense MLP's pre-norm keeps already).
+
+    HF's ``eager`` experts loop (``experts_implementation="eager"``) keeps about k·D more at the
+    model dtype: 4062 / 2014 bytes per token more on the test's block (D = 256, k = 4; fp32 / bf16),
+    which this term does not count.
+
+    Live at the MLP's peak (not measured): the dense output, its normed copy and the experts'
+    normed input (3 D) plus the experts' max(k(D + 3 Fe), 4 k·D) (as Qwen3-VL-MoE's), or 3 F;
+    parameters per block 3 D·F + E·(3 D·Fe + D) + D + E (dense MLP, experts, router)."""
+    if not t.get("enable_moe_block"):
+        return {}
+    D, F, n = int(t["hidden_size"]), int(t["intermediate_size"]), int(t["num_hidden_layers"])
+    E, k, Fe = (int(t.get(key) or 0) for key in ("num_experts", "top_k_experts", "moe_intermediate_size"))
+    if not (E and k and Fe):
+        raise SpatialBiasError(f"Gemma4 config with enable_moe_block needs num_experts, top_k_experts and "
+                               f"moe_intermediate_size (got {E or None}, {k or None}, {Fe or None})")
+    return {"lm_mlp_saved": 3 * F + 3 * k * Fe + k * D + k, "lm_mlp_fp32": 2 * D + E + 10 * k + 1,
+            "lm_mlp_fp32_upcast": 2 * D, "lm_mlp_live": max(3 * F, 3 * D + max(k * (D + 3 * Fe), 4 * k * D)),
+            "lm_mlp_params": n * (3 * D * F + E * (3 * D * Fe + D) + D + E)}
+
+
+__all__ = ["GEMMA4", "Gemma4Adapter", "image_only_processor", "layer_kinds", "moe_facts", "soft_grid"]

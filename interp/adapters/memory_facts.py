@@ -20,8 +20,13 @@ class MemoryFacts:
     norm's input is a view of the fused q·gate projection, so its whole 2 Dq stays);
     ``projector_params``: parameters of the projector. MoE LMs (None: dense, 3 F each): elements per
     token live at an LM MLP's peak (``lm_mlp_live``) and kept by autograd (``lm_mlp_saved``);
-    ``lm_mlp_params``: all LM MLPs' parameters (every expert). ``lm_layer_kinds``: LM blocks whose
-    autograd facts differ from the config-wide ones (:class:`LayerKind`); the other blocks have those."""
+    ``lm_mlp_params``: all LM MLPs' parameters (every expert). ``lm_mlp_fp32``: elements per token
+    an LM block's MLP part keeps for autograd at 4 bytes whatever the model dtype, beside
+    ``lm_mlp_saved`` at the model dtype (fp32 inputs of norms there, router probabilities and
+    weights; an int64 index counts as 2); ``lm_mlp_fp32_upcast``: more of them when the model dtype
+    is below fp32 (an fp32 copy of a tensor that, in an fp32 model, is one another norm keeps
+    already; Gemma4's MoE block). ``lm_layer_kinds``: LM blocks whose autograd facts differ from the
+    config-wide ones (:class:`LayerKind`); the other blocks have those."""
     image_tokens: tuple[int, int]
     pixel_bytes: int
     projector_params: int
@@ -34,6 +39,8 @@ class MemoryFacts:
     v_norm: bool = False
     attn_gate: bool = False
     lm_layer_kinds: tuple["LayerKind", ...] = ()
+    lm_mlp_fp32: int = 0
+    lm_mlp_fp32_upcast: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,13 +50,19 @@ class LayerKind:
     (``mixer_fp32`` not None; Qwen3.5's Gated DeltaNet): then per token the mixer keeps
     ``mixer_fp32`` elements in fp32, ``mixer_model`` at the model dtype and ``mixer_fp32_only``
     more when the model dtype is fp32 (casts to fp32 that are then no-ops leave copies apart),
-    in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's."""
+    in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's.
+    Such a block keeps no keys or values (:attr:`attends`): resuming re-runs it from position 0."""
     count: int
     head_dim: int | None = None
     kv_heads: int | None = None
     mixer_fp32: int | None = None
     mixer_model: int = 0
     mixer_fp32_only: int = 0
+
+    @property
+    def attends(self) -> bool:
+        """Whether the blocks' token mixer is attention (they have keys and values)."""
+        return self.mixer_fp32 is None
 
 
 def crop_pixel_bytes(v: dict, vision_tokens: int) -> int:
