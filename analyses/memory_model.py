@@ -98,6 +98,7 @@ class Shapes:
     layer_kinds: tuple = ()
     mlp_fp32: int = 0
     mlp_fp32_upcast: int = 0
+    streams: int = 1
 
     @property
     def mlp(self) -> int:
@@ -131,7 +132,7 @@ class Shapes:
                 pixel_bytes=facts.pixel_bytes, mlp_live=facts.lm_mlp_live or 0,
                 mlp_saved=facts.lm_mlp_saved or 0, v_norm=facts.v_norm, attn_gate=facts.attn_gate,
                 layer_kinds=tuple(facts.lm_layer_kinds), mlp_fp32=facts.lm_mlp_fp32,
-                mlp_fp32_upcast=facts.lm_mlp_fp32_upcast)
+                mlp_fp32_upcast=facts.lm_mlp_fp32_upcast, streams=facts.lm_streams)
         return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
 
     def param_count(self, cfg: dict) -> int:
@@ -256,16 +257,18 @@ def kv_widths(s: Shapes) -> tuple[tuple[int, int], ...]:
     own where it has them), 0 for a kind whose token mixer is no attention (it keeps no keys or values)."""
     other = s.lm_layers - sum(k.count for k in s.layer_kinds)
     return ((other, s.kv_heads * s.head_dim),) + tuple(
-        (k.count, (k.kv_heads or s.kv_heads) * (k.head_dim or s.head_dim) if k.attends else 0) for k in s.layer_kinds)
+        (k.count, (k.kv_heads or s.kv_heads) * (k.head_dim or s.head_dim) if k.attends and k.own_kv else 0)
+        for k in s.layer_kinds)
 
 
 def lm_states_bytes(s: Shapes) -> int:
     """Bytes per token of one row that resumed patching's capture keeps
     (:func:`interp.resume.capture_lm`'s ``LMStates``): the residual stream entering every LM block
-    and leaving the last, (N + 1)·D, and every attention block's keys and values, each
+    and leaving the last, (N + 1)·D (with S streams: ``lm.input``'s D and N block states of S·D),
+    and every attention block's keys and values (a shared-KV block's are its source's: none), each
     (kv_heads, head_dim) per token at its kind's own width, Σ over blocks 2·Dkv (:func:`kv_widths`;
     none for a recurrent block, which resuming re-runs from position 0), all at b bytes."""
-    return int(((s.lm_layers + 1) * s.width + sum(2 * n * w for n, w in kv_widths(s))) * s.bytes)
+    return int(((s.lm_layers * s.streams + 1) * s.width + sum(2 * n * w for n, w in kv_widths(s))) * s.bytes)
 
 
 MIN_ROWS = {"patching": 3, "attribution": 2}

@@ -291,9 +291,14 @@ def test_agci_next_newlines_untouched_per_image_changed_pooled(build):
 
 def test_generate_baseline_equals_hf_generate(arch):
     name, m, inputs = arch
+    from transformers import GenerationConfig
     ours = m.generate(inputs, max_new_tokens=4)
+    # greedy for exactly 4 tokens: no EOS to stop at (min_new_tokens would instead forbid EOS, which
+    # a random model may pick: the tiny Gemma3n does at its 4th step)
+    gc = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None,
+                          pad_token_id=m.tokenizer.pad_token_id)
     with torch.no_grad():
-        hf = m.model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        hf = m.model.generate(**inputs, generation_config=gc)
     assert torch.equal(ours, hf[:, inputs["input_ids"].shape[1]:])
 
 

@@ -163,3 +163,21 @@ def test_memory_estimate_of_an_e4b_config():
     cfg["architectures"] = ["Gemma3nForConditionalGeneration"]
     facts = adapters.memory_profile(cfg)
     assert facts.image_tokens == (256, 256) and adapters.for_config(cfg).name == "gemma3n"
+
+
+def test_patching_term_counts_the_streams_and_no_shared_keys(g3n):
+    """What resumed patching's capture keeps per token and row (``lm.input``, 5 block states of
+    4·D, keys and values of the 3 layers that make their own) is the memory model's term exactly;
+    without the streams (or counting the reusing layers' keys) the term would be off."""
+    from analyses.memory_model import Shapes, lm_states_bytes
+    m, clean, *_ = g3n
+    _, st = capture_lm(m, clean)
+    seen, kept = set(), 0
+    for t in [*st.residual, *[u for kv in st.kv if kv for u in kv]]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            kept += t.numel() * t.element_size()
+    cfg = m.model.config.to_dict()
+    cfg["architectures"] = ["Gemma3nForConditionalGeneration"]
+    B, L = clean["input_ids"].shape
+    assert kept == B * L * lm_states_bytes(Shapes.from_config(cfg))

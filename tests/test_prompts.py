@@ -72,8 +72,10 @@ def test_prompt_builder_order(tiny_llava):
     assert prompts.prompt(proc, "internvl", "<IMG_CONTEXT>", "q") == (
         "<|im_start|>user\n<IMG_CONTEXT>\nq<|im_end|>\n<|im_start|>assistant\n")  # HF's InternVL-hf processor tests
     assert prompts.prompt(proc, "gemma4", "<|image|>", "q") == "<|turn>user\n<|image|>q<turn|>\n<|turn>model\n"
+    assert prompts.prompt(proc, "gemma3n", "<image_soft_token>", "q") == (
+        "<start_of_turn>user\n<image_soft_token>q<end_of_turn>\n<start_of_turn>model\n")
     assert set(prompts.FALLBACK_TEMPLATES) == {"llava", "llava_next", "qwen2vl", "qwen25vl", "gemma3", "llava_onevision",
-                                             "qwen3vl", "internvl", "qwen3vlmoe", "gemma4", "qwen35"}
+                                             "qwen3vl", "internvl", "qwen3vlmoe", "gemma4", "qwen35", "gemma3n"}
     from interp.adapters import ADAPTERS
     assert all(prompts.chat_format(a) is a.chat for a in ADAPTERS)  # the adapter's own field
 

@@ -43,6 +43,7 @@ import torch
 from interp.adapters.base import ChatFormat, MemoryFacts, View, get_module, projector_params, raster_fields
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES
+from interp.adapters.memory_facts import LayerKind
 from spatialbias.errors import SpatialBiasError
 
 TEXT_MODEL = "model.language_model"
@@ -180,10 +181,14 @@ class Gemma3nAdapter(Gemma3Adapter):
         """``vision_soft_tokens_per_image`` soft tokens per image in the LM; through the tower the
         same count is assumed (its convolutional stages hold more positions at lower widths; the
         memory model's vision term is a lower bound here); 3 × 768² fp32 pixels; the embedder's
-        Dv·D projection; per LM block 4 width-D norms plus the per-layer-input norm, and q/k norms."""
+        Dv·D projection; per LM block 4 width-D norms plus the per-layer-input norm, and q/k/v norms;
+        S streams between blocks; the last ``num_kv_shared_layers`` blocks keep no keys and values."""
         n = int(cfg.get("vision_soft_tokens_per_image", 256))
+        t = cfg.get("text_config", {})
+        shared = int(t.get("num_kv_shared_layers", 0) or 0)
         return MemoryFacts(image_tokens=(n, n), pixel_bytes=3 * 768 * 768 * 4, projector_params=projector_params(cfg),
-                           block_norms=5, qk_norm=True, v_norm=True)
+                           block_norms=5, qk_norm=True, v_norm=True, lm_streams=int(t.get("altup_num_inputs", 4)),
+                           lm_layer_kinds=(LayerKind(count=shared, own_kv=False),) if shared else ())
 
 
 SHAPES = {**LM_SHAPES,

@@ -26,7 +26,8 @@ class MemoryFacts:
     weights; an int64 index counts as 2); ``lm_mlp_fp32_upcast``: more of them when the model dtype
     is below fp32 (an fp32 copy of a tensor that, in an fp32 model, is one another norm keeps
     already; Gemma4's MoE block). ``lm_layer_kinds``: LM blocks whose autograd facts differ from the
-    config-wide ones (:class:`LayerKind`); the other blocks have those."""
+    config-wide ones (:class:`LayerKind`); the other blocks have those. ``lm_streams``: parallel
+    residual streams S between LM blocks (Gemma3n's AltUp: 4), so a block's input is S·D wide."""
     image_tokens: tuple[int, int]
     pixel_bytes: int
     projector_params: int
@@ -41,6 +42,7 @@ class MemoryFacts:
     lm_layer_kinds: tuple["LayerKind", ...] = ()
     lm_mlp_fp32: int = 0
     lm_mlp_fp32_upcast: int = 0
+    lm_streams: int = 1
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,16 @@ class LayerKind:
     ``mixer_fp32`` elements in fp32, ``mixer_model`` at the model dtype and ``mixer_fp32_only``
     more when the model dtype is fp32 (casts to fp32 that are then no-ops leave copies apart),
     in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's.
-    Such a block keeps no keys or values (:attr:`attends`): resuming re-runs it from position 0."""
+    Such a block keeps no keys or values (:attr:`attends`): resuming re-runs it from position 0.
+    ``own_kv`` False: the blocks attend with keys and values another block made (shared-KV layers),
+    so a run keeps none of theirs."""
     count: int
     head_dim: int | None = None
     kv_heads: int | None = None
     mixer_fp32: int | None = None
     mixer_model: int = 0
     mixer_fp32_only: int = 0
+    own_kv: bool = True
 
     @property
     def attends(self) -> bool:
@@ -97,6 +102,8 @@ def text_keys(t: dict) -> dict:
     for key, alt in TEXT_KEY_SPELLINGS.items():
         if out.get(key) is None and alt in out:
             out[key] = out[alt]
+    if isinstance(out.get("intermediate_size"), list):  # one per layer (Gemma3n): the largest
+        out["intermediate_size"] = max(out["intermediate_size"])
     if out.get("intermediate_size") is None and out.get("hidden_size") is not None:
         out["intermediate_size"] = 4 * int(out["hidden_size"])
     return out
