@@ -99,6 +99,7 @@ class Shapes:
     mlp_fp32: int = 0
     mlp_fp32_upcast: int = 0
     streams: int = 1
+    block_extra: tuple = (0, 0, 0)
 
     @property
     def mlp(self) -> int:
@@ -132,13 +133,15 @@ class Shapes:
                 pixel_bytes=facts.pixel_bytes, mlp_live=facts.lm_mlp_live or 0,
                 mlp_saved=facts.lm_mlp_saved or 0, v_norm=facts.v_norm, attn_gate=facts.attn_gate,
                 layer_kinds=tuple(facts.lm_layer_kinds), mlp_fp32=facts.lm_mlp_fp32,
-                mlp_fp32_upcast=facts.lm_mlp_fp32_upcast, streams=facts.lm_streams)
+                mlp_fp32_upcast=facts.lm_mlp_fp32_upcast, streams=facts.lm_streams,
+                block_extra=tuple(facts.lm_block_extra))
         return replace(s, weights=weights if weights is not None else s.param_count(cfg) * s.bytes)
 
     def param_count(self, cfg: dict) -> int:
         """Parameters from the shapes (LM blocks, embeddings and head, vision blocks, projector);
         within a few % of the real count (biases and norms aside). A MoE LM's MLPs count every
-        expert (:attr:`interp.adapters.MemoryFacts.lm_mlp_params`)."""
+        expert (:attr:`interp.adapters.MemoryFacts.lm_mlp_params`); an architecture's own extras are
+        its ``MemoryFacts.other_params``."""
         D, F, hd = self.width, self.ffn, self.head_dim
         facts = _facts(cfg)
         mlps = facts.lm_mlp_params if facts.lm_mlp_params is not None else self.lm_layers * 3 * D * F
@@ -146,7 +149,7 @@ class Shapes:
         lm = self.lm_layers * D * hd * (2 * self.heads + 2 * self.kv_heads) + mlps + self.vocab * D * (1 if tied else 2)
         Dv, Fv = self.vision_width, self.vision_ffn
         vision = self.vision_layers * (4 * Dv * Dv + 2 * Dv * Fv) + 3 * 14 * 14 * Dv * 2
-        return int(lm + vision + facts.projector_params)
+        return int(lm + vision + facts.projector_params + facts.other_params)
 
     def with_run(self, seq_len: int, vision_tokens: int, image_tokens: int | None = None) -> "Shapes":
         """The same model with a run's real token counts."""
@@ -227,16 +230,20 @@ def lm_block_saved(s: Shapes, sites: bool = True, kind=None) -> int:
     and key/value heads, or a token mixer that is no attention), None: the config-wide block. The
     MLP part: 3 F at the model dtype, or a MoE block's own elements at the model dtype and at 4
     bytes (:attr:`Shapes.mlp_saved`, :attr:`~Shapes.mlp_fp32`, and :attr:`~Shapes.mlp_fp32_upcast`
-    below fp32: Gemma4's router, experts and their norms beside its dense MLP)."""
+    below fp32: Gemma4's router, experts and their norms beside its dense MLP); beyond them the
+    block's own extras (:attr:`Shapes.block_extra`: Gemma3n's AltUp). A block of a kind without
+    keys and values of its own (``own_kv`` False) keeps no k/v norm inputs and no rotated k, v."""
     mlp = (s.mlp_saved or GRAD_SAVED_F * s.ffn) * s.bytes
     mlp += GRAD_NORM_BYTES * (s.mlp_fp32 + (s.mlp_fp32_upcast if s.bytes < 4 else 0))
+    model, fp32, fp32_only = s.block_extra
+    mlp += model * s.bytes + GRAD_NORM_BYTES * (fp32 + (fp32_only if s.bytes == 4 else 0))
     site = 2 * s.width if sites else 0
     if kind is not None and kind.mixer_fp32 is not None:
         fp32 = kind.mixer_fp32 + (kind.mixer_fp32_only if s.bytes == 4 else 0)
         return int(GRAD_NORM_BYTES * (s.block_norms * s.width + fp32) + (kind.mixer_model + site) * s.bytes + mlp)
     if kind is not None:
         s = replace(s, head_dim=kind.head_dim or s.head_dim, kv_heads=kind.kv_heads or s.kv_heads)
-    Dq, Dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    Dq, Dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim * (1 if kind is None or kind.own_kv else 0)
     qk = (Dq + Dkv + (Dq if s.attn_gate and s.bytes == 4 else 0)) if s.qk_norm else 0
     norms = GRAD_NORM_BYTES * (s.block_norms * s.width + qk + (Dkv if s.v_norm else 0))
     gate = 2 * Dq if s.attn_gate else 0

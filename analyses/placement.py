@@ -91,6 +91,10 @@ def _meta_model(model_path: str, dtype: str, trust_remote_code: bool = False):
 
     from interp.load import read_config
     cfg, adapter = read_config(model_path, trust_remote_code)
+    why = adapter.load_requirements()
+    if why:
+        raise SpatialBiasError(f"cannot predict the placement of {model_path} ({cfg.architectures[0]}) under "
+                               f"--device-map: the class must be built to place it, and {why}")
     cls = getattr(transformers, cfg.architectures[0], None)
     if cls is None:
         raise SpatialBiasError(f"{model_path}: transformers has no class {cfg.architectures[0]}; upgrade transformers")

@@ -14,6 +14,11 @@ from unittest import mock
 
 import torch
 
+WAIVED = ("torchvision", "timm")
+"""Libraries transformer-lens' adapters list that a bridge around a model already built in memory
+does not use: torchvision (Qwen's processors; the processor is given) and timm (Gemma3n's tower,
+which builds it; the model is given, with whatever tower it has)."""
+
 
 def boot(model: torch.nn.Module, processor: Any):
     """A ``TransformerBridge`` wrapping ``model`` itself (not a copy) with ``processor`` attached.
@@ -22,9 +27,9 @@ def boot(model: torch.nn.Module, processor: Any):
     tokenizer from its ``name_or_path``, so the tokenizer goes through a temporary folder. Two
     transformer-lens load-time steps are replaced, since the processor is given: loading the
     processor from ``model_name`` (which ``pip install``s torchvision when that fails; here that
-    raises instead) and the adapters' torchvision requirement (Qwen2.5-VL, Qwen3-VL and Qwen3.5
-    list it for their processors; the bridge's forward does not import it). Other missing
-    libraries still raise.
+    raises instead) and the adapters' requirements in :data:`WAIVED` (Qwen2.5-VL, Qwen3-VL and
+    Qwen3.5 list torchvision for their processors, Gemma3n timm for building its tower; the
+    bridge's forward imports neither). Other missing libraries still raise.
     """
     from transformers import AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
@@ -34,7 +39,7 @@ def boot(model: torch.nn.Module, processor: Any):
     check = ArchitectureAdapter._check_required_libraries
 
     def check_all_but_torchvision(adapter):
-        adapter.required_libraries = [lib for lib in type(adapter).required_libraries if lib != "torchvision"]
+        adapter.required_libraries = [lib for lib in type(adapter).required_libraries if lib not in WAIVED]
         check(adapter)
 
     def attach_processor(bridge, *_args, **_kw):

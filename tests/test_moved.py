@@ -108,13 +108,16 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
     ("qwen3vl_moe", 64, (2, 2), 3, 0),  # as Qwen3-VL, with MoE MLPs
     ("gemma4", 64, (2, 2), 3, 0),       # 8×8 soft tokens (2×2 pooled patches each): 4×4 per cell
     ("gemma4", 64, (2, 2), 2, 1),
+    ("gemma3n", 48, (2, 2), 3, 0),      # 6×6 soft tokens: 3×3 per cell; 4 AltUp streams, per-layer inputs
+    ("gemma3n", 48, (3, 3), 8, 0),      # 2×2 per cell
 ]
 
 
 @pytest.fixture(scope="module")
 def tinies():
     return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl",
-                                                                 "internvl", "qwen3vl_moe", "gemma4", "qwen35")}
+                                                                 "internvl", "qwen3vl_moe", "gemma4", "qwen35",
+                                                                 "gemma3n")}
 
 
 def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:

@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from interp.adapters.base import ChatFormat, MemoryFacts, View, get_module, projector_params, raster_fields
+from interp.adapters.base import ChatFormat, MemoryFacts, View, get_module, raster_fields
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES
 from interp.adapters.memory_facts import LayerKind
@@ -181,14 +181,46 @@ class Gemma3nAdapter(Gemma3Adapter):
         """``vision_soft_tokens_per_image`` soft tokens per image in the LM; through the tower the
         same count is assumed (its convolutional stages hold more positions at lower widths; the
         memory model's vision term is a lower bound here); 3 × 768² fp32 pixels; the embedder's
-        Dv·D projection; per LM block 4 width-D norms plus the per-layer-input norm, and q/k/v norms;
-        S streams between blocks; the last ``num_kv_shared_layers`` blocks keep no keys and values."""
+        Dv·D projection; per LM block 8 width-D norm inputs kept in fp32 (input, LAuReL, post-attention,
+        pre/post-MLP, per-layer input, AltUp's two router norms) and q/k/v norms; beyond them AltUp keeps
+        the block's S-stream input and its correction (2·S·D), its coefficients (S² + S) and the
+        per-layer gate 2·P at the model dtype, the routers' modalities (2·S) in fp32, and in an fp32
+        model (S − 2)·D more (its norms' inputs are views of the S-stream tensors: measured with
+        saved-tensor hooks, tests/test_bench_scale.py); S streams between blocks; the last
+        ``num_kv_shared_layers`` blocks keep no keys and values."""
         n = int(cfg.get("vision_soft_tokens_per_image", 256))
-        t = cfg.get("text_config", {})
+        t, v = cfg.get("text_config", {}), cfg.get("vision_config", {})
         shared = int(t.get("num_kv_shared_layers", 0) or 0)
-        return MemoryFacts(image_tokens=(n, n), pixel_bytes=3 * 768 * 768 * 4, projector_params=projector_params(cfg),
-                           block_norms=5, qk_norm=True, v_norm=True, lm_streams=int(t.get("altup_num_inputs", 4)),
-                           lm_layer_kinds=(LayerKind(count=shared, own_kv=False),) if shared else ())
+        Dv, D = int(v.get("hidden_size", 2048)), int(t.get("hidden_size", 2048))
+        S, P = int(t.get("altup_num_inputs", 4)), int(t.get("hidden_size_per_layer_input", 256))
+        return MemoryFacts(image_tokens=(n, n), pixel_bytes=3 * 768 * 768 * 4,
+                           projector_params=int(v.get("vocab_size", 128)) * Dv + Dv * D,
+                           block_norms=8, qk_norm=True, v_norm=True, lm_streams=S,
+                           lm_block_extra=(2 * S * D + 2 * P + S * S + S, 2 * S, (S - 2) * D),
+                           lm_layer_kinds=(LayerKind(count=shared, own_kv=False),) if shared else (),
+                           other_params=other_params(cfg))
+
+
+def other_params(cfg: dict) -> int:
+    """Parameters of a Gemma3n config.json beyond the memory model's count from the shapes: the
+    per-layer input table (``vocab_size_per_layer_input`` × N·P) and projection, AltUp's stream
+    projections and per-layer coefficients, LAuReL and the per-layer gates (per layer
+    S³ + S² + D·S + 2·D·r + 2·D·P), less the keys and values the shared-KV layers lack; the audio
+    tower (≈ 24·Da² per conformer block: two 4× feed-forwards, attention with its relative-position
+    projection, the light convolution) and its embedder; the vision tower's size from its timm name
+    (``mobilenetv5_300m_enc``: 300 M)."""
+    import re
+    t, a, v = cfg.get("text_config", {}), cfg.get("audio_config", {}), cfg.get("vision_config", {})
+    D, N, P = int(t["hidden_size"]), int(t["num_hidden_layers"]), int(t.get("hidden_size_per_layer_input", 256))
+    S, r = int(t.get("altup_num_inputs", 4)), int(t.get("laurel_rank", 64))
+    hd = int(t.get("head_dim") or D // int(t["num_attention_heads"]))
+    kv = int(t.get("num_key_value_heads") or t["num_attention_heads"])
+    text = (int(t.get("vocab_size_per_layer_input", t["vocab_size"])) * N * P + D * N * P + 2 * (S - 1) * D * D
+            + N * (S ** 3 + S * S + D * S + 2 * D * r + 2 * D * P) - int(t.get("num_kv_shared_layers", 0)) * 2 * D * kv * hd)
+    Da = int(a.get("hidden_size", 1536))
+    audio = 24 * Da * Da * int(a.get("conf_num_hidden_layers", 12)) + int(a.get("vocab_size", 128)) * Da + Da * D
+    m = re.search(r"_(\d+)m(_|$)", str(v.get("architecture", "")))
+    return text + audio + (int(m.group(1)) * 10 ** 6 if m else 0)
 
 
 SHAPES = {**LM_SHAPES,

@@ -27,7 +27,11 @@ class MemoryFacts:
     is below fp32 (an fp32 copy of a tensor that, in an fp32 model, is one another norm keeps
     already; Gemma4's MoE block). ``lm_layer_kinds``: LM blocks whose autograd facts differ from the
     config-wide ones (:class:`LayerKind`); the other blocks have those. ``lm_streams``: parallel
-    residual streams S between LM blocks (Gemma3n's AltUp: 4), so a block's input is S·D wide."""
+    residual streams S between LM blocks (Gemma3n's AltUp: 4), so a block's input is S·D wide.
+    ``other_params``: parameters the count from the shapes misses or over-counts (signed): an
+    architecture's own tables, towers and per-layer extras. ``lm_block_extra``: elements per token
+    an LM block keeps for autograd beyond attention, norms and MLP — (at the model dtype, at 4
+    bytes, more at 4 bytes when the model dtype is fp32) — Gemma3n's AltUp and per-layer gate."""
     image_tokens: tuple[int, int]
     pixel_bytes: int
     projector_params: int
@@ -43,6 +47,8 @@ class MemoryFacts:
     lm_mlp_fp32: int = 0
     lm_mlp_fp32_upcast: int = 0
     lm_streams: int = 1
+    other_params: int = 0
+    lm_block_extra: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True)
