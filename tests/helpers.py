@@ -53,6 +53,18 @@ def bf16_sdpa_forced_off() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "DEFAULT" and "avx512" in flags
 
 
+def dry_run_peaks(folder, out) -> list[float]:
+    """``spatialbias report --dry-run`` (bf16, an 80 GiB budget) on a config-only ``folder``, in a
+    subprocess: the predicted peak (GiB) of each analysis, from its summary line."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", str(folder), "--dry-run",
+                        "--dtype", "bfloat16", "--max-memory", "80GiB", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
+    return [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
+
+
 @contextlib.contextmanager
 def stand_in_timm():
     """Within it a saved tiny Gemma3n loads where timm is missing: HF builds the stand-in tower

@@ -26,7 +26,7 @@ import torch
 
 from analyses import estimate
 from analyses.bench import scale as bs
-from helpers import bf16_sdpa_forced_off
+from helpers import bf16_sdpa_forced_off, dry_run_peaks
 from interp import tiny
 
 
@@ -291,8 +291,6 @@ def test_gemma4_26b_a4b_through_the_memory_model(tmp_path):
     parameters are counted (≈ 25.6 B, 47.6 GiB in bf16; 5.1 GiB when the experts had no term), the
     MoE term is in each block's autograd count, and the patching term keeps 25 sliding layers'
     keys/values at 2 × 8 × 256 and 5 full ones' at 2 × 2 × 512 (not all 30 at the sliding width)."""
-    import subprocess
-    import sys
     cfg = _gemma4_26b_a4b_config()
     s = estimate.Shapes.from_config(cfg.to_dict(), "bfloat16")
     assert 47 * 2 ** 30 < s.weights < 48.5 * 2 ** 30
@@ -301,13 +299,8 @@ def test_gemma4_26b_a4b_through_the_memory_model(tmp_path):
                                                            2 * D)
     assert estimate.lm_states_bytes(s) == (31 * D + 2 * (25 * 8 * 256 + 5 * 2 * 512)) * 2
     cfg.save_pretrained(tmp_path / "a4b")
-    r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", str(tmp_path / "a4b"), "--dry-run",
-                        "--dtype", "bfloat16", "--max-memory", "80GiB", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
-    values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
-    assert all(47 < v <= 80 for v in values), peaks
+    values = dry_run_peaks(tmp_path / "a4b", tmp_path / "o")
+    assert all(47 < v <= 80 for v in values), values
 
 
 def test_gemma4_moe_facts_count_hf_parameters_and_refuse_a_partial_config():

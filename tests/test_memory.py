@@ -244,17 +244,11 @@ def test_onevision_shapes_from_config_count_the_processors_tokens():
 def test_dry_run_of_a_onevision_checkpoint(tmp_path):
     """``report --dry-run`` on a LLaVA-OneVision config.json alone: the memory model reads it through
     the adapter (no model_type table) and predicts a peak per analysis."""
-    import subprocess
-    import sys
+    from helpers import dry_run_peaks
     folder = tmp_path / "ov7b"
     _onevision_7b_config().save_pretrained(folder)
-    r = subprocess.run([sys.executable, "-m", "analyses.cli", "report", "--model", str(folder), "--dry-run",
-                        "--dtype", "bfloat16", "--max-memory", "80GiB", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    peaks = next(ln for ln in r.stdout.splitlines() if ln.startswith("predicted peak (weights + activations"))
-    values = [float(x.split()[-1]) for x in peaks.split(":", 1)[1].split(",")]
-    assert all(14 < v <= 80 for v in values), peaks
+    values = dry_run_peaks(folder, tmp_path / "o")
+    assert all(14 < v <= 80 for v in values), values
 
 
 def test_qwen3vl_shapes_from_config():

@@ -108,12 +108,12 @@ def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, inter
                 _pre_jobs(lvlm, st, both, N, interventions, items, [patches[j] for j in pre], pre, targets, grid,
                           batch_size, run)
             jobs = []
-            tok = lvlm.adapter.token_inputs()
+            tok, sources = lvlm.adapter.token_inputs(), lvlm.adapter.kv_sources(lvlm.model)
             for a, i in enumerate(items):
                 for j in res:
                     p, s = patches[j], kinds[j][1]
                     pos = _selection(*groups[p.site], c + a, p) % L  # token positions in the row
-                    jobs.append(_residual_job(st, a, c, s, pos, j, src_m, base_m, out, i, p, tok))
+                    jobs.append(_residual_job(st, a, c, s, pos, j, src_m, base_m, out, i, p, tok, sources))
             _run_jobs(*run[:2], [j for j in jobs if j is not None], *run[2:])
         bar.update(c)
     bar.close()
@@ -121,7 +121,7 @@ def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, inter
 
 
 def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src_m, base_m, out, item: int,
-                  patch: Patch, tok: tuple[str, ...] = ()):
+                  patch: Patch, tok: tuple[str, ...] = (), sources: dict[int, int] | None = None):
     """Patch ``pos`` (token positions) of base row ``c + a`` with source row ``a`` at the residual
     entering block ``start``: a resumed job (p, start, a, j, None, pos), or None when the patched
     residual is the source's or the base's own (its metric is then that run's). Nothing of size L
@@ -129,7 +129,9 @@ def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src
     only the last position reaches the logits. What the text model adds after blocks
     ``start − 1``… (DeepStack) moves with the patched positions (:func:`_injected`), as in the
     full scheme (:func:`interp.patching.core.injection_edits`); so do the per-token block inputs
-    ``tok`` of blocks ``start``… (Gemma3n's per-layer inputs: :meth:`Adapter.carried`)."""
+    ``tok`` of blocks ``start``… (Gemma3n's per-layer inputs: :meth:`Adapter.carried`) and the keys
+    and values blocks ``start``… reuse from earlier blocks (``sources``: :meth:`Adapter.kv_sources`)."""
+    sources = sources or {}
     base, src = st.residual[start][c + a], st.residual[start][a]
     differs = (base != src).any(-1)  # (L,) positions where the two runs' residuals differ
     for x in st.injected[max(0, start - 1):]:  # or what is still to be added there
@@ -138,6 +140,9 @@ def _residual_job(st, a: int, c: int, start: int, pos: torch.Tensor, j: int, src
     for kw in st.kwargs[start:]:  # or a per-token input of a block still to come
         for name in tok:
             differs |= (kw[name][c + a] != kw[name][a]).any(-1).to(differs.device)
+    for s in {s for k, s in sources.items() if k >= start and s < start}:  # or keys a later block reuses
+        K, V = st.kv[s]
+        differs |= ((K[c + a] != K[a]).any(-1) | (V[c + a] != V[a]).any(-1)).any(0).to(differs.device)
     patched = torch.zeros_like(differs)
     patched[pos.to(differs.device)] = True
     used = torch.zeros_like(differs)
