@@ -68,13 +68,7 @@ class Gemma3nAdapter(Gemma3Adapter):
         RMS, then the S streams averaged (HF's ``Gemma3nTextModel.forward`` after its layer loop)."""
         tm, S = self._text(model), self.streams(model)
         xs = h.unflatten(-1, (S, h.shape[-1] // S)).unbind(-2)
-        target = torch.mean(xs[0] ** 2, dim=-1, keepdim=True) ** 0.5
-        out = [xs[0]]
-        for i in range(1, S):
-            x = tm.altup_unembed_projections[i - 1](xs[i]).to(xs[0].dtype)
-            new = torch.sqrt(torch.mean(x ** 2, dim=-1, keepdim=True).clamp(min=1e-5))
-            out.append(x * target / new)
-        return torch.stack(out).mean(0)
+        return torch.stack(_rms_matched(xs[0], [p(x) for p, x in zip(tm.altup_unembed_projections, xs[1:])])).mean(0)
 
     def entry_site(self):
         return f"module:{TEXT_MODEL}#per_layer_inputs"
@@ -86,13 +80,9 @@ class Gemma3nAdapter(Gemma3Adapter):
         call). HF's ``Gemma3nTextModel.forward`` before its layer loop; all per token."""
         tm, S = self._text(model), self.streams(model)
         per_layer = tm.project_per_layer_inputs(x, part)
-        target = torch.mean(x ** 2, dim=-1, keepdim=True) ** 0.5
-        out = [x]
-        for i in range(1, S):
-            p = tm.altup_projections[i - 1](x).to(x.dtype)
-            out.append(p * target / torch.sqrt(torch.mean(p ** 2, dim=-1, keepdim=True).clamp(min=1e-5)))
+        streams = _rms_matched(x, [p(x) for p in tm.altup_projections[:S - 1]])
         blocks = [{"per_layer_input": per_layer[:, :, j]} for j in range(per_layer.shape[2])]
-        return self.merge_streams(torch.stack(out)), blocks
+        return self.merge_streams(torch.stack(streams)), blocks
 
     def token_inputs(self):
         return ("per_layer_input",)
@@ -221,6 +211,16 @@ def other_params(cfg: dict) -> int:
     audio = 24 * Da * Da * int(a.get("conf_num_hidden_layers", 12)) + int(a.get("vocab_size", 128)) * Da + Da * D
     m = re.search(r"_(\d+)m(_|$)", str(v.get("architecture", "")))
     return text + audio + (int(m.group(1)) * 10 ** 6 if m else 0)
+
+
+def _rms_matched(first: torch.Tensor, others: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``first`` (…, D) and each of ``others`` (…, D) scaled per token to ``first``'s RMS (its own
+    clamped at 1e-5), as HF's text model makes its AltUp streams from ``inputs_embeds`` and reads
+    them back after the last block."""
+    target = torch.mean(first ** 2, dim=-1, keepdim=True) ** 0.5
+    return [first] + [x.to(first.dtype) * target / torch.sqrt(torch.mean(x.to(first.dtype) ** 2, dim=-1,
+                                                                          keepdim=True).clamp(min=1e-5))
+                      for x in others]
 
 
 SHAPES = {**LM_SHAPES,

@@ -111,13 +111,15 @@ class Gemma4Adapter(Gemma3Adapter):
             raise SpatialBiasError(
                 f"Gemma4 with per-layer embeddings (hidden_size_per_layer_input={tc.hidden_size_per_layer_input}, "
                 "the E2B/E4B models) is not supported: HF computes them from the LM input before block 0, outside "
-                "every block, so lm.input edits (AGCI, patching) would not reach them; use a Gemma4 checkpoint "
-                "without them (31B, 26B-A4B) or add an adapter injection for them")
+                "every block, and this adapter does not declare them (the engine carries such inputs where an "
+                "adapter does: Gemma3n's, interp/adapters/lm_structure.py); use a Gemma4 checkpoint without them "
+                "(31B, 26B-A4B)")
         if int(getattr(tc, "num_kv_shared_layers", 0) or 0) > 0:
             raise SpatialBiasError(
                 f"Gemma4 with shared key/value layers (num_kv_shared_layers={tc.num_kv_shared_layers}) is not "
-                "supported: those blocks read earlier blocks' keys and values through a per-forward dict and run on "
-                "the last position only during generation; use a checkpoint without them (31B, 26B-A4B)")
+                "supported: those blocks read earlier blocks' keys and values through a per-forward dict (which this "
+                "adapter does not declare, as Gemma3n's does) and HF runs them on the last position only whenever "
+                "the last position's logits alone are asked for; use a checkpoint without them (31B, 26B-A4B)")
 
     def block_kwargs(self, model):
         """A fresh ``shared_kv_states`` store: the last block of each layer type writes its keys and
