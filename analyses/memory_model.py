@@ -233,6 +233,8 @@ def lm_block_saved(s: Shapes, sites: bool = True, kind=None) -> int:
     below fp32: Gemma4's router, experts and their norms beside its dense MLP); beyond them the
     block's own extras (:attr:`Shapes.block_extra`: Gemma3n's AltUp). A block of a kind without
     keys and values of its own (``own_kv`` False) keeps no k/v norm inputs and no rotated k, v."""
+    if kind is not None and kind.ffn:
+        s = replace(s, ffn=kind.ffn)
     mlp = (s.mlp_saved or GRAD_SAVED_F * s.ffn) * s.bytes
     mlp += GRAD_NORM_BYTES * (s.mlp_fp32 + (s.mlp_fp32_upcast if s.bytes < 4 else 0))
     model, fp32, fp32_only = s.block_extra

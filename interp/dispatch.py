@@ -343,7 +343,7 @@ def forward(lvlm, inputs, interventions: Sequence = (), *, edits: dict[str, Edit
         with torch.set_grad_enabled(grad), attention_implementation(lvlm.model, impl), cpu_attention_guard(lvlm):
             if not max_new_tokens:
                 run.begin_forward(0, run.edits)
-                kw = {"logits_to_keep": 1} if last_only else {}
+                kw = lvlm.adapter.last_logits(lvlm.model, batch["input_ids"].shape[1]) if last_only else {}
                 if kv:
                     kw.update(cache=lvlm.adapter.kv_cache(lvlm.model), use_cache=True)
                 else:
@@ -377,7 +377,7 @@ def _generate(lvlm, batch: Batch, interventions, run: _Run, n: int, user_edits: 
     mask = batch["attention_mask"]
     pos = batch["position_ids"]
     run.begin_forward(0, run.edits)
-    out = lvlm.model(**batch, use_cache=True, logits_to_keep=1)
+    out = lvlm.model(**batch, use_cache=True, **lvlm.adapter.last_logits(lvlm.model, batch["input_ids"].shape[1]))
     run.end_forward()
     step_logits, tok = [out.logits[:, -1]], out.logits[:, -1].argmax(-1)
     kv, new, last = out.cache, [tok], pos[..., -1]

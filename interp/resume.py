@@ -110,11 +110,12 @@ def capture_lm(lvlm, inputs, interventions: Sequence = (), edits: dict[str, Edit
     n = a.layer_count(lvlm.model, "lm")
     inputs = validate(lvlm, inputs)
     res_sites = ["lm.input"] + [f"lm.blocks.{j}" for j in range(n)]
-    names = (*RESUME_KWARGS, *a.token_inputs())
+    tok = a.token_inputs(lvlm.model)
+    names = (*RESUME_KWARGS, *tok)
     kw_sites = [f"lm.blocks.{j}#{k}" for j in range(n) for k in names]
     inj = a.injections(lvlm.model)
     inj_sites = [s for s in dict.fromkeys(inj.values()) if s not in cache]
-    entry = [a.entry_site()] if a.entry_site() else []
+    entry = [a.entry_site(lvlm.model)] if a.entry_site(lvlm.model) else []
     t = forward(lvlm, inputs, interventions, edits=edits, cache=[*res_sites, *kw_sites, *inj_sites, *entry, *cache],
                 kv=True, last_only=True)
     kwargs = [{k: t.cache.pop(f"lm.blocks.{j}#{k}") for k in names} for j in range(n)]
@@ -213,7 +214,7 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     R, L = len(order), states.residual[0].shape[1]
     blocks = [a.module(model, f"lm.blocks.{j}") for j in range(n)]
     att = set(a.attention_layers(model))
-    S, sources, ran = a.streams(model), a.kv_sources(model), {}
+    S, sources, ran, tok = a.streams(model), a.kv_sources(model), {}, a.token_inputs(model)
     h, entered = None, None
     extra = a.block_kwargs(model)
     with cpu_attention_guard(lvlm):
@@ -230,7 +231,7 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
                 h = _from_start(blocks[j], states, j, rows[:k], h, p)
                 continue
             kw = {name: _rows_of(name, v, rows[:k], p) for name, v in states.kwargs[j].items()}
-            kw.update(_token_inputs(a, kw, inputs, entered, j, k))
+            kw.update(_token_inputs(tok, kw, inputs, entered, j, k))
             if kw.get("attention_mask") is None:  # SDPA got no mask (nothing padded): causal, made explicit
                 q = torch.arange(p, L, device=h.device)[:, None]
                 kw["attention_mask"] = (torch.arange(L, device=h.device)[None] <= q)[None, None]
@@ -253,12 +254,12 @@ def resume(lvlm, states: LMStates, rows: torch.Tensor, start: torch.Tensor, hidd
     return cap * torch.tanh(logits / cap) if cap else logits  # as the model's forward (Gemma4: 30)
 
 
-def _token_inputs(a, kw: dict, inputs, entered, j: int, k: int) -> dict:
-    """Block ``j``'s per-token inputs (the adapter's ``token_inputs``) for the first ``k`` resumed
+def _token_inputs(names: tuple[str, ...], kw: dict, inputs, entered, j: int, k: int) -> dict:
+    """Block ``j``'s per-token inputs ``names`` (the adapter's ``token_inputs``) for the first ``k`` resumed
     rows: the recorded ones (in ``kw``), replaced by ``inputs[j]`` (all rows) where given, and for
     the rows that entered at block 0 by what :meth:`~interp.adapters.Adapter.enter` derived."""
     out = {}
-    for name in a.token_inputs():
+    for name in names:
         x = inputs[j][name][:k].to(kw[name].device, kw[name].dtype) if inputs and j in inputs else kw[name]
         if entered is not None:
             new = entered[j][name]

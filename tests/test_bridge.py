@@ -2,7 +2,7 @@
 
 Per architecture (every ``interp.tiny.BUILDERS`` class whose HF class transformer-lens 4.3 lists as
 multimodal: LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5,
-Gemma3, Gemma4; fp32, one image + chat prompt), the bridge wraps a second build of the same seeded
+Gemma3, Gemma4 and its small form with per-layer embeddings and shared keys; fp32, one image + chat prompt), the bridge wraps a second build of the same seeded
 model; the reference runs HF eager attention (the bridge forces eager). Checked, all at
 ``atol=1e-5, rtol=0``:
 
@@ -42,7 +42,8 @@ from interp import bridge, tiny  # noqa: E402
 from interp.tracing import trace  # noqa: E402
 
 ATOL = 1e-5
-ARCHS = ["llava", "llava_next", "llava_onevision", "qwen25vl", "qwen3vl", "qwen3vl_moe", "qwen35", "gemma3", "gemma4"]
+ARCHS = ["llava", "llava_next", "llava_onevision", "qwen25vl", "qwen3vl", "qwen3vl_moe", "qwen35", "gemma3", "gemma4",
+         "gemma4_small"]
 UNSUPPORTED = ["qwen2vl", "internvl"]
 
 

@@ -25,7 +25,7 @@ ZOO = Path(__file__).parent.parent / "analyses" / "organisms" / "checkpoints"
 # of 4 px, the side its aspect-preserving resize maps every square to; Gemma3n: its SigLIP processor's fixed
 # size (48 px: the stand-in tower's 6×6 soft tokens)
 EXPECTED = {"llava": 32, "llava_next": 32, "qwen2vl": 48, "qwen25vl": 48, "gemma3": 32, "llava_onevision": 32, "qwen3vl": 48,
-            "internvl": 144, "qwen3vl_moe": 48, "gemma4": 64, "qwen35": 48, "gemma3n": 48}
+            "internvl": 144, "qwen3vl_moe": 48, "gemma4": 64, "qwen35": 48, "gemma3n": 48, "gemma4_small": 64}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))

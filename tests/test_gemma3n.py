@@ -3,20 +3,18 @@ model with a stand-in for timm's vision tower: interp/tiny/gemma3n.py). The pari
 (every ``tiny.BUILDERS`` test) runs it too; these are the checks particular to its structure:
 
 * the block state is HF's (4, B, T, D), seen as (B, T, 4·D), and read out as the text model does;
-* ``lm.input`` is the text model's ``inputs_embeds``: an edit there reaches every per-layer input,
-  while an edit of block 0's input (where ``lm.input`` is on other architectures) reaches none;
-* a residual patch carries the per-layer inputs of the blocks still to come (a full patch gives
-  the source run; without the carry it would not);
-* a resumed run hands a reusing layer the keys and values of its source layer: this run's for
-  rows that ran it, the recorded run's for rows that joined later.
+* its parameters, memory terms and dry run; AGCI as the authors' code; a TransformerBridge cross-check.
+
+Per-layer inputs and shared keys and values, which Gemma4's small checkpoints share with it, are
+checked on both in tests/test_per_layer.py.
 """
 import pytest
 import torch
 
 import interp
-from interp import patching, tiny
+from interp import tiny
 from interp.dispatch import forward
-from interp.resume import capture_lm, resume
+from interp.resume import capture_lm
 
 N_LAYERS = 5
 
@@ -30,13 +28,6 @@ def g3n():
     corrupt = m.inputs([im.transpose(0).transpose(1) for im in imgs], qs)
     cands = [m.tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "red")]
     return m, clean, corrupt, torch.tensor(cands), cands
-
-
-def per_layer_inputs(m, x, edits=None):
-    """Every block's per-layer input (B, L, P) in a run with ``edits``, and its logits."""
-    sites = [f"lm.blocks.{j}#per_layer_input" for j in range(N_LAYERS)]
-    t = forward(m, x, edits=edits or {}, cache=sites)
-    return [t.cache[s] for s in sites], t.logits
 
 
 def test_block_state_is_hfs_four_streams_side_by_side(g3n):
@@ -58,87 +49,6 @@ def test_block_state_is_hfs_four_streams_side_by_side(g3n):
     cap = m.model.config.text_config.final_logit_softcapping
     logits = cap * torch.tanh(logits / cap) if cap else logits
     assert torch.allclose(logits, t.logits, atol=1e-5)
-
-
-def test_lm_input_edit_reaches_every_per_layer_input(g3n):
-    """Adding to the image tokens at ``lm.input`` changes every block's per-layer input there (the
-    text model projects them from it); the same addition to every stream of block 0's input changes
-    the logits but no per-layer input — which is why ``lm.input`` is the text model's input here."""
-    m, clean, *_ = g3n
-    img = m.image_mask(clean["input_ids"])
-    base, logits = per_layer_inputs(m, clean)
-
-    def add(x):
-        return x + img[..., None].to(x.dtype)
-    at_input, l1 = per_layer_inputs(m, clean, {"lm.input": add})
-    at_block0, l2 = per_layer_inputs(m, clean, {"lm.blocks.0#input": add})
-    for b, x, y in zip(base, at_input, at_block0):
-        assert not torch.allclose(b[img], x[img]) and torch.equal(b[~img], x[~img])
-        assert torch.equal(b, y)
-    assert not torch.allclose(l1, logits) and not torch.allclose(l2, logits)
-
-
-def test_a_block_patch_carries_per_layer_inputs_and_reused_keys(g3n, monkeypatch):
-    """Patching every position of the stream from the source gives the source run exactly: what
-    later blocks read of those tokens moves with them — the per-layer inputs of the blocks after the
-    patch, and the keys and values made before it that later layers reuse. With either carry
-    switched off the patch misses the source (each case is informative: at ``lm.blocks.0`` block
-    1's per-layer input reaches layer 2's keys; at ``lm.blocks.1`` layer 3 reuses layer 1's keys)."""
-    m, clean, corrupt, correct, cands = g3n
-    assert m.adapter.kv_sources(m.model) == {3: 1, 4: 2}
-    ps = [patching.Patch("lm.blocks.0", "all"), patching.Patch("lm.blocks.1", "all"),
-          patching.Patch("lm.blocks.0#input", "all")]
-    run = lambda: patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, resume=False)
-    df = run()
-    assert (df.metric - df.source_metric).abs().max() < 1e-5, df
-    assert (df.base_metric - df.source_metric).abs().min() > 1e-3  # the patch had a gap to close
-    import interp.patching.core as core
-    gap = lambda d, site: (d[d.site == site].metric - d[d.site == site].source_metric).abs().max()
-    with monkeypatch.context() as mp:  # no per-layer inputs carried
-        mp.setattr(core, "carried_sites", lambda lvlm, site: [])
-        off = run()
-    assert gap(off, "lm.blocks.0") > 1e-4 and gap(off, "lm.blocks.0#input") > 1e-4
-    with monkeypatch.context() as mp:  # no reused keys and values carried
-        mp.setattr(core, "carried_kv", lambda lvlm, site: [])
-        off = run()
-    assert gap(off, "lm.blocks.1") > 1e-4
-
-
-def test_resumed_patches_carry_what_the_full_scheme_carries(g3n, monkeypatch):
-    """Partial patches (the image tokens) at block outputs, resumed, equal one full forward each;
-    the equality is informative: without the resumed scheme's own carry of per-layer inputs, or of
-    reused keys and values, it breaks."""
-    m, clean, corrupt, correct, cands = g3n
-    ps = [patching.Patch(f"lm.blocks.{j}", g) for j in (0, 1, 2) for g in ("image", "target")]
-    run = lambda resume: patching.run_patches(m, corrupt, clean, ps, correct, cands, [(0, 8)] * 3, resume=resume)
-    full, res = run(False), run(True)
-    assert res.attrs["engine"] == "resumed" and (res.metric - full.metric).abs().max() < 1e-5
-    import interp.patching.resumed as resumed
-    with monkeypatch.context() as mp:
-        mp.setattr(resumed, "_carried", lambda st, c, job, k, name, p: st.kwargs[k][name][c + job[2]][p:])
-        assert (run(True).metric - full.metric).abs().max() > 1e-4
-    with monkeypatch.context() as mp:
-        mp.setattr(resumed, "_carried_kv", lambda st, c, job, s: (st.kv[s][0][c + job[2]], st.kv[s][1][c + job[2]]))
-        assert (run(True).metric - full.metric).abs().max() > 1e-4
-
-
-def test_resume_hands_reusing_layers_their_source_keys_and_values(g3n):
-    """Layers 3 and 4 reuse layers 1 and 2's keys and values. Resuming from every block (rows that
-    ran the source layer and rows that joined after it, in one batch) reproduces the run; a resume
-    from block 3 reads layer 1's recorded keys (changing them changes its logits)."""
-    m, clean, *_ = g3n
-    _, st = capture_lm(m, clean)
-    p = 5
-    for starts in ([0, 0, 0], [1, 2, 3], [0, 2, 4], [3, 3, 5], [1, 4, 5]):
-        h = [st.residual[s][r, p:] for r, s in enumerate(starts)]
-        got = resume(m, st, torch.arange(3), torch.tensor(starts), h, p)
-        assert torch.allclose(got, st.logits, atol=1e-5), starts
-    K, V = st.kv[1]
-    st.kv[1] = (K * 2, V.flip(2))  # (a constant added to every key would not change a softmax)
-    st.kv[3] = st.kv[1]
-    late = resume(m, st, torch.arange(3), torch.tensor([3] * 3), [st.residual[3][r, p:] for r in range(3)], p)
-    st.kv[1], st.kv[3] = (K, V), (K, V)
-    assert not torch.allclose(late, st.logits, atol=1e-4)
 
 
 def test_projector_names_the_soft_token_call(g3n):

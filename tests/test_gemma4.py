@@ -2,8 +2,8 @@
 every token of every site is (pooling by construction, a painted cell, a marked patch), the
 ``mm_token_type_ids`` decision (bidirectional image attention in the sliding layers only, what HF
 runs), per-layer head geometry, generation = a full forward per step, the final-logit softcapping
-in resumed runs, AGCI by hand, the vision-side position patch reported n/a, and the refusals."""
-import copy
+in resumed runs, AGCI by hand, the vision-side position patch reported n/a. The small checkpoints'
+per-layer embeddings and KV-sharing layers: tests/test_per_layer.py."""
 
 import numpy as np
 import pytest
@@ -231,23 +231,6 @@ def test_vision_position_patch_is_reported_na(m):
     assert m.adapter.vision_position_table(m.model) is None
     with pytest.raises(SpatialBiasError, match="n/a"):
         m.run(_inputs(m, [_quadrants()]), [VisionPositionSwap(a=0, b=3, grid=(2, 2))])
-
-
-@pytest.mark.parametrize("change,match", [({"hidden_size_per_layer_input": 8}, "per-layer embeddings"),
-                                          ({"num_kv_shared_layers": 2}, "shared key/value layers")])
-def test_unsupported_gemma4_configs_are_refused_in_one_line(m, change, match):
-    """Per-layer embeddings (E2B/E4B) and shared KV layers: refused when the LVLM is made."""
-    from transformers import Gemma4ForConditionalGeneration, Gemma4TextConfig
-    cfg = copy.deepcopy(m.model.config)
-    d = {k: v for k, v in cfg.text_config.to_dict().items() if k not in ("per_layer_config", "model_type")}
-    if "num_kv_shared_layers" in change:
-        d.update(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
-    cfg.text_config = Gemma4TextConfig(**{**d, **change, "global_head_dim": 32, "num_global_key_value_heads": 1})
-    model = Gemma4ForConditionalGeneration(cfg).eval()
-    assert getattr(cfg.text_config, next(iter(change))) == next(iter(change.values()))
-    with pytest.raises(SpatialBiasError, match=match) as e:
-        interp.load(model, m.processor)
-    assert "\n" not in str(e.value)
 
 
 def test_probe_canvas_and_memory_facts_at_gemma4_shapes(m):

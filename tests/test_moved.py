@@ -110,6 +110,7 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
     ("gemma4", 64, (2, 2), 2, 1),
     ("gemma3n", 48, (2, 2), 3, 0),      # 6×6 soft tokens: 3×3 per cell; 4 AltUp streams, per-layer inputs
     ("gemma3n", 48, (3, 3), 8, 0),      # 2×2 per cell
+    ("gemma4_small", 64, (2, 2), 3, 0),  # as Gemma4, with per-layer embeddings and KV-sharing layers
 ]
 
 
@@ -117,7 +118,7 @@ MULTI = [  # (architecture, image size, grid, clean cell, corrupt cell): several
 def tinies():
     return {name: interp.load(*tiny.BUILDERS[name]()) for name in ("llava", "llava_next", "qwen2vl", "llava_onevision", "qwen3vl",
                                                                  "internvl", "qwen3vl_moe", "gemma4", "qwen35",
-                                                                 "gemma3n")}
+                                                                 "gemma3n", "gemma4_small")}
 
 
 def _translation_partner(imap, src_row: int, dst_row: int, src_cell: int, dst_cell: int, grid) -> dict:
@@ -156,7 +157,7 @@ def test_moved_pairs_same_view_and_place_in_cell(tinies, name, size, grid, clean
 @pytest.mark.parametrize("name,size,grid,clean_cell,corrupt_cell", MULTI)
 def test_moved_equals_hand_built_edit_multi_token(tinies, name, size, grid, clean_cell, corrupt_cell, bapa):
     """run_moved against lm.input edited by hand (pairing by lookup), and a cell moved onto itself
-    with base = source reproduces the unpatched metric exactly."""
+    with base = source reproduces the unpatched metric (to 1e-6)."""
     m = tinies[name]
     ivs = [interp.BaPA()] if bapa else []
     clean, corrupt, correct, cands = mirrored_pair(m, 2, size=size)
@@ -181,7 +182,9 @@ def test_moved_equals_hand_built_edit_multi_token(tinies, name, size, grid, clea
     np.testing.assert_allclose(got.sort_values("item").metric.to_numpy(), want, atol=1e-5)
     same = patching.run_moved(m, corrupt, corrupt, corrupt_cell, corrupt_cell, correct, cands, interventions=ivs,
                               grid=grid)
-    assert (same.metric == same.base_metric).all()
+    # equal as numbers: where a resumed row re-derives per-layer inputs over a shorter span (Gemma4's small
+    # checkpoints) the matmul's rounding may differ in the last bit (seen: 9e-8 under BaPA)
+    np.testing.assert_allclose(same.metric, same.base_metric, rtol=0, atol=1e-6)
 
 
 def _ordinal(m, inputs, row: int, pos: int) -> int:

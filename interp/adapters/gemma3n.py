@@ -44,76 +44,33 @@ from interp.adapters.base import ChatFormat, MemoryFacts, View, get_module, rast
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES
 from interp.adapters.memory_facts import LayerKind
+from interp.adapters.per_layer import TEXT_MODEL, PerLayerInputs, SharedKV
 from spatialbias.errors import SpatialBiasError
 
-TEXT_MODEL = "model.language_model"
-
-
-class Gemma3nAdapter(Gemma3Adapter):
-    """Gemma3's rotary facts (one rotary per layer type); Gemma3n's streams, entry, readout,
-    per-layer inputs, shared keys and values and soft-token vision side."""
+class Gemma3nAdapter(PerLayerInputs, SharedKV, Gemma3Adapter):
+    """Gemma3's rotary facts (one rotary per layer type); per-layer inputs and shared keys and
+    values (:mod:`interp.adapters.per_layer`); Gemma3n's AltUp streams, readout and soft-token
+    vision side."""
 
     # ---------------------------------------------------------------- the LM's own structure
-    def lm_input_at(self):
-        return TEXT_MODEL, "inputs_embeds"
-
     def streams(self, model):
         return int(model.config.text_config.altup_num_inputs)
-
-    def _text(self, model):
-        return get_module(model, TEXT_MODEL)
 
     def readout(self, model, h):
         """(…, D) from the last block's (…, S·D): streams 1… un-projected and scaled to stream 0's
         RMS, then the S streams averaged (HF's ``Gemma3nTextModel.forward`` after its layer loop)."""
-        tm, S = self._text(model), self.streams(model)
+        tm, S = get_module(model, TEXT_MODEL), self.streams(model)
         xs = h.unflatten(-1, (S, h.shape[-1] // S)).unbind(-2)
         return torch.stack(_rms_matched(xs[0], [p(x) for p, x in zip(tm.altup_unembed_projections, xs[1:])])).mean(0)
 
-    def entry_site(self):
-        return f"module:{TEXT_MODEL}#per_layer_inputs"
-
     def enter(self, model, x, part):
         """Block 0's input (R, Lq, S·D) — stream 0 is ``x`` (R, Lq, D), streams 1… its projections
-        scaled to its RMS — and every block's per-layer input (R, Lq, P): a projection of ``x`` plus
-        ``part`` (R, Lq, N, P), the per-token table's rows (``per_layer_inputs`` of the text model's
-        call). HF's ``Gemma3nTextModel.forward`` before its layer loop; all per token."""
-        tm, S = self._text(model), self.streams(model)
-        per_layer = tm.project_per_layer_inputs(x, part)
+        scaled to its RMS — and every block's per-layer input (R, Lq, P) from ``x`` and ``part``
+        (:meth:`PerLayerInputs.per_layer_entry`). HF's ``Gemma3nTextModel.forward`` before its
+        layer loop; all per token."""
+        tm, S = get_module(model, TEXT_MODEL), self.streams(model)
         streams = _rms_matched(x, [p(x) for p in tm.altup_projections[:S - 1]])
-        blocks = [{"per_layer_input": per_layer[:, :, j]} for j in range(per_layer.shape[2])]
-        return self.merge_streams(torch.stack(streams)), blocks
-
-    def token_inputs(self):
-        return ("per_layer_input",)
-
-    def kv_sources(self, model):
-        """{layer j → layer s}: layer j computes no keys and values and attends with those layer s
-        stored (the last earlier layer of its type: HF's ``kv_sharing_modes``)."""
-        tc = model.config.text_config
-        modes, types = list(tc.kv_sharing_modes), list(tc.layer_types)
-        out = {}
-        for j, mode in enumerate(modes):
-            if mode == "reuse":
-                out[j] = max(s for s in range(j) if modes[s] == "store" and types[s] == types[j])
-        return out
-
-    def reused_kv_kwargs(self, model, j, keys, values):
-        from transformers.cache_utils import KVSharingDict
-        return {"shared_kv_states": KVSharingDict({model.config.text_config.layer_types[j]: (keys, values)})}
-
-    def reused_kv_edit(self, model, j, fn):
-        t = model.config.text_config.layer_types[j]
-
-        def edit(store):  # the forward's KVSharingDict: the storing layer's (keys, values) per layer type
-            store[t] = tuple(fn(x) for x in store[t])
-            return store
-        return f"lm.blocks.{j}#shared_kv_states", edit
-
-    def block_kwargs(self, model):
-        """A fresh ``shared_kv_states`` store per resumed run (the storing layers write there)."""
-        from transformers.cache_utils import KVSharingDict
-        return {"shared_kv_states": KVSharingDict()}
+        return self.merge_streams(torch.stack(streams)), self.per_layer_entry(model, x, part)
 
     # ---------------------------------------------------------------- calls
     def call_label(self, site, args, kwargs):

@@ -34,12 +34,14 @@ when ``mm_token_type_ids`` is passed; without it the image is read causally and 
 The processor returns it; inputs without it (or whose ids do not mark exactly the image tokens)
 are refused here in one line, so every run is what HF runs.
 
-Not supported (refused by :meth:`Gemma4Adapter.check` in one line): per-layer embeddings
-(``hidden_size_per_layer_input`` > 0, gemma-4-E2B/E4B), which the text model computes from the
-LM input *before* block 0, outside every block — an edit of ``lm.input`` would not reach them and
-a resumed block would run without them; and shared key/value layers (``num_kv_shared_layers`` > 0),
-whose blocks read other blocks' keys and values through a per-forward dict and which HF runs on
-the last position only during generation (hooks there see truncated sequences).
+The small checkpoints (gemma-4-E2B/E4B) have per-layer embeddings (``hidden_size_per_layer_input``
+> 0), which the text model computes from the LM input *before* block 0, and KV-sharing layers
+(``num_kv_shared_layers`` > 0), which read earlier layers' keys and values through a per-forward
+dict: both as Gemma3n's (:mod:`interp.adapters.per_layer`: ``lm.input`` is the text model's
+``inputs_embeds``, residual patches carry the per-layer inputs and reused keys and values, a
+resumed run enters and hands them over). HF runs the KV-sharing layers on the last position only
+when ``logits_to_keep`` is an integer; the engine asks for the last logits with a tensor index
+(:meth:`Gemma4Adapter.last_logits`), so hooks there always see the whole sequence.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from interp.adapters.base import ChatFormat, MemoryFacts, View, raster_fields, t
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES, N_LAYERS
 from interp.adapters.memory_facts import LayerKind
+from interp.adapters.per_layer import PerLayerInputs, SharedKV
 from spatialbias.errors import SpatialBiasError
 
 POSITIONS_KEY = "image_position_ids"
@@ -101,31 +104,17 @@ def soft_grid(positions: torch.Tensor, k: int) -> tuple[int, int, int, int]:
     return h, w, h // k, w // k
 
 
-class Gemma4Adapter(Gemma3Adapter):
-    """Gemma3's rotary facts (one rotary per layer type, named calls); Gemma4's own vision side,
-    token maps, input checks and refusals."""
+class Gemma4Adapter(PerLayerInputs, SharedKV, Gemma3Adapter):
+    """Gemma3's rotary facts (one rotary per layer type, named calls); per-layer inputs and shared
+    keys and values where the checkpoint has them; Gemma4's own vision side, token maps and input checks."""
 
-    def check(self, model):
-        tc = model.config.text_config
-        if int(getattr(tc, "hidden_size_per_layer_input", 0) or 0) > 0:
-            raise SpatialBiasError(
-                f"Gemma4 with per-layer embeddings (hidden_size_per_layer_input={tc.hidden_size_per_layer_input}, "
-                "the E2B/E4B models) is not supported: HF computes them from the LM input before block 0, outside "
-                "every block, and this adapter does not declare them (the engine carries such inputs where an "
-                "adapter does: Gemma3n's, interp/adapters/lm_structure.py); use a Gemma4 checkpoint without them "
-                "(31B, 26B-A4B)")
-        if int(getattr(tc, "num_kv_shared_layers", 0) or 0) > 0:
-            raise SpatialBiasError(
-                f"Gemma4 with shared key/value layers (num_kv_shared_layers={tc.num_kv_shared_layers}) is not "
-                "supported: those blocks read earlier blocks' keys and values through a per-forward dict (which this "
-                "adapter does not declare, as Gemma3n's does) and HF runs them on the last position only whenever "
-                "the last position's logits alone are asked for; use a checkpoint without them (31B, 26B-A4B)")
-
-    def block_kwargs(self, model):
-        """A fresh ``shared_kv_states`` store: the last block of each layer type writes its keys and
-        values there (``store``) even when no block reads them, and fails without one."""
-        from transformers.cache_utils import KVSharingDict
-        return {"shared_kv_states": KVSharingDict()}
+    def last_logits(self, model, length):
+        """HF's Gemma4 text model runs its KV-sharing layers on the last ``logits_to_keep`` positions
+        only when that is an integer (``_maybe_slice_kv_shared_inputs``): hooks there would see a
+        truncated sequence. The last position's index as a tensor keeps every layer whole."""
+        if self.kv_sources(model):
+            return {"logits_to_keep": torch.tensor([length - 1])}
+        return super().last_logits(model, length)
 
     def _k(self, model) -> int:
         return int(model.config.vision_config.pooling_kernel_size)
@@ -204,7 +193,8 @@ class Gemma4Adapter(Gemma3Adapter):
         P·3p² fp32 pixels; the projector one Linear Dv → D; Gemma's 4 norms per block, q/k norms
         and the scale-free v norm; full-attention layers at their own head size and key/value
         heads (:func:`layer_kinds`); with ``enable_moe_block`` (26B-A4B) the router and experts
-        beside every block's dense MLP (:func:`moe_facts`)."""
+        beside every block's dense MLP (:func:`moe_facts`); per-layer embeddings and KV-sharing layers
+        where the checkpoint has them (:func:`small_facts`, :func:`layer_kinds`)."""
         from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
         v = cfg.get("vision_config", {}) or {}
         p, k = int(v.get("patch_size", 16)), int(v.get("pooling_kernel_size", 3))
@@ -213,8 +203,8 @@ class Gemma4Adapter(Gemma3Adapter):
         t = text_keys(cfg.get("text_config", {}) or {})
         D = int(t["hidden_size"])
         return MemoryFacts(image_tokens=((H // p // k) * (W // p // k), P), pixel_bytes=P * 3 * p * p * 4,
-                           projector_params=int(v.get("hidden_size", 768)) * D, block_norms=4, qk_norm=True,
-                           v_norm=True, lm_layer_kinds=layer_kinds(t), **moe_facts(t))
+                           projector_params=int(v.get("hidden_size", 768)) * D, qk_norm=True, v_norm=True,
+                           lm_layer_kinds=layer_kinds(t), **{"block_norms": 4, **small_facts(t)}, **moe_facts(t))
 
     def load_processor(self, src, trust_remote_code=False):
         """The image-only processor (:func:`image_only_processor`) rebuilt from the checkpoint's
@@ -253,11 +243,12 @@ GEMMA4 = Gemma4Adapter(
 """Gemma4; its published chat format (``<|turn>user … <turn|>``, ``<|image|>`` where an image goes)."""
 
 def layer_kinds(t: dict) -> tuple[LayerKind, ...]:
-    """The LM layers whose attention differs from the config-wide ``head_dim`` /
-    ``num_key_value_heads``, grouped by (head size, key/value heads): from the saved
-    ``per_layer_config`` (HF's ``to_dict``: {index: overrides}), else from the published keys
-    (``global_head_dim``, and ``num_global_key_value_heads`` where ``attention_k_eq_v``) on the
-    ``full_attention`` layers of ``layer_types``."""
+    """The LM layers whose blocks differ from the config-wide ones, grouped: attention at another
+    ``head_dim`` / ``num_key_value_heads`` — from the saved ``per_layer_config`` (HF's ``to_dict``:
+    {index: overrides}), else from the published keys (``global_head_dim``, and
+    ``num_global_key_value_heads`` where ``attention_k_eq_v``) on the ``full_attention`` layers of
+    ``layer_types`` — and the last ``num_kv_shared_layers``, which keep no keys and values of their
+    own and, with ``use_double_wide_mlp``, have MLPs twice ``intermediate_size`` wide."""
     n = int(t.get("num_hidden_layers") or 0)
     per = t.get("per_layer_config")
     if per is None:
@@ -265,12 +256,36 @@ def layer_kinds(t: dict) -> tuple[LayerKind, ...]:
         if t.get("attention_k_eq_v", True) and t.get("num_global_key_value_heads") is not None:
             over["num_key_value_heads"] = t["num_global_key_value_heads"]
         per = {i: over for i, kind in enumerate(t.get("layer_types") or []) if kind == "full_attention"}
+    per = {int(i): over for i, over in per.items() if isinstance(over, dict)}
+    shared_from = n - int(t.get("num_kv_shared_layers") or 0)
+    wide = 2 * int(t["intermediate_size"]) if t.get("use_double_wide_mlp") else None
     counts: dict[tuple, int] = {}
-    for i, over in per.items():
-        if int(i) < n and isinstance(over, dict):
-            key = (over.get("head_dim"), over.get("num_key_value_heads"))
+    for i in range(n):
+        over, shared = per.get(i, {}), i >= shared_from
+        key = (over.get("head_dim"), over.get("num_key_value_heads"), shared)
+        if key != (None, None, False):
             counts[key] = counts.get(key, 0) + 1
-    return tuple(LayerKind(c, head_dim=hd, kv_heads=kv) for (hd, kv), c in sorted(counts.items(), key=str))
+    return tuple(LayerKind(c, head_dim=hd, kv_heads=kv, own_kv=not shared, ffn=wide if shared else None)
+                 for (hd, kv, shared), c in sorted(counts.items(), key=str))
+
+
+def small_facts(t: dict) -> dict:
+    """The facts of the small checkpoints' structures as :class:`MemoryFacts` keyword arguments ({}
+    without them). Per-layer embeddings (``hidden_size_per_layer_input`` P > 0, E2B/E4B): per block
+    the gate's output and the per-layer input it multiplies (2 P at the model dtype) and one more
+    width-D norm input in fp32 (measured with saved-tensor hooks, tests/test_bench_scale.py);
+    parameters: the per-layer table (``vocab_size_per_layer_input`` × N·P), the model projection
+    (D × N·P) and per block the gate and projection (2 D·P). Double-wide MLPs on the
+    ``num_kv_shared_layers`` (``use_double_wide_mlp``): 3 D·F more parameters each."""
+    P, shared = int(t.get("hidden_size_per_layer_input") or 0), int(t.get("num_kv_shared_layers") or 0)
+    if not P and not (shared and t.get("use_double_wide_mlp")):
+        return {}
+    D, N = int(t["hidden_size"]), int(t["num_hidden_layers"])
+    wide = 3 * D * int(t["intermediate_size"]) * shared if t.get("use_double_wide_mlp") else 0
+    if not P:
+        return {"other_params": wide}
+    table = int(t.get("vocab_size_per_layer_input") or t["vocab_size"]) * N * P
+    return {"block_norms": 5, "lm_block_extra": (2 * P, 0, 0), "other_params": table + D * N * P + N * 2 * D * P + wide}
 
 
 def moe_facts(t: dict) -> dict:

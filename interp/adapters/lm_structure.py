@@ -46,7 +46,7 @@ class LMStructure:
         ``lm.blocks.{N-1}`` holds it) before ``lm.final_norm``: ``h`` itself on most architectures."""
         return h
 
-    def entry_site(self) -> str | None:
+    def entry_site(self, model: torch.nn.Module) -> str | None:
         """A site recorded with ``lm.input`` that :meth:`enter` needs (per token, (B, L, …)); None
         where block 0 reads ``lm.input`` itself."""
         return None
@@ -59,7 +59,7 @@ class LMStructure:
         ``(x, None)`` where block 0 reads ``lm.input`` itself."""
         return x, None
 
-    def token_inputs(self) -> tuple[str, ...]:
+    def token_inputs(self, model: torch.nn.Module) -> tuple[str, ...]:
         """Keyword arguments of an LM block that hold per-token inputs (B, L, …) besides the stream
         (Gemma3n's ``per_layer_input``): recorded for resuming and carried by residual patches
         (:meth:`carried`). None on most architectures."""
@@ -69,7 +69,14 @@ class LMStructure:
         """The per-token block inputs (:meth:`token_inputs`) that a residual patch made before LM
         block ``first`` carries with its tokens: those of blocks ``first``…"""
         n = self.layer_count(model, "lm")
-        return [f"lm.blocks.{k}#{name}" for k in range(first, n) for name in self.token_inputs()]
+        return [f"lm.blocks.{k}#{name}" for k in range(first, n) for name in self.token_inputs(model)]
+
+    def last_logits(self, model: torch.nn.Module, length: int) -> dict[str, Any]:
+        """The forward's keyword arguments that ask for the last position's logits only, on inputs of
+        ``length`` tokens, without changing what any block computes: ``logits_to_keep=1`` on most
+        architectures (Gemma4 with KV-sharing layers runs those on the kept positions only when it is
+        an integer, so there the last position's index is given as a tensor)."""
+        return {"logits_to_keep": 1}
 
     def kv_sources(self, model: torch.nn.Module) -> dict[int, int]:
         """{LM block j → block s < j}: block j computes no keys and values of its own and attends with

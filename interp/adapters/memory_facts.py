@@ -61,7 +61,8 @@ class LayerKind:
     in place of attention's q, k, v, output and q/k norms; the block's norms and MLP as any block's.
     Such a block keeps no keys or values (:attr:`attends`): resuming re-runs it from position 0.
     ``own_kv`` False: the blocks attend with keys and values another block made (shared-KV layers),
-    so a run keeps none of theirs."""
+    so a run keeps none of theirs. ``ffn``: the blocks' own MLP width (Gemma4's double-wide MLPs
+    on its shared-KV layers)."""
     count: int
     head_dim: int | None = None
     kv_heads: int | None = None
@@ -69,6 +70,7 @@ class LayerKind:
     mixer_model: int = 0
     mixer_fp32_only: int = 0
     own_kv: bool = True
+    ffn: int | None = None
 
     @property
     def attends(self) -> bool:

@@ -192,7 +192,7 @@ def carried_sites(lvlm: LVLM, site: str) -> list[str]:
     blocks j + 1…), ``lm.blocks.{j}#input`` (blocks j…) — and none for a patch of one component
     (attention, MLP, heads), which changes that output only, nor at ``lm.input``, from which the
     model derives them itself. [] on most architectures."""
-    if not lvlm.adapter.token_inputs():
+    if not lvlm.adapter.token_inputs(lvlm.model):
         return []
     s = resolve(lvlm.adapter, lvlm.model, site)
     m = re.fullmatch(r"lm\.blocks\.(\d+)(#input)?", s.canonical)

@@ -108,7 +108,7 @@ def _resumed_patches(lvlm, both, N, patches, correct, candidates, targets, inter
                 _pre_jobs(lvlm, st, both, N, interventions, items, [patches[j] for j in pre], pre, targets, grid,
                           batch_size, run)
             jobs = []
-            tok, sources = lvlm.adapter.token_inputs(), lvlm.adapter.kv_sources(lvlm.model)
+            tok, sources = lvlm.adapter.token_inputs(lvlm.model), lvlm.adapter.kv_sources(lvlm.model)
             for a, i in enumerate(items):
                 for j in res:
                     p, s = patches[j], kinds[j][1]
@@ -235,7 +235,7 @@ def _run_jobs(lvlm, st, jobs, batch_size, correct, candidates, items, patches, s
         inj = lvlm.adapter.injections(lvlm.model)
         if inj and any(jb[6] or jb[5] is not None for jb in batch):  # patched DeepStack additions
             injected = {jj: torch.stack([_injected(st, c, jb, jj, p) for jb in batch]) for jj in inj}
-        tok = lvlm.adapter.token_inputs()
+        tok = lvlm.adapter.token_inputs(lvlm.model)
         carried = {k: {name: torch.stack([_carried(st, c, jb, k, name, p) for jb in batch]) for name in tok}
                    for k in range(min(jb[1] for jb in batch), st.layers)} if tok else None
         kv = {s: tuple(torch.stack(x) for x in zip(*[_carried_kv(st, c, jb, s) for jb in batch]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from interp.tiny.gemma import GEMMA_CHAT, build_gemma3, build_gemma3n, build_gemma4
+from interp.tiny.gemma import GEMMA_CHAT, build_gemma3, build_gemma3n, build_gemma4, build_gemma4_small
 from interp.tiny.internvl import INTERNVL_CHAT, build_internvl
 from interp.tiny.llava import ONEVISION_CHAT, build_llava, build_llava_next, build_llava_onevision
 from interp.tiny.qwen import (QWEN_CHAT, QWEN_CHATML, _qwen_ids, _qwen_processor, _qwen_text, build_qwen2vl,
@@ -25,12 +25,13 @@ from interp.tiny.text import (CORPUS, LLAVA_CHAT, SPECIALS, TOKENIZER_KINDS, WOR
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2vl": build_qwen2vl,
             "qwen25vl": build_qwen25vl, "gemma3": build_gemma3, "llava_onevision": build_llava_onevision,
             "qwen3vl": build_qwen3vl, "internvl": build_internvl, "qwen3vl_moe": build_qwen3vl_moe,
-            "gemma4": build_gemma4, "qwen35": build_qwen35, "gemma3n": build_gemma3n}
+            "gemma4": build_gemma4, "qwen35": build_qwen35, "gemma3n": build_gemma3n,
+            "gemma4_small": build_gemma4_small}
 """Architecture name → builder of its tiny ``(model, processor)``: every parametrised parity test runs each."""
 
 __all__ = ["BUILDERS", "CORPUS", "GEMMA_CHAT", "INTERNVL_CHAT", "LLAVA_CHAT", "ONEVISION_CHAT", "QWEN_CHAT",
            "QWEN_CHATML", "SPECIALS", "TOKENIZER_KINDS", "WORDS", "_qwen_ids", "_qwen_processor", "_qwen_text",
-           "build_gemma3", "build_gemma3n", "build_gemma4", "build_internvl", "build_llava", "build_llava_next", "build_llava_onevision",
+           "build_gemma3", "build_gemma3n", "build_gemma4", "build_gemma4_small", "build_internvl", "build_llava", "build_llava_next", "build_llava_onevision",
            "build_qwen25vl", "build_qwen2vl", "build_qwen35", "build_qwen3vl", "build_qwen3vl_moe", "image", "save",
            "tokenizer", "word_tokenizer"]
 

@@ -44,6 +44,13 @@ def build_gemma4(seed: int = 0):
     return build(seed, tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>"))
 
 
+def build_gemma4_small(seed: int = 0):
+    """Gemma4ForConditionalGeneration as the E2B/E4B checkpoints: per-layer embeddings and KV-sharing
+    layers (:func:`interp.tiny.gemma4.build` with ``small``)."""
+    from interp.tiny.gemma4 import build
+    return build(seed, tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>"), small=True)
+
+
 def build_gemma3n(seed: int = 0):
     """Gemma3nForConditionalGeneration with a stand-in vision tower (:func:`interp.tiny.gemma3n.build`:
     6×6 soft tokens on a 48 px probe, 4 AltUp streams, per-layer inputs, shared keys and values)."""
