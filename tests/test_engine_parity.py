@@ -287,7 +287,10 @@ def test_low_precision_runs_agree_with_fp32(dtype, tol):
     """Stated tolerances (max |Δ| of last-position logits, tiny models): bf16 0.03, fp16 0.004, for
     the plain run, BaPA's and AGCI's effects (intervened − plain) and a patching metric — or twice
     HF's own precision loss on the same inputs (its plain forward in ``dtype`` against fp32) where
-    a model loses more by itself (the tiny Gemma4: 0.025 in bf16), so the engine adds none of its own.
+    a model loses more by itself (the tiny Gemma4: 0.025 in bf16), so the engine adds none of its own;
+    an effect, the difference of two runs that each lose that much, gets twice that (the tiny
+    ``gemma4_small`` in fp16 under ``ATEN_CPU_CAPABILITY=default``: BaPA's effect 0.0101 off against
+    HF's own 0.0045 per run).
 
     With ``ATEN_CPU_CAPABILITY=default`` on a CPU that has AVX-512, torch 2.13's bf16 SDPA kernel
     for CPU fails inside torch ("pack_vnni2 is only supported when avx512 is supported": its
@@ -322,8 +325,10 @@ def _low_precision_runs_agree(dtype, tol):
                                       torch.tensor([cands[0]]), cands, [()])
             runs[dt] = (plain, bapa, agci, torch.tensor(df.metric.to_numpy()))
             assert all(torch.isfinite(v).all() for v in runs[dt]), (name, dt)
-        limit = max(tol, 2 * float((own[torch.float32] - own[dtype]).abs().max()))
+        loss = float((own[torch.float32] - own[dtype]).abs().max())
         for a, b, what in zip(runs[torch.float32], runs[dtype], ("plain", "bapa", "agci", "patching")):
+            # an effect is the difference of two runs, each with HF's own loss: twice it, doubled as margin
+            limit = max(tol, (2 if what in ("plain", "patching") else 4) * loss)
             assert (a - b).abs().max() < limit, (name, dtype, what, float((a - b).abs().max()), limit)
 
 
