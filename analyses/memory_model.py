@@ -238,7 +238,7 @@ def lm_block_saved(s: Shapes, sites: bool = True, kind=None) -> int:
     mlp = (s.mlp_saved or GRAD_SAVED_F * s.ffn) * s.bytes
     mlp += GRAD_NORM_BYTES * (s.mlp_fp32 + (s.mlp_fp32_upcast if s.bytes < 4 else 0))
     model, fp32, fp32_only = s.block_extra
-    mlp += model * s.bytes + GRAD_NORM_BYTES * (fp32 + (fp32_only if s.bytes == 4 else 0))
+    mlp += model * s.bytes + GRAD_NORM_BYTES * (fp32 + (fp32_only if s.bytes == 4 else 0))  # and the block's extras
     site = 2 * s.width if sites else 0
     if kind is not None and kind.mixer_fp32 is not None:
         fp32 = kind.mixer_fp32 + (kind.mixer_fp32_only if s.bytes == 4 else 0)

@@ -20,8 +20,6 @@ from spatialbias.errors import SpatialBiasError
 
 ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, GEMMA3, LLAVA_ONEVISION, QWEN3_VL,
                                  INTERNVL, QWEN3_VL_MOE, GEMMA4, QWEN3_5, GEMMA3N)
-REFUSED: dict[str, str] = {}
-"""Classes refused with a reason (what blocks them and what would fix it), not as merely unknown."""
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.model_classes}
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 _BY_NAME = {a.name: a for a in ADAPTERS}
@@ -32,8 +30,6 @@ def supported_classes() -> list[str]:
 
 
 def for_class(class_name: str) -> Adapter:
-    if class_name in REFUSED:
-        raise SpatialBiasError(f"unsupported model class {class_name}: {REFUSED[class_name]}")
     try:
         return _BY_CLASS[class_name]
     except KeyError:
@@ -52,11 +48,8 @@ def for_name(name: str) -> Adapter | None:
 
 def for_config(cfg: dict) -> Adapter | None:
     """The adapter of a config.json mapping: by its ``architectures`` (the class HF saved), else by
-    the ``model_type`` an adapter claims; None when no adapter claims it. A refused class
-    (:data:`REFUSED`) raises its one line, so no estimate is made for a model that cannot load."""
+    the ``model_type`` an adapter claims; None when no adapter claims it."""
     for cls in cfg.get("architectures") or ():
-        if cls in REFUSED:
-            for_class(cls)
         if cls in _BY_CLASS:
             return _BY_CLASS[cls]
     return _BY_TYPE.get(cfg.get("model_type"))

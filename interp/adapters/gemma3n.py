@@ -16,9 +16,10 @@ tower's width, D the LM width, S = ``altup_num_inputs`` streams (4), N LM blocks
   runner sees it as (B, L, S·D) (:meth:`~interp.adapters.Adapter.merge_streams`). After the last
   block the text model un-projects streams 1… and averages the S streams
   (:meth:`Gemma3nAdapter.readout`) before ``lm.final_norm``.
-* ``lm.blocks.{i}#per_layer_input`` (B, L, P): what block i reads beside the streams. A residual
-  patch (``lm.input``, ``lm.blocks.{i}``) carries the source's per-layer inputs of the blocks still
-  to come at its tokens, as DeepStack features are carried on Qwen3-VL (:meth:`carried`).
+* ``lm.blocks.{i}#per_layer_input`` (B, L, P): what block i reads beside the streams. A patch of
+  the stream (``lm.blocks.{i}``, ``lm.blocks.{i}#input``) carries the source's per-layer inputs of
+  the blocks still to come at its tokens, as DeepStack features are carried on Qwen3-VL
+  (:meth:`~interp.adapters.Adapter.carried`); at ``lm.input`` the model derives them itself.
 * Layers ``N − num_kv_shared_layers``… compute no keys and values: each reads those of the last
   earlier layer of its type (:meth:`kv_sources`); a resumed run hands them over.
 * ``projector`` (``model.embed_vision``): the module also embeds the vision vocabulary's hard
@@ -44,8 +45,9 @@ from interp.adapters.base import ChatFormat, MemoryFacts, View, get_module, rast
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES
 from interp.adapters.memory_facts import LayerKind
-from interp.adapters.per_layer import TEXT_MODEL, PerLayerInputs, SharedKV
+from interp.adapters.per_layer import TEXT_MODEL, PerLayerInputs, SharedKV, per_layer_params
 from spatialbias.errors import SpatialBiasError
+
 
 class Gemma3nAdapter(PerLayerInputs, SharedKV, Gemma3Adapter):
     """Gemma3's rotary facts (one rotary per layer type); per-layer inputs and shared keys and
@@ -150,20 +152,20 @@ class Gemma3nAdapter(PerLayerInputs, SharedKV, Gemma3Adapter):
 
 def other_params(cfg: dict) -> int:
     """Parameters of a Gemma3n config.json beyond the memory model's count from the shapes: the
-    per-layer input table (``vocab_size_per_layer_input`` × N·P) and projection, AltUp's stream
-    projections and per-layer coefficients, LAuReL and the per-layer gates (per layer
-    S³ + S² + D·S + 2·D·r + 2·D·P), less the keys and values the shared-KV layers lack; the audio
+    per-layer inputs' (:func:`~interp.adapters.per_layer.per_layer_params`), AltUp's stream
+    projections and per-layer coefficients and LAuReL (per layer S³ + S² + D·S + 2·D·r), less the
+    keys and values the shared-KV layers lack; the audio
     tower (≈ 24·Da² per conformer block: two 4× feed-forwards, attention with its relative-position
     projection, the light convolution) and its embedder; the vision tower's size from its timm name
     (``mobilenetv5_300m_enc``: 300 M)."""
     import re
     t, a, v = cfg.get("text_config", {}), cfg.get("audio_config", {}), cfg.get("vision_config", {})
-    D, N, P = int(t["hidden_size"]), int(t["num_hidden_layers"]), int(t.get("hidden_size_per_layer_input", 256))
+    D, N = int(t["hidden_size"]), int(t["num_hidden_layers"])
     S, r = int(t.get("altup_num_inputs", 4)), int(t.get("laurel_rank", 64))
     hd = int(t.get("head_dim") or D // int(t["num_attention_heads"]))
     kv = int(t.get("num_key_value_heads") or t["num_attention_heads"])
-    text = (int(t.get("vocab_size_per_layer_input", t["vocab_size"])) * N * P + D * N * P + 2 * (S - 1) * D * D
-            + N * (S ** 3 + S * S + D * S + 2 * D * r + 2 * D * P) - int(t.get("num_kv_shared_layers", 0)) * 2 * D * kv * hd)
+    text = (per_layer_params(t) + 2 * (S - 1) * D * D + N * (S ** 3 + S * S + D * S + 2 * D * r)
+            - int(t.get("num_kv_shared_layers", 0)) * 2 * D * kv * hd)
     Da = int(a.get("hidden_size", 1536))
     audio = 24 * Da * Da * int(a.get("conf_num_hidden_layers", 12)) + int(a.get("vocab_size", 128)) * Da + Da * D
     m = re.search(r"_(\d+)m(_|$)", str(v.get("architecture", "")))

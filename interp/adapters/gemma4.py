@@ -51,7 +51,7 @@ from interp.adapters.base import ChatFormat, MemoryFacts, View, raster_fields, t
 from interp.adapters.gemma3 import Gemma3Adapter
 from interp.adapters.llava import LM, LM_SHAPES, N_LAYERS
 from interp.adapters.memory_facts import LayerKind
-from interp.adapters.per_layer import PerLayerInputs, SharedKV
+from interp.adapters.per_layer import PerLayerInputs, SharedKV, per_layer_params
 from spatialbias.errors import SpatialBiasError
 
 POSITIONS_KEY = "image_position_ids"
@@ -274,18 +274,15 @@ def small_facts(t: dict) -> dict:
     without them). Per-layer embeddings (``hidden_size_per_layer_input`` P > 0, E2B/E4B): per block
     the gate's output and the per-layer input it multiplies (2 P at the model dtype) and one more
     width-D norm input in fp32 (measured with saved-tensor hooks, tests/test_bench_scale.py);
-    parameters: the per-layer table (``vocab_size_per_layer_input`` × N·P), the model projection
-    (D × N·P) and per block the gate and projection (2 D·P). Double-wide MLPs on the
+    parameters: :func:`~interp.adapters.per_layer.per_layer_params`. Double-wide MLPs on the
     ``num_kv_shared_layers`` (``use_double_wide_mlp``): 3 D·F more parameters each."""
     P, shared = int(t.get("hidden_size_per_layer_input") or 0), int(t.get("num_kv_shared_layers") or 0)
     if not P and not (shared and t.get("use_double_wide_mlp")):
         return {}
-    D, N = int(t["hidden_size"]), int(t["num_hidden_layers"])
-    wide = 3 * D * int(t["intermediate_size"]) * shared if t.get("use_double_wide_mlp") else 0
+    wide = 3 * int(t["hidden_size"]) * int(t["intermediate_size"]) * shared if t.get("use_double_wide_mlp") else 0
     if not P:
         return {"other_params": wide}
-    table = int(t.get("vocab_size_per_layer_input") or t["vocab_size"]) * N * P
-    return {"block_norms": 5, "lm_block_extra": (2 * P, 0, 0), "other_params": table + D * N * P + N * 2 * D * P + wide}
+    return {"block_norms": 5, "lm_block_extra": (2 * P, 0, 0), "other_params": per_layer_params(t) + wide}
 
 
 def moe_facts(t: dict) -> dict:

@@ -62,7 +62,7 @@ class LMStructure:
     def token_inputs(self, model: torch.nn.Module) -> tuple[str, ...]:
         """Keyword arguments of an LM block that hold per-token inputs (B, L, …) besides the stream
         (Gemma3n's ``per_layer_input``): recorded for resuming and carried by residual patches
-        (:meth:`carried`). None on most architectures."""
+        (:meth:`carried`). None (``()``) on most architectures."""
         return ()
 
     def carried(self, model: torch.nn.Module, first: int) -> list[str]:

@@ -28,6 +28,17 @@ def per_layer_width(model: torch.nn.Module) -> int:
     return int(getattr(model.config.get_text_config(), "hidden_size_per_layer_input", 0) or 0)
 
 
+def per_layer_params(t: dict) -> int:
+    """Parameters of per-layer inputs in a text config mapping (0 without them): the per-token table
+    (``vocab_size_per_layer_input`` × N·P), the model projection (D × N·P) and per block the gate
+    and projection (2 D·P)."""
+    P = int(t.get("hidden_size_per_layer_input") or 0)
+    if not P:
+        return 0
+    D, N = int(t["hidden_size"]), int(t["num_hidden_layers"])
+    return int(t.get("vocab_size_per_layer_input") or t["vocab_size"]) * N * P + D * N * P + N * 2 * D * P
+
+
 class PerLayerInputs:
     """``lm.input`` at the text model's ``inputs_embeds``; with P > 0 the per-layer inputs entered
     and carried (without them the text model reads ``inputs_embeds`` as block 0's input, so the

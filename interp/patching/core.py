@@ -192,13 +192,8 @@ def carried_sites(lvlm: LVLM, site: str) -> list[str]:
     blocks j + 1…), ``lm.blocks.{j}#input`` (blocks j…) — and none for a patch of one component
     (attention, MLP, heads), which changes that output only, nor at ``lm.input``, from which the
     model derives them itself. [] on most architectures."""
-    if not lvlm.adapter.token_inputs(lvlm.model):
-        return []
-    s = resolve(lvlm.adapter, lvlm.model, site)
-    m = re.fullmatch(r"lm\.blocks\.(\d+)(#input)?", s.canonical)
-    if not m:
-        return []
-    return lvlm.adapter.carried(lvlm.model, int(m.group(1)) + (0 if m.group(2) else 1))
+    first = _stream_start(lvlm, site) if lvlm.adapter.token_inputs(lvlm.model) else None
+    return [] if first is None else lvlm.adapter.carried(lvlm.model, first)
 
 
 def carried_kv(lvlm: LVLM, site: str) -> list[int]:
@@ -207,13 +202,15 @@ def carried_kv(lvlm: LVLM, site: str) -> list[int]:
     run after it: their keys and values at the patched tokens move with the patch, as everything a
     later block reads of those tokens does. [] elsewhere and on most architectures."""
     sources = lvlm.adapter.kv_sources(lvlm.model)
-    if not sources:
-        return []
+    first = _stream_start(lvlm, site) if sources else None
+    return [] if first is None else [k for k, s in sources.items() if k >= first and s < first]
+
+
+def _stream_start(lvlm: LVLM, site: str) -> int | None:
+    """The first LM block after a patch of the stream between blocks at ``site``: j + 1 at
+    ``lm.blocks.{j}``, j at ``lm.blocks.{j}#input``; None at every other site."""
     m = re.fullmatch(r"lm\.blocks\.(\d+)(#input)?", resolve(lvlm.adapter, lvlm.model, site).canonical)
-    if not m:
-        return []
-    first = int(m.group(1)) + (0 if m.group(2) else 1)  # the first block after the patch
-    return [k for k, s in sources.items() if k >= first and s < first]
+    return None if m is None else int(m.group(1)) + (0 if m.group(2) else 1)
 
 
 def _copy_kv(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
