@@ -144,6 +144,10 @@ def _layer_index(adapter: Adapter, model: torch.nn.Module, base: str) -> str:
         return base
     stack, i = m.group("stack"), int(m.group("i"))
     n = adapter.layer_count(model, stack)
+    if n == 0:  # a tower built outside transformers (Gemma3n's timm one): no canonical blocks
+        raise SpatialBiasError(f"unknown site {base!r}: {adapter.name} has no canonical {stack} blocks; use "
+                               f"{'vision.out, projector' if stack == 'vision' else 'the lm sites'} or a module: path "
+                               "(model.named_modules())")
     if not -n <= i < n:
         raise SpatialBiasError(f"unknown site {base!r}: {adapter.name} has {n} {stack} layers (0..{n - 1}, "
                                f"or -{n}..-1 from the end)")

@@ -189,3 +189,14 @@ def test_transformer_bridge_agrees_on_the_streams_text_only():
     ours = trace(m, x, edits={"lm.blocks.0": edit}).logits
     torch.testing.assert_close(ours, edited, atol=1e-5, rtol=0)
     assert (ours - logits).abs().max() > 1e-2
+
+
+def test_a_vision_block_site_is_refused_in_one_line(g3n):
+    """The timm tower has no canonical ``vision.blocks.{i}``: asking for one says what to use instead."""
+    from interp.tracing import trace
+    from spatialbias.errors import SpatialBiasError
+    m, clean, *_ = g3n
+    with pytest.raises(SpatialBiasError) as e:
+        trace(m, clean, cache=["vision.blocks.0"])
+    assert str(e.value) == ("unknown site 'vision.blocks.0': gemma3n has no canonical vision blocks; use vision.out, "
+                            "projector or a module: path (model.named_modules())")
